@@ -1,0 +1,94 @@
+"""One transport interface, two implementations (Kafka, embedded SQLite log).
+
+The contract, shared by both and checked by the same tests:
+
+* ``Producer.send`` queues a record; ``Producer.flush`` returns only once every
+  queued record is durable (Kafka: acknowledged by all in-sync replicas;
+  embedded: committed to the SQLite file). Nothing is durable before flush.
+* ``Consumer.poll`` returns records after the group's committed position
+  (or after the last polled record, within one consumer's life).
+* ``Consumer.commit`` stores *next offsets to read* per partition. A consumer
+  commits only after the effects of the records it read are durable, so a
+  crash between processing and commit redelivers (at-least-once); idempotency
+  keys (trace id, cohort id) make the redelivery harmless.
+* ``pause``/``resume`` stop and restart fetching without leaving the group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True)
+class TopicPartition:
+    topic: str
+    partition: int
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    timestamp_ms: int
+
+    @property
+    def tp(self) -> TopicPartition:
+        return TopicPartition(self.topic, self.partition)
+
+
+@runtime_checkable
+class Producer(Protocol):
+    def send(self, topic: str, value: bytes, key: bytes | None = None) -> None: ...
+
+    def flush(self, timeout_s: float | None = None) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Consumer(Protocol):
+    def poll(self, timeout_s: float, max_records: int) -> list[Record]: ...
+
+    def commit(self, offsets: Mapping[TopicPartition, int]) -> None: ...
+
+    def committed(self, tp: TopicPartition) -> int | None: ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def paused(self) -> bool: ...
+
+    def lag(self) -> dict[TopicPartition, int]: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """Factory for producers and group consumers over one log."""
+
+    def producer(self) -> Producer: ...
+
+    def consumer(self, topics: Sequence[str], group: str) -> Consumer: ...
+
+    def ping(self) -> bool:
+        """True when the log is reachable (readiness)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def next_offsets(records: Sequence[Record]) -> dict[TopicPartition, int]:
+    """The offsets to commit after ``records`` are done: last offset + 1 per partition."""
+    out: dict[TopicPartition, int] = {}
+    for r in records:
+        nxt = r.offset + 1
+        if out.get(r.tp, -1) < nxt:
+            out[r.tp] = nxt
+    return out
