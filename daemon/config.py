@@ -78,6 +78,9 @@ class CohortingSettings(_Frozen):
     max_policy_lag: int = Field(
         default=0, ge=0, description="policy versions a trace may lag before it is stale"
     )
+    dedup_window: int = Field(
+        default=100_000, ge=0, description="ids of closed or rejected traces remembered for dedup"
+    )
 
 
 class PredictorSettings(_Frozen):
@@ -103,6 +106,15 @@ class TrainerSettings(_Frozen):
         default=0.25, ge=0.0, description="nats of probe-NLL rise that roll back"
     )
     seed: int = 0
+    # GRPO details (TRL GRPOConfig) and the trainer process itself.
+    max_completion_length: int = Field(default=12, ge=1)
+    beta: float = Field(default=0.0, ge=0.0, description="KL penalty to the reference policy")
+    temperature: float = Field(default=1.0, gt=0.0)
+    max_prompts_per_step: int = Field(default=8, ge=1)
+    probe_seed: int = 0
+    group: str = "tapd-trainer"
+    trainer_id: str = "tapd-trainer"
+    metrics_port: int = Field(default=9401, ge=0, le=65535, description="0: ephemeral")
 
 
 class Thresholds(_Frozen):
@@ -131,6 +143,18 @@ class Thresholds(_Frozen):
         ge=0.0,
         le=1.0,
         description="target similarity over which an all-wrong cohort is curriculum",
+    )
+    dead_end_share: float = Field(
+        default=0.75,
+        ge=0.0,
+        le=1.0,
+        description="share of all-correct (all-wrong) prompt groups over which a cohort is known (has no foothold)",
+    )
+    explore_uncertain_share: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="share of exploration dispatches chosen by uncertainty rather than at random",
     )
     shadow_mode: bool = False
 

@@ -1,0 +1,760 @@
+"""The self-improving lift predictor: features -> predicted lift (+ uncertainty).
+
+Every stage honours one small contract, River style::
+
+    predict(features) -> Prediction      # pure: no state changes
+    learn(features, realized_lift)       # one label
+
+and :func:`daemon.checks.check_scorer` runs the same contract tests over each.
+The stages, in the order the :class:`Predictor` router hands over between
+them:
+
+* :class:`AdvStdHeuristic` - cold start: lift ~ scale * adv_std (seed 001,
+  "cold-starts as adv_std"); the scale is calibrated on the labels, the
+  ranking never changes.
+* :class:`RiverStage` - an online bagged Bayesian ridge that learns from every
+  label; uncertainty is the spread of the bag's members. Takes over after
+  ``PredictorSettings.river_after`` labels.
+* :class:`LightGBMStage` - a seed ensemble of monotone-constrained boosted
+  trees refit on the label history in the background and promoted only when
+  it ranks the most recent (held-out) labels better than what was served.
+
+Residual drift (ADWIN on |realized - predicted|, rises only) requests a refit.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import lightgbm as lgb
+import numpy as np
+from river import drift, ensemble, linear_model, preprocessing, stats
+
+from daemon.config import PredictorSettings
+from daemon.features import FEATURE_NAMES, FEATURE_SCHEMA, MONOTONE
+from daemon.modelstore import Label, LabelLog, Manifest, ModelStore, Snapshot
+
+STAGES = ("heuristic", "river", "lightgbm")
+SELECTIONS = ("exploit", "explore_random", "explore_uncertain")
+
+
+class FeatureError(ValueError):
+    """A feature dict the predictor cannot use; names the feature and why."""
+
+    def __init__(self, feature: str, reason: str) -> None:
+        super().__init__(f"features.{feature}: {reason}")
+        self.feature = feature
+        self.reason = reason
+
+
+def feature_vector(features: Mapping[str, float]) -> list[float]:
+    """The features in ``FEATURE_NAMES`` order; extra keys are ignored (newer schemas)."""
+    out: list[float] = []
+    for name in FEATURE_NAMES:
+        if name not in features:
+            raise FeatureError(name, "missing")
+        v = features[name]
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise FeatureError(name, f"not a number ({type(v).__name__})")
+        if not math.isfinite(v):
+            raise FeatureError(name, f"not finite ({v!r})")
+        out.append(float(v))
+    return out
+
+
+@dataclass(frozen=True)
+class Prediction:
+    lift: float  # predicted NLL-lift, nats
+    uncertainty: float  # one standard deviation, nats; >= 0
+    stage: str
+    model_version: str
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """The contract of every predictor stage and of the Predictor itself."""
+
+    def predict(self, features: Mapping[str, float]) -> Prediction: ...
+
+    def learn(self, features: Mapping[str, float], realized_lift: float) -> None: ...
+
+
+def _check_label(realized_lift: float) -> float:
+    if isinstance(realized_lift, bool) or not isinstance(realized_lift, int | float):
+        raise ValueError(f"realized_lift: not a number ({type(realized_lift).__name__})")
+    if not math.isfinite(realized_lift):
+        raise ValueError(f"realized_lift: not finite ({realized_lift!r})")
+    return float(realized_lift)
+
+
+class AdvStdHeuristic:
+    """Cold start: predicted lift = scale * adv_std.
+
+    The scale is fitted through the origin on the labels seen (least squares),
+    clamped positive so that the seeds' ranking - more disagreement, more lift
+    - is kept whatever the first few noisy labels say.
+    """
+
+    stage = "heuristic"
+    UNCERTAINTY = 0.5  # nats: wide on purpose, nothing has been learned yet
+
+    def __init__(self, model_version: str = "v0") -> None:
+        self.model_version = model_version
+        self._sxy = 0.0
+        self._sxx = 0.0
+
+    @property
+    def scale(self) -> float:
+        return max(self._sxy / self._sxx, 1e-3) if self._sxx > 0 else 1.0
+
+    def predict(self, features: Mapping[str, float]) -> Prediction:
+        x = feature_vector(features)[FEATURE_NAMES.index("adv_std")]
+        return Prediction(self.scale * x, self.UNCERTAINTY, self.stage, self.model_version)
+
+    def learn(self, features: Mapping[str, float], realized_lift: float) -> None:
+        y = _check_label(realized_lift)
+        x = feature_vector(features)[FEATURE_NAMES.index("adv_std")]
+        self._sxy += x * y
+        self._sxx += x * x
+
+
+class RiverStage:
+    """Online bagged Bayesian ridge on standardized features and target.
+
+    Features and target are standardized online, so one prior fits every
+    feature scale (token counts, log-probs, ratios) and every lift scale.
+    The bag (Poisson(1) online bootstrap) gives the uncertainty: the spread of
+    its members' predictions, which shrinks as labels agree.
+    """
+
+    stage = "river"
+
+    def __init__(self, seed: int = 0, n_models: int = 5, model_version: str = "v1") -> None:
+        self.model_version = model_version
+        self.n_labels = 0
+        self._scaler = preprocessing.StandardScaler()
+        self._y_mean = stats.Mean()
+        self._y_var = stats.Var()
+        self._bag = ensemble.BaggingRegressor(
+            model=linear_model.BayesianLinearRegression(alpha=1.0, beta=1.0),
+            n_models=n_models,
+            seed=seed,
+        )
+
+    def _x(self, features: Mapping[str, float]) -> dict[str, float]:
+        return self._scaler.transform_one(
+            dict(zip(FEATURE_NAMES, feature_vector(features), strict=True))
+        )
+
+    def _y_scale(self) -> tuple[float, float]:
+        sd = math.sqrt(self._y_var.get()) if self.n_labels > 1 else 0.0
+        return self._y_mean.get(), (sd if sd > 1e-12 else 1.0)
+
+    @property
+    def lift_spread(self) -> float:
+        """Standard deviation of the realized lifts learned so far (1 before two labels)."""
+        return self._y_scale()[1]
+
+    def member_predictions(self, features: Mapping[str, float]) -> list[float]:
+        xs = self._x(features)
+        mu, sd = self._y_scale()
+        return [mu + sd * m.predict_one(xs) for m in self._bag]
+
+    def predict(self, features: Mapping[str, float]) -> Prediction:
+        preds = self.member_predictions(features)
+        return Prediction(
+            statistics.fmean(preds), statistics.pstdev(preds), self.stage, self.model_version
+        )
+
+    def learn(self, features: Mapping[str, float], realized_lift: float) -> None:
+        y = _check_label(realized_lift)
+        x = dict(zip(FEATURE_NAMES, feature_vector(features), strict=True))
+        self._scaler.learn_one(x)
+        self._y_mean.update(y)
+        self._y_var.update(y)
+        self.n_labels += 1
+        mu, sd = self._y_scale()
+        self._bag.learn_one(self._scaler.transform_one(x), (y - mu) / sd)
+
+
+MONOTONE_CONSTRAINTS = [MONOTONE.get(name, 0) for name in FEATURE_NAMES]
+
+
+_DATASET_PARAMS: dict[str, Any] = {"max_bin": 63, "min_data_in_bin": 1, "verbose": -1}
+
+
+def lgbm_params(n_rows: int, seed: int) -> dict[str, Any]:
+    return {
+        **_DATASET_PARAMS,
+        "objective": "regression",
+        "learning_rate": 0.05,
+        "num_leaves": 15,
+        # Few labels early on: leaves must still be able to split.
+        "min_data_in_leaf": max(3, min(20, n_rows // 50)),
+        "feature_fraction": 0.8,
+        "bagging_fraction": 0.8,
+        "bagging_freq": 1,
+        "lambda_l2": 1.0,
+        "monotone_constraints": MONOTONE_CONSTRAINTS,
+        "seed": seed,
+        "deterministic": True,
+        "force_row_wise": True,
+        "num_threads": 1,  # a background refit must not starve the scoring loop
+        "verbose": -1,
+    }
+
+
+class LightGBMStage:
+    """A seed ensemble of monotone boosted trees, fitted in batch.
+
+    Uncertainty is the members' spread: LightGBM refuses monotone constraints
+    with the quantile objective, and the constraints are the seeds' prior.
+    ``learn`` is a no-op: this stage is refit on the label history by the
+    Predictor, never updated label by label.
+    """
+
+    stage = "lightgbm"
+    N_ROUNDS = 100
+
+    def __init__(self, boosters: Sequence[lgb.Booster], model_version: str = "v2") -> None:
+        if not boosters:
+            raise ValueError("boosters: at least one fitted model is needed")
+        self._boosters = list(boosters)
+        self.model_version = model_version
+
+    @classmethod
+    def fit(
+        cls,
+        X: np.ndarray,
+        y: np.ndarray,
+        *,
+        seed: int = 0,
+        n_members: int = 3,
+        model_version: str = "v2",
+    ) -> LightGBMStage:
+        if len(X) != len(y) or len(y) < 4:
+            raise ValueError(f"labels: need at least 4 rows with matching targets, got {len(y)}")
+        # One binned Dataset serves every member: only the seeds differ.
+        ds = lgb.Dataset(
+            X, y, feature_name=list(FEATURE_NAMES), params=_DATASET_PARAMS, free_raw_data=False
+        )
+        boosters = [
+            lgb.train(lgbm_params(len(y), seed * 1000 + i), ds, num_boost_round=cls.N_ROUNDS)
+            for i in range(n_members)
+        ]
+        return cls(boosters, model_version)
+
+    @classmethod
+    def from_strings(cls, models: Sequence[str], model_version: str) -> LightGBMStage:
+        return cls([lgb.Booster(model_str=s) for s in models], model_version)
+
+    def to_strings(self) -> list[str]:
+        return [b.model_to_string() for b in self._boosters]
+
+    def predict_matrix(self, X: np.ndarray) -> np.ndarray:
+        """Mean prediction per row (the refit's held-out evaluation)."""
+        return np.mean([b.predict(X, num_threads=1) for b in self._boosters], axis=0)
+
+    def predict(self, features: Mapping[str, float]) -> Prediction:
+        row = np.asarray([feature_vector(features)])
+        preds = [float(b.predict(row, num_threads=1)[0]) for b in self._boosters]
+        return Prediction(
+            statistics.fmean(preds), statistics.pstdev(preds), self.stage, self.model_version
+        )
+
+    def learn(self, features: Mapping[str, float], realized_lift: float) -> None:
+        feature_vector(features)
+        _check_label(realized_lift)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"models": self.to_strings(), "model_version": self.model_version}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._boosters = [lgb.Booster(model_str=s) for s in state["models"]]
+        self.model_version = state["model_version"]
+
+
+# --- quality ------------------------------------------------------------------
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks for ties); NaN when undefined."""
+    if len(a) != len(b) or len(a) < 3:
+        return math.nan
+    ra, rb = _ranks(a), _ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return math.nan
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _ranks(v: Sequence[float]) -> np.ndarray:
+    arr = np.asarray(v, dtype=float)
+    order = arr.argsort(kind="mergesort")
+    ranks = np.empty(len(arr))
+    ranks[order] = np.arange(len(arr), dtype=float)
+    # average ranks of ties, so a constant predictor scores NaN, not noise
+    _, inv, counts = np.unique(arr, return_inverse=True, return_counts=True)
+    sums = np.zeros(len(counts))
+    np.add.at(sums, inv, ranks)
+    return (sums / counts)[inv]
+
+
+def pairwise_accuracy(predicted: Sequence[float], realized: Sequence[float]) -> float:
+    """Share of pairs with distinct realized lift that the prediction orders the same way."""
+    p, r = np.asarray(predicted, float), np.asarray(realized, float)
+    dp = np.sign(p[:, None] - p[None, :])
+    dr = np.sign(r[:, None] - r[None, :])
+    mask = np.triu(dr != 0, k=1)
+    n = int(mask.sum())
+    return float((dp[mask] == dr[mask]).sum() / n) if n else math.nan
+
+
+class OnlineQuality:
+    """Rolling quality of served predictions against the lifts they earned.
+
+    Feeds ``tapd_predictor_spearman``, ``tapd_predictor_pairwise_accuracy_ratio``
+    and ``tapd_selection_gain_nats`` (exploit mean minus random-exploration
+    mean: the predictor's worth over choosing blindly).
+    """
+
+    def __init__(self, window: int = 200) -> None:
+        if window < 3:
+            raise ValueError(f"window: must be >= 3, got {window}")
+        self.window = window
+        self._pairs: deque[tuple[float, float]] = deque(maxlen=window)
+        self._by_selection: dict[str, deque[float]] = {s: deque(maxlen=window) for s in SELECTIONS}
+
+    def update(self, predicted: float, realized: float, selection: str = "exploit") -> None:
+        if selection not in self._by_selection:
+            raise ValueError(f"selection: unknown {selection!r}, expected one of {SELECTIONS}")
+        self._pairs.append((float(predicted), float(realized)))
+        self._by_selection[selection].append(float(realized))
+
+    @property
+    def n(self) -> int:
+        return len(self._pairs)
+
+    @property
+    def spearman(self) -> float:
+        return spearman([p for p, _ in self._pairs], [r for _, r in self._pairs])
+
+    @property
+    def pairwise_accuracy(self) -> float:
+        if len(self._pairs) < 2:
+            return math.nan
+        return pairwise_accuracy([p for p, _ in self._pairs], [r for _, r in self._pairs])
+
+    def mean_realized(self, selection: str) -> float:
+        v = self._by_selection[selection]
+        return statistics.fmean(v) if v else math.nan
+
+    @property
+    def selection_gain(self) -> float:
+        return self.mean_realized("exploit") - self.mean_realized("explore_random")
+
+
+# --- drift ----------------------------------------------------------------------
+
+
+class ResidualDrift:
+    """ADWIN on the size of the residuals, counting only rises of the error.
+
+    ADWIN's bound assumes values in [0, 1] (its confidence term does not scale
+    with the data), so |residual| is squashed to |r| / (|r| + scale), with
+    ``scale`` the spread of the realized lift: then a jump in error is seen as
+    soon as it would be for any lift unit. Errors falling (a model still
+    learning, a better model promoted) is also a change, but not one that
+    calls for a refit.
+    """
+
+    def __init__(self, delta: float = 0.002) -> None:
+        self.delta = delta
+        self._adwin = drift.ADWIN(delta=delta)
+
+    def update(self, residual: float, scale: float) -> bool:
+        r = abs(residual)
+        before = self._adwin.estimation
+        self._adwin.update(r / (r + scale) if scale > 0 else 0.0)
+        return bool(self._adwin.drift_detected and self._adwin.estimation > before)
+
+    def reset(self) -> None:
+        self._adwin = drift.ADWIN(delta=self.delta)
+
+
+# --- refit ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RefitResult:
+    promoted: bool
+    candidate_score: float
+    incumbent_score: float
+    n_train: int
+    n_holdout: int
+    n_labels: int
+    stage: LightGBMStage | None  # refit on every label; set only when promoted
+    seconds: float
+
+
+def run_refit(
+    X: np.ndarray,
+    y: np.ndarray,
+    served: np.ndarray,
+    *,
+    holdout_fraction: float,
+    seed: int,
+    model_version: str,
+) -> RefitResult:
+    """Fit a candidate on the older labels, score it on the newest ones, refit if it wins.
+
+    The holdout is time-ordered (the most recent ``holdout_fraction``); the
+    incumbent's score is that of the predictions actually *served* for those
+    labels before they were learned, so both sides are out of sample.
+    """
+    t0 = time.perf_counter()
+    n = len(y)
+    n_hold = max(3, round(n * holdout_fraction))
+    n_train = n - n_hold
+    cand = LightGBMStage.fit(X[:n_train], y[:n_train], seed=seed, model_version=model_version)
+    c_score = spearman(cand.predict_matrix(X[n_train:]).tolist(), y[n_train:].tolist())
+    i_score = spearman(served[n_train:].tolist(), y[n_train:].tolist())
+    promoted = should_promote(c_score, i_score)
+    final = LightGBMStage.fit(X, y, seed=seed, model_version=model_version) if promoted else None
+    return RefitResult(
+        promoted, c_score, i_score, n_train, n_hold, n, final, time.perf_counter() - t0
+    )
+
+
+def should_promote(candidate_score: float, incumbent_score: float) -> bool:
+    if math.isnan(candidate_score):
+        return False
+    return math.isnan(incumbent_score) or candidate_score > incumbent_score
+
+
+# --- the router ---------------------------------------------------------------------
+
+
+@dataclass
+class _History:
+    X: list[list[float]] = field(default_factory=list)
+    y: list[float] = field(default_factory=list)
+    served: list[float] = field(default_factory=list)  # prediction served before learning
+
+
+class Predictor:
+    """Routes scoring to the active stage and learning to all of them.
+
+    ``background=True`` (the service) runs refits on a worker thread; the
+    service loop calls :meth:`refit_if_due` and :meth:`poll_refit`. With
+    ``background=False`` refits run inline at label-count points only, so two
+    predictors fed the same labels are identical (replay, tests).
+    """
+
+    def __init__(
+        self,
+        settings: PredictorSettings | None = None,
+        *,
+        store: ModelStore | None = None,
+        labels: LabelLog | None = None,
+        background: bool = True,
+        quality_window: int = 200,
+        drift_delta: float = 0.002,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings or PredictorSettings()
+        self.store = store
+        self.labels = labels
+        self.background = background
+        self.clock = clock
+        self.version = 0
+        self.label_seq = 0
+        self.heuristic = AdvStdHeuristic("v0")
+        self.river = RiverStage(seed=self.settings.seed, model_version="v0")
+        self.lgbm: LightGBMStage | None = None
+        self.active: str = "heuristic"
+        self.quality = OnlineQuality(quality_window)
+        self.drift = ResidualDrift(drift_delta)
+        self.drift_detected = 0
+        self.refits: dict[str, int] = {"promoted": 0, "rejected": 0, "failed": 0}
+        self.last_refit: RefitResult | None = None
+        self.holdout_score: float | None = None
+        self._history = _History()
+        self._labels_at_refit = 0
+        self._refit_at = clock()
+        self._refit_requested = False
+        self._lock = threading.RLock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._future: Future[RefitResult] | None = None
+        self._replaying = False
+
+    # -- the contract --
+
+    @property
+    def stage(self) -> str:
+        return self.active
+
+    @property
+    def model_version(self) -> str:
+        return f"v{self.version}"
+
+    @property
+    def n_labels(self) -> int:
+        return len(self._history.y)
+
+    def _active_stage(self) -> Scorer:
+        if self.active == "lightgbm" and self.lgbm is not None:
+            return self.lgbm
+        return self.river if self.active == "river" else self.heuristic
+
+    def predict(self, features: Mapping[str, float]) -> Prediction:
+        with self._lock:
+            p = self._active_stage().predict(features)
+            return Prediction(p.lift, p.uncertainty, self.active, self.model_version)
+
+    def learn(self, features: Mapping[str, float], realized_lift: float) -> None:
+        self._learn(features, realized_lift, "exploit")
+
+    def observe(
+        self,
+        cohort_id: str,
+        features: Mapping[str, float],
+        realized_lift: float,
+        selection: str = "exploit",
+        ts: float | None = None,
+    ) -> bool:
+        """Log (idempotently) and learn one label; ``False`` for a duplicate cohort."""
+        x = feature_vector(features)
+        y = _check_label(realized_lift)
+        if self.labels is not None:
+            label = self.labels.append(
+                cohort_id, dict(zip(FEATURE_NAMES, x, strict=True)), y, selection, ts
+            )
+            if label is None:
+                return False
+            self.label_seq = label.seq
+        self._learn(features, y, selection)
+        return True
+
+    def _learn(self, features: Mapping[str, float], realized_lift: float, selection: str) -> None:
+        x = feature_vector(features)
+        y = _check_label(realized_lift)
+        with self._lock:
+            served = self.predict(features).lift
+            self.quality.update(served, y, selection)
+            if self.drift.update(y - served, self.river.lift_spread):
+                self.drift_detected += 1
+                self._refit_requested = True
+            self.heuristic.learn(features, y)
+            self.river.learn(features, y)
+            self._history.X.append(x)
+            self._history.y.append(y)
+            self._history.served.append(served)
+            if self.active == "heuristic" and self.n_labels >= self.settings.river_after:
+                self._promote("river")
+        self._apply_finished_refit()
+        self.refit_if_due(None)
+
+    # -- promotion and refits --
+
+    def _promote(self, stage: str) -> None:
+        self.active = stage
+        self.version += 1
+        self.river.model_version = self.model_version
+        # The residual distribution of a new model is a new baseline.
+        self.drift.reset()
+        if self.store is not None and not self._replaying:
+            self.checkpoint()
+
+    def refit_due(self, now: float | None = None) -> bool:
+        if self.n_labels < self.settings.lgbm_after or self._future is not None:
+            return False
+        new = self.n_labels - self._labels_at_refit
+        if new >= self.settings.refit_every_labels or (self._refit_requested and new > 0):
+            return True
+        # Time-based refits only in the service: a replay must not depend on the clock.
+        return bool(
+            now is not None and new > 0 and now - self._refit_at >= self.settings.refit_every_s
+        )
+
+    def refit_if_due(self, now: float | None = None) -> bool:
+        """Start a refit when due; inline unless ``background``. True if one started."""
+        with self._lock:
+            if not self.refit_due(now):
+                return False
+            X = np.asarray(self._history.X)
+            y = np.asarray(self._history.y)
+            served = np.asarray(self._history.served)
+            self._labels_at_refit = self.n_labels
+            self._refit_at = self.clock()
+            self._refit_requested = False
+            version = f"v{self.version + 1}"
+        job = lambda: run_refit(  # noqa: E731
+            X,
+            y,
+            served,
+            holdout_fraction=self.settings.holdout_fraction,
+            seed=self.settings.seed,
+            model_version=version,
+        )
+        if self.background:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tapd-refit")
+            self._future = self._pool.submit(job)
+        else:
+            fut: Future[RefitResult] = Future()
+            try:
+                fut.set_result(job())
+            except Exception as exc:
+                fut.set_exception(exc)
+            self._future = fut
+            self._apply_finished_refit()
+        return True
+
+    def poll_refit(self, wait: bool = False) -> RefitResult | None:
+        """Apply a finished refit (promote or reject); ``wait`` blocks until it ends."""
+        fut = self._future
+        if fut is not None and wait:
+            # A failed refit is counted as "failed" when applied below.
+            futures_wait([fut])
+        return self._apply_finished_refit()
+
+    def _apply_finished_refit(self) -> RefitResult | None:
+        with self._lock:
+            fut = self._future
+            if fut is None or not fut.done():
+                return None
+            self._future = None
+            try:
+                result = fut.result()
+            except Exception:
+                self.refits["failed"] += 1
+                return None
+            self.last_refit = result
+            if result.promoted and result.stage is not None:
+                self.refits["promoted"] += 1
+                self.lgbm = result.stage
+                self.holdout_score = result.candidate_score
+                self._promote("lightgbm")
+                self.lgbm.model_version = self.model_version
+            else:
+                self.refits["rejected"] += 1
+            return result
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._apply_finished_refit()
+
+    # -- persistence --
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            state = {
+                "version": self.version,
+                "active": self.active,
+                "heuristic": self.heuristic,
+                "river": self.river,
+                "quality": self.quality,
+                "drift": self.drift,
+                "drift_detected": self.drift_detected,
+                "refits": dict(self.refits),
+                "history": self._history,
+                "labels_at_refit": self._labels_at_refit,
+                "refit_requested": self._refit_requested,
+                "holdout_score": self.holdout_score,
+            }
+            manifest = Manifest(
+                version=self.version,
+                stage=self.active,
+                label_seq=self.label_seq,
+                n_labels=self.n_labels,
+                holdout_score=self.holdout_score,
+                feature_schema=FEATURE_SCHEMA,
+                created_ts=time.time(),
+            )
+            models = tuple(self.lgbm.to_strings()) if self.lgbm is not None else ()
+            return Snapshot(manifest, pickle.dumps(state, protocol=5), models)
+
+    def checkpoint(self) -> str | None:
+        """Save the current state as a snapshot in the store; its name."""
+        return self.store.save(self.snapshot()) if self.store is not None else None
+
+    def restore(self, snap: Snapshot) -> None:
+        m = snap.manifest
+        if m.feature_schema != FEATURE_SCHEMA:
+            raise ValueError(
+                f"feature_schema: snapshot {m.name} has {m.feature_schema!r}, "
+                f"this build computes {FEATURE_SCHEMA!r}"
+            )
+        state = pickle.loads(snap.state)
+        with self._lock:
+            self.version = state["version"]
+            self.active = state["active"]
+            self.heuristic = state["heuristic"]
+            self.river = state["river"]
+            self.quality = state["quality"]
+            self.drift = state["drift"]
+            self.drift_detected = state["drift_detected"]
+            self.refits = state["refits"]
+            self._history = state["history"]
+            self._labels_at_refit = state["labels_at_refit"]
+            self._refit_requested = state["refit_requested"]
+            self.holdout_score = state["holdout_score"]
+            self.label_seq = m.label_seq
+            self.lgbm = (
+                LightGBMStage.from_strings(snap.lgbm_models, f"v{m.version}")
+                if snap.lgbm_models
+                else None
+            )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The model, not the I/O handles (store, log, worker thread).
+        return {"settings": self.settings, "background": self.background, "snap": self.snapshot()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["settings"], background=state["background"])  # type: ignore[misc]
+        self.restore(state["snap"])
+
+    @classmethod
+    def open(
+        cls,
+        settings: PredictorSettings | None = None,
+        *,
+        store: ModelStore,
+        labels: LabelLog,
+        **kwargs: Any,
+    ) -> Predictor:
+        """Resume from the latest snapshot and replay the labels logged after it."""
+        p = cls(settings, store=store, labels=labels, **kwargs)
+        snap = store.load()
+        if snap is not None:
+            p.restore(snap)
+        p.replay(labels.since(p.label_seq))
+        return p
+
+    def replay(self, labels: Any) -> int:
+        """Learn already-logged labels (no re-logging, no snapshots); how many."""
+        n = 0
+        self._replaying = True
+        try:
+            for label in labels:
+                assert isinstance(label, Label)
+                self._learn(label.features, label.realized_lift, label.selection)
+                self.label_seq = label.seq
+                n += 1
+        finally:
+            self._replaying = False
+        if n and self.store is not None:
+            self.checkpoint()
+        return n

@@ -1,0 +1,183 @@
+"""deploy/: the compose stack, the Dockerfiles, Grafana provisioning.
+
+No Docker engine here: the compose file is checked by `docker compose
+config` where the plugin exists, and always against the Compose
+Specification's JSON schema (deploy/schemas/compose-spec.json); Dockerfiles
+by the rules below (hadolint is not installable from a package registry).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from daemon.config import load_thresholds
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+COMPOSE_FILES = ("compose.yaml", "compose.gpu.yaml")
+TOPICS = {"tap.traces", "tap.dispatch", "tap.lift", "tap.dlq", "tap.labels", "tap.decisions"}
+
+
+def compose_errors(doc: Any) -> list[str]:
+    schema = json.loads((DEPLOY / "schemas" / "compose-spec.json").read_text())
+    validator = jsonschema.Draft7Validator(schema)
+    return [f"{list(e.path)}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_compose_matches_the_compose_spec(name: str) -> None:
+    doc = yaml.safe_load((DEPLOY / name).read_text())
+    assert compose_errors(doc) == []
+
+
+def test_compose_schema_rejects_a_bad_file() -> None:
+    doc = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    doc["services"]["scorer"]["depends_on"]["kafka-init"]["condition"] = "finished"
+    doc["services"]["kafka"]["healthcheck"]["intervall"] = "5s"
+    errors = " ".join(compose_errors(doc))
+    assert "finished" in errors and "intervall" in errors
+
+
+def test_docker_compose_config() -> None:
+    docker = shutil.which("docker")
+    if (
+        docker is None
+        or subprocess.run([docker, "compose", "version"], capture_output=True).returncode
+    ):
+        pytest.skip("docker compose plugin not installed (schema test covers the file)")
+    args = [docker, "compose"] + [a for f in COMPOSE_FILES for a in ("-f", str(DEPLOY / f))]
+    out = subprocess.run([*args, "config", "--quiet"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_compose_stack_is_wired() -> None:
+    doc = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = doc["services"]
+    assert {"kafka", "kafka-init", "scorer", "trainer", "prometheus", "grafana"} <= set(services)
+    kafka_env = services["kafka"]["environment"]
+    assert "broker,controller" in kafka_env["KAFKA_PROCESS_ROLES"]  # KRaft, no ZooKeeper
+    for svc in services.values():
+        image = svc.get("image", "")
+        assert image and not image.endswith(":latest") and ":" in image, image
+    script = "\n".join(services["kafka-init"]["command"])
+    created = set(re.findall(r"--topic (\S+)", script))
+    assert created == TOPICS
+    assert re.search(r"--topic tap.labels .*cleanup.policy=compact", script)
+    for role in ("scorer", "trainer"):
+        dep = services[role]["depends_on"]["kafka-init"]
+        assert dep["condition"] == "service_completed_successfully"
+        env = {**doc["x-tapd-env"], **services[role]["environment"]}
+        assert env["TAPD_TRANSPORT__KIND"] == "kafka"
+        assert env["TAPD_TRANSPORT__BOOTSTRAP_SERVERS"] == "kafka:9092"
+    # Prometheus scrapes the ports the services publish, with the job names
+    # the alert rules use.
+    prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    jobs = {j["job_name"]: j["static_configs"][0]["targets"][0] for j in prom["scrape_configs"]}
+    assert jobs["tapd-scorer"] == "scorer:9400" and jobs["tapd-trainer"] == "trainer:9401"
+    mounts = services["scorer"]["volumes"]
+    assert "./thresholds:/etc/tapd/thresholds:ro" in mounts  # a directory: hot reload
+    load_thresholds(DEPLOY / "thresholds" / "thresholds.yaml")
+
+
+def test_grafana_provisioning_points_at_the_dashboard() -> None:
+    doc = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    volumes = doc["services"]["grafana"]["volumes"]
+    dash_dir = next(v.split(":")[1] for v in volumes if v.startswith("./grafana/dashboards"))
+    providers = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/tapd.yaml").read_text())
+    assert providers["providers"][0]["options"]["path"] == dash_dir
+    ds = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yaml").read_text())
+    (source,) = ds["datasources"]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    dash = json.loads((DEPLOY / "grafana/dashboards/tapd.json").read_text())
+    assert dash["uid"] == "tapd" and dash.get("id") is None
+
+
+def dockerfile(name: str) -> list[tuple[str, str]]:
+    """(instruction, arguments) with continuation lines joined."""
+    text = re.sub(r"\\\n", " ", (DEPLOY / name).read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def lint(instructions: list[tuple[str, str]]) -> list[str]:
+    problems = []
+    args = {}
+    for word, rest in instructions:
+        if word == "ARG" and "=" in rest:
+            k, v = rest.split("=", 1)
+            args[k] = v
+    froms = [rest for word, rest in instructions if word == "FROM"]
+    if len(froms) < 2:
+        problems.append("not multi-stage")
+    for f in froms:
+        image = f.split()[0]
+        image = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), image)
+        stage_names = {x.split()[-1] for x in froms if " AS " in x.upper()}
+        if image in stage_names:
+            continue
+        if ":" not in image or image.endswith(":latest"):
+            problems.append(f"unpinned base image {image}")
+    users = [rest for word, rest in instructions if word == "USER"]
+    last_stage = max(i for i, (w, _) in enumerate(instructions) if w == "FROM")
+    final_users = [r for i, (w, r) in enumerate(instructions) if w == "USER" and i > last_stage]
+    if not final_users or final_users[-1].split(":")[0] in {"root", "0"}:
+        problems.append("final stage runs as root")
+    if not any(w == "HEALTHCHECK" for w, _ in instructions):
+        problems.append("no HEALTHCHECK")
+    for word, rest in instructions:
+        if word == "RUN" and "apt-get install" in rest and "--no-install-recommends" not in rest:
+            problems.append("apt-get install without --no-install-recommends")
+        if word == "RUN" and "apt-get install" in rest and "rm -rf /var/lib/apt/lists" not in rest:
+            problems.append("apt lists left in the layer")
+        if word == "ADD" and rest.startswith("http"):
+            problems.append("ADD of a URL")
+        if word == "RUN" and re.search(r"\bsudo\b", rest):
+            problems.append("sudo in RUN")
+    if not users:
+        problems.append("no USER")
+    return problems
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.scorer", "Dockerfile.trainer"])
+def test_dockerfile_lint(name: str) -> None:
+    assert lint(dockerfile(name)) == []
+
+
+def test_dockerfile_lint_catches_problems() -> None:
+    bad = [("FROM", "python:latest"), ("RUN", "apt-get install -y curl"), ("USER", "root")]
+    problems = lint(bad)
+    assert "not multi-stage" in problems
+    assert "unpinned base image python:latest" in problems
+    assert "final stage runs as root" in problems
+    assert "no HEALTHCHECK" in problems
+    assert "apt-get install without --no-install-recommends" in problems
+
+
+def test_scorer_image_uses_the_cpu_torch_index_and_the_pinned_torch() -> None:
+    text = (DEPLOY / "Dockerfile.scorer").read_text()
+    assert "https://download.pytorch.org/whl/cpu" in text
+    pinned = re.search(r"TORCH_VERSION=(\S+)", text)
+    assert pinned is not None
+    spec = (ROOT / "pyproject.toml").read_text()
+    bounds = re.search(r'"torch>=([\d.]+),<([\d.]+)"', spec)
+    assert bounds is not None
+    version = tuple(int(x) for x in pinned.group(1).split("."))
+    low = tuple(int(x) for x in bounds.group(1).split("."))
+    high = tuple(int(x) for x in bounds.group(2).split("."))
+    assert low <= version < high
+    trainer = (DEPLOY / "Dockerfile.trainer").read_text()
+    assert '".[gpu]"' in trainer and "nvidia/cuda:" in trainer

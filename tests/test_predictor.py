@@ -1,0 +1,311 @@
+"""The predictor: contract, learning curve, promotion, restart, drift, quality."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from daemon.checks import check_scorer, synthetic_features, synthetic_lift, synthetic_stream
+from daemon.config import PredictorSettings
+from daemon.modelstore import LabelLog, ModelStore
+from daemon.predictor import (
+    AdvStdHeuristic,
+    FeatureError,
+    LightGBMStage,
+    OnlineQuality,
+    Predictor,
+    RiverStage,
+    feature_vector,
+    pairwise_accuracy,
+    run_refit,
+    spearman,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def take(
+    stream: Iterator[tuple[dict[str, float], float]], n: int
+) -> list[tuple[dict[str, float], float]]:
+    return [next(stream) for _ in range(n)]
+
+
+def _fitted_lgbm() -> LightGBMStage:
+    data = take(synthetic_stream(11), 80)
+    X = np.asarray([feature_vector(x) for x, _ in data])
+    y = np.asarray([y for _, y in data])
+    return LightGBMStage.fit(X, y, seed=0)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        AdvStdHeuristic,
+        RiverStage,
+        _fitted_lgbm,
+        lambda: Predictor(PredictorSettings(river_after=5, lgbm_after=10), background=False),
+    ],
+    ids=["heuristic", "river", "lightgbm", "predictor"],
+)
+def test_every_stage_meets_the_scorer_contract(make) -> None:
+    check_scorer(make)
+
+
+def test_bad_feature_names_the_field() -> None:
+    x = synthetic_features(random.Random(0))
+    del x["entropy_mean"]
+    with pytest.raises(FeatureError, match=r"features\.entropy_mean: missing"):
+        Predictor().predict(x)
+
+
+def _holdout_spearman(p: Predictor, holdout: list[tuple[dict[str, float], float]]) -> float:
+    return spearman([p.predict(x).lift for x, _ in holdout], [y for _, y in holdout])
+
+
+def test_learning_curve_and_stage_handover() -> None:
+    """Rank correlation on unseen cohorts rises with labels and ends >= 0.85."""
+    settings = PredictorSettings(river_after=8, lgbm_after=40, refit_every_labels=20)
+    p = Predictor(settings, background=False)
+    stream = synthetic_stream(0, noise=0.06)
+    holdout = take(synthetic_stream(99, noise=0.0), 200)
+    start = _holdout_spearman(p, holdout)
+    stages: list[str] = []
+    for _ in range(240):
+        x, y = next(stream)
+        p.learn(x, y)
+        stages.append(p.stage)
+    end = _holdout_spearman(p, holdout)
+    assert stages[: settings.river_after - 1] == ["heuristic"] * (settings.river_after - 1)
+    assert stages[settings.river_after - 1] == "river"
+    first_lgbm = stages.index("lightgbm") + 1  # label count at which LightGBM took over
+    assert first_lgbm >= settings.lgbm_after
+    assert (first_lgbm - settings.lgbm_after) % settings.refit_every_labels == 0
+    assert "heuristic" not in stages[settings.river_after - 1 :]
+    assert end >= 0.85, f"held-out Spearman {end:.3f}"
+    assert end > start + 0.05, f"no improvement over the cold start ({start:.3f} -> {end:.3f})"
+    assert p.refits["promoted"] >= 1 and int(p.model_version[1:]) == 1 + p.refits["promoted"]
+
+
+def _history(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = random.Random(seed)
+    xs = [synthetic_features(rng) for _ in range(n)]
+    truth = np.asarray([synthetic_lift(x, rng, noise=0.0) for x in xs])
+    y = truth + np.asarray([rng.gauss(0.0, 0.04) for _ in xs])
+    return np.asarray([feature_vector(x) for x in xs]), y, truth
+
+
+def test_refit_promoted_only_when_it_beats_the_served_model() -> None:
+    X, y, truth = _history(120, seed=3)
+    noise = np.random.default_rng(0).normal(size=len(y))
+    # Served predictions were noise: any sensible refit ranks the holdout better.
+    better = run_refit(X, y, noise, holdout_fraction=0.25, seed=0, model_version="v5")
+    assert better.promoted and better.stage is not None
+    assert better.candidate_score > better.incumbent_score
+    assert better.n_holdout == 30 and better.n_train == 90
+    # Served predictions were the noiseless truth: a refit on noisy labels cannot beat it.
+    worse = run_refit(X, y, truth, holdout_fraction=0.25, seed=0, model_version="v5")
+    assert not worse.promoted and worse.stage is None
+    assert worse.candidate_score <= worse.incumbent_score
+
+
+def test_rejected_refit_keeps_the_served_model() -> None:
+    settings = PredictorSettings(river_after=8, lgbm_after=40, refit_every_labels=20)
+    p = Predictor(settings, background=False)
+    stream = synthetic_stream(5, noise=0.06)
+    for _ in range(39):
+        p.learn(*next(stream))
+    # Make the served predictions look perfect on the coming holdout.
+    p._history.served[-10:] = p._history.y[-10:]
+    x, y = next(stream)
+    p.learn(x, y)
+    assert p.last_refit is not None and not p.last_refit.promoted
+    assert p.stage == "river" and p.model_version == "v1" and p.refits["rejected"] == 1
+
+
+def test_background_refit_does_not_block_and_is_applied_on_poll() -> None:
+    settings = PredictorSettings(river_after=8, lgbm_after=40, refit_every_labels=1000)
+    p = Predictor(settings, background=True)
+    stream = synthetic_stream(2)
+    for _ in range(200):
+        p.learn(*next(stream))
+    assert p.stage == "river"
+    assert p.refit_if_due(now=None) is False  # not due by count, no clock given
+    assert p.refit_if_due(now=p.clock() + settings.refit_every_s + 1) is True
+    p.predict(next(stream)[0])  # scoring goes on meanwhile
+    result = p.poll_refit(wait=True)
+    p.close()
+    assert result is not None and result.n_labels == 200
+    assert p.stage == ("lightgbm" if result.promoted else "river")
+
+
+def _probe() -> list[dict[str, float]]:
+    return [x for x, _ in take(synthetic_stream(1234), 20)]
+
+
+def test_restart_resumes_identically(tmp_path: Path) -> None:
+    settings = PredictorSettings(river_after=8, lgbm_after=40, refit_every_labels=20)
+    store, log = ModelStore(tmp_path / "models"), LabelLog(tmp_path / "labels.jsonl")
+    p = Predictor(settings, store=store, labels=log, background=False)
+    stream = synthetic_stream(4)
+    for i in range(67):  # the last labels come after the last snapshot: replayed
+        assert p.observe(f"c{i}", *next(stream))
+    assert not p.observe("c3", *next(stream)), "a redelivered label was counted twice"
+    expected = [p.predict(x) for x in _probe()]
+    version, stage, n = p.model_version, p.stage, p.n_labels
+    assert n == 67 and store.latest() is not None
+    del p
+
+    q = Predictor.open(
+        settings,
+        store=ModelStore(tmp_path / "models"),
+        labels=LabelLog(tmp_path / "labels.jsonl"),
+        background=False,
+    )
+    assert (q.model_version, q.stage, q.n_labels) == (version, stage, n)
+    assert [q.predict(x) for x in _probe()] == expected
+
+
+def test_same_labels_same_model() -> None:
+    settings = PredictorSettings(river_after=8, lgbm_after=40, refit_every_labels=20)
+    a, b = (Predictor(settings, background=False) for _ in range(2))
+    for x, y in take(synthetic_stream(8), 100):
+        a.learn(x, y)
+    for x, y in take(synthetic_stream(8), 100):
+        b.learn(x, y)
+    assert a.model_version == b.model_version
+    assert [a.predict(x) for x in _probe()] == [b.predict(x) for x in _probe()]
+
+
+CHILD = textwrap.dedent(
+    """
+    import json, sys, time
+    from pathlib import Path
+    from daemon.checks import synthetic_stream
+    from daemon.config import PredictorSettings
+    from daemon.modelstore import LabelLog, ModelStore
+    from daemon.predictor import Predictor
+
+    root = Path(sys.argv[1])
+    settings = PredictorSettings(river_after=8, lgbm_after=40, refit_every_labels=20)
+    p = Predictor.open(settings, store=ModelStore(root / "models"), labels=LabelLog(root / "labels.jsonl"),
+                       background=False)
+    stream = synthetic_stream(21)
+    for i in range(55):
+        p.observe(f"c{i}", *next(stream))
+    stream = synthetic_stream(1234)
+    probe = [next(stream)[0] for _ in range(20)]
+    out = [[q.lift, q.uncertainty, q.stage, q.model_version] for q in map(p.predict, probe)]
+    (root / "expected.json").write_text(json.dumps(out))
+    print("ready", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_sigkill_after_labels_loses_nothing(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "ready"
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    settings = PredictorSettings(river_after=8, lgbm_after=40, refit_every_labels=20)
+    q = Predictor.open(
+        settings,
+        store=ModelStore(tmp_path / "models"),
+        labels=LabelLog(tmp_path / "labels.jsonl"),
+        background=False,
+    )
+    got = [[p.lift, p.uncertainty, p.stage, p.model_version] for p in map(q.predict, _probe())]
+    assert got == json.loads((tmp_path / "expected.json").read_text())
+    assert q.n_labels == 55
+
+
+def _drift_run(seed: int, n_before: int, n_after: int) -> tuple[int, int]:
+    """Drift counts (before, after) the lift function flips at ``n_before``."""
+    p = Predictor(PredictorSettings(river_after=8, lgbm_after=10**6), background=False)
+    rng = random.Random(seed)
+    for _ in range(n_before):
+        x = synthetic_features(rng)
+        p.learn(x, synthetic_lift(x, rng, noise=0.04))
+    before = p.drift_detected
+    for _ in range(n_after):
+        x = synthetic_features(rng)
+        # The world changed: disagreement no longer pays, all-wrong cohorts do.
+        p.learn(x, -0.8 * x["adv_std"] + 0.3 * x["frac_all_wrong"] + rng.gauss(0.0, 0.04))
+    return before, p.drift_detected - before
+
+
+def test_drift_fires_after_the_lift_function_changes() -> None:
+    """Found within 100 labels of the change in at least 18 of 20 runs."""
+    runs = [_drift_run(seed, 150, 100) for seed in range(20)]
+    detected = sum(after > 0 for _, after in runs)
+    assert detected >= 18, f"drift found in only {detected}/20 runs"
+
+
+def test_drift_false_alarm_rate_on_a_stationary_stream() -> None:
+    """At most 10 % of 50 stationary runs of 200 labels raise a false alarm."""
+    false_alarms = sum(_drift_run(seed, 200, 0)[0] > 0 for seed in range(100, 150))
+    assert false_alarms <= 5, f"{false_alarms}/50 stationary runs raised drift"
+
+
+def test_drift_requests_a_refit() -> None:
+    p = Predictor(
+        PredictorSettings(river_after=8, lgbm_after=10, refit_every_labels=10**6), background=False
+    )
+    rng = random.Random(7)
+    for _ in range(150):
+        x = synthetic_features(rng)
+        p.learn(x, synthetic_lift(x, rng))
+    refits = sum(p.refits.values())
+    assert p.drift_detected == 0
+    for _ in range(200):
+        x = synthetic_features(rng)
+        p.learn(x, -0.8 * x["adv_std"] + 0.3 * x["frac_all_wrong"] + rng.gauss(0.0, 0.04))
+        if p.drift_detected:
+            break
+    assert p.drift_detected >= 1
+    assert sum(p.refits.values()) == refits + 1, "drift did not trigger a refit"
+
+
+def test_online_quality_matches_reference_formulas() -> None:
+    rng = random.Random(0)
+    pred = [rng.gauss(0, 1) for _ in range(30)]
+    real = [v + rng.gauss(0, 1) for v in pred]
+    sel = ["exploit"] * 20 + ["explore_random"] * 10
+    q = OnlineQuality(window=25)
+    for a, b, s in zip(pred, real, sel, strict=True):
+        q.update(a, b, s)
+    assert q.n == 25
+    assert q.spearman == pytest.approx(sps.spearmanr(pred[5:], real[5:]).statistic)
+    pairs = [(i, j) for i in range(5, 30) for j in range(i + 1, 30)]
+    right = sum((pred[i] - pred[j]) * (real[i] - real[j]) > 0 for i, j in pairs)
+    assert q.pairwise_accuracy == pytest.approx(right / len(pairs))
+    assert q.selection_gain == pytest.approx(np.mean(real[:20]) - np.mean(real[20:]))
+    assert math.isnan(OnlineQuality(5).spearman)
+    with pytest.raises(ValueError, match="selection"):
+        q.update(0.0, 0.0, "lucky")
+
+
+def test_spearman_handles_ties_and_constants() -> None:
+    assert math.isnan(spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(
+        sps.spearmanr([1, 2, 2, 3], [1, 2, 3, 4]).statistic
+    )
+    assert pairwise_accuracy([1, 2, 3], [3, 2, 1]) == 0.0
