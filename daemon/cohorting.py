@@ -1,0 +1,366 @@
+"""Cohorting: traces -> cohorts, as a pure, snapshot-able stateful operator.
+
+The builder has the shape of a Bytewax stateful operator: it is driven by
+items (``on_item``) and clock ticks (``on_tick``), returns events as data
+instead of raising or doing I/O, and its whole state round-trips through
+``snapshot()`` / ``restore()`` as plain JSON, so the scorer can persist it
+next to its committed offsets.
+
+Every trace handed to ``on_item`` meets exactly one fate, reported by exactly
+one of: membership of a ``Closed`` cohort, a ``Rejected`` event (for the
+dead-letter topic, with the field and reason), or a ``Duplicate`` event.
+``Stale`` events are notices on top of that (for metrics): a re-probed stale
+trace still ends in a cohort, a dropped one also gets its ``Rejected``.
+
+Slice key
+    ``CohortingSettings.slice_key`` names trace fields (``subject``,
+    ``verifier``, ``tenant``, ...) or tags (``tags.<name>``). A missing tag
+    counts as the empty string rather than a rejection: production traffic is
+    often only partly tagged, and untagged traces still form a (coarser)
+    slice of their own instead of being lost.
+
+Deduplication guarantee
+    A trace id is reported ``Duplicate`` if its first copy is still in an
+    open cohort (remembered exactly) or was closed or rejected within the
+    last ``dedup_window`` decided ids (a bounded FIFO). Older redeliveries are
+    beyond this operator; exactly-once across restarts is the scorer's job
+    (it persists this snapshot with its offsets), and a replayed cohort keeps
+    its deterministic id, so a replayed dispatch is recognisable downstream.
+
+Policy versions
+    The builder keeps the last ``max_policy_lag + 1`` versions it was told
+    about (``set_policy_version``). A trace whose version is among them is
+    fresh; any other (older, or unknown to this replica) is stale and is
+    re-probed or dropped per ``stale_policy``. At close, members that have
+    become stale since they arrived are listed in ``Cohort.reprobe_ids`` too.
+
+Memory bound
+    At most ``max_open`` open cohorts of at most ``max_groups`` traces each,
+    plus ``dedup_window`` remembered ids. Opening a cohort beyond
+    ``max_open`` evicts the oldest open one: it closes early (cause
+    ``"evicted"``) if it has ``min_groups`` traces, else its traces are
+    rejected with a reason; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter, OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from daemon.config import CohortingSettings
+from streams.schemas import Trace
+
+SNAPSHOT_SCHEMA = "tapd.cohorting/1"
+STAGE = "cohorting"
+
+CloseCause = Literal["size", "age", "evicted", "flush"]
+StaleAction = Literal["reprobe", "drop"]
+
+_TRACE_FIELDS = frozenset(
+    {"subject", "tenant", "source", "verifier", "policy_version", "reference", "prompt"}
+)
+
+
+@dataclass(frozen=True)
+class Cohort:
+    cohort_id: str
+    slice_key: str
+    subject: str
+    traces: tuple[Trace, ...]
+    opened_ts: float
+    closed_ts: float
+    cause: CloseCause
+    # Members whose attempts came from a stale policy: the rollout engine
+    # re-samples them from the current one before features are computed.
+    reprobe_ids: frozenset[str] = frozenset()
+    policy_version: str = ""
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.traces)
+
+
+@dataclass(frozen=True)
+class Closed:
+    cohort: Cohort
+    cause: CloseCause
+
+
+@dataclass(frozen=True)
+class Rejected:
+    trace: Trace
+    stage: str
+    field: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    trace_id: str
+
+
+@dataclass(frozen=True)
+class Stale:
+    trace: Trace
+    action: StaleAction
+
+
+Event = Closed | Rejected | Duplicate | Stale
+
+
+def cohort_id(slice_key: str, trace_ids: Iterable[str]) -> str:
+    """Deterministic id of a cohort: the same members and slice give the same id.
+
+    Sorted and de-duplicated, so arrival order and redelivery do not matter;
+    JSON-encoded, so no choice of separator can make two member lists collide.
+    """
+    payload = json.dumps([slice_key, sorted(set(trace_ids))], separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def validate_slice_key(fields: Iterable[str]) -> tuple[str, ...]:
+    """The slice-key field names, or ``ValueError`` naming the one that is not usable."""
+    out = tuple(fields)
+    if not out:
+        raise ValueError("cohorting.slice_key: must name at least one field")
+    if len(set(out)) != len(out):
+        raise ValueError(f"cohorting.slice_key: a field is named twice in {list(out)}")
+    for name in out:
+        if name.startswith("tags."):
+            if not name[5:]:
+                raise ValueError(f"cohorting.slice_key: {name!r} names no tag")
+        elif name not in _TRACE_FIELDS:
+            raise ValueError(
+                f"cohorting.slice_key: unknown field {name!r} "
+                f"(use one of {sorted(_TRACE_FIELDS)} or tags.<name>)"
+            )
+    return out
+
+
+def slice_values(trace: Trace, fields: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(
+        trace.tags.get(name[5:], "") if name.startswith("tags.") else str(getattr(trace, name))
+        for name in fields
+    )
+
+
+def format_slice_key(fields: tuple[str, ...], values: tuple[str, ...]) -> str:
+    """The slice key as a string: a compact JSON object, readable and unambiguous."""
+    return json.dumps(
+        dict(zip(fields, values, strict=True)), separators=(",", ":"), ensure_ascii=False
+    )
+
+
+def slice_key_of(trace: Trace, fields: tuple[str, ...]) -> str:
+    return format_slice_key(fields, slice_values(trace, fields))
+
+
+@dataclass
+class _Open:
+    slice_key: str
+    opened_ts: float
+    traces: list[Trace] = field(default_factory=list)
+    reprobe: set[str] = field(default_factory=set)
+
+
+class CohortBuilder:
+    """Groups traces into capability-slice cohorts; see the module docstring."""
+
+    def __init__(self, settings: CohortingSettings, current_policy_version: str) -> None:
+        self.settings = settings
+        self._fields = validate_slice_key(settings.slice_key)
+        # Keyed by the slice values (the JSON string is only built once per
+        # cohort). Insertion order is opening order: the front is the oldest
+        # cohort, which is both the next to age out and the one evicted first.
+        self._open: OrderedDict[tuple[str, ...], _Open] = OrderedDict()
+        self._open_ids: set[str] = set()  # exact
+        self._decided: OrderedDict[str, None] = OrderedDict()  # bounded FIFO
+        self._versions: list[str] = [current_policy_version]
+        self._now = 0.0
+
+    # -- policy versions ---------------------------------------------------
+
+    @property
+    def policy_version(self) -> str:
+        return self._versions[-1]
+
+    def set_policy_version(self, version: str) -> None:
+        if version == self._versions[-1]:
+            return
+        if version in self._versions:  # a rollback makes an older version current again
+            self._versions.remove(version)
+        self._versions.append(version)
+        del self._versions[: -(self.settings.max_policy_lag + 1)]
+
+    def is_stale(self, trace: Trace) -> bool:
+        return trace.policy_version not in self._versions
+
+    # -- the operator ------------------------------------------------------
+
+    @property
+    def n_open(self) -> int:
+        return len(self._open)
+
+    @property
+    def n_open_traces(self) -> int:
+        return len(self._open_ids)
+
+    def on_item(self, trace: Trace, now: float) -> list[Event]:
+        self._now = now
+        tid = trace.trace_id
+        if tid in self._open_ids or tid in self._decided:
+            return [Duplicate(tid)]
+        events: list[Event] = []
+        reprobe = False
+        if self.is_stale(trace):
+            action: StaleAction = self.settings.stale_policy
+            events.append(Stale(trace, action))
+            if action == "drop":
+                events.append(
+                    self._reject(
+                        trace,
+                        "policy_version",
+                        f"stale: {trace.policy_version!r} is more than "
+                        f"{self.settings.max_policy_lag} version(s) behind the current "
+                        f"{self.policy_version!r}",
+                    )
+                )
+                return events
+            reprobe = True
+        key = slice_values(trace, self._fields)
+        group = self._open.get(key)
+        if group is None:
+            if len(self._open) >= self.settings.max_open:
+                events.extend(self._evict_oldest(now))
+            group = self._open[key] = _Open(format_slice_key(self._fields, key), now)
+        group.traces.append(trace)
+        self._open_ids.add(tid)
+        if reprobe:
+            group.reprobe.add(tid)
+        if len(group.traces) >= self.settings.max_groups:
+            events.append(self._close(key, now, "size"))
+        return events
+
+    def on_tick(self, now: float) -> list[Event]:
+        """Close (or reject, if too small) every cohort at least ``max_age_s`` old."""
+        self._now = now
+        events: list[Event] = []
+        while self._open:
+            key, group = next(iter(self._open.items()))
+            if now - group.opened_ts < self.settings.max_age_s:
+                break
+            events.extend(self._close_or_reject(key, now, "age"))
+        return events
+
+    def flush_all(self, now: float | None = None) -> list[Event]:
+        """Close every open cohort (those under ``min_groups`` are rejected)."""
+        now = self._now if now is None else now
+        events: list[Event] = []
+        for key in list(self._open):
+            events.extend(self._close_or_reject(key, now, "flush"))
+        return events
+
+    def on_eof(self) -> list[Event]:
+        return self.flush_all()
+
+    # -- state -------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "schema": SNAPSHOT_SCHEMA,
+            "versions": list(self._versions),
+            "now": self._now,
+            "open": [
+                {
+                    "slice_key": g.slice_key,
+                    "opened_ts": g.opened_ts,
+                    "traces": [t.model_dump(mode="json", by_alias=True) for t in g.traces],
+                    "reprobe": sorted(g.reprobe),
+                }
+                for g in self._open.values()
+            ],
+            "decided": list(self._decided),
+        }
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        """Replace the state with a snapshot's; ``ValueError`` if it is not one."""
+        if snapshot.get("schema") != SNAPSHOT_SCHEMA:
+            raise ValueError(
+                f"schema: expected {SNAPSHOT_SCHEMA!r}, got {snapshot.get('schema')!r}"
+            )
+        versions = [str(v) for v in snapshot["versions"]]
+        if not versions:
+            raise ValueError("versions: a snapshot records at least the current version")
+        opened: OrderedDict[tuple[str, ...], _Open] = OrderedDict()
+        open_ids: set[str] = set()
+        for g in snapshot["open"]:
+            group = _Open(
+                str(g["slice_key"]),
+                float(g["opened_ts"]),
+                [Trace.model_validate(t) for t in g["traces"]],
+                {str(x) for x in g["reprobe"]},
+            )
+            opened[tuple(json.loads(group.slice_key).values())] = group
+            open_ids.update(t.trace_id for t in group.traces)
+        self._versions = versions
+        self._now = float(snapshot["now"])
+        self._open = opened
+        self._open_ids = open_ids
+        self._decided = OrderedDict.fromkeys(str(x) for x in snapshot["decided"])
+
+    # -- internals ---------------------------------------------------------
+
+    def _remember(self, trace_id: str) -> None:
+        self._open_ids.discard(trace_id)
+        window = self.settings.dedup_window
+        if window <= 0:
+            return
+        self._decided[trace_id] = None
+        while len(self._decided) > window:
+            self._decided.popitem(last=False)
+
+    def _reject(self, trace: Trace, field_name: str, reason: str) -> Rejected:
+        self._remember(trace.trace_id)
+        return Rejected(trace, STAGE, field_name, reason)
+
+    def _evict_oldest(self, now: float) -> list[Event]:
+        key = next(iter(self._open))
+        return self._close_or_reject(key, now, "evicted")
+
+    def _close_or_reject(self, key: tuple[str, ...], now: float, cause: CloseCause) -> list[Event]:
+        group = self._open[key]
+        if len(group.traces) >= self.settings.min_groups:
+            return [self._close(key, now, cause)]
+        del self._open[key]
+        what = {"age": "closed by age", "evicted": "evicted", "flush": "flushed"}.get(cause, cause)
+        reason = (
+            f"{what} before reaching min_groups: the cohort had {len(group.traces)} of "
+            f"{self.settings.min_groups} prompt groups"
+        )
+        return [self._reject(t, "slice_key", reason) for t in group.traces]
+
+    def _close(self, key: tuple[str, ...], now: float, cause: CloseCause) -> Closed:
+        group = self._open.pop(key)
+        traces = tuple(group.traces)
+        for t in traces:
+            self._remember(t.trace_id)
+        # Members that went stale while the cohort was open are re-probed too.
+        reprobe = frozenset(group.reprobe | {t.trace_id for t in traces if self.is_stale(t)})
+        subjects = Counter(t.subject for t in traces)
+        subject = min(subjects, key=lambda s: (-subjects[s], s))
+        cohort = Cohort(
+            cohort_id=cohort_id(group.slice_key, (t.trace_id for t in traces)),
+            slice_key=group.slice_key,
+            subject=subject,
+            traces=traces,
+            opened_ts=group.opened_ts,
+            closed_ts=now,
+            cause=cause,
+            reprobe_ids=reprobe,
+            policy_version=self.policy_version,
+        )
+        return Closed(cohort, cause)

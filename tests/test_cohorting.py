@@ -1,0 +1,314 @@
+"""The cohort builder: grouping, closing, dedup, staleness, eviction, snapshots."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from daemon.cohorting import (
+    Closed,
+    Cohort,
+    CohortBuilder,
+    Duplicate,
+    Event,
+    Rejected,
+    Stale,
+    cohort_id,
+    slice_key_of,
+    validate_slice_key,
+)
+from daemon.config import CohortingSettings
+from streams.schemas import Trace
+
+
+def _trace(
+    tid: str,
+    *,
+    subject: str = "math",
+    task_type: str | None = "add",
+    policy: str = "p1",
+    verifier: str = "exact",
+) -> Trace:
+    return Trace(
+        schema="tapd.trace/1",
+        trace_id=tid,
+        ts=0.0,
+        subject=subject,
+        tags={} if task_type is None else {"task_type": task_type},
+        prompt=f"prompt {tid}",
+        reference="1",
+        verifier=verifier,
+        policy_version=policy,
+    )
+
+
+def _settings(**kw: object) -> CohortingSettings:
+    base: dict[str, object] = {
+        "slice_key": ("subject", "tags.task_type"),
+        "max_groups": 4,
+        "min_groups": 2,
+        "max_age_s": 10.0,
+        "max_open": 100,
+    }
+    return CohortingSettings.model_validate({**base, **kw})
+
+
+def _closed(events: Iterable[Event]) -> list[Cohort]:
+    return [e.cohort for e in events if isinstance(e, Closed)]
+
+
+def test_size_closes_a_cohort_of_max_groups_traces() -> None:
+    b = CohortBuilder(_settings(), "p1")
+    events: list[Event] = []
+    for i in range(9):
+        events += b.on_item(_trace(f"t{i}"), now=float(i))
+    cohorts = _closed(events)
+    assert [len(c.traces) for c in cohorts] == [4, 4]
+    assert [c.cause for c in cohorts] == ["size", "size"]
+    c = cohorts[0]
+    assert [t.trace_id for t in c.traces] == ["t0", "t1", "t2", "t3"]
+    assert (c.opened_ts, c.closed_ts, c.subject) == (0.0, 3.0, "math")
+    assert json.loads(c.slice_key) == {"subject": "math", "tags.task_type": "add"}
+    assert c.cohort_id == cohort_id(c.slice_key, ["t3", "t2", "t1", "t0"])
+    assert b.n_open == 1 and b.n_open_traces == 1
+
+
+def test_slices_are_kept_apart_and_a_missing_tag_is_its_own_slice() -> None:
+    b = CohortBuilder(_settings(max_groups=2), "p1")
+    events: list[Event] = []
+    for i, tt in enumerate(["add", "sub", None, "add", "sub", None]):
+        events += b.on_item(_trace(f"t{i}", task_type=tt), now=0.0)
+    by_key = {json.loads(c.slice_key)["tags.task_type"]: c for c in _closed(events)}
+    assert set(by_key) == {"add", "sub", ""}
+    assert [t.trace_id for t in by_key[""].traces] == ["t2", "t5"]
+
+
+def test_cohort_id_is_stable_under_reordering_and_duplication() -> None:
+    traces = [_trace(f"t{i}") for i in range(4)]
+    ids = set()
+    for order in (traces, traces[::-1], [traces[2], traces[0], traces[2], traces[3], traces[1]]):
+        b = CohortBuilder(_settings(), "p1")
+        events = [e for t in order for e in b.on_item(t, now=0.0)]
+        [c] = _closed(events)
+        ids.add(c.cohort_id)
+        assert sorted(t.trace_id for t in c.traces) == ["t0", "t1", "t2", "t3"]
+    assert len(ids) == 1
+    # The slice is part of the id: the same members in another slice differ.
+    assert cohort_id("a", ["t0"]) != cohort_id("b", ["t0"])
+    assert cohort_id("a", ["t0", "t0", "t1"]) == cohort_id("a", ["t1", "t0"])
+
+
+def test_duplicates_are_reported_while_open_and_after_close() -> None:
+    b = CohortBuilder(_settings(max_groups=2, dedup_window=2), "p1")
+    assert b.on_item(_trace("a"), 0.0) == []
+    assert b.on_item(_trace("a"), 0.0) == [Duplicate("a")]
+    assert len(_closed(b.on_item(_trace("b"), 0.0))) == 1
+    assert b.on_item(_trace("a"), 0.0) == [Duplicate("a")]
+    # The window of closed ids is bounded: after two more decided ids, "a" is forgotten.
+    b.on_item(_trace("c"), 0.0)
+    b.on_item(_trace("d"), 0.0)
+    assert b.on_item(_trace("a"), 0.0) == []
+
+
+def test_age_closes_or_rejects_by_min_groups() -> None:
+    b = CohortBuilder(_settings(), "p1")
+    b.on_item(_trace("a1", task_type="a"), 0.0)
+    b.on_item(_trace("a2", task_type="a"), 1.0)
+    b.on_item(_trace("b1", task_type="b"), 5.0)
+    assert b.on_tick(9.9) == []
+    events = b.on_tick(10.0)
+    [c] = _closed(events)
+    assert c.cause == "age" and len(c.traces) == 2
+    events = b.on_tick(15.0)
+    [r] = events
+    assert isinstance(r, Rejected)
+    assert (r.trace.trace_id, r.stage) == ("b1", "cohorting")
+    assert "min_groups" in r.reason and "1 of 2" in r.reason
+    assert b.n_open == 0
+
+
+def test_stale_traces_are_reprobed_or_dropped() -> None:
+    b = CohortBuilder(_settings(max_groups=2, stale_policy="reprobe"), "p2")
+    events = b.on_item(_trace("old", policy="p1"), 0.0)
+    assert events == [Stale(_trace("old", policy="p1"), "reprobe")]
+    [c] = _closed(b.on_item(_trace("new", policy="p2"), 0.0))
+    assert c.reprobe_ids == frozenset({"old"}) and c.policy_version == "p2"
+
+    d = CohortBuilder(_settings(stale_policy="drop"), "p2")
+    events = d.on_item(_trace("old", policy="p1"), 0.0)
+    assert isinstance(events[0], Stale) and events[0].action == "drop"
+    assert isinstance(events[1], Rejected) and events[1].field == "policy_version"
+    assert "stale" in events[1].reason
+    assert d.n_open == 0
+
+
+def test_policy_lag_and_traces_that_go_stale_while_open() -> None:
+    b = CohortBuilder(_settings(max_groups=3, max_policy_lag=1), "p1")
+    b.set_policy_version("p2")
+    assert b.on_item(_trace("lag1", policy="p1"), 0.0) == []  # one version behind: fresh
+    b.on_item(_trace("cur", policy="p2"), 0.0)
+    b.set_policy_version("p3")  # now "p1" is two behind
+    [c] = _closed(b.on_item(_trace("next", policy="p3"), 0.0))
+    assert c.reprobe_ids == frozenset({"lag1"})
+    [stale] = b.on_item(_trace("older", policy="p0"), 0.0)
+    assert isinstance(stale, Stale)
+
+
+def test_eviction_closes_or_rejects_the_oldest_open_cohort() -> None:
+    b = CohortBuilder(_settings(max_open=2), "p1")
+    b.on_item(_trace("a1", task_type="a"), 0.0)
+    b.on_item(_trace("a2", task_type="a"), 0.0)
+    b.on_item(_trace("b1", task_type="b"), 1.0)
+    [c] = _closed(b.on_item(_trace("c1", task_type="c"), 2.0))
+    assert c.cause == "evicted" and {t.trace_id for t in c.traces} == {"a1", "a2"}
+    [r] = b.on_item(_trace("d1", task_type="d"), 3.0)
+    assert isinstance(r, Rejected) and r.trace.trace_id == "b1"
+    assert "evicted before reaching min_groups" in r.reason
+    assert b.n_open == 2
+
+
+def test_flush_on_eof() -> None:
+    b = CohortBuilder(_settings(), "p1")
+    for i in range(3):
+        b.on_item(_trace(f"a{i}", task_type="a"), 0.0)
+    b.on_item(_trace("b0", task_type="b"), 0.0)
+    events = b.on_eof()
+    [c] = _closed(events)
+    assert c.cause == "flush" and len(c.traces) == 3
+    assert [e.trace.trace_id for e in events if isinstance(e, Rejected)] == ["b0"]
+
+
+def test_snapshot_round_trips_through_json_and_resumes_identically() -> None:
+    rng = random.Random(1)
+    stream = [
+        _trace(
+            f"t{rng.randrange(60)}", task_type=rng.choice("abc"), policy=rng.choice(["p0", "p1"])
+        )
+        for _ in range(80)
+    ]
+    whole = CohortBuilder(_settings(), "p1")
+    ref = [e for i, t in enumerate(stream) for e in whole.on_item(t, float(i))] + whole.flush_all()
+
+    first = CohortBuilder(_settings(), "p1")
+    events = [e for i, t in enumerate(stream[:40]) for e in first.on_item(t, float(i))]
+    snap = json.loads(json.dumps(first.snapshot()))
+    resumed = CohortBuilder(_settings(), "p0")
+    resumed.restore(snap)
+    assert resumed.policy_version == "p1"
+    events += [e for i, t in enumerate(stream[40:], 40) for e in resumed.on_item(t, float(i))]
+    events += resumed.flush_all()
+    assert events == ref
+    with pytest.raises(ValueError, match="schema"):
+        resumed.restore({"schema": "other"})
+
+
+def test_invalid_slice_key_names_the_field() -> None:
+    with pytest.raises(ValueError, match="unknown field 'colour'"):
+        validate_slice_key(["subject", "colour"])
+    with pytest.raises(ValueError, match="names no tag"):
+        CohortBuilder(_settings(slice_key=("tags.",)), "p1")
+    key = slice_key_of(_trace("x", verifier="mcq"), ("verifier", "tags.level"))
+    assert json.loads(key) == {"verifier": "mcq", "tags.level": ""}
+
+
+def test_open_cap_holds_and_every_trace_is_accounted_for_over_100k() -> None:
+    """100k traces, 5,000 slices, 10% redeliveries, a cap of 64 open cohorts."""
+    settings = _settings(max_open=64, max_groups=8, min_groups=3, max_age_s=50.0)
+    b = CohortBuilder(settings, "p1")
+    rng = random.Random(7)
+    fates: dict[str, int] = {}
+    n_dup = 0
+
+    def account(events: list[Event]) -> None:
+        nonlocal n_dup
+        for e in events:
+            if isinstance(e, Closed):
+                assert len(e.cohort.traces) >= settings.min_groups
+                for t in e.cohort.traces:
+                    fates[t.trace_id] = fates.get(t.trace_id, 0) + 1
+            elif isinstance(e, Rejected):
+                assert e.reason
+                fates[e.trace.trace_id] = fates.get(e.trace.trace_id, 0) + 1
+            elif isinstance(e, Duplicate):
+                n_dup += 1
+
+    sent: list[str] = []
+    for i in range(100_000):
+        if sent and rng.random() < 0.1:
+            tid = sent[-rng.randrange(1, min(len(sent), 500) + 1)]  # a redelivery
+        else:
+            tid = f"t{i}"
+            sent.append(tid)
+        key = int(rng.paretovariate(1.2)) % 5000
+        trace = Trace(
+            schema="tapd.trace/1",
+            trace_id=tid,
+            ts=float(i),
+            subject=f"s{key % 7}",
+            tags={"task_type": f"k{key}"},
+            prompt="p",
+            reference="1",
+            verifier="exact",
+            policy_version="p1",
+        )
+        now = i / 100.0
+        account(b.on_item(trace, now))
+        assert b.n_open <= settings.max_open
+        if i % 500 == 0:
+            account(b.on_tick(now))
+    account(b.flush_all())
+    assert b.n_open == 0
+    # Every distinct trace met exactly one fate; every redelivery was a duplicate.
+    assert set(fates) == set(sent)
+    assert max(fates.values()) == 1
+    assert n_dup == 100_000 - len(sent)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(st.integers(0, 30), st.sampled_from("abcde"), st.floats(0.0, 4.0)),
+        max_size=120,
+    ),
+    cut=st.integers(0, 120),
+)
+def test_every_trace_meets_one_fate_and_snapshots_change_nothing(
+    ops: list[tuple[int, str, float]], cut: int
+) -> None:
+    """Any stream (redeliveries, ticks, a snapshot/restore anywhere) keeps the invariants."""
+    cfg = _settings(max_open=3, max_groups=3, min_groups=2, max_age_s=5.0)
+
+    def run(restart_at: int | None) -> list[Event]:
+        b = CohortBuilder(cfg, "p1")
+        events: list[Event] = []
+        now = 0.0
+        for i, (tid, key, dt) in enumerate(ops):
+            if i == restart_at:
+                fresh = CohortBuilder(cfg, "p1")
+                fresh.restore(json.loads(json.dumps(b.snapshot())))
+                b = fresh
+            now += dt
+            events += b.on_item(_trace(f"t{tid}", task_type=key), now)
+            assert b.n_open <= cfg.max_open
+            events += b.on_tick(now)
+        return events + b.flush_all()
+
+    events = run(None)
+    assert run(cut) == events
+    fates: dict[str, int] = {}
+    for e in events:
+        if isinstance(e, Closed):
+            c = e.cohort
+            assert c.cohort_id == cohort_id(c.slice_key, [t.trace_id for t in c.traces])
+            assert cfg.min_groups <= len(c.traces) <= cfg.max_groups
+            for t in c.traces:
+                fates[t.trace_id] = fates.get(t.trace_id, 0) + 1
+        elif isinstance(e, Rejected):
+            fates[e.trace.trace_id] = fates.get(e.trace.trace_id, 0) + 1
+    assert set(fates) == {f"t{tid}" for tid, _, _ in ops}
+    assert all(n == 1 for n in fates.values())

@@ -1,0 +1,291 @@
+"""Each feature against values computed by hand on small constructed cohorts."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+
+from daemon.cohorting import Cohort
+from daemon.features import (
+    ADV_EPS,
+    FEATURE_NAMES,
+    MONOTONE,
+    FeatureError,
+    bad_answers,
+    classify_group,
+    feature_vector,
+    featurize,
+    group_advantages,
+    near_duplicate_rate,
+    reward_trust,
+    target_similarity,
+    template_repetition,
+)
+from streams.schemas import Attempt, TokenStats, Trace
+
+
+def _trace(
+    tid: str,
+    rewards: list[float],
+    *,
+    prompt: str = "What is 40 + 2?",
+    reference: str = "42",
+    verifier: str = "exact",
+    n_tokens: int = 3,
+    logprobs: list[list[float]] | None = None,
+    entropies: list[list[float]] | None = None,
+) -> Trace:
+    attempts = []
+    for i, r in enumerate(rewards):
+        lp = logprobs[i] if logprobs else None
+        attempts.append(
+            Attempt(
+                completion=str(r),
+                reward=r,
+                n_tokens=len(lp) if lp is not None else n_tokens,
+                token_logprobs=lp,
+                token_entropies=entropies[i] if entropies else None,
+            )
+        )
+    return Trace(
+        schema="tapd.trace/1",
+        trace_id=tid,
+        ts=0.0,
+        subject="math",
+        prompt=prompt,
+        reference=reference,
+        verifier=verifier,
+        policy_version="p0",
+        attempts=attempts,
+    )
+
+
+# The seeds' worked example: 5/8 disagree, 8/8 already known, 0/8 no foothold.
+DISAGREE = [1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+KNOWN = [1.0] * 8
+NO_FOOTHOLD = [0.0] * 8
+
+
+def _worked_example() -> list[Trace]:
+    return [
+        _trace("a", DISAGREE, prompt="If 3x + 7 = 22, find x", reference="5"),
+        _trace("b", KNOWN, prompt="What is 2 + 2?", reference="4"),
+        _trace("c", NO_FOOTHOLD, prompt="Prove the Riemann Hypothesis", reference="QED"),
+    ]
+
+
+def test_classify_group_matches_the_worked_example() -> None:
+    assert classify_group(DISAGREE) == "disagree"
+    assert classify_group(KNOWN) == "known"
+    assert classify_group(NO_FOOTHOLD) == "no_foothold"
+    with pytest.raises(FeatureError) as e:
+        classify_group([])
+    assert e.value.field == "rewards"
+
+
+def test_group_advantages_follow_trl_group_scaling() -> None:
+    # 5 of 8 right: mean 0.625, sample std sqrt((5*.375^2 + 3*.625^2)/7).
+    s = math.sqrt((5 * 0.375**2 + 3 * 0.625**2) / 7)
+    adv = group_advantages(DISAGREE)
+    assert adv[0] == pytest.approx(0.375 / (s + ADV_EPS))
+    assert adv[1] == pytest.approx(-0.625 / (s + ADV_EPS))
+    assert np.all(group_advantages(KNOWN) == 0.0)
+    assert group_advantages([1.0]).tolist() == [0.0]
+
+
+def test_learnability_of_the_worked_example() -> None:
+    f = featurize(_worked_example(), verifier_probe=False)
+    s = math.sqrt((5 * 0.375**2 + 3 * 0.625**2) / 7)
+    # Advantages sum to 0 in every group, so their std over the 24 attempts
+    # is the root mean square: only the 5/8 group contributes.
+    sum_sq = (5 * 0.375**2 + 3 * 0.625**2) / (s + ADV_EPS) ** 2
+    assert f["adv_std"] == pytest.approx(math.sqrt(sum_sq / 24))
+    assert f["adv_absmean"] == pytest.approx((5 * 0.375 + 3 * 0.625) / (s + ADV_EPS) / 24)
+    assert f["frac_nondegenerate"] == pytest.approx(1 / 3)
+    assert f["frac_all_correct"] == pytest.approx(1 / 3)
+    assert f["frac_all_wrong"] == pytest.approx(1 / 3)
+    p = 13 / 24  # 5 + 8 + 0 of 24 attempts pass
+    assert f["reward_mean"] == pytest.approx(p)
+    assert f["reward_std"] == pytest.approx(math.sqrt(p * (1 - p)))
+    assert f["pass_rate"] == pytest.approx(p)
+    g = [5 / 8, 1.0, 0.0]
+    assert f["group_passrate_mean"] == pytest.approx(sum(g) / 3)
+    mean_g = sum(g) / 3
+    assert f["group_passrate_std"] == pytest.approx(
+        math.sqrt(sum((x - mean_g) ** 2 for x in g) / 3)
+    )
+    assert f["n_groups"] == 3.0
+    assert f["len_mean"] == 3.0 and f["len_std"] == 0.0
+
+
+def test_adv_std_is_about_sqrt_of_frac_nondegenerate() -> None:
+    # With per-group scaling a nondegenerate group of K contributes
+    # sum a^2 = K - 1 (up to eps), a degenerate one 0: adv_std^2 is about
+    # frac_nondegenerate * (K - 1) / K.
+    rng = random.Random(3)
+    traces = []
+    for i in range(40):
+        p = rng.choice([0.0, 0.3, 0.6, 1.0])
+        traces.append(_trace(f"t{i}", [float(rng.random() < p) for _ in range(8)]))
+    f = featurize(traces, verifier_probe=False)
+    assert 0.0 < f["frac_nondegenerate"] < 1.0
+    assert f["adv_std"] == pytest.approx(math.sqrt(f["frac_nondegenerate"] * 7 / 8), rel=1e-3)
+
+
+def test_graded_rewards_use_the_success_threshold() -> None:
+    f = featurize([_trace("g", [0.6, 0.7]), _trace("h", [0.2, 0.2])], verifier_probe=False)
+    assert f["frac_nondegenerate"] == 0.5  # 0.6 != 0.7: GRPO still has a signal there
+    assert f["frac_all_correct"] == 0.5  # ... yet both pass
+    assert f["frac_all_wrong"] == 0.5
+    assert f["pass_rate"] == 0.5
+    assert f["reward_mean"] == pytest.approx((0.6 + 0.7 + 0.2 + 0.2) / 4)
+
+
+def test_familiarity_from_token_arrays() -> None:
+    lps = [[-1.0, -2.0, -3.0, -4.0], [-0.5], [-1.0, -2.0, -3.0]]
+    ents = [[1.0, 1.0, 1.0, 1.0], [2.0], [0.0, 0.0, 3.0]]
+    f = featurize([_trace("x", [1.0, 0.0, 1.0], logprobs=lps, entropies=ents)])
+    assert f["mean_logprob"] == pytest.approx((-2.5 - 0.5 - 2.0) / 3)
+    assert f["surprisal_mean"] == pytest.approx((10 + 0.5 + 6) / 3)
+    assert f["entropy_mean"] == pytest.approx((1 + 2 + 1) / 3)
+    # pooled, sorted: -4 -3 -3 -2 -2 -1 -1 -0.5 (8 tokens); linear interpolation
+    # at positions 0.7, 3.5 and 6.3.
+    assert f["logprob_p10"] == pytest.approx(-4 + 0.7 * 1)
+    assert f["logprob_p50"] == pytest.approx(-2.0)
+    assert f["logprob_p90"] == pytest.approx(-1.0 + 0.3 * 0.5)
+    # halves: [-1,-2] vs [-3,-4] -> -2; one token -> 0; [-1] vs [-2,-3] -> -1.5
+    assert f["confidence_slope"] == pytest.approx((-2.0 + 0.0 - 1.5) / 3)
+    e = math.exp
+    assert f["redundancy_mean"] == pytest.approx(
+        ((e(-1) + e(-2) + e(-3) + e(-4)) / 4 + e(-0.5) + (e(-1) + e(-2) + e(-3)) / 3) / 3
+    )
+    assert f["min_logprob_mean"] == pytest.approx((-4 - 0.5 - 3) / 3)
+    assert f["len_mean"] == pytest.approx(8 / 3)
+    assert f["len_std"] == pytest.approx(np.std([4, 1, 3]))
+
+
+def test_familiarity_from_token_stats() -> None:
+    stats = TokenStats(
+        logprob_mean=-1.5,
+        logprob_min=-3.0,
+        logprob_p10=-2.8,
+        logprob_p50=-1.2,
+        logprob_p90=-0.4,
+        prob_mean=0.3,
+        logprob_early=-1.0,
+        logprob_late=-2.0,
+        entropy_mean=0.7,
+    )
+    attempt = Attempt(completion="5", reward=1.0, n_tokens=4, stats=stats)
+    trace = _trace("s", [1.0]).model_copy(update={"attempts": [attempt, attempt]})
+    f = featurize([trace], verifier_probe=False)
+    assert f["mean_logprob"] == -1.5
+    assert f["surprisal_mean"] == pytest.approx(6.0)
+    assert f["entropy_mean"] == pytest.approx(0.7)
+    assert (f["logprob_p10"], f["logprob_p50"], f["logprob_p90"]) == pytest.approx(
+        (-2.8, -1.2, -0.4)
+    )
+    assert f["confidence_slope"] == pytest.approx(-1.0)
+    assert f["redundancy_mean"] == pytest.approx(0.3)
+    assert f["min_logprob_mean"] == pytest.approx(-3.0)
+
+
+def test_familiarity_without_logprob_information_is_zero() -> None:
+    f = featurize([_trace("n", [1.0, 0.0])], verifier_probe=False)
+    assert all(
+        f[k] == 0.0 for k in ("mean_logprob", "surprisal_mean", "logprob_p50", "entropy_mean")
+    )
+
+
+def test_target_similarity_is_mean_best_trigram_cosine() -> None:
+    # "abcd" -> {abc, bcd}, "abce" -> {abc, bce}: cosine 1/2; "xyz" shares nothing.
+    assert target_similarity(["abcd", "xyz"], ["abce", "qqqq"]) == pytest.approx(0.25)
+    assert target_similarity(["Same  TEXT"], ["same text"]) == pytest.approx(1.0)
+    assert target_similarity(["abcd"], None) == 0.0
+    traces = [_trace("p", [1.0], prompt="abcd"), _trace("q", [0.0], prompt="xyz")]
+    f = featurize(traces, probe_prompts=["abce"], verifier_probe=False)
+    assert f["target_similarity"] == pytest.approx(0.25)
+
+
+def test_near_duplicate_rate() -> None:
+    base = "abcdefghijklmnopqrstuvwxyz"
+    # One changed last character: 23 shared of 25 trigrams, Jaccard 0.92.
+    near = base[:-1] + "1"
+    # Three changed at the end: 21 shared of 27, Jaccard 0.78 < 0.8.
+    far = base[:-3] + "123"
+    assert near_duplicate_rate([base, near, "zzzz"]) == pytest.approx(2 / 3)
+    assert near_duplicate_rate([base, far]) == 0.0
+    assert near_duplicate_rate(["same", "same", "same", "other thing"]) == pytest.approx(3 / 4)
+
+
+def test_template_repetition_masks_numbers() -> None:
+    prompts = ["What is 12 + 30?", "What is 7 + 5?", "Name a prime.", "what is 1.5 + 2,000?"]
+    assert template_repetition(prompts) == pytest.approx(1 - 2 / 4)
+    assert template_repetition(["a", "b"]) == 0.0
+    f = featurize(
+        [_trace("u", [1.0], prompt=p) for p in prompts[:3]]
+        + [_trace("v", [1.0], prompt=prompts[3])],
+        verifier_probe=False,
+    )
+    assert f["template_repetition"] == pytest.approx(0.5)
+
+
+def test_bad_answers_never_include_the_reference() -> None:
+    assert "42" not in bad_answers("What is 40 + 2?", "42")
+    assert bad_answers("Pick one", "B")[0] == "C"
+    assert "" not in bad_answers("Say nothing", "")
+
+
+def test_reward_trust_exact_is_one_and_gameable_verifiers_are_low() -> None:
+    def cohort(verifier: str) -> list[Trace]:
+        return [_trace("r", [1.0], prompt="What is 40 + 2?", reference="42", verifier=verifier)]
+
+    assert reward_trust(cohort("exact")) == 1.0
+    # Bad answers for 42: 53, "", the echoed prompt, "A B C D E", 429, 4#zq,
+    # zq42qz, "42 or 53". contains rewards 429, zq42qz, "42 or 53".
+    assert reward_trust(cohort("contains")) == pytest.approx(1 - 3 / 8)
+    # weak_first_digit rewards those, the echo (its first digit is 4) and 4#zq.
+    assert reward_trust(cohort("weak_first_digit")) == pytest.approx(1 - 5 / 8)
+    # Honest but lenient parsers stay over the default floor of 0.8: numeric
+    # takes the last number, so only "zq42qz" passes; mcq passes nothing.
+    assert reward_trust(cohort("numeric")) == pytest.approx(1 - 1 / 8)
+    mcq = [_trace("m", [1.0], prompt="Pick: A) 1 B) 2 C) 3", reference="B", verifier="mcq")]
+    assert reward_trust(mcq) == 1.0
+    # One-digit answers get no "first digit + junk" probe (it is the whole answer).
+    one_digit = [_trace("d", [1.0], prompt="If 3x + 7 = 22, find x", reference="5")]
+    assert "5#zq" not in bad_answers("If 3x + 7 = 22, find x", "5")
+    assert reward_trust([one_digit[0].model_copy(update={"verifier": "numeric"})]) >= 0.8
+    # An unknown verifier cannot be trusted at all.
+    assert reward_trust(cohort("no_such_verifier")) == 0.0
+    assert featurize(cohort("contains"))["reward_trust"] < 0.8
+    assert featurize(cohort("exact"))["reward_trust"] == 1.0
+
+
+def test_featurize_returns_every_feature_in_order_and_finite() -> None:
+    f = featurize(_worked_example(), probe_prompts=["What is 3 + 3?"])
+    assert tuple(f) == FEATURE_NAMES
+    assert all(math.isfinite(v) for v in f.values())
+    assert feature_vector(f) == [f[n] for n in FEATURE_NAMES]
+    assert set(MONOTONE) <= set(FEATURE_NAMES)
+
+
+def test_featurize_rejects_a_group_without_attempts() -> None:
+    with pytest.raises(FeatureError) as e:
+        featurize([_trace("a", [1.0]), _trace("empty", [])])
+    assert e.value.field == "traces[1].attempts"
+    with pytest.raises(FeatureError):
+        featurize([])
+
+
+def test_featurize_takes_a_cohort() -> None:
+    traces = tuple(_worked_example())
+    cohort = Cohort("c", "{}", "math", traces, 0.0, 1.0, "size")
+    assert featurize(cohort) == featurize(traces)
+
+
+def test_features_do_not_depend_on_trace_order() -> None:
+    traces = _worked_example()
+    assert featurize(traces) == featurize(list(reversed(traces)))
