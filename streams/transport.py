@@ -12,11 +12,16 @@ The contract, shared by both and checked by the same tests:
   crash between processing and commit redelivers (at-least-once); idempotency
   keys (trace id, cohort id) make the redelivery harmless.
 * ``pause``/``resume`` stop and restart fetching without leaving the group.
+* A group with no committed offset starts at the beginning of each partition
+  (``from_beginning=True``, the default: no trace is skipped) or at its end.
+* ``on_revoked`` is called with the partitions a rebalance takes away, before
+  they go: the owner commits what it has finished there (Kafka only; the
+  embedded log has one member per group and never rebalances).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -69,13 +74,23 @@ class Consumer(Protocol):
     def close(self) -> None: ...
 
 
+RevokeHook = Callable[[list[TopicPartition]], None]
+
+
 @runtime_checkable
 class Transport(Protocol):
     """Factory for producers and group consumers over one log."""
 
     def producer(self) -> Producer: ...
 
-    def consumer(self, topics: Sequence[str], group: str) -> Consumer: ...
+    def consumer(
+        self,
+        topics: Sequence[str],
+        group: str,
+        *,
+        from_beginning: bool = True,
+        on_revoked: RevokeHook | None = None,
+    ) -> Consumer: ...
 
     def ping(self) -> bool:
         """True when the log is reachable (readiness)."""

@@ -1,0 +1,282 @@
+"""The Kafka transport, on kafka-python 2.3.x.
+
+Works against the 0.9.0.1 test broker (no record headers, no CreateTopics:
+topics are auto-created on first use) and against modern brokers; the API
+version is probed unless ``api_version`` is given.
+
+* Producer: ``acks='all'``, retries, one request in flight per connection
+  (retries never reorder); ``flush`` raises if any record was not acked.
+* Consumer: one consumer group, ``enable_auto_commit=False``; commits are
+  explicit next offsets. ``pause`` pauses every assigned partition and stays
+  in force across rebalances (kafka-python forgets pauses on a new
+  assignment, so the rebalance listener re-applies them). A KafkaConsumer is
+  not thread safe: one owner thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kafka import KafkaConsumer as _KConsumer
+from kafka import KafkaProducer as _KProducer
+from kafka import TopicPartition as _KTP
+from kafka.client_async import KafkaClient
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError, KafkaTimeoutError
+from kafka.structs import OffsetAndMetadata
+
+from daemon.config import TransportSettings
+from streams.transport import Consumer, Producer, Record, RevokeHook, TopicPartition
+
+log = logging.getLogger(__name__)
+
+_SECRET_KEYS = frozenset({"sasl_plain_password", "ssl_password"})
+
+
+class ClientConfig(dict[str, Any]):
+    """kafka-python keyword arguments; the password is masked in repr/str."""
+
+    def __repr__(self) -> str:
+        shown = {k: ("**********" if k in _SECRET_KEYS and v else v) for k, v in self.items()}
+        return f"ClientConfig({shown!r})"
+
+    __str__ = __repr__
+
+
+def client_config(settings: TransportSettings) -> ClientConfig:
+    """The connection and security settings every client (producer, consumer,
+    probe) shares, as kafka-python keyword arguments."""
+    cfg = ClientConfig(
+        bootstrap_servers=[s.strip() for s in settings.bootstrap_servers.split(",") if s.strip()],
+        client_id=settings.client_id,
+        security_protocol=settings.security_protocol,
+        request_timeout_ms=settings.request_timeout_ms,
+        # The default backoff grows to 30 s: after a broker restart clients
+        # would sit idle that long before reconnecting.
+        reconnect_backoff_max_ms=2_000,
+    )
+    if settings.security_protocol.startswith("SASL_"):
+        cfg["sasl_mechanism"] = settings.sasl_mechanism or "PLAIN"
+        cfg["sasl_plain_username"] = settings.sasl_plain_username
+        if settings.sasl_plain_password is not None:
+            cfg["sasl_plain_password"] = settings.sasl_plain_password.get_secret_value()
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        cfg["ssl_check_hostname"] = settings.ssl_check_hostname
+        for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            value = getattr(settings, key)
+            if value is not None:
+                cfg[key] = str(value)
+    return cfg
+
+
+def _tp(ktp: Any) -> TopicPartition:
+    return TopicPartition(ktp.topic, ktp.partition)
+
+
+class KafkaProducer:
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self._p = _KProducer(
+            **config,
+            acks="all",
+            retries=10,
+            retry_backoff_ms=200,
+            # One request in flight: a retried batch cannot overtake the next.
+            max_in_flight_requests_per_connection=1,
+            linger_ms=5,
+            # Our own limit is 700 kB per message (streams.schemas), the 0.9
+            # broker's 1,000,012 bytes.
+            max_request_size=1_000_000,
+        )
+        self._pending: list[Any] = []
+
+    def send(self, topic: str, value: bytes, key: bytes | None = None) -> None:
+        # The first send to a new topic waits for its auto-creation
+        # (max_block_ms); kafka-python refreshes metadata until it has a leader.
+        self._pending.append(self._p.send(topic, value=value, key=key))
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        self._p.flush(timeout=timeout_s)
+        pending, self._pending = self._pending, []
+        failed = [f for f in pending if f.failed()]
+        if failed:
+            raise KafkaError(
+                f"{len(failed)} of {len(pending)} records were not acknowledged: "
+                f"{failed[0].exception!r}"
+            )
+        if any(not f.is_done for f in pending):
+            raise KafkaTimeoutError(f"flush did not complete within {timeout_s}s")
+
+    def close(self) -> None:
+        self._p.close()
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, owner: KafkaConsumer) -> None:
+        self._owner = owner
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        if self._owner.on_revoked is not None and revoked:
+            self._owner.on_revoked([_tp(t) for t in revoked])
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        if self._owner._paused and assigned:
+            self._owner._c.pause(*assigned)
+
+
+class KafkaConsumer:
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        topics: Sequence[str],
+        group: str,
+        *,
+        from_beginning: bool = True,
+        on_revoked: RevokeHook | None = None,
+        session_timeout_ms: int = 10_000,
+        max_poll_interval_ms: int = 300_000,
+        max_poll_records: int = 500,
+    ) -> None:
+        self.on_revoked = on_revoked
+        self._paused = False
+        timeouts: dict[str, int] = {"session_timeout_ms": session_timeout_ms}
+        # Brokers before 0.10.1 have no separate poll interval (the session
+        # timeout bounds the time between polls) and kafka-python refuses
+        # two different values there.
+        if config.get("api_version") is None or config["api_version"] >= (0, 10, 1):
+            timeouts["max_poll_interval_ms"] = max_poll_interval_ms
+        self._c = _KConsumer(
+            **config,
+            **timeouts,
+            group_id=group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest" if from_beginning else "latest",
+            max_poll_records=max_poll_records,
+            heartbeat_interval_ms=max(session_timeout_ms // 3, 100),
+        )
+        self._c.subscribe(topics=list(topics), listener=_Listener(self))
+
+    def poll(self, timeout_s: float, max_records: int) -> list[Record]:
+        now_ms = int(time.time() * 1000)
+        batches = self._c.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        out: list[Record] = []
+        for ktp, records in batches.items():
+            for r in records:
+                # Message format v0 (the 0.9 broker) has no timestamp: use
+                # the time we received it.
+                ts = r.timestamp if r.timestamp is not None and r.timestamp >= 0 else now_ms
+                # A tombstone (compacted topics) has no value: empty bytes.
+                value = r.value if r.value is not None else b""
+                out.append(Record(ktp.topic, ktp.partition, r.offset, r.key, value, int(ts)))
+        return out
+
+    def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+        if offsets:
+            self._c.commit(
+                {
+                    _KTP(tp.topic, tp.partition): OffsetAndMetadata(int(o), "", -1)
+                    for tp, o in offsets.items()
+                }
+            )
+
+    def committed(self, tp: TopicPartition) -> int | None:
+        value = self._c.committed(_KTP(tp.topic, tp.partition))
+        return None if value is None else int(value)
+
+    def pause(self) -> None:
+        self._paused = True
+        assigned = self._c.assignment()
+        if assigned:
+            self._c.pause(*assigned)
+
+    def resume(self) -> None:
+        self._paused = False
+        paused = self._c.paused()
+        if paused:
+            self._c.resume(*paused)
+
+    def paused(self) -> bool:
+        return self._paused
+
+    def lag(self) -> dict[TopicPartition, int]:
+        """Records not yet committed by the group (or not yet read, before
+        its first commit), per assigned partition."""
+        assigned = list(self._c.assignment())
+        if not assigned:
+            return {}
+        ends = self._c.end_offsets(assigned)
+        out: dict[TopicPartition, int] = {}
+        for ktp in assigned:
+            done = self._c.committed(ktp)
+            if done is None:
+                done = self._c.position(ktp)
+            out[_tp(ktp)] = max(int(ends[ktp]) - int(done or 0), 0)
+        return out
+
+    def close(self) -> None:
+        # close() does not run on_partitions_revoked: the owner commits first.
+        self._c.close(autocommit=False)
+
+
+class KafkaTransport:
+    def __init__(self, settings: TransportSettings, max_poll_records: int = 500) -> None:
+        self.settings = settings
+        self._config = client_config(settings)
+        self._max_poll_records = max_poll_records
+        self._probe: KafkaClient | None = None
+
+    def _client_config(self) -> Mapping[str, Any]:
+        """The shared config plus the broker's API version, probed once here
+        rather than by every client (and needed to pick consumer timeouts)."""
+        if "api_version" not in self._config:
+            probe = self._probe_client()
+            self._config["api_version"] = probe.config["api_version"]
+        return self._config
+
+    def _probe_client(self) -> KafkaClient:
+        if self._probe is None:
+            self._probe = KafkaClient(**self._config)
+        return self._probe
+
+    def producer(self) -> Producer:
+        return KafkaProducer(self._client_config())
+
+    def consumer(
+        self,
+        topics: Sequence[str],
+        group: str,
+        *,
+        from_beginning: bool = True,
+        on_revoked: RevokeHook | None = None,
+    ) -> Consumer:
+        return KafkaConsumer(
+            self._client_config(),
+            topics,
+            group,
+            from_beginning=from_beginning,
+            on_revoked=on_revoked,
+            session_timeout_ms=self.settings.session_timeout_ms,
+            max_poll_interval_ms=self.settings.max_poll_interval_ms,
+            max_poll_records=self._max_poll_records,
+        )
+
+    def ping(self, timeout_s: float = 2.0) -> bool:
+        """A metadata round trip to the cluster."""
+        try:
+            probe = self._probe_client()
+            future = probe.cluster.request_update()
+            probe.poll(timeout_ms=int(timeout_s * 1000), future=future)
+            return bool(future.succeeded())
+        except (KafkaError, OSError) as e:
+            log.warning("kafka ping failed: %s", type(e).__name__)
+            return False
+
+    def close(self) -> None:
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None
+
+    def __repr__(self) -> str:
+        return f"KafkaTransport({self._config!r})"
