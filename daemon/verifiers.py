@@ -113,26 +113,39 @@ def _exact(args: Args) -> Verifier:
 _NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 
 
-def parse_number(text: str) -> float | None:
-    """The completion as a number: all of it if it is one, else its last number."""
+def parse_number(text: str, *, extract_last: bool = False) -> float | None:
+    """The completion as a number: all of it, or with ``extract_last`` its last number.
+
+    Strict by default: a lenient "last number anywhere" rule rewards
+    ``"82x"`` for ``82``, so GRPO never learns to stop, and the policy drifts
+    while its training reward looks fine. Extraction is for chat models that
+    answer in prose ("the answer is 82").
+    """
     s = text.strip().replace(",", "")
     if _NUMBER.fullmatch(s):
         return float(s)
+    if not extract_last:
+        return None
     found = _NUMBER.findall(s)
     return float(found[-1]) if found else None
 
 
 @register("numeric")
 def _numeric(args: Args) -> Verifier:
-    _allow("numeric", args, {"tolerance", "rel_tolerance"})
+    _allow("numeric", args, {"tolerance", "rel_tolerance", "extract"})
     tol = _number_arg("numeric", args, "tolerance", 0.0)
     rel = _number_arg("numeric", args, "rel_tolerance", 0.0)
+    extract = args.get("extract", "whole")
+    if extract not in ("whole", "last"):
+        raise VerifierArgsError(
+            "verifier_args.extract", f"numeric: must be 'whole' or 'last', got {extract!r}"
+        )
 
     def verify(completion: str, reference: str) -> float:
         ref = parse_number(reference)
         if ref is None:
             raise BadReference("numeric", f"{reference!r} is not a number")
-        got = parse_number(completion)
+        got = parse_number(completion, extract_last=extract == "last")
         if got is None:
             return 0.0
         return float(abs(got - ref) <= max(tol, rel * abs(ref)))

@@ -249,9 +249,11 @@ def test_reward_trust_exact_is_one_and_gameable_verifiers_are_low() -> None:
     assert reward_trust(cohort("contains")) == pytest.approx(1 - 3 / 8)
     # weak_first_digit rewards those, the echo (its first digit is 4) and 4#zq.
     assert reward_trust(cohort("weak_first_digit")) == pytest.approx(1 - 5 / 8)
-    # Honest but lenient parsers stay over the default floor of 0.8: numeric
-    # takes the last number, so only "zq42qz" passes; mcq passes nothing.
-    assert reward_trust(cohort("numeric")) == pytest.approx(1 - 1 / 8)
+    # The strict numeric parser rewards none of them; its lenient "last
+    # number" mode (for prose answers) lets "zq42qz" through.
+    assert reward_trust(cohort("numeric")) == 1.0
+    lenient = [t.model_copy(update={"verifier_args": {"extract": "last"}}) for t in cohort("numeric")]
+    assert reward_trust(lenient) == pytest.approx(1 - 1 / 8)
     mcq = [_trace("m", [1.0], prompt="Pick: A) 1 B) 2 C) 3", reference="B", verifier="mcq")]
     assert reward_trust(mcq) == 1.0
     # One-digit answers get no "first digit + junk" probe (it is the whole answer).

@@ -68,7 +68,12 @@ def test_exact() -> None:
 def test_numeric_parses_and_tolerates() -> None:
     v = get_verifier("numeric")
     assert v("82", "82") == 1.0
-    assert v("the answer is 82", "82") == 1.0
+    # Strict by default: trailing junk is not an answer (it would teach the
+    # policy never to stop).
+    assert v("the answer is 82", "82") == 0.0
+    assert v("82x", "82") == 0.0 and v("82 7", "82") == 0.0
+    prose = get_verifier("numeric", {"extract": "last"})
+    assert prose("the answer is 82", "82") == 1.0
     assert v("82.0", "82") == 1.0
     assert v("83", "82") == 0.0
     assert v("", "82") == 0.0
