@@ -34,7 +34,17 @@ LATENCY_BUCKETS = (
 )
 
 # Bounded label values.
-STAGES = ("decode", "cohorting", "verifier", "rollout", "features", "dispatch", "lift")
+STAGES = (
+    "decode",
+    "cohorting",
+    "verifier",
+    "rollout",
+    "features",
+    "predict",
+    "decision",
+    "dispatch",
+    "lift",
+)
 RECOMMENDATIONS = (
     "train",
     "skip_known",

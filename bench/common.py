@@ -1,0 +1,78 @@
+"""Shared helpers of the benchmarks: resident memory, timers, realistic traces."""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from streams.schemas import TRACE_SCHEMA, Attempt, Trace
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_bytes() -> int:
+    """Current resident set size (``/proc``), or the peak where ``/proc`` is missing."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+@dataclass(frozen=True)
+class Rate:
+    items: int
+    seconds: float
+
+    @property
+    def per_s(self) -> float:
+        return self.items / self.seconds if self.seconds > 0 else float("inf")
+
+
+def timed(fn: Callable[[], int]) -> Rate:
+    t0 = time.perf_counter()
+    n = fn()
+    return Rate(n, time.perf_counter() - t0)
+
+
+def percentiles(samples_s: Sequence[float]) -> tuple[float, float]:
+    """(p50, p99) in milliseconds."""
+    q = statistics.quantiles(samples_s, n=100, method="inclusive")
+    return q[49] * 1e3, q[98] * 1e3
+
+
+def production_trace(i: int, *, slice_id: int = 0, attempts: int = 1, ts: float = 0.0) -> Trace:
+    """A trace shaped like production traffic: one attempt with per-token log-probs."""
+    a, b = 10 + i % 89, 10 + (i * 7) % 89
+    tokens = 3
+    return Trace.model_validate(
+        {
+            "schema": TRACE_SCHEMA,
+            "trace_id": f"tr-{i}",
+            "ts": ts,
+            "subject": "add",
+            "tags": {"task_type": "arithmetic", "operation": f"op{slice_id}"},
+            "prompt": f"{a}+{b}=",
+            "reference": str(a + b),
+            "verifier": "numeric",
+            "policy_version": "v0",
+            "attempts": [
+                Attempt(
+                    completion=str(a + b + k),
+                    reward=float(k == 0),
+                    n_tokens=tokens,
+                    token_logprobs=[-0.1, -0.5, -0.05],
+                    token_entropies=[0.3, 0.9, 0.1],
+                )
+                for k in range(attempts)
+            ],
+        }
+    )
