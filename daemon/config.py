@@ -125,7 +125,15 @@ class Thresholds(_Frozen):
     max_in_flight: int = Field(default=4, ge=1, le=1_000)
     exploration_share: float = Field(default=0.25, ge=0.0, le=1.0)
     reward_trust_floor: float = Field(default=0.8, ge=0.0, le=1.0)
-    redundancy_ceiling: float = Field(default=0.5, ge=0.0, le=1.0)
+    redundancy_ceiling: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="near-duplicate prompt share over which: diversify"
+    )
+    template_ceiling: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description="template repetition over which: diversify (1.0: off; slices share a template)",
+    )
     known_pass_rate: float = Field(
         default=0.9,
         ge=0.0,
@@ -156,6 +164,10 @@ class Thresholds(_Frozen):
         le=1.0,
         description="share of exploration dispatches chosen by uncertainty rather than at random",
     )
+    # A dispatch whose lift has not come back within this time frees its
+    # in-flight slot (the trainer died or lost it): without a lease one lost
+    # result would hold the cap, and the stream, forever.
+    dispatch_timeout_s: float = Field(default=3600.0, ge=1.0, le=7 * 86400.0)
     shadow_mode: bool = False
 
     def replace(self, **changes: Any) -> Thresholds:

@@ -7,8 +7,10 @@ Rules, first match wins (the order is the policy):
 1. ``reward_trust < reward_trust_floor``            -> ``fix_verifier``
    A gameable verifier makes training reward rise while accuracy falls
    (seed 000): such a cohort is never dispatched, not even to explore.
-2. ``near_duplicate_rate`` or ``template_repetition`` > ``redundancy_ceiling``
-                                                     -> ``diversify``
+2. ``near_duplicate_rate > redundancy_ceiling`` or
+   ``template_repetition > template_ceiling``         -> ``diversify``
+   (a capability slice shares one prompt template by construction, so the
+   template ceiling is off, 1.0, unless a deployment's slices are broader)
 3. ``group_passrate_mean >= known_pass_rate`` or
    ``frac_all_correct >= dead_end_share``            -> ``skip_known``
 4. ``group_passrate_mean <= no_foothold_pass_rate`` and
@@ -95,15 +97,16 @@ def recommend(
             {"reward_trust": trust, "reward_trust_floor": t.reward_trust_floor},
         )
     dup, tmpl = f("near_duplicate_rate"), f("template_repetition")
-    if max(dup, tmpl) > t.redundancy_ceiling:
+    if dup > t.redundancy_ceiling or tmpl > t.template_ceiling:
         return (
             "diversify",
-            f"near-duplicates {dup:.2f} / template repetition {tmpl:.2f} over the ceiling "
-            f"{t.redundancy_ceiling:.2f}: too little distinct signal",
+            f"near-duplicates {dup:.2f} (ceiling {t.redundancy_ceiling:.2f}) / template "
+            f"repetition {tmpl:.2f} (ceiling {t.template_ceiling:.2f}): too little distinct signal",
             {
                 "near_duplicate_rate": dup,
                 "template_repetition": tmpl,
                 "redundancy_ceiling": t.redundancy_ceiling,
+                "template_ceiling": t.template_ceiling,
             },
         )
     pass_rate, all_correct, all_wrong = (

@@ -108,13 +108,10 @@ def demo_settings(out: Path, seed: int, groups: int) -> TapdSettings:
             "max_age_s": 3600.0,
         },
         predictor={**base.predictor.model_dump(), "river_after": 4, "seed": seed},
-        # Arithmetic prompts share a template by construction: flag redundancy
-        # only in its extreme.
         thresholds={
             **base.thresholds.model_dump(),
             "max_in_flight": 2,
             "exploration_share": 0.3,
-            "redundancy_ceiling": 0.95,
         },
         service={**base.service.model_dump(mode="json"), "port": 0, "poll_timeout_s": 0.2},
     )

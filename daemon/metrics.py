@@ -115,6 +115,12 @@ class ScorerMetrics:
             ["selection"],
             registry=r,
         )
+        self.dispatches_released = Counter(
+            "tapd_dispatches_released",
+            "In-flight dispatches freed without a lift, by cause (rejected by the trainer, expired).",
+            ["cause"],
+            registry=r,
+        )
         self.dispatches_in_flight = Gauge(
             "tapd_dispatches_in_flight", "Dispatched cohorts awaiting a lift result.", registry=r
         )

@@ -40,6 +40,7 @@ from daemon.logging import bind_ids, get_logger
 from daemon.metrics import ScorerMetrics
 from daemon.state import OutMessage
 from streams.deadletter import dead_letter as build_dead_letter
+from streams.deadletter import original
 from streams.schemas import (
     DISPATCH_SCHEMA,
     DeadLetter,
@@ -388,6 +389,7 @@ class Scorer:
         return fx
 
     def on_tick(self, now: float) -> Effects:
+        self.expire_in_flight(now)
         fx = self._cohort_events(self.cohorts.on_tick(now), now, None)
         self._gauges()
         return fx
@@ -581,9 +583,16 @@ class Scorer:
     # --- lift ------------------------------------------------------------------
 
     def on_lift(self, records: Sequence[Record], now: float) -> Effects:
-        """Learn each lift result once (by cohort id) and free its in-flight slot."""
+        """Learn each lift result once (by cohort id) and free its in-flight slot.
+
+        Records from the dead-letter topic are read too: a dispatch that the
+        trainer rejected will never have a lift, so its slot is freed here.
+        """
         fx = Effects()
         for rec in records:
+            if rec.topic == self.settings.topics.dlq:
+                self._release_rejected(rec)
+                continue
             with self._timed("lift"):
                 try:
                     lift = decode(rec.value, LiftResult)
@@ -603,6 +612,37 @@ class Scorer:
                         log.warning("lift_rejected", reason=str(e))
         self._gauges()
         return fx
+
+    def _release_rejected(self, rec: Record) -> None:
+        # Never dead-letter a dead letter: anything unreadable here is not ours.
+        try:
+            letter = decode(rec.value, DeadLetter)
+        except SchemaError:
+            return
+        if letter.source_topic != self.settings.topics.dispatch:
+            return
+        try:
+            cohort_id = decode(original(letter), Dispatch).cohort_id
+        except (SchemaError, ValueError):
+            return
+        if self.in_flight.pop(cohort_id, None) is not None:
+            log.warning(
+                "dispatch_released", cohort_id=cohort_id, cause="rejected", reason=letter.reason
+            )
+            if self.metrics:
+                self.metrics.dispatches_released.labels(cause="rejected").inc()
+        self._gauges()
+
+    def expire_in_flight(self, now: float) -> None:
+        """Free the slots of dispatches whose lift is overdue (lease expiry)."""
+        timeout = self.thresholds().dispatch_timeout_s
+        for cohort_id, flight in list(self.in_flight.items()):
+            if now - flight.dispatched_ts > timeout:
+                del self.in_flight[cohort_id]
+                log.warning("dispatch_released", cohort_id=cohort_id, cause="expired")
+                if self.metrics:
+                    self.metrics.dispatches_released.labels(cause="expired").inc()
+        self._gauges()
 
     def _learn(self, lift: LiftResult, now: float) -> Effects:
         fx = Effects()

@@ -163,8 +163,10 @@ class ScorerService:
         topics = self.settings.topics
         group = self.settings.service.group
         self._traces = self.transport.consumer([topics.traces], group, on_revoked=self._revoked)
+        # The dead-letter topic rides with the lift topic: a dispatch the
+        # trainer rejected frees its in-flight slot as a lift would.
         self._lift = self.transport.consumer(
-            [topics.lift], f"{group}.lift", on_revoked=self._revoked
+            [topics.lift, topics.dlq], f"{group}.lift", on_revoked=self._revoked
         )
         # Commit what the state already holds, so that lag reads true at once.
         self._commit(self._done)
@@ -320,15 +322,16 @@ class ScorerService:
 
     def _commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         topics = self.settings.topics
-        for consumer, topic in ((self._traces, topics.traces), (self._lift, topics.lift)):
-            mine = {tp: o for tp, o in offsets.items() if tp.topic == topic}
+        owners = ((self._traces, (topics.traces,)), (self._lift, (topics.lift, topics.dlq)))
+        for consumer, owned in owners:
+            mine = {tp: o for tp, o in offsets.items() if tp.topic in owned}
             if consumer is not None and mine:
                 try:
                     consumer.commit(mine)
                 except Exception as e:
                     # The state store holds these offsets; a failed broker
                     # commit only means a redelivery that _fresh() drops.
-                    log.warning("commit_failed", topic=topic, reason=str(e))
+                    log.warning("commit_failed", topics=list(owned), reason=str(e))
 
     # --- metrics -------------------------------------------------------------------
 

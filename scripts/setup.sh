@@ -19,6 +19,8 @@ if [ "$WITH_TEST_DEPS" = 1 ]; then
   command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
   command -v java >/dev/null 2>&1 || missing+=(default-jre-headless)
   command -v npm >/dev/null 2>&1 || missing+=(npm)
+  # kustomize renders k8s/ for offline validation; kubectl embeds it.
+  command -v kustomize >/dev/null 2>&1 || command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing Debian packages: ${missing[*]}"
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

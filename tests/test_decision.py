@@ -222,3 +222,12 @@ def test_reload_from_file(tmp_path: Path) -> None:
     with pytest.raises(ThresholdError, match="redundancy_ceiling"):
         h.reload_from_file(bad)
     assert h.current.redundancy_ceiling == T.redundancy_ceiling and len(h.history) == 1
+
+
+def test_a_shared_template_alone_does_not_diversify_by_default() -> None:
+    # A capability slice repeats one template by construction (1 - 1/G).
+    sliced = {**GOOD, "template_repetition": 0.875, "near_duplicate_rate": 0.0}
+    assert recommend(sliced, pred(0.5), T)[0] == "train"
+    strict = T.replace(template_ceiling=0.5)
+    assert recommend(sliced, pred(0.5), strict)[0] == "diversify"
+    assert recommend({**sliced, "near_duplicate_rate": 0.9}, pred(0.5), T)[0] == "diversify"

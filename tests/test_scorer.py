@@ -248,3 +248,63 @@ def test_a_lift_the_predictor_cannot_use_is_dead_lettered_not_fatal() -> None:
     (dl,) = fx.dead_letters
     assert (dl.stage, dl.field) == ("lift", "features.adv_std")
     assert not fx.labels and not scorer.in_flight
+
+
+def _dlq_records(letters: list[bytes]) -> list[Record]:
+    return [Record("tap.dlq", 0, i, None, v, 0) for i, v in enumerate(letters)]
+
+
+def test_a_dispatch_the_trainer_rejects_frees_its_slot() -> None:
+    from streams.deadletter import dead_letter
+
+    settings = _settings(max_in_flight=1)
+    metrics = ScorerMetrics()
+    scorer = _scorer(settings, metrics)
+    scorer.on_traces(_records(list(_traces("add", "2d_carry", 4, 1, 2))), 1.0)
+    (d,) = scorer.step(2.0, 10).dispatches
+    assert not scorer.accepting_traces()
+    raw = encode(d)
+    unrelated = dead_letter(
+        b"junk",
+        topic="tap.traces",
+        partition=0,
+        offset=3,
+        stage="decode",
+        field="$",
+        reason="not valid JSON",
+        ts=2.0,
+    )
+    rejected = dead_letter(
+        raw,
+        topic="tap.dispatch",
+        partition=0,
+        offset=0,
+        stage="lift",
+        field="$",
+        reason="training failed",
+        ts=3.0,
+    )
+    # An unrelated dead letter, and one that is not even a dead letter, change nothing
+    # (and are never dead-lettered again).
+    fx = scorer.on_lift(_dlq_records([encode(unrelated), b"garbage"]), 3.0)
+    assert not fx.dead_letters and d.cohort_id in scorer.in_flight
+    fx = scorer.on_lift(_dlq_records([encode(rejected)]), 3.5)
+    assert not fx.dead_letters and not fx.labels
+    assert not scorer.in_flight and scorer.accepting_traces()
+    assert metrics.dispatches_released.labels(cause="rejected")._value.get() == 1
+
+
+def test_an_overdue_dispatch_is_released_by_its_lease() -> None:
+    settings = _settings(max_in_flight=1, dispatch_timeout_s=60.0)
+    metrics = ScorerMetrics()
+    scorer = _scorer(settings, metrics)
+    scorer.on_traces(_records(list(_traces("add", "2d_carry", 4, 1, 2))), 1.0)
+    (d,) = scorer.step(2.0, 10).dispatches
+    scorer.on_tick(2.0 + 59.0)
+    assert d.cohort_id in scorer.in_flight
+    scorer.on_tick(2.0 + 61.0)
+    assert not scorer.in_flight
+    assert metrics.dispatches_released.labels(cause="expired")._value.get() == 1
+    # A late lift is still learned: the label is real, only the slot was reclaimed.
+    fx = scorer.on_lift(_records([_lift(d, 0.2)]), 70.0)
+    assert [lb.cohort_id for lb in fx.labels] == [d.cohort_id]
