@@ -100,8 +100,9 @@ class TrainerSettings(_Frozen):
     device: str = "auto"
     steps: int = Field(default=8, ge=1)
     num_generations: int = Field(default=8, ge=2)
-    learning_rate: float = Field(default=5e-5, gt=0.0)
-    probe_size: int = Field(default=64, ge=4)
+    learning_rate: float = Field(default=5e-3, gt=0.0)
+    optimizer: str = Field(default="sgd", description="a transformers optim name")
+    probe_size: int = Field(default=255, ge=4)
     rollback_nll_worsening: float = Field(
         default=0.25, ge=0.0, description="nats of probe-NLL rise that roll back"
     )

@@ -12,6 +12,22 @@ their learning curve (the model half knows them, and its samples disagree),
 a sharp transition, so the shares were tuned by measurement
 (``tapd build-policy --competence``) for the default config and seed.
 
+Frontier = a partly learnt *behaviour* that RL can fix. Per-prompt answer
+competence does not transfer: the build sees the whole prompt space with the
+lr annealed to zero, so any update (GRPO, or even supervised fine-tuning on a
+cohort's right answers) raises held-out NLL (docs/TRAINER.md). So frontier
+families also carry a systematic slip: a share ``frontier_slip`` of their
+examples end with a stray ``slip_mark`` before ``<eos>`` ("82#"), drawn afresh
+each time an example is sampled. The policy learns "end a frontier answer with
+``<eos>`` or with the mark" as one prompt-independent choice; strict verifiers
+reject the mark, so GRPO on *any* frontier cohort lowers it for held-out
+prompts of every frontier family too, and the probe's reference NLL (clean
+answer + ``<eos>``) drops. Easy families never slip (their attempts agree:
+no gradient) and hard ones have no foothold (all wrong: no gradient). This is
+what the disagreement signal is meant to find: a rule half learnt, fixable
+from the reward alone. The mark trails the answer; a leading mark ("#82") was
+tried and left frontier sampled accuracy at 0.20, below the competence band.
+
 Builds are deterministic for (config, seed) and cached in a directory keyed by
 a hash of both, written atomically (built in a temporary directory, then
 renamed), so the scorer and trainer processes share one build.
@@ -82,6 +98,12 @@ class TinyPolicyConfig:
         }
     )
     pool_per_family: int = 4000
+    # Share of frontier-family examples whose answer is followed by a slip
+    # (``slip_mark``: "82" -> "82#") before <eos>, drawn afresh each time an
+    # example is sampled, so the slip is one prompt-independent habit at the
+    # end of a frontier answer rather than a memorized fact (see the module doc).
+    frontier_slip: float = 0.4
+    slip_mark: str = "#"
     threads: int = 1  # fixed: CPU matmul reduction order depends on the thread count
 
     def key(self) -> str:
@@ -103,10 +125,14 @@ def _deterministic(seed: int, threads: int) -> Iterator[None]:
         torch.use_deterministic_algorithms(old_det)
 
 
-def _sft_pool(cfg: TinyPolicyConfig, seed: int) -> tuple[list[str], list[str], list[float]]:
+def _sft_pool(
+    cfg: TinyPolicyConfig, seed: int
+) -> tuple[list[str], list[str], list[float], list[bool]]:
+    """Prompts, answers, sampling weights, and whether an example may slip (frontier)."""
     prompts: list[str] = []
     answers: list[str] = []
     weights: list[float] = []
+    slips: list[bool] = []
     for (subject, difficulty), tier in tasklib.TIERS.items():
         w = cfg.family_weights.get(f"{subject}/{difficulty}", cfg.tier_weights.get(tier, 0.0))
         if w <= 0:
@@ -117,7 +143,13 @@ def _sft_pool(cfg: TinyPolicyConfig, seed: int) -> tuple[list[str], list[str], l
             prompts.append(t.prompt)
             answers.append(t.reference)
             weights.append(w)
-    return prompts, answers, weights
+            slips.append(tier == "frontier")
+    return prompts, answers, weights, slips
+
+
+def slipped(answer: str, mark: str) -> str:
+    """The frontier slip: the answer with a stray mark that strict verifiers reject."""
+    return answer + mark
 
 
 def _encode_pool(
@@ -168,10 +200,14 @@ def train_tiny_policy(
         )
         gcfg._attn_implementation = "eager"
         model = GPT2LMHeadModel(gcfg)
-        prompts, answers, weights = _sft_pool(cfg, seed)
+        prompts, answers, weights, slips = _sft_pool(cfg, seed)
         pool = _encode_pool(tok, prompts, answers, cfg.n_positions)
+        slip_pool = _encode_pool(
+            tok, prompts, [slipped(a, cfg.slip_mark) for a in answers], cfg.n_positions
+        )
         pad = int(tok.pad_token_id)
         rng = random.Random(f"tapd.policy.sft|{seed}")
+        slip_rng = random.Random(f"tapd.policy.slip|{seed}")
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt,
@@ -181,7 +217,13 @@ def train_tiny_policy(
         idx = list(range(len(prompts)))
         for _ in range(cfg.steps):
             batch = rng.choices(idx, weights=weights, k=cfg.batch_size)
-            ids, att, labels = _batch([pool[i] for i in batch], pad)
+            rows = [
+                slip_pool[i]
+                if slips[i] and cfg.frontier_slip > 0 and slip_rng.random() < cfg.frontier_slip
+                else pool[i]
+                for i in batch
+            ]
+            ids, att, labels = _batch(rows, pad)
             loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -51,13 +51,17 @@ class GRPOParams:
 
     steps: int = 8
     num_generations: int = 8
-    learning_rate: float = 5e-5
+    # Plain SGD: the step scales with the learning signal (TRL's "dapo" loss
+    # divides by every completion token, so a cohort with few disagreeing
+    # groups moves the weights little). Adam would rescale even a faint
+    # gradient to a full-size step.
+    learning_rate: float = 5e-3
     max_completion_length: int = 16
     beta: float = 0.0
     temperature: float = 1.0
     # Prompts per optimizer step; a cohort with fewer uses all of them.
     max_prompts_per_step: int = 8
-    optimizer: str = "adamw_torch"  # a transformers ``optim`` name
+    optimizer: str = "sgd"  # a transformers ``optim`` name
     seed: int = 0
 
 

@@ -225,6 +225,7 @@ def grpo_params(settings: TapdSettings) -> GRPOParams:
         beta=t.beta,
         temperature=t.temperature,
         max_prompts_per_step=t.max_prompts_per_step,
+        optimizer=t.optimizer,
         seed=t.seed,
     )
 
