@@ -358,9 +358,12 @@ def thresholds_set(
 
 @app.command("build-policy")
 def build_policy(
-    cache_dir: Annotated[Path, typer.Option(help="where built policies are cached")] = Path(
-        ".cache/tapd-policy"
-    ),
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="where built policies are cached (default: TAPD_POLICY_CACHE or ~/.cache/tapd/policy)"
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="build seed")] = 0,
     competence: Annotated[
         bool, typer.Option(help="also print sampled accuracy per task family")

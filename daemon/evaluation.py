@@ -370,13 +370,27 @@ def ranking_report(
     fraction: float = TOP_FRACTION,
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
+    trainable: ArrayLike | None = None,
 ) -> RankingReport:
-    """Every ranking metric of the predictor's (held-out) predictions, vs baselines and oracle."""
+    """Every ranking metric of the predictor's (held-out) predictions, vs baselines and oracle.
+
+    ``trainable`` (a mask) adds the score tapd's decision policy acts on:
+    the predictor's ranking with the cohorts it would never train (verifier
+    under the reward-trust floor) ranked last. The raw predictor and the
+    baselines stay ungated, as users run them today.
+    """
     pred = _as_array(predicted)
     actual = actual_lifts(table)
     if len(pred) != len(actual):
         raise ValueError(f"predicted: {len(pred)} predictions for {len(actual)} cohorts")
-    scores = {"predictor": pred, **baseline_scores(table)}
+    scores = {"predictor": pred}
+    if trainable is not None:
+        mask = np.asarray(trainable, dtype=bool)
+        if len(mask) != len(pred):
+            raise ValueError(f"trainable: {len(mask)} flags for {len(pred)} cohorts")
+        floor = float(pred.min()) - 1.0 - float(np.abs(pred).max())
+        scores["tapd"] = np.where(mask, pred, floor)
+    scores.update(baseline_scores(table))
 
     def rel_gain(s: Array, a: Array) -> float:
         return selection_gain(s, a, fraction).relative
@@ -403,6 +417,11 @@ def ranking_report(
         oracle_spearman=oracle_crossfit_spearman(matrix) if matrix.shape[1] >= 2 else math.nan,
         curves={
             "predictor": savings_curve(pred, actual, fractions),
+            **(
+                {"tapd": savings_curve(scores["tapd"], actual, fractions)}
+                if "tapd" in scores
+                else {}
+            ),
             "adv_std": savings_curve(scores["adv_std"], actual, fractions),
             "oracle (actual lift)": savings_curve(actual, actual, fractions),
             "random": [(float(x), float(x) * float(actual.sum())) for x in fractions],

@@ -62,7 +62,20 @@ from daemon import tasks as tasklib
 from daemon.tokenizer import build_char_tokenizer
 from daemon.verifiers import get_verifier
 
-DEFAULT_CACHE_DIR = Path(".cache/tapd-policy")
+
+def default_cache_dir() -> Path:
+    """Where built policies live: ``TAPD_POLICY_CACHE``, else the user's cache.
+
+    Not the working directory: a ``tapd`` started elsewhere would rebuild
+    the policy (minutes) instead of loading it.
+    """
+    env = os.environ.get("TAPD_POLICY_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tapd" / "policy"
+
+
 BUILD_MARKER = "tapd_policy.json"
 
 
@@ -251,9 +264,10 @@ def policy_dir(cache_dir: Path, seed: int, cfg: TinyPolicyConfig) -> Path:
 
 
 def build_tiny_policy(
-    cache_dir: Path = DEFAULT_CACHE_DIR, seed: int = 0, cfg: TinyPolicyConfig | None = None
+    cache_dir: Path | None = None, seed: int = 0, cfg: TinyPolicyConfig | None = None
 ) -> Path:
     """An HF-loadable directory with the tiny policy and its tokenizer, built once."""
+    cache_dir = cache_dir if cache_dir is not None else default_cache_dir()
     cfg = cfg or TinyPolicyConfig()
     final = policy_dir(cache_dir, seed, cfg)
     if (final / BUILD_MARKER).exists():
@@ -295,7 +309,7 @@ def load_policy(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The configured model (``path``) or, with ``None``, the built-in tiny policy."""
     if path is None:
-        path = build_tiny_policy(cache_dir or DEFAULT_CACHE_DIR)
+        path = build_tiny_policy(cache_dir or default_cache_dir())
     model = AutoModelForCausalLM.from_pretrained(str(path))
     model.to(device)  # type: ignore[arg-type]
     tok = AutoTokenizer.from_pretrained(str(path))

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -642,6 +643,62 @@ def bad_message_strategy(valid: Mapping[str, Any], required: Sequence[str]) -> A
     )
 
 
+TRACE_REQUIRED = ("trace_id", "ts", "subject", "prompt", "reference", "verifier", "policy_version")
+
+
+@dataclass
+class FuzzResult:
+    """What the validation path made of generated bad traces."""
+
+    cases: int = 0
+    dead_lettered: int = 0  # rejected, naming the expected field, original kept
+    accepted: int = 0  # valid (extra fields) and decoded
+    kinds: Counter[str] = field(default_factory=Counter)
+    failures: list[str] = field(default_factory=list)
+
+
+def fuzz_validation(n_cases: int) -> FuzzResult:
+    """``n_cases`` generated messages through ``route`` (decode + dead letter):
+    every bad one must be dead-lettered naming its field, with its bytes kept."""
+    from hypothesis import HealthCheck, given, settings
+
+    from streams.deadletter import MAX_ORIGINAL_BYTES, original, route
+
+    valid = valid_trace("fuzz-0", 0, random.Random(0), k=2, learnable=True, ts=1.7e9)
+    out = FuzzResult()
+
+    @settings(
+        max_examples=n_cases,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(bad_message_strategy(valid, TRACE_REQUIRED))
+    def one(case: FuzzCase) -> None:
+        out.cases += 1
+        out.kinds[case.kind] += 1
+        oks, errs = route([Record("fuzz", 0, out.cases, None, case.raw, 0)], Trace)
+        if case.field is None:
+            if oks:
+                out.accepted += 1
+            else:
+                out.failures.append(f"{case.kind}: a valid message was rejected: {errs}")
+            return
+        if (
+            errs
+            and top_field(errs[0].field) == case.field
+            and errs[0].reason
+            and original(errs[0]) == case.raw[:MAX_ORIGINAL_BYTES]
+        ):
+            out.dead_lettered += 1
+        else:
+            out.failures.append(f"{case.kind} ({case.field}): {errs or 'accepted'}")
+
+    one()
+    return out
+
+
 def _is_json_object(raw: bytes) -> bool:
     try:
         return isinstance(json.loads(raw), dict)
@@ -789,6 +846,9 @@ class RunConfig:
     burst_factor: float = 0.0  # >0: a load run, a burst at this multiple of the sustained rate
     sustained_per_s: float = 200.0
     timeout_s: float = 900.0
+    dispatch_timeout_s: float = 20.0
+    max_in_flight: int = 2
+    max_rss_mb: float = 1024.0  # the scorer's memory bound under load
 
 
 @dataclass
@@ -819,7 +879,10 @@ def service_env(cfg: RunConfig, state: Path, port: int, bootstrap: str | None) -
         "TAPD_COHORTING__MIN_GROUPS": "2",
         "TAPD_COHORTING__MAX_OPEN": "64",
         "TAPD_THRESHOLDS__EXPLORATION_SHARE": "0",
-        "TAPD_THRESHOLDS__MAX_IN_FLIGHT": "2",
+        "TAPD_THRESHOLDS__MAX_IN_FLIGHT": str(cfg.max_in_flight),
+        # A dispatch whose trainer was SIGKILLed mid-cohort normally comes back
+        # (the trainer re-reads it); the short lease bounds the stall if not.
+        "TAPD_THRESHOLDS__DISPATCH_TIMEOUT_S": str(cfg.dispatch_timeout_s),
         "TAPD_TRAINER__MODE": "probe_revert",
         "TAPD_TRAINER__STEPS": "1",
         "TAPD_TRAINER__NUM_GENERATIONS": "2",
@@ -889,6 +952,16 @@ def _wait_ready(url: str, proc: ServiceProcess, timeout_s: float = 120.0) -> Non
     raise RuntimeError(f"tapd run not ready after {timeout_s:.0f}s:\n{proc.logs()[-3000:]}")
 
 
+def _wait_event(proc: ServiceProcess, event: str, timeout_s: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(proc.events(event)) < proc.starts:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.log_path.stem} exited early:\n{proc.logs()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no {event} after {timeout_s:.0f}s:\n{proc.logs()[-3000:]}")
+        time.sleep(0.3)
+
+
 def read_topics(transport: Transport, topics: Any) -> Topics:
     return Topics(
         traces=read_topic(transport, topics.traces),
@@ -915,6 +988,7 @@ def run(cfg: RunConfig, workdir: Path, log: Callable[[str], None] = lambda m: No
     if cfg.transport == "kafka":
         from streams.localbroker import LocalBroker
 
+        (workdir / "broker").mkdir(parents=True, exist_ok=True)
         broker = LocalBroker(partitions=2, workdir=workdir / "broker").start()
         bootstrap = broker.bootstrap
     port = free_port()
@@ -945,6 +1019,10 @@ def run(cfg: RunConfig, workdir: Path, log: Callable[[str], None] = lambda m: No
         scorer.start()
         trainer.start()
         _wait_ready(url, scorer)
+        # The stream starts once the trainer consumes: its start-up (torch, the
+        # policy) can take a minute on a loaded machine, and counting it as
+        # trainer slowness would expire every lease before the first cohort.
+        _wait_event(trainer, "trainer_started")
         say(f"scorer and trainer started; {len(plan.messages)} messages planned")
         if cfg.burst_factor > 0:
             _load_phase(cfg, plan, transport, names.traces, scorer, url, result, say)
@@ -1027,14 +1105,23 @@ def _chaos_phase(
             broker.restart()
             say("broker back")
         if not trainer_killed:
-            trainer_killed = _kill_trainer_mid_cohort(trainer, url, rng, result, say, wait_s=5.0)
+            trainer_killed = _kill_trainer_mid_cohort(
+                scorer, trainer, url, rng, result, say, wait_s=5.0
+            )
     if not trainer_killed:
-        trainer_killed = _kill_trainer_mid_cohort(trainer, url, rng, result, say, wait_s=120.0)
+        trainer_killed = _kill_trainer_mid_cohort(
+            scorer, trainer, url, rng, result, say, wait_s=120.0
+        )
         if not trainer_killed:
             say("trainer was never seen holding a cohort: no trainer kill")
 
 
+def _dispatched_ids(scorer: ServiceProcess) -> set[str]:
+    return {str(e.get("cohort_id")) for e in scorer.events("cohort_scored") if e.get("dispatched")}
+
+
 def _kill_trainer_mid_cohort(
+    scorer: ServiceProcess,
     trainer: ServiceProcess,
     url: str,
     rng: random.Random,
@@ -1046,13 +1133,23 @@ def _kill_trainer_mid_cohort(
     trainer holds it), before the cohort's result is out."""
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        if scrape(url + "/metrics").get("tapd_dispatches_in_flight", 0) > 0:
+        # Only a trainer that is up (policy loaded, consuming) can hold a cohort.
+        ready = len(trainer.events("trainer_started")) >= trainer.starts
+        if ready and scrape(url + "/metrics").get("tapd_dispatches_in_flight", 0) > 0:
             trained = len(trainer.events("cohort_trained"))
-            time.sleep(rng.uniform(0.2, 1.0))
+            time.sleep(rng.uniform(0.05, 0.3))
             if len(trainer.events("cohort_trained")) != trained:
                 continue  # it finished meanwhile: wait for the next one
+            held = _dispatched_ids(scorer) - {
+                str(e.get("cohort_id")) for e in trainer.events("cohort_trained")
+            }
+            if not held:
+                continue
             trainer.kill(signal.SIGKILL)
-            point = f"trainer SIGKILL mid-cohort after {trained} cohorts trained"
+            point = (
+                f"trainer SIGKILL mid-cohort after {trained} cohorts trained, "
+                f"holding {len(held)} unanswered dispatch(es) {sorted(held)}"
+            )
             result.kill_points.append(point)
             say(point)
             trainer.start()
@@ -1093,6 +1190,7 @@ def _load_phase(
         n = min(max(1, int(burst_rate / 10)), len(plan.messages) - sent)
         produce(transport, topic, plan.messages[sent : sent + n])
         sent += n
+        _sample(scorer, url, result)  # the lag must be seen rising during the burst
         t += n / burst_rate
         time.sleep(max(0.0, t - time.monotonic()))
     say("burst sent; sampling until drained")
@@ -1135,7 +1233,25 @@ def short_config(transport: str = "embedded") -> RunConfig:
     )
 
 
-def report(results: Sequence[RunResult], command: str) -> str:
+def load_config(short: bool = True, transport: str = "embedded") -> RunConfig:
+    """A sustained rate, then a burst at 10x it, with no chaos: the scorer must
+    pace itself by backpressure (one cohort in flight at a time, a trainer that
+    is the bottleneck) and stay inside its memory bound."""
+    return RunConfig(
+        n_valid=2_000 if short else 10_000,
+        scorer_kills=0,
+        broker_restart=False,
+        trainer_kill=False,
+        transport=transport,
+        learnable_share=0.3,
+        max_in_flight=1,
+        burst_factor=10.0,
+        sustained_per_s=150.0,
+        timeout_s=120.0 if short else 600.0,
+    )
+
+
+def report(results: Sequence[RunResult], fuzz: FuzzResult | None, command: str) -> str:
     """docs/RELIABILITY.md: what was run, the counts, and every kill point."""
     lines = [
         "# Reliability figures",
@@ -1145,16 +1261,27 @@ def report(results: Sequence[RunResult], command: str) -> str:
         "Each run streams traces with known ground truth (valid, corrupted, resent",
         "copies, late timestamps) through real `tapd run` and `tapd trainer`",
         "processes, applies the chaos listed, then reads every topic back and",
-        "accounts for each message (daemon/reliability.py `audit`).",
+        "accounts for each message (daemon/reliability.py `audit`). The trainer",
+        "runs cheap (one GRPO step, 2 generations, probe of 4, probe-and-revert);",
+        "a dispatch's in-flight lease is 20 s. Both roles are supervised by the",
+        "suite: a role that exits is restarted, and the restart is listed.",
         "",
     ]
     for r in results:
         c = r.config
         kind = "load" if c.burst_factor > 0 else "chaos"
+        chaos = (
+            f"{c.scorer_kills} scorer SIGKILLs, "
+            f"{'one trainer SIGKILL, ' if c.trainer_kill else ''}"
+            f"{'one broker restart' if c.broker_restart and c.transport == 'kafka' else 'no broker restart'}"
+            if kind == "chaos"
+            else f"{c.sustained_per_s:.0f} traces/s, then a burst at {c.burst_factor:.0f}x; "
+            f"max in flight {c.max_in_flight}, memory bound {c.max_rss_mb:.0f} MiB"
+        )
         lines += [
             f"## {kind}: {c.n_valid} valid traces on the {c.transport} transport",
             "",
-            f"{len(r.plan.messages)} messages: {r.plan.n_bad} corrupted "
+            f"{chaos}. {len(r.plan.messages)} messages: {r.plan.n_bad} corrupted "
             f"({', '.join(f'{k} {v}' for k, v in sorted(r.plan.bad_kinds.items()))}), "
             f"{r.plan.n_duplicates} resent copies, {r.plan.n_out_of_order} out of order; "
             f"{r.seconds:.0f} s.",
@@ -1170,17 +1297,58 @@ def report(results: Sequence[RunResult], command: str) -> str:
         ]
         if r.kill_points:
             lines += ["Kill points:", ""] + [f"- {p}" for p in r.kill_points] + [""]
-        if r.max_rss_bytes:
-            lines += [f"Peak scorer RSS: {r.max_rss_bytes / 2**20:.0f} MiB", ""]
+        restarts = [e.strip() for e in r.events if "restart" in e or "died" in e]
+        if restarts:
+            lines += ["Restarts and broker events:", ""] + [f"- {e}" for e in restarts] + [""]
+        if r.samples:
+            lags = [s["lag"] for s in r.samples if s["lag"] >= 0]
+            paused = sum(1 for s in r.samples if s["paused"] == 1.0)
+            lines += [
+                f"Peak scorer RSS: {r.max_rss_bytes / 2**20:.0f} MiB (bound {c.max_rss_mb:.0f} MiB); "
+                f"peak traces lag {max(lags, default=0):.0f} messages; consumption paused in "
+                f"{paused} of {len(r.samples)} samples; drained to lag "
+                f"{lags[-1] if lags else -1:.0f}.",
+                "",
+            ]
+    if fuzz is not None:
+        lines += [
+            f"## fuzz: {fuzz.cases} generated traces through the validation path",
+            "",
+            "`schemas.decode` + `deadletter.route`; each bad message must be dead-lettered",
+            "naming its field, with its bytes kept.",
+            "",
+            "| kind | cases |",
+            "|---|---:|",
+        ]
+        lines += [f"| {k} | {v} |" for k, v in sorted(fuzz.kinds.items())]
+        lines += [
+            "",
+            f"Dead-lettered with the right field: {fuzz.dead_lettered}; valid (extra fields) "
+            f"accepted: {fuzz.accepted}; failures: {len(fuzz.failures)}"
+            + (f" e.g. {fuzz.failures[:3]}" if fuzz.failures else ""),
+            "",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def run_suite(
     short: bool, out: Path, workdir: Path, command: str, log: Callable[[str], None]
 ) -> bool:
-    """``tapd reliability``: the chaos run (full: 20,000 traces on Kafka), then the report."""
-    cfg = short_config() if short else RunConfig()
-    result = run(cfg, workdir / "chaos", log)
+    """``tapd reliability``: chaos runs (embedded, then Kafka with a broker
+    restart), a load run, the fuzz run, then the report."""
+    chaos = (
+        [short_config("embedded"), short_config("kafka")]
+        if short
+        else [RunConfig(transport="kafka")]
+    )
+    results = []
+    for i, cfg in enumerate([*chaos, load_config(short)]):
+        log(f"run {i}: {cfg}")
+        rundir = workdir / f"run{i}-{cfg.transport}"
+        shutil.rmtree(rundir, ignore_errors=True)  # an old run's log would fail the audit
+        results.append(run(cfg, rundir, log))
+    fuzz = fuzz_validation(10_000)
+    log(f"fuzz: {fuzz.cases} cases, {len(fuzz.failures)} failures")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report([result], command))
-    return result.audit.ok
+    out.write_text(report(results, fuzz, command))
+    return all(r.audit.ok for r in results) and not fuzz.failures

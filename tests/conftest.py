@@ -193,7 +193,8 @@ def lift_dict() -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def tiny_policy() -> Path:
     """Directory of the built-in tiny policy (model + tokenizer), built once and
-    cached under the repository's gitignored ``.cache/tapd-policy``."""
+    cached where every ``tapd`` process looks (``TAPD_POLICY_CACHE`` or the
+    user's cache), so that the services the tests start load the same build."""
     from daemon.policy import build_tiny_policy
 
-    return build_tiny_policy(Path(__file__).resolve().parents[1] / ".cache" / "tapd-policy")
+    return build_tiny_policy()
