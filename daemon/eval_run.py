@@ -504,11 +504,16 @@ def evaluate_rows(
     # the reward-trust floor (checked before training, from features alone).
     floor = Thresholds().reward_trust_floor
     trainable = np.array([c.features["reward_trust"] >= floor for c in table])
-    kw = {"fraction": cfg.top_fraction, "n_resamples": cfg.bootstrap, "trainable": trainable}
+    kw = {"fraction": cfg.top_fraction, "n_resamples": cfg.bootstrap}
     return (
         table,
         loo,
-        ev.ranking_report(table, loo, **kw),  # type: ignore[arg-type]
+        ev.ranking_report(
+            table,
+            loo,
+            tapd=ev.gated_scores(table, trainable, fit_predict),
+            **kw,  # type: ignore[arg-type]
+        ),
         loso,
         ev.ranking_report(table, loso_pred, **kw),  # type: ignore[arg-type]
     )

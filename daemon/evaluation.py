@@ -278,6 +278,30 @@ def leave_one_subject_out(
 # ------------------------------------------------------------ scores compared
 
 
+def gated_scores(
+    table: Sequence[CohortResult], trainable: ArrayLike, fit_predict: FitPredict
+) -> Array:
+    """What tapd ranks by: leave-one-out predictions among the cohorts it would train.
+
+    The decision policy never trains a cohort whose verifier is under the
+    reward-trust floor, so in production the predictor never learns from
+    such a cohort either; it is fit and scored here on the trainable cohorts
+    alone, and the gated ones rank last.
+    """
+    mask = np.asarray(trainable, dtype=bool)
+    if len(mask) != len(table):
+        raise ValueError(f"trainable: {len(mask)} flags for {len(table)} cohorts")
+    out = np.full(len(table), -np.inf)
+    idx = np.flatnonzero(mask)
+    if len(idx) >= 2:
+        out[idx] = loo_predictions([table[int(i)] for i in idx], fit_predict)
+    elif len(idx) == 1:
+        out[idx] = 0.0
+    finite = out[np.isfinite(out)]
+    floor = (float(finite.min()) - 1.0 - float(np.abs(finite).max())) if len(finite) else 0.0
+    return np.where(np.isfinite(out), out, floor)
+
+
 def baseline_scores(table: Sequence[CohortResult]) -> dict[str, Array]:
     """The single-signal scores users rank by today (see the module docstring)."""
 
@@ -370,26 +394,24 @@ def ranking_report(
     fraction: float = TOP_FRACTION,
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
-    trainable: ArrayLike | None = None,
+    tapd: ArrayLike | None = None,
 ) -> RankingReport:
     """Every ranking metric of the predictor's (held-out) predictions, vs baselines and oracle.
 
-    ``trainable`` (a mask) adds the score tapd's decision policy acts on:
-    the predictor's ranking with the cohorts it would never train (verifier
-    under the reward-trust floor) ranked last. The raw predictor and the
-    baselines stay ungated, as users run them today.
+    ``tapd`` adds the score tapd's decision policy acts on (see
+    :func:`gated_scores`). The raw predictor and the baselines stay ungated,
+    as users run them today.
     """
     pred = _as_array(predicted)
     actual = actual_lifts(table)
     if len(pred) != len(actual):
         raise ValueError(f"predicted: {len(pred)} predictions for {len(actual)} cohorts")
     scores = {"predictor": pred}
-    if trainable is not None:
-        mask = np.asarray(trainable, dtype=bool)
-        if len(mask) != len(pred):
-            raise ValueError(f"trainable: {len(mask)} flags for {len(pred)} cohorts")
-        floor = float(pred.min()) - 1.0 - float(np.abs(pred).max())
-        scores["tapd"] = np.where(mask, pred, floor)
+    if tapd is not None:
+        gated = _as_array(tapd)
+        if len(gated) != len(pred):
+            raise ValueError(f"tapd: {len(gated)} scores for {len(pred)} cohorts")
+        scores["tapd"] = gated
     scores.update(baseline_scores(table))
 
     def rel_gain(s: Array, a: Array) -> float:

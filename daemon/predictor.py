@@ -449,6 +449,10 @@ class _History:
     X: list[list[float]] = field(default_factory=list)
     y: list[float] = field(default_factory=list)
     served: list[float] = field(default_factory=list)  # prediction served before learning
+    # Each online stage's prediction before it learned the label (test-then-
+    # train): the evidence on which the router hands over between them.
+    heuristic: list[float] = field(default_factory=list)
+    river: list[float] = field(default_factory=list)
 
 
 class Predictor:
@@ -550,6 +554,8 @@ class Predictor:
         y = _check_label(realized_lift)
         with self._lock:
             served = self.predict(features).lift
+            self._history.heuristic.append(self.heuristic.predict(features).lift)
+            self._history.river.append(self.river.predict(features).lift)
             self.quality.update(served, y, selection)
             if self.drift.update(y - served, self.river.lift_spread):
                 self.drift_detected += 1
@@ -559,19 +565,49 @@ class Predictor:
             self._history.X.append(x)
             self._history.y.append(y)
             self._history.served.append(served)
-            if self.active == "heuristic" and self.n_labels >= self.settings.river_after:
-                self._promote("river")
+            if self.active in ("heuristic", "river") and self.n_labels >= self.settings.river_after:
+                better = self._better_online_stage()
+                if better != self.active:
+                    # A handover between the online stages often follows a
+                    # change in the world: it must not hide that change from
+                    # the drift detector.
+                    self._promote(better, reset_drift=False)
         self._apply_finished_refit()
         self.refit_if_due(None)
 
     # -- promotion and refits --
 
-    def _promote(self, stage: str) -> None:
+    # Labels over which the online stages are compared, and the margin a
+    # challenger must win by (so the router does not flap on noise).
+    ONLINE_WINDOW = 30
+    ONLINE_MARGIN = 0.05
+
+    def _better_online_stage(self) -> str:
+        """The online stage whose test-then-train ranking of recent labels is better.
+
+        River is promoted only on evidence, as LightGBM is: with few labels
+        and many features it can rank worse than the disagreement heuristic
+        it would replace.
+        """
+        w = self.ONLINE_WINDOW
+        y = self._history.y[-w:]
+
+        def score(preds: list[float]) -> float:
+            rho = spearman(preds[-w:], y)
+            return -math.inf if math.isnan(rho) else rho
+
+        h, r = score(self._history.heuristic), score(self._history.river)
+        if self.active == "heuristic":
+            return "river" if r > h + self.ONLINE_MARGIN else "heuristic"
+        return "heuristic" if h > r + self.ONLINE_MARGIN else "river"
+
+    def _promote(self, stage: str, *, reset_drift: bool = True) -> None:
         self.active = stage
         self.version += 1
         self.river.model_version = self.model_version
-        # The residual distribution of a new model is a new baseline.
-        self.drift.reset()
+        if reset_drift:
+            # The residual distribution of a new model is a new baseline.
+            self.drift.reset()
         if self.store is not None and not self._replaying:
             self.checkpoint()
 

@@ -88,11 +88,17 @@ def test_learning_curve_and_stage_handover() -> None:
         stages.append(p.stage)
     end = _holdout_spearman(p, holdout)
     assert stages[: settings.river_after - 1] == ["heuristic"] * (settings.river_after - 1)
-    assert stages[settings.river_after - 1] == "river"
+    # River takes over on evidence: from river_after labels on, once its
+    # test-then-train ranking of recent labels beats the heuristic's.
+    first_river = stages.index("river") + 1
+    assert settings.river_after <= first_river < settings.lgbm_after
+    h = p._history
+    w = slice(max(0, first_river - p.ONLINE_WINDOW), first_river)
+    assert spearman(h.river[w], h.y[w]) > spearman(h.heuristic[w], h.y[w]) + p.ONLINE_MARGIN
     first_lgbm = stages.index("lightgbm") + 1  # label count at which LightGBM took over
     assert first_lgbm >= settings.lgbm_after
     assert (first_lgbm - settings.lgbm_after) % settings.refit_every_labels == 0
-    assert "heuristic" not in stages[settings.river_after - 1 :]
+    assert stages[-1] == "lightgbm"
     assert end >= 0.85, f"held-out Spearman {end:.3f}"
     assert end > start + 0.05, f"no improvement over the cold start ({start:.3f} -> {end:.3f})"
     assert p.refits["promoted"] >= 1 and int(p.model_version[1:]) == 1 + p.refits["promoted"]
@@ -309,3 +315,14 @@ def test_spearman_handles_ties_and_constants() -> None:
         sps.spearmanr([1, 2, 2, 3], [1, 2, 3, 4]).statistic
     )
     assert pairwise_accuracy([1, 2, 3], [3, 2, 1]) == 0.0
+
+
+def test_river_does_not_replace_a_heuristic_that_ranks_better() -> None:
+    """Lift that is exactly the disagreement signal: nothing can out-rank adv_std."""
+    p = Predictor(PredictorSettings(river_after=8, lgbm_after=10**6), background=False)
+    rng = random.Random(5)
+    for _ in range(60):
+        x = synthetic_features(rng)
+        p.learn(x, 0.01 * x["adv_std"])
+    assert p.stage == "heuristic"
+    assert p.predict(x).stage == "heuristic"
