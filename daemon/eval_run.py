@@ -426,8 +426,10 @@ def run_loop(
     Both arms of a seed see the same candidate draws at each step (a paired
     design), each against its own current model. The predictor arm starts
     cold (adv_std heuristic) and learns every realized lift; its pick is the
-    decision policy's best ``train`` cohort, else the best one whose verifier
-    is trusted. The random arm picks uniformly.
+    decision policy's best ``train`` cohort, else (as exploration would) the
+    best one whose verifier is trusted; when every candidate's verifier is
+    untrusted it trains nothing that step, as tapd would. The random arm
+    picks uniformly.
     """
     from daemon.config import PredictorSettings
     from daemon.decision import recommend
@@ -465,11 +467,13 @@ def run_loop(
                                 recommend(c.features, p, rt.thresholds)[0]
                                 for c, p in zip(cands, preds, strict=True)
                             ]
-                            pool = (
-                                [i for i, r in enumerate(recs) if r == "train"]
-                                or [i for i, r in enumerate(recs) if r != "fix_verifier"]
-                                or list(range(len(cands)))
-                            )
+                            pool = [i for i, r in enumerate(recs) if r == "train"] or [
+                                i for i, r in enumerate(recs) if r != "fix_verifier"
+                            ]
+                            if not pool:
+                                nll.append(nll[-1])
+                                picks.append("none")
+                                continue
                             i = max(pool, key=lambda i: preds[i].lift)
                         res = trainer.on_dispatch(
                             dispatch_of(cands[i], preds[i].lift), time.time()
@@ -773,13 +777,13 @@ def render_markdown(s: Mapping[str, Any], command: str, img: str) -> str:
         "## Reward integrity",
         "",
         f"Weak-verifier cohorts flagged before training (reward_trust < {it['floor']:.2f} and decision "
-        f"`fix_verifier`): **{it['n_weak_flagged']} of {it['n_weak']}**; false alarms on the other "
-        f"cohorts: {it['n_sound_flagged']} of {it['n_sound']}.",
+        f"`fix_verifier`): **{it['n_weak_flagged']} of {it['n_weak']}**; false alarms on the cohorts with an honest "
+        f"verifier (all but weak-verifier and scrambled-reward): {it['n_sound_flagged']} of {it['n_sound']}.",
         "",
         "| cohorts | training reward change | probe accuracy change |",
         "|---|---|---|",
         f"| weak verifier | {e(it['weak_reward_change'], signed=True)} | {e(it['weak_accuracy_change'], signed=True)} |",
-        f"| all others | {e(it['sound_reward_change'], signed=True)} | {e(it['sound_accuracy_change'], signed=True)} |",
+        f"| honest verifiers | {e(it['sound_reward_change'], signed=True)} | {e(it['sound_accuracy_change'], signed=True)} |",
         "",
         "## Lift by control variant",
         "",

@@ -522,13 +522,23 @@ class IntegritySummary:
 
 
 def integrity_summary(
-    cases: Sequence[IntegrityCase], floor: float, weak_variant: str = "weak_verifier"
+    cases: Sequence[IntegrityCase],
+    floor: float,
+    weak_variant: str = "weak_verifier",
+    broken_variants: Sequence[str] = ("scrambled",),
 ) -> IntegritySummary:
+    """The weak-verifier cohorts against the sound ones.
+
+    Scrambled-reward cohorts (reward independent of correctness) have a
+    broken verifier too: flagging them is right, so they are neither weak
+    (the seeds' gameable case) nor counted as sound (a false alarm).
+    """
+
     def flagged(c: IntegrityCase) -> bool:
         return c.reward_trust < floor and c.decision == "fix_verifier"
 
     weak = [c for c in cases if c.variant == weak_variant]
-    sound = [c for c in cases if c.variant != weak_variant]
+    sound = [c for c in cases if c.variant != weak_variant and c.variant not in broken_variants]
 
     def change(cs: Sequence[IntegrityCase], before: str, after: str) -> Estimate:
         if not cs:

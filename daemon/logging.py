@@ -69,11 +69,25 @@ def order_ids(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     return event
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is at the time of the write.
+
+    Binding the object current at configuration time breaks when it is
+    later replaced and closed (test runners capturing output, daemonizing).
+    """
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(
     level: str = "info", stream: TextIO | None = None, role: str | None = None
 ) -> None:
     """Configure structlog (and the stdlib root logger) to write JSON lines."""
-    out = stream if stream is not None else sys.stderr
+    out: Any = stream if stream is not None else _CurrentStderr()
     lvl = getattr(logging, level.upper(), logging.INFO)
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,

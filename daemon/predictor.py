@@ -581,14 +581,18 @@ class Predictor:
     # challenger must win by (so the router does not flap on noise).
     ONLINE_WINDOW = 30
     ONLINE_MARGIN = 0.05
+    ONLINE_EVIDENCE = 12  # labels before the comparison is trusted
 
     def _better_online_stage(self) -> str:
         """The online stage whose test-then-train ranking of recent labels is better.
 
-        River is promoted only on evidence, as LightGBM is: with few labels
-        and many features it can rank worse than the disagreement heuristic
-        it would replace.
+        River takes over at ``river_after`` labels; once enough labels have
+        been seen, the stage that ranked the recent ones better (by a margin)
+        serves, so the router can hand back to the disagreement heuristic:
+        with few labels and many features River can rank worse than it.
         """
+        if self.n_labels < self.ONLINE_EVIDENCE:
+            return "river"
         w = self.ONLINE_WINDOW
         y = self._history.y[-w:]
 

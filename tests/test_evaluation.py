@@ -203,9 +203,12 @@ def test_integrity_summary_counts_flags_before_training() -> None:
         ev.IntegrityCase("w1", "weak_verifier", 0.2, "fix_verifier", 0.3, 0.8, 0.4, 0.3),
         ev.IntegrityCase("w2", "weak_verifier", 0.9, "train", 0.3, 0.7, 0.4, 0.2),
         ev.IntegrityCase("s1", "frontier", 1.0, "train", 0.5, 0.6, 0.5, 0.6),
+        ev.IntegrityCase("s2", "easy", 0.7, "fix_verifier", 0.9, 0.9, 0.9, 0.9),
+        # A scrambled reward is a broken verifier: flagging it is no false alarm.
+        ev.IntegrityCase("x1", "scrambled", 0.3, "fix_verifier", 0.5, 0.6, 0.5, 0.5),
     ]
     s = ev.integrity_summary(cases, floor=0.8)
-    assert (s.n_weak, s.n_weak_flagged, s.n_sound, s.n_sound_flagged) == (2, 1, 1, 0)
+    assert (s.n_weak, s.n_weak_flagged, s.n_sound, s.n_sound_flagged) == (2, 1, 2, 1)
     assert s.weak_reward_change.value == pytest.approx(0.45)
     assert s.weak_accuracy_change.value == pytest.approx(-0.15)
 

@@ -252,7 +252,9 @@ def test_reward_trust_exact_is_one_and_gameable_verifiers_are_low() -> None:
     # The strict numeric parser rewards none of them; its lenient "last
     # number" mode (for prose answers) lets "zq42qz" through.
     assert reward_trust(cohort("numeric")) == 1.0
-    lenient = [t.model_copy(update={"verifier_args": {"extract": "last"}}) for t in cohort("numeric")]
+    lenient = [
+        t.model_copy(update={"verifier_args": {"extract": "last"}}) for t in cohort("numeric")
+    ]
     assert reward_trust(lenient) == pytest.approx(1 - 1 / 8)
     mcq = [_trace("m", [1.0], prompt="Pick: A) 1 B) 2 C) 3", reference="B", verifier="mcq")]
     assert reward_trust(mcq) == 1.0

@@ -88,20 +88,20 @@ def test_learning_curve_and_stage_handover() -> None:
         stages.append(p.stage)
     end = _holdout_spearman(p, holdout)
     assert stages[: settings.river_after - 1] == ["heuristic"] * (settings.river_after - 1)
-    # River takes over on evidence: from river_after labels on, once its
-    # test-then-train ranking of recent labels beats the heuristic's.
-    first_river = stages.index("river") + 1
-    assert settings.river_after <= first_river < settings.lgbm_after
-    h = p._history
-    w = slice(max(0, first_river - p.ONLINE_WINDOW), first_river)
-    assert spearman(h.river[w], h.y[w]) > spearman(h.heuristic[w], h.y[w]) + p.ONLINE_MARGIN
+    assert stages[settings.river_after - 1] == "river"
     first_lgbm = stages.index("lightgbm") + 1  # label count at which LightGBM took over
     assert first_lgbm >= settings.lgbm_after
     assert (first_lgbm - settings.lgbm_after) % settings.refit_every_labels == 0
     assert stages[-1] == "lightgbm"
     assert end >= 0.85, f"held-out Spearman {end:.3f}"
     assert end > start + 0.05, f"no improvement over the cold start ({start:.3f} -> {end:.3f})"
-    assert p.refits["promoted"] >= 1 and int(p.model_version[1:]) == 1 + p.refits["promoted"]
+    # Every promotion is a new version: online handovers and LightGBM refits.
+    online = sum(
+        a != b and b in ("heuristic", "river")
+        for a, b in zip(["heuristic", *stages], stages, strict=False)
+    )
+    assert p.refits["promoted"] >= 1
+    assert int(p.model_version[1:]) == online + p.refits["promoted"]
 
 
 def _history(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -134,10 +134,12 @@ def test_rejected_refit_keeps_the_served_model() -> None:
         p.learn(*next(stream))
     # Make the served predictions look perfect on the coming holdout.
     p._history.served[-10:] = p._history.y[-10:]
+    stage, version = p.stage, p.model_version
     x, y = next(stream)
     p.learn(x, y)
     assert p.last_refit is not None and not p.last_refit.promoted
-    assert p.stage == "river" and p.model_version == "v1" and p.refits["rejected"] == 1
+    assert stage in ("heuristic", "river")
+    assert (p.stage, p.model_version, p.refits["rejected"]) == (stage, version, 1)
 
 
 def test_background_refit_does_not_block_and_is_applied_on_poll() -> None:
@@ -318,11 +320,20 @@ def test_spearman_handles_ties_and_constants() -> None:
 
 
 def test_river_does_not_replace_a_heuristic_that_ranks_better() -> None:
-    """Lift that is exactly the disagreement signal: nothing can out-rank adv_std."""
+    """Lift that is exactly the disagreement signal: nothing can out-rank adv_std.
+
+    River takes over by count, and hands back once the test-then-train
+    evidence shows the heuristic ranking the recent labels better.
+    """
     p = Predictor(PredictorSettings(river_after=8, lgbm_after=10**6), background=False)
     rng = random.Random(5)
+    stages = []
     for _ in range(60):
         x = synthetic_features(rng)
         p.learn(x, 0.01 * x["adv_std"])
+        stages.append(p.stage)
+    assert stages[7] == "river"
     assert p.stage == "heuristic"
     assert p.predict(x).stage == "heuristic"
+    h = p._history
+    assert spearman(h.heuristic[-30:], h.y[-30:]) > spearman(h.river[-30:], h.y[-30:])
