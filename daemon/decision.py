@@ -46,16 +46,6 @@ import pydantic
 from daemon.config import Thresholds, load_thresholds
 from daemon.predictor import Prediction
 
-RECOMMENDATIONS = (
-    "train",
-    "skip_known",
-    "skip_no_foothold",
-    "fix_verifier",
-    "diversify",
-    "curriculum",
-)
-SELECTIONS = ("exploit", "explore_random", "explore_uncertain")
-
 
 @dataclass(frozen=True)
 class ScoredCohort:

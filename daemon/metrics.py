@@ -45,15 +45,6 @@ STAGES = (
     "dispatch",
     "lift",
 )
-RECOMMENDATIONS = (
-    "train",
-    "skip_known",
-    "skip_no_foothold",
-    "fix_verifier",
-    "diversify",
-    "curriculum",
-)
-SELECTIONS = ("exploit", "explore_random", "explore_uncertain")
 
 
 class ScorerMetrics:

@@ -43,9 +43,9 @@ from river import drift, ensemble, linear_model, preprocessing, stats
 from daemon.config import PredictorSettings
 from daemon.features import FEATURE_NAMES, FEATURE_SCHEMA, MONOTONE
 from daemon.modelstore import Label, LabelLog, Manifest, ModelStore, Snapshot
+from daemon.vocabulary import SELECTIONS
 
 STAGES = ("heuristic", "river", "lightgbm")
-SELECTIONS = ("exploit", "explore_random", "explore_uncertain")
 
 
 class FeatureError(ValueError):

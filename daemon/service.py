@@ -43,9 +43,10 @@ from typing import Any
 from daemon.config import TapdSettings, Thresholds
 from daemon.http import audit, publish_thresholds
 from daemon.logging import get_logger
-from daemon.metrics import SELECTIONS, ScorerMetrics
+from daemon.metrics import ScorerMetrics
 from daemon.scorer import Effects, Scorer
 from daemon.state import StateStore
+from daemon.vocabulary import SELECTIONS
 from streams.transport import Consumer, Producer, Record, TopicPartition, Transport
 
 log = get_logger("tapd.service")
