@@ -130,24 +130,9 @@ def _settings_env(settings: TapdSettings) -> dict[str, str]:
     return env
 
 
-_TRAINER_MAIN = (
-    "from daemon.config import load_settings\n"
-    "from daemon.logging import configure_logging\n"
-    "from daemon.trainer_service import run_trainer\n"
-    "s = load_settings()\n"
-    "configure_logging(s.log_level, role='trainer')\n"
-    "run_trainer(s)\n"
-)
-
-
 def trainer_command() -> list[str]:
-    """``tapd trainer`` where the CLI has it; the same entry point otherwise."""
-    from daemon.cli import app
-
-    names = {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
-    if "trainer" in names:
-        return [sys.executable, "-m", "daemon.cli", "trainer"]
-    return [sys.executable, "-c", _TRAINER_MAIN]
+    """``tapd trainer``, with this interpreter (so it runs in the same environment)."""
+    return [sys.executable, "-m", "daemon.cli", "trainer"]
 
 
 def start_trainer(settings: TapdSettings, log_path: Path) -> subprocess.Popen[bytes]:

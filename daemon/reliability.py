@@ -807,25 +807,15 @@ class ServiceProcess:
 
 
 def tapd_argv(command: str) -> list[str]:
-    """How to start a tapd role: the CLI command when it exists, else its module entry."""
+    """How to start a tapd role, with this interpreter."""
     from daemon import cli
 
     names = {
         c.name or (c.callback.__name__ if c.callback else "") for c in cli.app.registered_commands
     }
-    if command in names:
-        return [sys.executable, "-m", "daemon.cli", command]
-    if command == "trainer":
-        shim = (
-            "from daemon.config import load_settings\n"
-            "from daemon.logging import configure_logging\n"
-            "from daemon.trainer_service import run_trainer\n"
-            "s = load_settings()\n"
-            "configure_logging(s.log_level, role='trainer')\n"
-            "run_trainer(s)\n"
-        )
-        return [sys.executable, "-c", shim]
-    raise ValueError(f"command: tapd has no {command!r} command")
+    if command not in names:
+        raise ValueError(f"command: tapd has no {command!r} command")
+    return [sys.executable, "-m", "daemon.cli", command]
 
 
 # --- chaos and load runs ------------------------------------------------------------
