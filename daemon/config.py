@@ -55,6 +55,7 @@ class TransportSettings(_Frozen):
     request_timeout_ms: int = Field(default=30_000, ge=1_000)
     max_poll_interval_ms: int = Field(default=300_000, ge=10_000)
     session_timeout_ms: int = Field(default=10_000, ge=6_000)
+    metadata_max_age_ms: int = Field(default=5_000, ge=1_000)
 
 
 class CohortingSettings(_Frozen):

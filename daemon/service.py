@@ -129,6 +129,7 @@ class ScorerService:
         self._producer: Producer | None = None
         self._traces: Consumer | None = None
         self._lift: Consumer | None = None
+        self._dlq: Consumer | None = None
         self._done: dict[TopicPartition, int] = {}
         self._seen_counts: dict[str, float] = {}
         self.loaded = False
@@ -164,11 +165,13 @@ class ScorerService:
         topics = self.settings.topics
         group = self.settings.service.group
         self._traces = self.transport.consumer([topics.traces], group, on_revoked=self._revoked)
-        # The dead-letter topic rides with the lift topic: a dispatch the
-        # trainer rejected frees its in-flight slot as a lift would.
         self._lift = self.transport.consumer(
-            [topics.lift, topics.dlq], f"{group}.lift", on_revoked=self._revoked
+            [topics.lift], f"{group}.lift", on_revoked=self._revoked
         )
+        # A dispatch the trainer rejected frees its in-flight slot as a lift
+        # would; its own consumer and group, so the lift consumer's
+        # assignment never waits on a second topic.
+        self._dlq = self.transport.consumer([topics.dlq], f"{group}.dlq", on_revoked=self._revoked)
         # Commit what the state already holds, so that lag reads true at once.
         self._commit(self._done)
         self.loaded = True
@@ -178,8 +181,9 @@ class ScorerService:
         # Everything read is already in the state store; commit it while we still own it.
         done = {tp: o for tp, o in self._done.items() if tp in set(tps)}
         if done:
-            consumer = (
-                self._traces if tps and tps[0].topic == self.settings.topics.traces else self._lift
+            topics = self.settings.topics
+            consumer = {topics.traces: self._traces, topics.dlq: self._dlq}.get(
+                tps[0].topic if tps else "", self._lift
             )
             if consumer is not None:
                 try:
@@ -227,21 +231,21 @@ class ScorerService:
         if self.loaded:
             # Whatever is queued stays in the snapshot: the next incarnation scores it.
             self._persist_and_send([], [], Effects())
-        for c in (self._traces, self._lift):
+        for c in (self._traces, self._lift, self._dlq):
             if c is not None:
                 c.close()
         if self._producer is not None:
             self._producer.close()
         self.store.close()
         self.loaded = False
-        self._traces = self._lift = None
+        self._traces = self._lift = self._dlq = None
         self._producer = None
         log.info("scorer_stopped", seconds=round(time.monotonic() - t0, 3))
 
     # --- one iteration -----------------------------------------------------------
 
     def iterate(self) -> LoopStats:
-        assert self._traces is not None and self._lift is not None
+        assert self._traces is not None and self._lift is not None and self._dlq is not None
         s = self.settings.service
         accepting = self.scorer.accepting_traces()
         if accepting and self._traces.paused():
@@ -259,6 +263,7 @@ class ScorerService:
         wait = 0.0 if busy else s.poll_timeout_s / 2
         traces = self._fresh(self._traces.poll(wait, s.max_poll_records))
         lifts = self._fresh(self._lift.poll(0.0 if traces or busy else wait, s.max_poll_records))
+        lifts += self._fresh(self._dlq.poll(0.0 if traces or busy else 0.05, s.max_poll_records))
         now = time.time()
         fx = Effects()
         if lifts:
@@ -323,7 +328,11 @@ class ScorerService:
 
     def _commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         topics = self.settings.topics
-        owners = ((self._traces, (topics.traces,)), (self._lift, (topics.lift, topics.dlq)))
+        owners = (
+            (self._traces, (topics.traces,)),
+            (self._lift, (topics.lift,)),
+            (self._dlq, (topics.dlq,)),
+        )
         for consumer, owned in owners:
             mine = {tp: o for tp, o in offsets.items() if tp.topic in owned}
             if consumer is not None and mine:
@@ -337,7 +346,7 @@ class ScorerService:
     # --- metrics -------------------------------------------------------------------
 
     def _update_lag(self) -> None:
-        for consumer in (self._traces, self._lift):
+        for consumer in (self._traces, self._lift, self._dlq):
             if consumer is None:
                 continue
             try:

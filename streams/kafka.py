@@ -57,6 +57,11 @@ def client_config(settings: TransportSettings) -> ClientConfig:
         # The default backoff grows to 30 s: after a broker restart clients
         # would sit idle that long before reconnecting.
         reconnect_backoff_max_ms=2_000,
+        # A consumer subscribed to several topics is assigned only those that
+        # exist when it joins; one created later (the lift topic, on the
+        # trainer's first publish) is seen at the next metadata refresh,
+        # 5 minutes by default.
+        metadata_max_age_ms=settings.metadata_max_age_ms,
     )
     if settings.security_protocol.startswith("SASL_"):
         cfg["sasl_mechanism"] = settings.sasl_mechanism or "PLAIN"

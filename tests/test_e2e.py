@@ -65,6 +65,27 @@ def _traces_file(path: Path) -> int:
     return len(lines)
 
 
+def _create_topic(kcat: str, bootstrap: str, topic: str, timeout_s: float = 30.0) -> None:
+    """Auto-create a topic by asking for its metadata, then wait for partition leaders."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        res = subprocess.run(
+            [kcat, *KCAT_ARGS, "-b", bootstrap, "-L", "-J", "-t", topic],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        try:
+            meta = json.loads(res.stdout or b"{}")
+            parts = [p for t in meta.get("topics", []) for p in t.get("partitions", [])]
+            if parts and all(p.get("leader", -1) >= 0 for p in parts):
+                return
+        except json.JSONDecodeError:
+            pass
+        assert time.monotonic() < deadline, f"topic {topic} has no leaders: {res.stderr[-500:]!r}"
+        time.sleep(0.5)
+
+
 def _kcat_read(kcat: str, bootstrap: str, topic: str) -> list[bytes]:
     res = subprocess.run(
         [
@@ -120,6 +141,11 @@ def test_closed_loop_on_kafka(kafka_broker: str, kcat: str, tmp_path: Path) -> N
         "TAPD_TRAINER__PROBE_SIZE": "16",
         "TAPD_TRAINER__METRICS_PORT": "0",
     }
+    # Topics exist before the roles start, as a deployment creates them
+    # (Strimzi KafkaTopic, the compose topic job): the test broker's
+    # auto-create on first use is not how production meets them.
+    for name in topics.values():
+        _create_topic(kcat, kafka_broker, name)
     traces = tmp_path / "traces.jsonl"
     n_lines = _traces_file(traces)
     subprocess.run(

@@ -463,3 +463,26 @@ def test_password_never_shows_in_repr_or_logs(
         transport.close()
     assert caplog.records  # the clients did log
     assert SECRET not in caplog.text
+
+
+@pytest.mark.kafka
+def test_a_topic_created_after_the_group_joined_is_consumed(kafka_broker: str, topic: str) -> None:
+    """One group over two topics, the second created later (as the lift topic
+    is, on the trainer's first publish): its records arrive within seconds,
+    not at the default 5-minute metadata refresh."""
+    transport = open_transport(TransportSettings(kind="kafka", bootstrap_servers=kafka_broker))
+    early, late = f"{topic}.early", f"{topic}.late"
+    try:
+        producer = transport.producer()
+        producer.send(early, b"first")
+        producer.flush()
+        consumer = transport.consumer([early, late], f"g-{topic}")
+        assert [r.value for r in drain(consumer, 1)] == [b"first"]
+        producer.send(late, b"second")
+        producer.flush()
+        got = drain(consumer, 1, timeout_s=30.0)
+        assert [(r.topic, r.value) for r in got] == [(late, b"second")]
+        consumer.close()
+        producer.close()
+    finally:
+        transport.close()
