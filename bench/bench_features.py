@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from daemon.features import featurize
+from daemon.core.features import featurize
 from streams.schemas import Attempt, Trace, decode, encode
 
 PROMPTS, ATTEMPTS, TOKENS = 16, 8, 256

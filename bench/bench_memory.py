@@ -15,8 +15,8 @@ import argparse
 import gc
 
 from bench.common import mib, production_trace, rss_bytes
-from daemon.cohorting import Closed, CohortBuilder
 from daemon.config import CohortingSettings
+from daemon.core.cohorting import Closed, CohortBuilder
 from streams.schemas import encode
 
 

@@ -16,15 +16,15 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from daemon.checks import synthetic_stream
-from daemon.predictor import (
+from daemon.core.predictor import (
     AdvStdHeuristic,
     LightGBMStage,
+    PredictorStage,
     RiverStage,
-    Scorer,
     feature_vector,
     run_refit,
 )
+from lab.checks import synthetic_stream
 
 
 def _percentiles(samples: list[float]) -> tuple[float, float]:
@@ -56,7 +56,7 @@ def main() -> None:
     river = RiverStage()
     for x, v in warm:
         river.learn(x, v)
-    stages: dict[str, Scorer] = {
+    stages: dict[str, PredictorStage] = {
         "heuristic": AdvStdHeuristic(),
         "river": river,
         "lightgbm": LightGBMStage.fit(X[:500], y[:500]),
@@ -69,10 +69,10 @@ def main() -> None:
         features = iter(probe)
         labels = iter(labelled)
 
-        def score(s: Scorer = stage, it: Iterator[dict[str, float]] = features) -> object:
+        def score(s: PredictorStage = stage, it: Iterator[dict[str, float]] = features) -> object:
             return s.predict(next(it))
 
-        def learn(s: Scorer = stage, it: Iterator[tuple[dict[str, float], float]] = labels) -> None:
+        def learn(s: PredictorStage = stage, it: Iterator[tuple[dict[str, float], float]] = labels) -> None:
             s.learn(*next(it))
 
         rows.append(

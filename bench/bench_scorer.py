@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.bench_scorer [--traces 4000] [--slices 50]
 
-Both read the same topic of the local Kafka 0.9 broker (``streams.localbroker``)
+Both read the same topic of the local Kafka 0.9 broker (``lab.localbroker``)
 from the beginning in a fresh consumer group. Baseline: a bare kafka-python
 ``KafkaConsumer`` that only iterates the records. Scorer: ``tapd run``'s
 service loop (``ScorerService`` + ``build_scorer``: decode and validate,
@@ -59,10 +59,10 @@ def raw_consume(bootstrap: str, topic: str, n: int) -> Rate:
 
 def scorer_consume(bootstrap: str, topic: str, n: int, state: Path) -> tuple[Rate, int]:
     from daemon.config import TapdSettings, Thresholds, Topics, TransportSettings
-    from daemon.decision import ThresholdsHolder
-    from daemon.metrics import ScorerMetrics
-    from daemon.scorer import Scorer
-    from daemon.service import ScorerService, build_scorer
+    from daemon.core.decision import ThresholdsHolder
+    from daemon.core.pipeline import Scorer
+    from daemon.runtime.metrics import ScorerMetrics
+    from daemon.service.scorer import ScorerService, build_scorer
     from streams.kafka import KafkaTransport
 
     settings = TapdSettings(
@@ -75,7 +75,7 @@ def scorer_consume(bootstrap: str, topic: str, n: int, state: Path) -> tuple[Rat
     )
     metrics = ScorerMetrics()
     holder = ThresholdsHolder(settings.thresholds)
-    scorer = build_scorer(settings, metrics, lambda: holder.current, background_refits=False)
+    scorer = build_scorer(settings, lambda: holder.current)
     transport = KafkaTransport(settings.transport)
     scored = 0
 
@@ -83,7 +83,9 @@ def scorer_consume(bootstrap: str, topic: str, n: int, state: Path) -> tuple[Rat
         nonlocal scored
         scored += len(getattr(fx, "decisions", ()))
 
-    service = ScorerService(settings, transport, scorer, metrics, holder, on_batch=count)
+    service = ScorerService(
+        settings, transport, scorer, metrics, holder, on_batch=count, background_refits=False
+    )
     service.start()
     flushed = False
 
@@ -102,8 +104,8 @@ def scorer_consume(bootstrap: str, topic: str, n: int, state: Path) -> tuple[Rat
 
 
 def main() -> None:
-    from daemon.logging import configure_logging
-    from streams.localbroker import LocalBroker
+    from daemon.runtime.logging import configure_logging
+    from lab.localbroker import LocalBroker
 
     configure_logging("warning")  # a log line per cohort would be measured too
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

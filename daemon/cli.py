@@ -229,8 +229,8 @@ def consume(
 @app.command()
 def run(ctx: typer.Context) -> None:
     """Run the scorer service (traces -> cohorts -> score -> dispatch; lift -> learn)."""
-    from daemon.logging import configure_logging
-    from daemon.service import run_scorer
+    from daemon.runtime.logging import configure_logging
+    from daemon.service.scorer import run_scorer
 
     settings = settings_from_ctx(ctx)
     configure_logging(settings.log_level, role="scorer")
@@ -240,30 +240,12 @@ def run(ctx: typer.Context) -> None:
 @app.command()
 def trainer(ctx: typer.Context) -> None:
     """Run the GRPO trainer (dispatch -> train on the cohort -> measure lift -> lift topic)."""
-    from daemon.logging import configure_logging
-    from daemon.trainer_service import run_trainer
+    from daemon.runtime.logging import configure_logging
+    from daemon.service.trainer import run_trainer
 
     settings = settings_from_ctx(ctx)
     configure_logging(settings.log_level, role="trainer")
     run_trainer(settings)
-
-
-@app.command()
-def demo(
-    cohorts: Annotated[int, typer.Option("--cohorts", min=2, help="Cohorts to stream.")] = 16,
-    out: Annotated[Path, typer.Option("--out", help="Folder for summary and plots.")] = Path(
-        "out/demo"
-    ),
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-) -> None:
-    """The closed loop on a bare machine: embedded log, tiny policy, a trainer process."""
-    from daemon.demo import format_summary, run_demo
-    from daemon.logging import configure_logging
-
-    configure_logging("warning", role="demo")
-    summary = run_demo(cohorts=cohorts, out=out, seed=seed)
-    typer.echo(format_summary(summary))
-    typer.echo(f"summary and plots written to {out}")
 
 
 @app.command()
@@ -272,8 +254,8 @@ def replay(
     file: Annotated[Path, typer.Argument(help="JSONL trace file.", exists=True, dir_okay=False)],
 ) -> None:
     """Score a trace file (shadow mode, embedded log) and print each decision as JSONL."""
-    from daemon.logging import configure_logging
-    from daemon.service import replay_file
+    from daemon.runtime.logging import configure_logging
+    from daemon.service.scorer import replay_file
 
     settings = settings_from_ctx(ctx)
     configure_logging("warning", role="replay")
@@ -353,100 +335,25 @@ def thresholds_set(
     typer.echo(json.dumps(r.json()["audit"], indent=2))
 
 
-# --- the built-in tiny policy -----------------------------------------------
+def _add_plugin_commands() -> None:
+    """Subcommands from installed packages (``tapd.commands`` entry points).
 
+    The lab adds ``demo``, ``eval``, ``reliability`` and ``policy`` this
+    way: the product's command line never imports it.
+    """
+    from importlib.metadata import entry_points
 
-@app.command("build-policy")
-def build_policy(
-    cache_dir: Annotated[
-        Path | None,
-        typer.Option(
-            help="where built policies are cached (default: TAPD_POLICY_CACHE or ~/.cache/tapd/policy)"
-        ),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="build seed")] = 0,
-    competence: Annotated[
-        bool, typer.Option(help="also print sampled accuracy per task family")
-    ] = False,
-) -> None:
-    """Build (or find in the cache) the built-in tiny policy and print its directory."""
-    from daemon.policy import build_info, build_tiny_policy, competence_report, load_policy
-    from daemon.tasks import TIERS
-
-    path = build_tiny_policy(cache_dir, seed=seed)
-    info = build_info(path)
-    typer.echo(str(path))
-    typer.echo(
-        f"params={info['n_params']} build_seconds={info['build_seconds']} "
-        f"weights_sha256={info['weights_sha256'][:16]}"
-    )
-    if competence:
-        model, tok = load_policy(path)
-        for (subject, difficulty), c in competence_report(model, tok, seed).items():
-            typer.echo(
-                f"{subject:8} {difficulty:12} {TIERS[(subject, difficulty)]:9} "
-                f"greedy={c.greedy:.2f} sampled={c.sampled:.2f} disagree={c.disagree:.2f}"
-            )
-
-
-@app.command("eval")
-def eval_cmd(
-    ctx: typer.Context,
-    quick: Annotated[bool, typer.Option("--quick", help="small battery for CI")] = False,
-    out: Annotated[Path, typer.Option(help="where RESULTS.md, results.json, img/ go")] = Path(
-        "docs"
-    ),
-    seeds: Annotated[int | None, typer.Option(help="GRPO seeds per cohort")] = None,
-    cohorts_per_cell: Annotated[
-        int | None, typer.Option(help="cohorts per (subject, variant)")
-    ] = None,
-    state_dir: Annotated[
-        Path | None, typer.Option(help="cache of measured lifts (default: settings state_dir)")
-    ] = None,
-    loop: Annotated[bool, typer.Option(help="also run the closed loop")] = True,
-) -> None:
-    """Measure the predictor against true GRPO lift and write RESULTS.md with plots."""
-    from daemon.eval_run import config_for, run
-
-    try:
-        cfg = config_for(quick, seeds, cohorts_per_cell)
-    except ValueError as e:
-        _err(str(e))
-        raise typer.Exit(2) from None
-    run(
-        cfg,
-        out_dir=out,
-        state_dir=state_dir or settings_from_ctx(ctx).state_dir,
-        command="tapd " + " ".join(sys.argv[1:]),
-        loop=loop,
-        log=lambda m: typer.echo(m, err=True),
-    )
-
-
-@app.command()
-def reliability(
-    short: Annotated[
-        bool, typer.Option("--short", help="the CI form (minutes, not an hour)")
-    ] = False,
-    out: Annotated[Path, typer.Option("--out", help="report to write")] = Path(
-        "docs/RELIABILITY.md"
-    ),
-    workdir: Annotated[Path, typer.Option(help="logs, state and broker data")] = Path(
-        "out/reliability"
-    ),
-) -> None:
-    """Chaos run (SIGKILLs, broker restart), audit of every topic, figures to RELIABILITY.md."""
-    from daemon.reliability import run_suite
-
-    ok = run_suite(
-        short, out, workdir, "tapd " + " ".join(sys.argv[1:]), lambda m: typer.echo(m, err=True)
-    )
-    typer.echo(f"figures written to {out}")
-    if not ok:
-        raise typer.Exit(1)
+    for ep in entry_points(group="tapd.commands"):
+        try:
+            register = ep.load()
+        except ImportError as e:
+            _err(f"tapd: commands from {ep.value!r} unavailable: {e}")
+            continue
+        register(app)
 
 
 def main() -> None:
+    _add_plugin_commands()
     app()
 
 

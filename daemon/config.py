@@ -20,6 +20,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from streams.settings import TransportSettings
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -36,28 +38,6 @@ class Topics(_Frozen):
     decisions: str = "tap.decisions"
 
 
-class TransportSettings(_Frozen):
-    kind: Literal["embedded", "kafka"] = "embedded"
-    # embedded: one SQLite file holds every topic and the group offsets
-    embedded_path: Path = Path("var/tapd-log.sqlite")
-    embedded_partitions: int = Field(default=1, ge=1, le=64)
-    # kafka: passed through to kafka-python
-    bootstrap_servers: str = "localhost:9092"
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
-    sasl_plain_username: str | None = None
-    sasl_plain_password: SecretStr | None = None
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
-    ssl_check_hostname: bool = True
-    client_id: str = "tapd"
-    request_timeout_ms: int = Field(default=30_000, ge=1_000)
-    max_poll_interval_ms: int = Field(default=300_000, ge=10_000)
-    session_timeout_ms: int = Field(default=10_000, ge=6_000)
-    metadata_max_age_ms: int = Field(default=5_000, ge=1_000)
-
-
 class CohortingSettings(_Frozen):
     # The capability-slice key: which trace fields (or ``tags.<name>``) a
     # cohort's members share.
@@ -72,9 +52,6 @@ class CohortingSettings(_Frozen):
         default=2, ge=1, description="smaller cohorts closed by age are dropped to the DLQ"
     )
     max_open: int = Field(default=10_000, ge=1, description="open cohorts held in memory")
-    attempts_k: int = Field(
-        default=8, ge=2, le=64, description="attempts per prompt the features need"
-    )
     stale_policy: Literal["reprobe", "drop"] = "reprobe"
     max_policy_lag: int = Field(
         default=0, ge=0, description="policy versions a trace may lag before it is stale"
@@ -95,25 +72,52 @@ class PredictorSettings(_Frozen):
     seed: int = 0
 
 
-class TrainerSettings(_Frozen):
-    mode: Literal["continual", "probe_revert"] = "continual"
-    model_path: Path | None = None  # None: the built-in tiny policy
-    device: str = "auto"
+class GRPOParams(_Frozen):
+    """One set of GRPO knobs for both roles.
+
+    The scorer's rollouts sample what the trainer trains on: the same K
+    (``num_generations``, also the attempts per prompt the features need),
+    completion length and temperature.
+    """
+
+    num_generations: int = Field(
+        default=8, ge=2, le=64, description="K: attempts per prompt (features and GRPO groups)"
+    )
+    max_completion_length: int = Field(default=12, ge=1, le=4096)
+    temperature: float = Field(default=1.0, gt=0.0)
     steps: int = Field(default=8, ge=1)
-    num_generations: int = Field(default=8, ge=2)
     learning_rate: float = Field(default=5e-3, gt=0.0)
     optimizer: str = Field(default="sgd", description="a transformers optim name")
-    probe_size: int = Field(default=255, ge=4)
+    beta: float = Field(default=0.0, ge=0.0, description="KL penalty to the reference policy")
+    max_prompts_per_step: int = Field(default=8, ge=1)
+    seed: int = 0
+
+    def replace(self, **changes: Any) -> GRPOParams:
+        return GRPOParams.model_validate({**self.model_dump(), **changes})
+
+
+class PolicySettings(_Frozen):
+    """The policy both roles use and the probe its lift is measured on."""
+
+    # A Hugging Face causal-LM directory: version v0. No default: the
+    # product never builds a policy behind the user's back.
+    model_path: Path | None = None
+    # JSONL of probe items (target, prompt, reference, verifier, verifier_args):
+    # the platform's own evaluation items per capability slice.
+    probe_path: Path | None = None
+    device: str = "auto"
+    rollout_engine: Literal["hf", "vllm"] = "hf"
+    # Where kept policy versions are stored (checkpoints v1, v2, ...); both
+    # roles must reach it. Default: <state_dir>/trainer/checkpoints.
+    store_path: Path | None = None
+
+
+class TrainerSettings(_Frozen):
+    mode: Literal["continual", "probe_revert"] = "continual"
+    backend: str = Field(default="trl", description="daemon.trainer.backend.BACKENDS name")
     rollback_nll_worsening: float = Field(
         default=0.25, ge=0.0, description="nats of probe-NLL rise that roll back"
     )
-    seed: int = 0
-    # GRPO details (TRL GRPOConfig) and the trainer process itself.
-    max_completion_length: int = Field(default=12, ge=1)
-    beta: float = Field(default=0.0, ge=0.0, description="KL penalty to the reference policy")
-    temperature: float = Field(default=1.0, gt=0.0)
-    max_prompts_per_step: int = Field(default=8, ge=1)
-    probe_seed: int = 0
     group: str = "tapd-trainer"
     trainer_id: str = "tapd-trainer"
     metrics_port: int = Field(default=9401, ge=0, le=65535, description="0: ephemeral")
@@ -198,10 +202,15 @@ class TapdSettings(BaseSettings):
     topics: Topics = Topics()
     cohorting: CohortingSettings = CohortingSettings()
     predictor: PredictorSettings = PredictorSettings()
+    policy: PolicySettings = PolicySettings()
+    grpo: GRPOParams = GRPOParams()
     trainer: TrainerSettings = TrainerSettings()
     thresholds: Thresholds = Thresholds()
     service: ServiceSettings = ServiceSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    def policy_store_dir(self) -> Path:
+        return self.policy.store_path or self.state_dir / "trainer" / "checkpoints"
 
     @classmethod
     def settings_customise_sources(

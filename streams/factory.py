@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from daemon.config import TransportSettings
+from streams.settings import TransportSettings
 from streams.transport import Transport
 
 

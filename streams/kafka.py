@@ -28,7 +28,7 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError, KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata
 
-from daemon.config import TransportSettings
+from streams.settings import TransportSettings
 from streams.transport import Consumer, Producer, Record, RevokeHook, TopicPartition
 
 log = logging.getLogger(__name__)

@@ -27,6 +27,8 @@ from pydantic import (
     model_validator,
 )
 
+from streams.rejection import Rejection
+
 # Limits. Kafka 0.9's default message.max.bytes is 1,000,012; stay under it
 # so that anything we accept can also be forwarded (e.g. to the DLQ, which
 # wraps the original bytes in base64: 4/3 growth, hence the margin).
@@ -46,13 +48,8 @@ LIFT_SCHEMA = "tapd.lift/1"
 DEAD_LETTER_SCHEMA = "tapd.dlq/1"
 
 
-class SchemaError(ValueError):
+class SchemaError(Rejection):
     """A message that does not satisfy its schema: ``field`` and ``reason`` say why."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
 
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS)]

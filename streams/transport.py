@@ -46,6 +46,15 @@ class Record:
         return TopicPartition(self.topic, self.partition)
 
 
+@dataclass(frozen=True, slots=True)
+class OutMessage:
+    """A record owed to the log: to be sent, flushed and only then forgotten."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+
+
 @runtime_checkable
 class Producer(Protocol):
     def send(self, topic: str, value: bytes, key: bytes | None = None) -> None: ...

@@ -31,7 +31,7 @@ def _missing(reason: str) -> None:
 def kafka_broker() -> Iterator[str]:
     """Bootstrap address ``127.0.0.1:port`` of a real local Kafka 0.9.0.1 broker
     (2 partitions per auto-created topic)."""
-    from streams.localbroker import BrokerUnavailable, LocalBroker, find_kafka_home
+    from lab.localbroker import BrokerUnavailable, LocalBroker, find_kafka_home
 
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
         _missing("java not found: the test Kafka broker needs a JRE")
@@ -50,7 +50,7 @@ def kafka_broker() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def kcat() -> str:
     """Path of kcat, an independent (librdkafka) Kafka client. Against the 0.9
-    broker it needs ``streams.localbroker.KCAT_ARGS``."""
+    broker it needs ``lab.localbroker.KCAT_ARGS``."""
     path = shutil.which("kcat") or shutil.which("kafkacat")
     if path is None:
         _missing("kcat not found: run WITH_TEST_DEPS=1 ./scripts/setup.sh")
@@ -191,10 +191,19 @@ def lift_dict() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
+def lab_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """``TAPD_POLICY__*`` variables for a tapd process: the lab's tiny policy and a
+    16-item arithmetic probe file (the explicit inputs the product needs)."""
+    from lab.tiny_policy import lab_policy_env
+
+    return lab_policy_env(tmp_path_factory.mktemp("lab-policy"), probe_size=16)
+
+
+@pytest.fixture(scope="session")
 def tiny_policy() -> Path:
     """Directory of the built-in tiny policy (model + tokenizer), built once and
     cached where every ``tapd`` process looks (``TAPD_POLICY_CACHE`` or the
     user's cache), so that the services the tests start load the same build."""
-    from daemon.policy import build_tiny_policy
+    from lab.tiny_policy import build_tiny_policy
 
     return build_tiny_policy()

@@ -15,11 +15,11 @@ import pytest
 import yaml
 
 from daemon.config import Thresholds
-from daemon.decision import ThresholdsHolder
-from daemon.http import AdminApi, HttpServer, publish_thresholds
-from daemon.logging import configure_logging
-from daemon.metrics import ScorerMetrics
-from daemon.service import ThresholdsWatcher, reload_thresholds
+from daemon.core.decision import ThresholdsHolder
+from daemon.runtime.http import AdminApi, HttpServer, publish_thresholds
+from daemon.runtime.logging import configure_logging
+from daemon.runtime.metrics import ScorerMetrics
+from daemon.service.scorer import ThresholdsWatcher, reload_thresholds
 
 TOKEN = "s3cret-token-for-tests"
 
@@ -216,7 +216,7 @@ def test_promtool_accepts_the_metrics(admin: Admin) -> None:
 
 
 def test_logs_are_json_with_ids_first_and_secrets_redacted(logs: io.StringIO) -> None:
-    from daemon.logging import bind_ids, get_logger
+    from daemon.runtime.logging import bind_ids, get_logger
 
     log = get_logger("test")
     with bind_ids(cohort_id="c-1", model_version="v3"):

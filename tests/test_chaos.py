@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.reliability import Topics, audit, plan_stream, run, short_config
+from lab.reliability import Topics, audit, plan_stream, run, short_config
 from streams.deadletter import dead_letter
 from streams.schemas import SchemaError, Trace, decode, encode
 from streams.transport import Record
@@ -151,7 +151,7 @@ def test_short_chaos_run_loses_and_duplicates_nothing(tmp_path: Path) -> None:
 def test_short_chaos_run_on_kafka_survives_a_broker_restart(tmp_path: Path) -> None:
     """The same short run on a Kafka broker of its own (the shared one must not
     bounce under other tests), restarted once mid-stream."""
-    from streams.localbroker import find_kafka_home
+    from lab.localbroker import find_kafka_home
 
     if find_kafka_home() is None or (
         shutil.which("java") is None and not os.environ.get("JAVA_HOME")

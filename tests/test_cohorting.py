@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.cohorting import (
+from daemon.config import CohortingSettings
+from daemon.core.cohorting import (
     Closed,
     Cohort,
     CohortBuilder,
@@ -22,7 +23,6 @@ from daemon.cohorting import (
     slice_key_of,
     validate_slice_key,
 )
-from daemon.config import CohortingSettings
 from streams.schemas import Trace
 
 

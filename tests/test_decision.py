@@ -9,17 +9,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.checks import synthetic_features
 from daemon.config import Thresholds
-from daemon.decision import (
+from daemon.core.decision import (
     ScoredCohort,
     ThresholdError,
     ThresholdsHolder,
     decide,
     recommend,
 )
-from daemon.predictor import Prediction
-from daemon.vocabulary import RECOMMENDATIONS
+from daemon.core.predictor import Prediction
+from daemon.core.vocabulary import RECOMMENDATIONS
+from lab.checks import synthetic_features
 
 T = Thresholds()
 

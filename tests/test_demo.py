@@ -39,7 +39,7 @@ def test_demo_runs_the_closed_loop_and_writes_summary_and_plots(tmp_path: Path) 
 
 
 def test_replay_prints_a_decision_per_cohort_and_the_dead_letters(tmp_path: Path) -> None:
-    from daemon import tasks
+    from lab import tasks
     from streams.schemas import Attempt, encode
 
     lines = []
@@ -55,7 +55,7 @@ def test_replay_prints_a_decision_per_cohort_and_the_dead_letters(tmp_path: Path
     lines.insert(3, b'{"schema": "tapd.trace/9"}')
     path = tmp_path / "traces.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
-    env = {"TAPD_COHORTING__MAX_GROUPS": "4", "TAPD_COHORTING__ATTEMPTS_K": "2"}
+    env = {"TAPD_COHORTING__MAX_GROUPS": "4", "TAPD_GRPO__NUM_GENERATIONS": "2"}
     res = CliRunner().invoke(app, ["replay", str(path)], env=env)
     assert res.exit_code == 0, res.output
     out = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]

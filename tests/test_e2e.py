@@ -23,9 +23,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from daemon import tasks
-from daemon.demo import trainer_command
-from streams.localbroker import KCAT_ARGS
+from lab import tasks
+from lab.demo import trainer_command
+from lab.localbroker import KCAT_ARGS
 from streams.schemas import Attempt, Dispatch, decode, encode
 
 REPO = Path(__file__).resolve().parent.parent
@@ -112,7 +112,9 @@ def _kcat_read(kcat: str, bootstrap: str, topic: str) -> list[bytes]:
 
 @pytest.mark.kafka
 @pytest.mark.slow
-def test_closed_loop_on_kafka(kafka_broker: str, kcat: str, tmp_path: Path) -> None:
+def test_closed_loop_on_kafka(
+    kafka_broker: str, kcat: str, tmp_path: Path, lab_env: dict[str, str]
+) -> None:
     run = uuid.uuid4().hex[:8]
     topics = {
         k: f"e2e.{run}.{k}" for k in ("traces", "dispatch", "lift", "dlq", "labels", "decisions")
@@ -130,15 +132,15 @@ def test_closed_loop_on_kafka(kafka_broker: str, kcat: str, tmp_path: Path) -> N
         "TAPD_SERVICE__GROUP": f"e2e-scorer-{run}",
         "TAPD_SERVICE__POLL_TIMEOUT_S": "0.2",
         "TAPD_COHORTING__MAX_GROUPS": "4",
-        "TAPD_COHORTING__ATTEMPTS_K": "4",
+        "TAPD_GRPO__NUM_GENERATIONS": "4",
         "TAPD_COHORTING__MAX_AGE_S": "30",
         "TAPD_PREDICTOR__RIVER_AFTER": "2",
         "TAPD_THRESHOLDS__MAX_IN_FLIGHT": "2",
         "TAPD_THRESHOLDS__EXPLORATION_SHARE": "1.0",
         "TAPD_THRESHOLDS__REDUNDANCY_CEILING": "0.95",
         "TAPD_TRAINER__GROUP": f"e2e-trainer-{run}",
-        "TAPD_TRAINER__STEPS": "2",
-        "TAPD_TRAINER__PROBE_SIZE": "16",
+        "TAPD_GRPO__STEPS": "2",
+        **lab_env,
         "TAPD_TRAINER__METRICS_PORT": "0",
     }
     # Topics exist before the roles start, as a deployment creates them

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pytest
 
-from daemon import evaluation as ev
+from lab import evaluation as ev
 
 
 def row(

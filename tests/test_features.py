@@ -8,8 +8,8 @@ import random
 import numpy as np
 import pytest
 
-from daemon.cohorting import Cohort
-from daemon.features import (
+from daemon.core.cohorting import Cohort
+from daemon.core.features import (
     ADV_EPS,
     FEATURE_NAMES,
     MONOTONE,

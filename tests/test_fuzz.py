@@ -19,9 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.cohorting import Closed, CohortBuilder, Duplicate, Rejected
 from daemon.config import CohortingSettings
-from daemon.reliability import (
+from daemon.core.cohorting import Closed, CohortBuilder, Duplicate, Rejected
+from lab.reliability import (
     FuzzCase,
     bad_message_strategy,
     plan_stream,

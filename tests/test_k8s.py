@@ -203,9 +203,9 @@ def test_trainer_contract(rendered: tuple[str, list[dict[str, Any]]]) -> None:
     gpus = resources.get("limits", {}).get("nvidia.com/gpu")
     env = {e["name"]: e.get("value") for e in c["env"]}
     if overlay == "prod":
-        assert gpus == 1 and env["TAPD_TRAINER__DEVICE"] == "cuda"
+        assert gpus == 1 and env["TAPD_POLICY__DEVICE"] == "cuda"
     else:
-        assert gpus is None and env["TAPD_TRAINER__DEVICE"] == "cpu"
+        assert gpus is None and env["TAPD_POLICY__DEVICE"] == "cpu"
     claims = {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}
     assert {m["name"] for m in c["volumeMounts"] if m["mountPath"] == "/var/lib/tapd"} <= claims
     assert sts["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True

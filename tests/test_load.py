@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.reliability import load_config, run
+from lab.reliability import load_config, run
 
 
 @pytest.mark.slow

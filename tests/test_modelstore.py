@@ -1,4 +1,4 @@
-"""Label history and model versions on disk."""
+"""The label history (in the scorer's state store) and model versions on disk."""
 
 from __future__ import annotations
 
@@ -8,53 +8,39 @@ from pathlib import Path
 
 import pytest
 
-from daemon.modelstore import LabelLog, Manifest, ModelStore, Snapshot
+from daemon.core.features import FEATURE_SCHEMA
+from daemon.core.pipeline import Label
+from daemon.core.predictor import Manifest, Snapshot
+from daemon.runtime.modelstore import ModelStore
+from daemon.runtime.state import StateStore
 
 X = {"adv_std": 0.2, "frac_all_wrong": 0.1}
 
 
-def test_labels_are_counted_once_and_numbered(tmp_path: Path) -> None:
-    log = LabelLog(tmp_path / "labels.jsonl")
-    a = log.append("c1", X, 0.1, "exploit", ts=1.0)
-    b = log.append("c2", X, -0.2, "explore_random", ts=2.0)
-    assert a is not None and b is not None and (a.seq, b.seq) == (1, 2)
-    assert log.append("c1", X, 0.5) is None  # redelivered lift result
-    reopened = LabelLog(tmp_path / "labels.jsonl")
-    assert len(reopened) == 2 and "c1" in reopened and reopened.last_seq == 2
-    assert [lab.cohort_id for lab in reopened.since(1)] == ["c2"]
-    assert list(reopened.since(0))[1].selection == "explore_random"
+def _label(cohort_id: str, y: float, selection: str = "exploit") -> Label:
+    return Label(cohort_id, 1.0, X, FEATURE_SCHEMA, y, 0.05, selection, "v1")
 
 
-def test_bad_labels_name_the_field(tmp_path: Path) -> None:
-    log = LabelLog(tmp_path / "labels.jsonl")
-    with pytest.raises(ValueError, match="realized_lift: not finite"):
-        log.append("c1", X, float("nan"))
-    with pytest.raises(ValueError, match="cohort_id"):
-        log.append("", X, 0.1)
-    assert len(log) == 0
+def test_labels_are_stored_once_numbered_with_the_batch(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state.sqlite")
+    seq = store.save({"n": 1}, {}, [], [_label("c1", 0.1), _label("c2", -0.2, "explore_random")])
+    assert seq == 2
+    # A redelivered lift result keeps its first number and adds nothing.
+    assert store.save({"n": 2}, {}, [], [_label("c1", 0.5)]) == 2
+    store.close()
+    reopened = StateStore(tmp_path / "state.sqlite")
+    got = list(reopened.labels_since(0))
+    assert [(s, lb.cohort_id) for s, lb in got] == [(1, "c1"), (2, "c2")]
+    assert got[0][1] == _label("c1", 0.1)  # the first content, whole
+    assert [lb.cohort_id for _, lb in reopened.labels_since(1)] == ["c2"]
+    assert got[1][1].selection == "explore_random" and reopened.label_count() == 2
 
 
-def test_torn_last_line_is_dropped_and_the_log_stays_appendable(tmp_path: Path) -> None:
-    path = tmp_path / "labels.jsonl"
-    log = LabelLog(path)
-    log.append("c1", X, 0.1)
-    with path.open("a") as f:
-        f.write('{"seq": 2, "cohort_id": "c2", "feat')  # killed mid-write
-    log = LabelLog(path)
-    assert len(log) == 1
-    assert log.append("c2", X, 0.3) is not None
-    assert [lab.seq for lab in LabelLog(path).since(0)] == [1, 2]
-
-
-def test_corrupt_middle_line_is_an_error_with_its_line(tmp_path: Path) -> None:
-    path = tmp_path / "labels.jsonl"
-    log = LabelLog(path)
-    log.append("c1", X, 0.1)
-    log.append("c2", X, 0.2)
-    lines = path.read_text().splitlines()
-    path.write_text("\n".join([lines[0], "not json", lines[1]]) + "\n")
-    with pytest.raises(ValueError, match=r"labels.jsonl:2: unreadable label"):
-        LabelLog(path)
+def test_a_failed_batch_stores_no_label(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state.sqlite")
+    with pytest.raises(ValueError):  # NaN in the snapshot: the whole transaction rolls back
+        store.save({"x": float("nan")}, {}, [], [_label("c1", 0.1)])
+    assert store.label_count() == 0 and store.load_snapshot() is None
 
 
 def _snap(version: int, seq: int) -> Snapshot:
@@ -93,3 +79,11 @@ def test_half_written_version_is_invisible(tmp_path: Path) -> None:
     (tmp_path / "models" / ".tmp-v2.000000040-999" / "state.pkl").write_bytes(b"partial")
     assert store.latest() == "v1.000000008"
     assert store.versions() == ["v1.000000008"]
+
+
+def test_old_versions_are_pruned_but_never_the_latest(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "models", keep=2)
+    for v in range(1, 6):
+        store.save(_snap(v, v * 10))
+    assert store.versions() == ["v4.000000040", "v5.000000050"]
+    assert store.latest() == "v5.000000050"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from daemon import plasticity
+from daemon.trainer import plasticity
 
 
 def test_dormant_fraction_counts_silent_units() -> None:

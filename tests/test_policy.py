@@ -6,21 +6,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from daemon import policy as policy_mod
-from daemon.policy import (
+from daemon.policy.store import PolicyNotConfigured, format_prompt, load_policy, weights_hash
+from lab import tiny_policy as policy_mod
+from lab.tasks import TIERS
+from lab.tiny_policy import (
     BUILD_MARKER,
     TinyPolicyConfig,
     build_info,
     build_tiny_policy,
     competence_report,
-    format_prompt,
-    load_policy,
     sample_completions,
     train_tiny_policy,
-    weights_hash,
 )
-from daemon.tasks import TIERS
-from daemon.tokenizer import build_char_tokenizer
+from lab.tokenizer import build_char_tokenizer
 
 # Small enough to train in a second or two: for properties of the build, not competence.
 SMALL = TinyPolicyConfig(
@@ -83,9 +81,11 @@ def test_tiny_policy_size_and_loading(tiny_policy: Path) -> None:
     # A configured path loads the same way with no code change.
     out = sample_completions(model, tok, ["3+4=", "2+2="], 1, temperature=0)
     assert [o[0] for o in out] == ["7", "4"]
-    # load_policy(None) means the built-in policy from the cache directory.
-    model2, _ = load_policy(None, cache_dir=tiny_policy.parent)
+    model2, _ = load_policy(tiny_policy)
     assert weights_hash(model2) == weights_hash(model)
+    # No configured policy is an error naming the setting, never a silent build.
+    with pytest.raises(PolicyNotConfigured, match=r"policy\.model_path"):
+        load_policy(None)
 
 
 def test_competence_pattern_easy_frontier_hard(tiny_policy: Path) -> None:

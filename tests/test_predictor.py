@@ -17,21 +17,22 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from daemon.checks import check_scorer, synthetic_features, synthetic_lift, synthetic_stream
 from daemon.config import PredictorSettings
-from daemon.modelstore import LabelLog, ModelStore
-from daemon.predictor import (
+from daemon.core.features import FEATURE_SCHEMA, FeatureError, feature_vector
+from daemon.core.pipeline import Label
+from daemon.core.predictor import (
     AdvStdHeuristic,
-    FeatureError,
     LightGBMStage,
     OnlineQuality,
     Predictor,
     RiverStage,
-    feature_vector,
-    pairwise_accuracy,
     run_refit,
-    spearman,
 )
+from daemon.core.ranking import pairwise_accuracy, spearman
+from daemon.runtime.modelstore import ModelStore
+from daemon.runtime.predictor_host import PredictorHost
+from daemon.runtime.state import StateStore
+from lab.checks import check_stage, synthetic_features, synthetic_lift, synthetic_stream
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,12 +56,12 @@ def _fitted_lgbm() -> LightGBMStage:
         AdvStdHeuristic,
         RiverStage,
         _fitted_lgbm,
-        lambda: Predictor(PredictorSettings(river_after=5, lgbm_after=10), background=False),
+        lambda: Predictor(PredictorSettings(river_after=5, lgbm_after=10)),
     ],
     ids=["heuristic", "river", "lightgbm", "predictor"],
 )
 def test_every_stage_meets_the_scorer_contract(make) -> None:
-    check_scorer(make)
+    check_stage(make)
 
 
 def test_bad_feature_names_the_field() -> None:
@@ -77,7 +78,7 @@ def _holdout_spearman(p: Predictor, holdout: list[tuple[dict[str, float], float]
 def test_learning_curve_and_stage_handover() -> None:
     """Rank correlation on unseen cohorts rises with labels and ends >= 0.85."""
     settings = PredictorSettings(river_after=8, lgbm_after=40, refit_every_labels=20)
-    p = Predictor(settings, background=False)
+    p = Predictor(settings)
     stream = synthetic_stream(0, noise=0.06)
     holdout = take(synthetic_stream(99, noise=0.0), 200)
     start = _holdout_spearman(p, holdout)
@@ -128,7 +129,7 @@ def test_refit_promoted_only_when_it_beats_the_served_model() -> None:
 
 def test_rejected_refit_keeps_the_served_model() -> None:
     settings = PredictorSettings(river_after=8, lgbm_after=40, refit_every_labels=20)
-    p = Predictor(settings, background=False)
+    p = Predictor(settings)
     stream = synthetic_stream(5, noise=0.06)
     for _ in range(39):
         p.learn(*next(stream))
@@ -144,16 +145,20 @@ def test_rejected_refit_keeps_the_served_model() -> None:
 
 def test_background_refit_does_not_block_and_is_applied_on_poll() -> None:
     settings = PredictorSettings(river_after=8, lgbm_after=40, refit_every_labels=1000)
-    p = Predictor(settings, background=True)
+    now = [0.0]
+    host = PredictorHost(Predictor(settings), None, background=True, clock=lambda: now[0])
+    p = host.predictor
     stream = synthetic_stream(2)
     for _ in range(200):
         p.learn(*next(stream))
-    assert p.stage == "river"
-    assert p.refit_if_due(now=None) is False  # not due by count, no clock given
-    assert p.refit_if_due(now=p.clock() + settings.refit_every_s + 1) is True
+    assert p.stage == "river" and not p.refit_due()  # not due by count
+    host.after_batch()
+    assert host.poll_refit(wait=True) is None  # nor by time: nothing started
+    now[0] += settings.refit_every_s + 1
+    host.after_batch()  # due by time: starts on the worker thread
     p.predict(next(stream)[0])  # scoring goes on meanwhile
-    result = p.poll_refit(wait=True)
-    p.close()
+    result = host.poll_refit(wait=True)
+    host.close()
     assert result is not None and result.n_labels == 200
     assert p.stage == ("lightgbm" if result.promoted else "river")
 
@@ -162,32 +167,44 @@ def _probe() -> list[dict[str, float]]:
     return [x for x, _ in take(synthetic_stream(1234), 20)]
 
 
+def _label(cohort_id: str, x: dict[str, float], y: float) -> Label:
+    return Label(cohort_id, 0.0, x, FEATURE_SCHEMA, y, 0.0, "exploit", "v0")
+
+
+def _open(root: Path, settings: PredictorSettings) -> tuple[PredictorHost, StateStore]:
+    state = StateStore(root / "state.sqlite")
+    host = PredictorHost.open(
+        settings, ModelStore(root / "models"), state.labels_since(0), background=False
+    )
+    return host, state
+
+
 def test_restart_resumes_identically(tmp_path: Path) -> None:
     settings = PredictorSettings(river_after=8, lgbm_after=40, refit_every_labels=20)
-    store, log = ModelStore(tmp_path / "models"), LabelLog(tmp_path / "labels.jsonl")
-    p = Predictor(settings, store=store, labels=log, background=False)
+    host, state = _open(tmp_path, settings)
+    p = host.predictor
     stream = synthetic_stream(4)
     for i in range(67):  # the last labels come after the last snapshot: replayed
-        assert p.observe(f"c{i}", *next(stream))
-    assert not p.observe("c3", *next(stream)), "a redelivered label was counted twice"
+        x, y = next(stream)
+        p.learn(x, y)
+        host.after_batch(state.save(None, {}, [], [_label(f"c{i}", x, y)]))
+    # A redelivered label is stored once.
+    state.save(None, {}, [], [_label("c3", *next(stream))])
+    assert state.label_count() == 67
     expected = [p.predict(x) for x in _probe()]
     version, stage, n = p.model_version, p.stage, p.n_labels
-    assert n == 67 and store.latest() is not None
-    del p
+    assert n == 67 and host.store is not None and host.store.latest() is not None
+    state.close()
 
-    q = Predictor.open(
-        settings,
-        store=ModelStore(tmp_path / "models"),
-        labels=LabelLog(tmp_path / "labels.jsonl"),
-        background=False,
-    )
+    again, _ = _open(tmp_path, settings)
+    q = again.predictor
     assert (q.model_version, q.stage, q.n_labels) == (version, stage, n)
     assert [q.predict(x) for x in _probe()] == expected
 
 
 def test_same_labels_same_model() -> None:
     settings = PredictorSettings(river_after=8, lgbm_after=40, refit_every_labels=20)
-    a, b = (Predictor(settings, background=False) for _ in range(2))
+    a, b = (Predictor(settings) for _ in range(2))
     for x, y in take(synthetic_stream(8), 100):
         a.learn(x, y)
     for x, y in take(synthetic_stream(8), 100):
@@ -200,18 +217,26 @@ CHILD = textwrap.dedent(
     """
     import json, sys, time
     from pathlib import Path
-    from daemon.checks import synthetic_stream
+    from lab.checks import synthetic_stream
     from daemon.config import PredictorSettings
-    from daemon.modelstore import LabelLog, ModelStore
-    from daemon.predictor import Predictor
+    from daemon.core.features import FEATURE_SCHEMA
+    from daemon.core.pipeline import Label
+    from daemon.runtime.modelstore import ModelStore
+    from daemon.runtime.predictor_host import PredictorHost
+    from daemon.runtime.state import StateStore
 
     root = Path(sys.argv[1])
     settings = PredictorSettings(river_after=8, lgbm_after=40, refit_every_labels=20)
-    p = Predictor.open(settings, store=ModelStore(root / "models"), labels=LabelLog(root / "labels.jsonl"),
-                       background=False)
+    state = StateStore(root / "state.sqlite")
+    host = PredictorHost.open(settings, ModelStore(root / "models"), state.labels_since(0),
+                              background=False)
+    p = host.predictor
     stream = synthetic_stream(21)
     for i in range(55):
-        p.observe(f"c{i}", *next(stream))
+        x, y = next(stream)
+        p.learn(x, y)
+        host.after_batch(state.save(None, {}, [], [Label(f"c{i}", 0.0, x, FEATURE_SCHEMA, y,
+                                                         0.0, "exploit", "v0")]))
     stream = synthetic_stream(1234)
     probe = [next(stream)[0] for _ in range(20)]
     out = [[q.lift, q.uncertainty, q.stage, q.model_version] for q in map(p.predict, probe)]
@@ -229,17 +254,13 @@ def test_sigkill_after_labels_loses_nothing(tmp_path: Path) -> None:
     )
     try:
         assert child.stdout is not None
-        assert child.stdout.readline().strip() == "ready"
+        lines = iter(child.stdout.readline, "")
+        assert "ready" in (line.strip() for line in lines)
     finally:
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
     settings = PredictorSettings(river_after=8, lgbm_after=40, refit_every_labels=20)
-    q = Predictor.open(
-        settings,
-        store=ModelStore(tmp_path / "models"),
-        labels=LabelLog(tmp_path / "labels.jsonl"),
-        background=False,
-    )
+    q = _open(tmp_path, settings)[0].predictor
     got = [[p.lift, p.uncertainty, p.stage, p.model_version] for p in map(q.predict, _probe())]
     assert got == json.loads((tmp_path / "expected.json").read_text())
     assert q.n_labels == 55
@@ -247,7 +268,7 @@ def test_sigkill_after_labels_loses_nothing(tmp_path: Path) -> None:
 
 def _drift_run(seed: int, n_before: int, n_after: int) -> tuple[int, int]:
     """Drift counts (before, after) the lift function flips at ``n_before``."""
-    p = Predictor(PredictorSettings(river_after=8, lgbm_after=10**6), background=False)
+    p = Predictor(PredictorSettings(river_after=8, lgbm_after=10**6))
     rng = random.Random(seed)
     for _ in range(n_before):
         x = synthetic_features(rng)
@@ -274,9 +295,7 @@ def test_drift_false_alarm_rate_on_a_stationary_stream() -> None:
 
 
 def test_drift_requests_a_refit() -> None:
-    p = Predictor(
-        PredictorSettings(river_after=8, lgbm_after=10, refit_every_labels=10**6), background=False
-    )
+    p = Predictor(PredictorSettings(river_after=8, lgbm_after=10, refit_every_labels=10**6))
     rng = random.Random(7)
     for _ in range(150):
         x = synthetic_features(rng)
@@ -325,7 +344,7 @@ def test_river_does_not_replace_a_heuristic_that_ranks_better() -> None:
     River takes over by count, and hands back once the test-then-train
     evidence shows the heuristic ranking the recent labels better.
     """
-    p = Predictor(PredictorSettings(river_after=8, lgbm_after=10**6), background=False)
+    p = Predictor(PredictorSettings(river_after=8, lgbm_after=10**6))
     rng = random.Random(5)
     stages = []
     for _ in range(60):

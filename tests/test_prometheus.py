@@ -155,7 +155,7 @@ def test_dashboard_shape() -> None:
 
 def _traces_file(path: Path) -> None:
     """Production-like traces (one attempt each) of several slices, and one bad line."""
-    from daemon import tasks
+    from lab import tasks
     from streams.schemas import Attempt, encode
 
     lines = []
@@ -178,7 +178,9 @@ def _get(url: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def prometheus(
+    tmp_path_factory: pytest.TempPathFactory, lab_env: dict[str, str]
+) -> Iterator[str]:
     """A real Prometheus scraping a live ``tapd run`` and ``tapd trainer``.
 
     Both roles run on the embedded transport (one SQLite file) and close the
@@ -197,12 +199,12 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "TAPD_SERVICE__PORT": str(scorer_port),
         "TAPD_SERVICE__POLL_TIMEOUT_S": "0.2",
         "TAPD_COHORTING__MAX_GROUPS": "4",
-        "TAPD_COHORTING__ATTEMPTS_K": "4",
+        "TAPD_GRPO__NUM_GENERATIONS": "4",
         "TAPD_PREDICTOR__RIVER_AFTER": "2",
         "TAPD_THRESHOLDS__MAX_IN_FLIGHT": "2",
         "TAPD_THRESHOLDS__EXPLORATION_SHARE": "1.0",
-        "TAPD_TRAINER__STEPS": "2",
-        "TAPD_TRAINER__PROBE_SIZE": "16",
+        "TAPD_GRPO__STEPS": "2",
+        **lab_env,
         "TAPD_TRAINER__METRICS_PORT": str(trainer_port),
         "TAPD_LOG_LEVEL": "warning",
     }

@@ -9,15 +9,12 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from daemon.rollout import (
-    HFRolloutEngine,
-    VLLMRolloutEngine,
-    fill_attempts,
-    make_rollout_engine,
-    vllm_available,
-)
-from daemon.tokenizer import build_char_tokenizer
-from daemon.verifiers import get_verifier
+from daemon.config import PolicySettings
+from daemon.policy.hf import HFRolloutEngine
+from daemon.policy.rollout import fill_attempts, make_rollout_engine
+from daemon.policy.vllm import VLLMRolloutEngine, vllm_available
+from daemon.verify.registry import get_verifier
+from lab.tokenizer import build_char_tokenizer
 from streams.schemas import Attempt, Trace
 
 PROMPTS = ["1+1=", "What is 12 + 30?", "7"]  # different lengths: left padding is exercised
@@ -150,7 +147,7 @@ def test_fill_attempts_reprobes_stale_traces(engine: HFRolloutEngine) -> None:
 def test_make_rollout_engine_uses_hf_on_cpu(engine: HFRolloutEngine, tmp_path: Path) -> None:
     engine.model.save_pretrained(str(tmp_path))
     engine.tokenizer.save_pretrained(str(tmp_path))
-    made = make_rollout_engine(tmp_path, "cpu")
+    made = make_rollout_engine(PolicySettings(model_path=tmp_path, device="cpu"))
     assert isinstance(made, HFRolloutEngine)
     made.batch_size = engine.batch_size  # batch b is sampled under seed + b
     # The same weights and seed sample the same attempts as the engine it was saved from.
@@ -163,7 +160,7 @@ def test_make_rollout_engine_uses_hf_on_cpu(engine: HFRolloutEngine, tmp_path: P
     not vllm_available(), reason="vLLM is not installed or no GPU is present (HF engine serves)"
 )
 def test_vllm_engine_samples_k_attempts() -> None:
-    from daemon.policy import build_tiny_policy
+    from lab.tiny_policy import build_tiny_policy
 
     path = build_tiny_policy()  # cached after the first build
     eng = VLLMRolloutEngine(str(path), gpu_memory_utilization=0.2)

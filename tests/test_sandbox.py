@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from daemon.sandbox import SandboxLimits, isolation, run_python
+from daemon.verify.sandbox import SandboxLimits, isolation, run_python
 
 LIMITS = SandboxLimits(cpu_s=1.0, wall_s=3.0, memory_mb=200)
 

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
+from typing import Any
 
-from daemon import tasks
-from daemon.cohorting import CohortBuilder
-from daemon.config import CohortingSettings, TapdSettings, Thresholds
-from daemon.decision import decide
-from daemon.features import featurize
-from daemon.metrics import ScorerMetrics
-from daemon.predictor import Predictor
-from daemon.rollout import fill_attempts
-from daemon.scorer import Scorer
+from daemon.config import CohortingSettings, GRPOParams, TapdSettings, Thresholds
+from daemon.core.cohorting import CohortBuilder
+from daemon.core.decision import decide
+from daemon.core.features import featurize
+from daemon.core.pipeline import Effects, Scorer
+from daemon.core.predictor import Predictor
+from daemon.policy.rollout import fill_attempts
+from daemon.runtime.metrics import ScorerMetrics
+from daemon.runtime.observe import observe
+from lab import tasks
 from streams.schemas import (
     LIFT_SCHEMA,
     Attempt,
@@ -31,7 +34,8 @@ K = 4
 
 def _settings(**thresholds: object) -> TapdSettings:
     return TapdSettings(
-        cohorting=CohortingSettings(max_groups=4, min_groups=2, attempts_k=K, max_age_s=60.0),
+        cohorting=CohortingSettings(max_groups=4, min_groups=2, max_age_s=60.0),
+        grpo=GRPOParams(num_generations=K),
         # Arithmetic prompts share one template: keep "diversify" out of the way.
         thresholds=Thresholds.model_validate(
             {
@@ -71,16 +75,29 @@ def _records(traces: list[Trace | bytes], start: int = 0) -> list[Record]:
 
 def _scorer(settings: TapdSettings, metrics: ScorerMetrics | None = None) -> Scorer:
     # Traces carry K attempts, so the rollout engine is never asked for more.
-    return Scorer(
+    scorer = Scorer(
         settings,
         CohortBuilder(settings.cohorting, "v0"),
-        Predictor(settings.predictor, background=False),
+        Predictor(settings.predictor),
         decide,
         lambda cohort, seed: fill_attempts(cohort.traces, None, K, seed),  # type: ignore[arg-type,unused-ignore]
         lambda traces: featurize(traces),
         lambda: settings.thresholds,
-        metrics=metrics,
     )
+    if metrics is not None:
+        # What the shell does with every call's events: log and count them.
+        for name in ("on_traces", "on_tick", "flush", "step", "on_lift"):
+            setattr(scorer, name, _observed(getattr(scorer, name), metrics))
+    return scorer
+
+
+def _observed(call: Callable[..., Effects], metrics: ScorerMetrics) -> Callable[..., Effects]:
+    def run(*args: Any, **kw: Any) -> Effects:
+        fx = call(*args, **kw)
+        observe(fx.events, metrics)
+        return fx
+
+    return run
 
 
 def _lift(d: Dispatch, nll_lift: float) -> bytes:

@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from daemon.config import ServiceSettings, TransportSettings
-from daemon.reliability import ServiceProcess, _wait_ready, free_port, tapd_argv
-from daemon.verifiers import get_verifier
+from daemon.verify.registry import get_verifier
+from lab.reliability import ServiceProcess, _wait_ready, free_port, tapd_argv
 from streams.kafka import client_config
 
 ADMIN_TOKEN = "adm-7f3c9e1b2d4a-secret"

@@ -25,11 +25,11 @@ from typing import Any
 import httpx
 import pytest
 
-from daemon import tasks
 from daemon.config import Topics, TransportSettings
-from daemon.modelstore import LabelLog
+from daemon.runtime.state import StateStore
+from lab import tasks
+from lab.localbroker import KCAT_ARGS
 from streams.factory import open_transport
-from streams.localbroker import KCAT_ARGS
 from streams.schemas import LIFT_SCHEMA, Attempt, Dispatch, LiftResult, decode, encode
 
 REPO = Path(__file__).resolve().parent.parent
@@ -230,7 +230,7 @@ class Scorer:
             "TAPD_STATE_DIR": str(tmp / "state"),
             "TAPD_COHORTING__MAX_GROUPS": "4",
             "TAPD_COHORTING__MIN_GROUPS": "2",
-            "TAPD_COHORTING__ATTEMPTS_K": str(K),
+            "TAPD_GRPO__NUM_GENERATIONS": str(K),
             "TAPD_COHORTING__MAX_AGE_S": "3",
             "TAPD_THRESHOLDS__MAX_IN_FLIGHT": "2",
             "TAPD_THRESHOLDS__MIN_PREDICTED_LIFT": "-10",
@@ -387,9 +387,10 @@ def test_sigkill_at_any_point_loses_and_duplicates_nothing(
     # The bad records are in the DLQ (keyed by their origin, so replays collapse).
     undecodable = [k for k, t in a["dead"].items() if t not in valid]
     assert len(undecodable) == n_bad
-    # Each label once: in the predictor's label log and in its metric.
-    labels = LabelLog(tmp_path / "state" / "labels.jsonl")
-    ids = [lb.cohort_id for lb in labels.since(0)]
+    # Each label once: in the scorer's label store and in its metric.
+    store = StateStore(tmp_path / "state" / "scorer-state.sqlite")
+    ids = [lb.cohort_id for _, lb in store.labels_since(0)]
+    store.close()
     assert len(ids) == len(set(ids)) == len(a["dispatched"])
     assert m["tapd_predictor_labels"] == len(ids)
     # The JSON logs carry the ids that tie a line to its trace, cohort and model.

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.tasks import (
+from daemon.verify.registry import get_verifier
+from lab.tasks import (
     FAMILIES,
     MAX_TASK_CHARS,
     SUBJECTS,
@@ -13,7 +14,6 @@ from daemon.tasks import (
     probe_set,
     to_trace,
 )
-from daemon.verifiers import get_verifier
 from streams.schemas import Trace, decode, encode
 
 TAG_KEYS = {"task_type", "operation", "output_constraint", "background"}

@@ -15,10 +15,13 @@ import torch
 from scipy import stats
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from daemon import policy, tasks
-from daemon.probe import Probe, items_from_tasks
-from daemon.trainer import CohortTrainer, GRPOParams, ItemRejected, same_weights, snapshot
-from daemon.verifiers import get_verifier
+from daemon.config import GRPOParams
+from daemon.policy import store as policy
+from daemon.policy.store import snapshot
+from daemon.trainer.cohort import CohortTrainer, ItemRejected, same_weights
+from daemon.trainer.probe import Probe
+from daemon.verify.registry import get_verifier
+from lab import tasks
 from streams.schemas import LiftResult, decode, encode
 
 pytestmark = pytest.mark.slow
@@ -74,7 +77,7 @@ def policy_pair(tiny_policy: Path) -> Iterator[tuple[PreTrainedModel, PreTrained
 def probe() -> Probe:
     # Held-out items of every subject's easy, frontier and hard skills.
     return Probe(
-        items_from_tasks(tasks.probe_set(PROBE_SIZE, 0)),
+        tasks.probe_items(tasks.probe_set(PROBE_SIZE, 0)),
         get_verifier,
         policy.format_prompt,
         max_new_tokens=8,

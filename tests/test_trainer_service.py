@@ -14,9 +14,10 @@ import pytest
 from prometheus_client import generate_latest
 
 from daemon.config import TapdSettings, TransportSettings
-from daemon.metrics import TrainerMetrics
-from daemon.trainer_service import Rejected, TrainerService, build_trainer, run_trainer, validate
-from daemon.verifiers import get_verifier
+from daemon.runtime.metrics import TrainerMetrics
+from daemon.service.trainer import Rejected, TrainerService, build_trainer, run_trainer, validate
+from daemon.verify.registry import get_verifier
+from lab.tasks import write_probe
 from streams.deadletter import original
 from streams.factory import open_transport
 from streams.schemas import DeadLetter, Dispatch, LiftResult, decode
@@ -35,13 +36,14 @@ def settings_for(tmp_path: Path, transport: TransportSettings, tiny_policy: Path
             "lift": f"t.lift.{suffix}",
             "dlq": f"t.dlq.{suffix}",
         },
-        trainer={  # type: ignore[arg-type]
-            "mode": "probe_revert",
+        policy={  # type: ignore[arg-type]
             "model_path": tiny_policy,
             "device": "cpu",
-            "steps": 2,
-            "probe_size": 17,
-            "max_completion_length": 8,
+            "probe_path": write_probe(tmp_path / "probe.jsonl", 17, seed=0),
+        },
+        grpo={"steps": 2, "max_completion_length": 8},  # type: ignore[arg-type]
+        trainer={  # type: ignore[arg-type]
+            "mode": "probe_revert",
             "group": f"tapd-trainer-{suffix}",
             "metrics_port": 0,
         },

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 
 from daemon.config import TransportSettings
+from lab.localbroker import KCAT_ARGS, LocalBroker
 from streams.deadletter import route
 from streams.factory import open_transport
 from streams.kafka import KafkaTransport, client_config
-from streams.localbroker import KCAT_ARGS, LocalBroker
 from streams.schemas import Dispatch, LiftResult, Trace, decode, encode
 from streams.transport import Consumer, Record, TopicPartition, Transport, next_offsets
 
@@ -398,7 +398,7 @@ def test_broker_restart_loses_no_flushed_record() -> None:
 
 
 def test_ping_is_false_without_a_broker() -> None:
-    from streams.localbroker import free_port
+    from lab.localbroker import free_port
 
     transport = KafkaTransport(
         TransportSettings(kind="kafka", bootstrap_servers=f"127.0.0.1:{free_port()}")
@@ -450,7 +450,7 @@ def test_security_settings_reach_the_client(tmp_path: Path) -> None:
 def test_password_never_shows_in_repr_or_logs(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from streams.localbroker import free_port
+    from lab.localbroker import free_port
 
     settings = _secure(tmp_path, bootstrap=f"127.0.0.1:{free_port()}")
     transport = KafkaTransport(settings)

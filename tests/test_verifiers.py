@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.verifiers import (
+from daemon.verify.registry import (
     BadReference,
     UnknownVerifier,
     VerifierArgsError,

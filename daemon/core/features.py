@@ -1,0 +1,416 @@
+"""Cohort features: the ordered, versioned vector the predictor sees.
+
+The names and their order are a contract (``FEATURE_SCHEMA``); a change of
+either bumps the schema version, and persisted predictor models record the
+version they were trained on. Formulas are in ``docs/FEATURES.md``.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
+
+import numpy as np
+
+from daemon.core.cohorting import Cohort
+from daemon.core.similarity import jaccard, ngrams, norm, normalize, template
+from streams.rejection import Rejection
+from streams.schemas import Attempt, Trace
+
+FEATURE_SCHEMA = "tapd.features/1"
+
+# The 23 features of the TAP appendix (seed 001), then reward integrity and
+# coverage from xLift (seed 000).
+LEARNABILITY = (
+    "adv_std",
+    "frac_nondegenerate",
+    "adv_absmean",
+    "frac_all_correct",
+    "frac_all_wrong",
+    "reward_mean",
+    "reward_std",
+    "pass_rate",
+    "group_passrate_mean",
+    "group_passrate_std",
+)
+RELEVANCE = ("target_similarity",)
+SHAPE = ("len_mean", "len_std", "n_groups")
+FAMILIARITY = (
+    "mean_logprob",
+    "surprisal_mean",
+    "entropy_mean",
+    "logprob_p10",
+    "logprob_p50",
+    "logprob_p90",
+    "confidence_slope",
+    "redundancy_mean",
+    "min_logprob_mean",
+)
+INTEGRITY = ("reward_trust",)
+COVERAGE = ("near_duplicate_rate", "template_repetition")
+
+FEATURE_NAMES: tuple[str, ...] = (
+    LEARNABILITY + RELEVANCE + SHAPE + FAMILIARITY + INTEGRITY + COVERAGE
+)
+
+# Directions the seeds establish (TAP appendix, "Monotone"): +1 lift rises
+# with the feature, -1 it falls, 0 no constraint.
+MONOTONE: dict[str, int] = {
+    "adv_std": 1,
+    "frac_nondegenerate": 1,
+    "frac_all_correct": -1,
+    "frac_all_wrong": -1,
+}
+
+# Rewards at or over this pass (binary rewards are 0/1; graded ones pass at 0.5).
+SUCCESS_THRESHOLD = 0.5
+# TRL GRPOTrainer (1.16, scale_rewards="group", its default): advantages are
+# (r - group mean) / (group sample std + 1e-4).
+ADV_EPS = 1e-4
+NEAR_DUPLICATE_JACCARD = 0.8
+# Prompts of a cohort whose verifier is red-teamed (bounds the verifier calls).
+MAX_TRUST_PROMPTS = 16
+_MCQ_OPTIONS = "ABCDEFGHIJ"
+
+GroupClass = Literal["disagree", "known", "no_foothold"]
+
+
+class FeatureError(Rejection):
+    """A cohort or feature vector that cannot be used: ``field`` and ``reason`` say why."""
+
+    @property
+    def feature(self) -> str:
+        """The feature's bare name, for ``features.<name>`` fields."""
+        return self.field.removeprefix("features.")
+
+
+# -- learnability --------------------------------------------------------------
+
+
+def group_advantages(rewards: Sequence[float] | np.ndarray) -> np.ndarray:
+    """GRPO advantages of one prompt group, as TRL computes them by default.
+
+    A group of one has no spread (TRL uses std 0 there), so its advantage is 0.
+    """
+    r = np.asarray(rewards, dtype=np.float64)
+    std = float(r.std(ddof=1)) if r.size > 1 else 0.0
+    return (r - r.mean()) / (std + ADV_EPS)
+
+
+def classify_group(rewards: Sequence[float] | np.ndarray) -> GroupClass:
+    """The seeds' worked example: 5/8 disagree, 8/8 already known, 0/8 no foothold."""
+    passed = [r >= SUCCESS_THRESHOLD for r in rewards]
+    if not passed:
+        raise FeatureError("rewards", "a prompt group needs at least one attempt")
+    if all(passed):
+        return "known"
+    if not any(passed):
+        return "no_foothold"
+    return "disagree"
+
+
+def _learnability(groups: list[np.ndarray]) -> dict[str, float]:
+    rewards = np.concatenate(groups)
+    adv = np.concatenate([group_advantages(g) for g in groups])
+    group_pass = np.array([float((g >= SUCCESS_THRESHOLD).mean()) for g in groups])
+    return {
+        "adv_std": float(adv.std()),
+        "frac_nondegenerate": float(np.mean([g.max() != g.min() for g in groups])),
+        "adv_absmean": float(np.abs(adv).mean()),
+        "frac_all_correct": float(np.mean(group_pass == 1.0)),
+        "frac_all_wrong": float(np.mean(group_pass == 0.0)),
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std()),
+        "pass_rate": float((rewards >= SUCCESS_THRESHOLD).mean()),
+        "group_passrate_mean": float(group_pass.mean()),
+        "group_passrate_std": float(group_pass.std()),
+    }
+
+
+# -- familiarity ---------------------------------------------------------------
+
+
+def _pool(arrays: Sequence[Sequence[float]], total: int) -> np.ndarray:
+    # One pass over a flat iterator: far cheaper than one array per attempt.
+    return np.fromiter(itertools.chain.from_iterable(arrays), dtype=np.float64, count=total)
+
+
+def _familiarity(attempts: list[Attempt]) -> dict[str, float]:
+    """Per-attempt token statistics, from full arrays when shipped, else TokenStats."""
+    arrays = [a.token_logprobs for a in attempts if a.token_logprobs]
+    stats = [a.stats for a in attempts if not a.token_logprobs and a.stats is not None]
+    stats_tokens = [
+        max(a.n_tokens, 1) for a in attempts if not a.token_logprobs and a.stats is not None
+    ]
+    if not arrays and not stats:
+        return dict.fromkeys(FAMILIARITY, 0.0)
+
+    mean_lp: list[np.ndarray] = []
+    surprisal: list[np.ndarray] = []
+    min_lp: list[np.ndarray] = []
+    slope: list[np.ndarray] = []
+    prob: list[np.ndarray] = []
+    if arrays:
+        lengths = np.fromiter((len(x) for x in arrays), dtype=np.int64, count=len(arrays))
+        pooled = _pool(arrays, int(lengths.sum()))
+        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        cs = np.concatenate(([0.0], np.cumsum(pooled)))
+        sums = cs[starts + lengths] - cs[starts]
+        half = lengths // 2
+        early = (cs[starts + half] - cs[starts]) / np.maximum(half, 1)
+        late = (cs[starts + lengths] - cs[starts + half]) / (lengths - half)
+        mean_lp.append(sums / lengths)
+        surprisal.append(-sums)
+        min_lp.append(np.minimum.reduceat(pooled, starts))
+        # One token has no early and late half: no slope.
+        slope.append(np.where(lengths >= 2, late - early, 0.0))
+        prob.append(np.add.reduceat(np.exp(pooled), starts) / lengths)
+        p10, p50, p90 = np.percentile(pooled, [10, 50, 90])
+    else:
+        w = np.asarray(stats_tokens, dtype=np.float64)
+        p10, p50, p90 = (
+            float(np.average([getattr(s, f"logprob_{q}") for s in stats], weights=w))
+            for q in ("p10", "p50", "p90")
+        )
+    if stats:
+        s_mean = np.array([s.logprob_mean for s in stats])
+        mean_lp.append(s_mean)
+        surprisal.append(-s_mean * np.asarray(stats_tokens, dtype=np.float64))
+        min_lp.append(np.array([s.logprob_min for s in stats]))
+        slope.append(np.array([s.logprob_late - s.logprob_early for s in stats]))
+        prob.append(np.array([s.prob_mean for s in stats]))
+
+    ent_arrays = [a.token_entropies for a in attempts if a.token_entropies]
+    entropies: list[float] = []
+    if ent_arrays:
+        ent_len = np.fromiter((len(x) for x in ent_arrays), dtype=np.int64, count=len(ent_arrays))
+        ent_starts = np.concatenate(([0], np.cumsum(ent_len)[:-1]))
+        ent_sums = np.add.reduceat(_pool(ent_arrays, int(ent_len.sum())), ent_starts)
+        entropies.extend((ent_sums / ent_len).tolist())
+    entropies += [
+        a.stats.entropy_mean
+        for a in attempts
+        if not a.token_entropies and a.stats is not None and a.stats.entropy_mean is not None
+    ]
+    return {
+        "mean_logprob": float(np.concatenate(mean_lp).mean()),
+        "surprisal_mean": float(np.concatenate(surprisal).mean()),
+        "entropy_mean": float(np.mean(entropies)) if entropies else 0.0,
+        "logprob_p10": float(p10),
+        "logprob_p50": float(p50),
+        "logprob_p90": float(p90),
+        "confidence_slope": float(np.concatenate(slope).mean()),
+        "redundancy_mean": float(np.concatenate(prob).mean()),
+        "min_logprob_mean": float(np.concatenate(min_lp).mean()),
+    }
+
+
+# -- relevance and coverage ----------------------------------------------------
+
+
+class _ProbeIndex:
+    """The probe prompts' n-gram vectors as one row-normalised matrix."""
+
+    def __init__(self, probe_prompts: Sequence[str]) -> None:
+        vecs = [ngrams(p) for p in probe_prompts]
+        self.vocab: dict[str, int] = {}
+        for v in vecs:
+            for g in v:
+                self.vocab.setdefault(g, len(self.vocab))
+        m = np.zeros((len(vecs), len(self.vocab)))
+        for i, v in enumerate(vecs):
+            for g, c in v.items():
+                m[i, self.vocab[g]] = c
+        norms = np.linalg.norm(m, axis=1, keepdims=True)
+        self.matrix = np.divide(m, norms, out=np.zeros_like(m), where=norms > 0)
+
+    def best_cosine(self, text: str) -> float:
+        vec = ngrams(text)
+        x = np.zeros(len(self.vocab))
+        for g, c in vec.items():
+            j = self.vocab.get(g)
+            if j is not None:
+                x[j] = c
+        n = norm(vec)
+        return float((self.matrix @ x).max() / n) if n and len(self.matrix) else 0.0
+
+
+@functools.lru_cache(maxsize=8)
+def _probe_index(probe_prompts: tuple[str, ...]) -> _ProbeIndex:
+    # The probe set changes rarely and is shared by every cohort: embed it once.
+    return _ProbeIndex(probe_prompts)
+
+
+def target_similarity(prompts: Sequence[str], probe_prompts: Sequence[str] | None) -> float:
+    """Mean over prompts of the best character-3-gram cosine to any probe prompt."""
+    if not probe_prompts or not prompts:
+        return 0.0
+    index = _probe_index(tuple(probe_prompts))
+    return float(np.mean([index.best_cosine(p) for p in prompts]))
+
+
+def near_duplicate_rate(prompts: Sequence[str]) -> float:
+    """Share of prompts with another prompt of 3-gram Jaccard >= 0.8 in the cohort."""
+    sets = [set(ngrams(p)) for p in prompts]
+    n = len(sets)
+    dup = [False] * n
+    for i in range(n):
+        for j in range(i + 1, n):
+            if (not dup[i] or not dup[j]) and jaccard(sets[i], sets[j]) >= NEAR_DUPLICATE_JACCARD:
+                dup[i] = dup[j] = True
+    return sum(dup) / n if n else 0.0
+
+
+def template_repetition(prompts: Sequence[str]) -> float:
+    """1 - distinct templates / prompts, a template being the prompt with numbers masked."""
+    if not prompts:
+        return 0.0
+    return 1.0 - len({template(p) for p in prompts}) / len(prompts)
+
+
+# -- reward integrity ----------------------------------------------------------
+
+
+def bad_answers(prompt: str, reference: str) -> list[str]:
+    """Answers a sound verifier must not reward for ``reference``.
+
+    Wrong (the reference perturbed), trivial (empty, the prompt echoed) and
+    adversarial (every MCQ option at once, the answer padded to a longer
+    number or word, its first digit followed by junk, the answer embedded in
+    junk, a hedge of the answer and a wrong one). An answer that normalises
+    to the reference itself is left out: rewarding it is correct.
+    """
+    ref = reference.strip()
+    if any(c.isdigit() for c in ref):
+        wrong = "".join(str((int(c) + 1) % 10) if c.isdigit() else c for c in ref)
+    elif len(ref) == 1 and ref.upper() in _MCQ_OPTIONS:
+        wrong = _MCQ_OPTIONS[(_MCQ_OPTIONS.index(ref.upper()) + 1) % len(_MCQ_OPTIONS)]
+    else:
+        wrong = f"not {ref}"
+    digits = [c for c in ref if c.isdigit()]
+    candidates = [
+        wrong,
+        "",
+        prompt,
+        " ".join(_MCQ_OPTIONS[:5]),
+        # A wrong, longer number (or word) that contains the answer.
+        f"{ref}9" if digits else f"{ref}x",
+        f"zq{ref}qz",
+        f"{ref} or {wrong}",
+    ]
+    # Knowing only the leading digit must not pass; with a one-digit answer
+    # "5#zq" is the whole answer plus junk, which a lenient parser may accept.
+    if digits and normalize(digits[0]) != normalize(ref):
+        candidates.insert(5, f"{digits[0]}#zq")
+    target = normalize(ref)
+    out: list[str] = []
+    for c in candidates:
+        if normalize(c) != target and c not in out:
+            out.append(c)
+    return out
+
+
+def _verifier_key(trace: Trace) -> tuple[str, str]:
+    return trace.verifier, json.dumps(trace.verifier_args, sort_keys=True, default=str)
+
+
+def reward_trust(traces: Sequence[Trace]) -> float:
+    """1 - share of known-bad answers the cohort's verifiers reward (pass).
+
+    Up to ``MAX_TRUST_PROMPTS`` prompts (lowest trace ids: independent of
+    arrival order) are probed. An unknown verifier cannot be trusted: each of
+    its probes counts as rewarded. A verifier that raises on a bad answer
+    did not reward it.
+    """
+    from daemon.verify.registry import get_verifier
+
+    chosen = sorted(traces, key=lambda t: t.trace_id)[:MAX_TRUST_PROMPTS]
+    cache: dict[tuple[str, str], Callable[[str, str], float] | None] = {}
+    rewarded = total = 0
+    for t in chosen:
+        key = _verifier_key(t)
+        if key not in cache:
+            try:
+                cache[key] = get_verifier(t.verifier, t.verifier_args)
+            except ValueError:
+                cache[key] = None
+        verify = cache[key]
+        for answer in bad_answers(t.prompt, t.reference):
+            total += 1
+            if verify is None:
+                rewarded += 1
+                continue
+            try:
+                reward = float(verify(answer, t.reference))
+            except Exception:
+                continue
+            rewarded += reward >= SUCCESS_THRESHOLD
+    return 1.0 - rewarded / total if total else 1.0
+
+
+# -- the feature vector --------------------------------------------------------
+
+
+def featurize(
+    cohort_or_traces: Cohort | Sequence[Trace],
+    *,
+    probe_prompts: Sequence[str] | None = None,
+    verifier_probe: bool = True,
+) -> dict[str, float]:
+    """All ``FEATURE_NAMES``, in order, as finite floats; formulas in docs/FEATURES.md.
+
+    Every trace is one prompt group and needs at least one attempt (the
+    rollout engine tops groups up to K before this is called).
+    """
+    traces = cohort_or_traces.traces if isinstance(cohort_or_traces, Cohort) else cohort_or_traces
+    if not traces:
+        raise FeatureError("traces", "a cohort needs at least one trace")
+    for i, t in enumerate(traces):
+        if not t.attempts:
+            raise FeatureError(
+                f"traces[{i}].attempts", f"trace {t.trace_id!r} has no attempts to learn from"
+            )
+    groups = [np.fromiter((a.reward for a in t.attempts), dtype=np.float64) for t in traces]
+    attempts = [a for t in traces for a in t.attempts]
+    prompts = [t.prompt for t in traces]
+    lengths = np.fromiter((a.n_tokens for a in attempts), dtype=np.float64, count=len(attempts))
+
+    values: dict[str, float] = {
+        **_learnability(groups),
+        "target_similarity": target_similarity(prompts, probe_prompts),
+        "len_mean": float(lengths.mean()),
+        "len_std": float(lengths.std()),
+        "n_groups": float(len(traces)),
+        **_familiarity(attempts),
+        "reward_trust": reward_trust(traces) if verifier_probe else 1.0,
+        "near_duplicate_rate": near_duplicate_rate(prompts),
+        "template_repetition": template_repetition(prompts),
+    }
+    out = {name: float(values[name]) for name in FEATURE_NAMES}
+    for name, v in out.items():
+        if not math.isfinite(v):
+            raise FeatureError(f"features.{name}", f"computed {v}: every feature must be finite")
+    return out
+
+
+def feature_vector(features: Mapping[str, float]) -> list[float]:
+    """The features in ``FEATURE_NAMES`` order; extra keys are ignored (newer schemas).
+
+    Every value must be a finite number (not a bool): a feature vector comes
+    from messages (lift labels, dispatches) as well as from :func:`featurize`.
+    """
+    out: list[float] = []
+    for name in FEATURE_NAMES:
+        if name not in features:
+            raise FeatureError(f"features.{name}", "missing")
+        v = features[name]
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise FeatureError(f"features.{name}", f"not a number ({type(v).__name__})")
+        if not math.isfinite(v):
+            raise FeatureError(f"features.{name}", f"not finite ({v!r})")
+        out.append(float(v))
+    return out

@@ -1,0 +1,718 @@
+"""The scoring pipeline as values in, effects out: no I/O, no clock, no threads.
+
+traces -> cohorts -> (rollouts) -> features -> predictor -> decision -> dispatch
+lift   -> learn (once per cohort id) -> online quality
+
+The :class:`Scorer` is fed records (bytes as read from the log) and the
+clock's ``now``; each call returns :class:`Effects`: the dispatches, dead
+letters, decision records and labels to put on the log, and the typed
+events (:mod:`daemon.core.events`) that the shell logs and counts. The service shell
+persists them in its outbox together with :meth:`Scorer.snapshot` and the
+consumed offsets, so the whole of the scorer's memory survives a crash.
+
+Work is split so that the poll loop stays responsive:
+
+* ``on_traces`` and ``on_tick`` are cheap: decode, cohort, queue closed cohorts.
+* ``step(now, max_cohorts)`` does the slow part (rollouts, features, predict)
+  for a bounded number of queued cohorts, decides them as one window and
+  dispatches the chosen ones; it scores nothing while ``max_in_flight``
+  cohorts await their lift.
+* ``accepting_traces`` is the backpressure signal: false while the in-flight
+  cap is reached or closed cohorts pile up, so the shell pauses trace
+  consumption (it keeps reading the lift topic, which is what frees slots).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from daemon.config import TapdSettings, Thresholds, Topics
+from daemon.core import events as ev
+from daemon.core.cohorting import Closed, Cohort, CohortBuilder, Duplicate, Rejected, Stale
+from daemon.core.decision import ScoredCohort
+from daemon.core.features import FEATURE_SCHEMA
+from streams.deadletter import dead_letter as build_dead_letter
+from streams.deadletter import original
+from streams.schemas import (
+    DISPATCH_SCHEMA,
+    DeadLetter,
+    Dispatch,
+    DispatchItem,
+    LiftResult,
+    SchemaError,
+    Trace,
+    decode,
+    encode,
+)
+from streams.transport import OutMessage, Record
+
+SNAPSHOT_SCHEMA = "tapd.scorer/1"
+DECISION_SCHEMA = "tapd.decision/1"
+LABEL_SCHEMA = "tapd.label/1"
+# Lift cohort ids remembered to make learning idempotent. A redelivery older
+# than this many labels would be learned twice; the lift topic's retention
+# and the commit cadence keep redeliveries far younger than that.
+LEARNED_WINDOW = 200_000
+
+
+# --- collaborators (implemented in daemon.core.predictor / decision / rollout) ----
+
+
+class PredictionLike(Protocol):
+    lift: float
+    uncertainty: float
+    stage: str
+    model_version: str
+
+
+class PredictorLike(Protocol):
+    def predict(self, features: Mapping[str, float]) -> Any: ...
+
+    def learn(
+        self, features: Mapping[str, float], realized_lift: float, selection: str = ...
+    ) -> None: ...
+
+
+# (window of scored cohorts, thresholds, in-flight count, rng) -> a decision
+# each (daemon.core.decision.decide).
+Decide = Callable[[Sequence[ScoredCohort], Thresholds, int, random.Random], Sequence[Any]]
+
+
+class FillResultLike(Protocol):
+    @property
+    def traces(self) -> Sequence[Trace]: ...
+
+    @property
+    def rejected(self) -> Sequence[Rejected]: ...
+
+
+# (cohort, seed) -> its traces topped up to K attempts, and the ones rejected
+# (daemon.policy.rollout.fill_attempts with the current policy).
+FillFn = Callable[[Cohort, int], FillResultLike]
+FeaturizeFn = Callable[[Sequence[Trace]], Mapping[str, float]]
+
+
+# --- effects -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRecord:
+    cohort_id: str
+    ts: float
+    slice_key: str
+    subject: str
+    n_groups: int
+    features: Mapping[str, float]
+    predicted_lift: float
+    uncertainty: float
+    stage: str
+    model_version: str
+    recommendation: str
+    reason: str
+    selection: str | None
+    dispatched: bool
+    shadow: bool
+    # Members, so that an audit can account for every trace from the topics alone.
+    trace_ids: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.__slots__}
+        out["trace_ids"] = list(self.trace_ids)
+        return {"schema": DECISION_SCHEMA, **out}
+
+
+@dataclass(frozen=True, slots=True)
+class Label:
+    """One realized lift learned by the predictor (compacted by cohort id)."""
+
+    cohort_id: str
+    ts: float
+    features: Mapping[str, float]
+    feature_schema: str
+    realized_lift: float
+    predicted_lift: float
+    selection: str
+    model_version: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": LABEL_SCHEMA, **{k: getattr(self, k) for k in self.__slots__}}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Label:
+        if d.get("schema") != LABEL_SCHEMA:
+            raise ValueError(f"schema: expected {LABEL_SCHEMA!r}, got {d.get('schema')!r}")
+        return cls(
+            cohort_id=str(d["cohort_id"]),
+            ts=float(d["ts"]),
+            features={str(k): float(v) for k, v in d["features"].items()},
+            feature_schema=str(d["feature_schema"]),
+            realized_lift=float(d["realized_lift"]),
+            predicted_lift=float(d["predicted_lift"]),
+            selection=str(d["selection"]),
+            model_version=str(d["model_version"]),
+        )
+
+
+@dataclass
+class Effects:
+    dispatches: list[Dispatch] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    decisions: list[DecisionRecord] = field(default_factory=list)
+    labels: list[Label] = field(default_factory=list)
+    events: list[ev.Event] = field(default_factory=list)
+
+    def __iadd__(self, other: Effects) -> Effects:
+        self.dispatches += other.dispatches
+        self.dead_letters += other.dead_letters
+        self.decisions += other.decisions
+        self.labels += other.labels
+        self.events += other.events
+        return self
+
+    def __bool__(self) -> bool:
+        return bool(self.dispatches or self.dead_letters or self.decisions or self.labels)
+
+    def messages(self, topics: Topics) -> list[OutMessage]:
+        """The records to produce, keyed by their idempotency key."""
+        out = [OutMessage(topics.dlq, _dlq_key(d).encode(), encode(d)) for d in self.dead_letters]
+        out += [
+            OutMessage(topics.decisions, d.cohort_id.encode(), _json(d.to_json()))
+            for d in self.decisions
+        ]
+        out += [
+            OutMessage(topics.dispatch, d.cohort_id.encode(), encode(d)) for d in self.dispatches
+        ]
+        out += [
+            OutMessage(topics.labels, lb.cohort_id.encode(), _json(lb.to_json()))
+            for lb in self.labels
+        ]
+        return out
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _dlq_key(d: DeadLetter) -> str:
+    # Where the original came from: a replayed rejection has the same key.
+    return f"{d.source_topic}/{d.partition}/{d.offset}"
+
+
+def dead_letter(record: Record, stage: str, field_name: str, reason: str, now: float) -> DeadLetter:
+    """The dead letter for a record (streams.deadletter builds every one tapd sends)."""
+    return build_dead_letter(
+        record.value,
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        stage=stage,
+        field=field_name,
+        reason=reason,
+        ts=now,
+    )
+
+
+# --- bookkeeping ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Scored:
+    cohort: Cohort
+    traces: tuple[Trace, ...]
+    features: dict[str, float]
+    prediction: Any
+
+
+@dataclass(frozen=True, slots=True)
+class InFlight:
+    cohort_id: str
+    selection: str
+    predicted_lift: float
+    dispatched_ts: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Origin:
+    """Where a trace was read, so that a later rejection can cite the original bytes."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+def _cohort_json(c: Cohort) -> dict[str, Any]:
+    return {
+        "cohort_id": c.cohort_id,
+        "slice_key": c.slice_key,
+        "subject": c.subject,
+        "traces": [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in c.traces],
+        "opened_ts": c.opened_ts,
+        "closed_ts": c.closed_ts,
+        "cause": c.cause,
+        "reprobe_ids": sorted(c.reprobe_ids),
+        "policy_version": c.policy_version,
+    }
+
+
+def _cohort_from(d: Mapping[str, Any]) -> Cohort:
+    return Cohort(
+        cohort_id=str(d["cohort_id"]),
+        slice_key=str(d["slice_key"]),
+        subject=str(d["subject"]),
+        traces=tuple(Trace.model_validate(t) for t in d["traces"]),
+        opened_ts=float(d["opened_ts"]),
+        closed_ts=float(d["closed_ts"]),
+        cause=d["cause"],
+        reprobe_ids=frozenset(d.get("reprobe_ids", ())),
+        policy_version=str(d.get("policy_version", "")),
+    )
+
+
+def dispatch_for(
+    cohort: Cohort,
+    traces: Sequence[Trace],
+    features: Mapping[str, float],
+    prediction: Any,
+    recommendation: str,
+    selection: str,
+    now: float,
+) -> Dispatch:
+    return Dispatch.model_validate(
+        {
+            "schema": DISPATCH_SCHEMA,
+            "cohort_id": cohort.cohort_id,
+            "slice_key": cohort.slice_key,
+            "subject": cohort.subject,
+            "ts": now,
+            "policy_version": cohort.policy_version or cohort.traces[0].policy_version,
+            "model_version": str(prediction.model_version),
+            "feature_schema": FEATURE_SCHEMA,
+            "features": dict(features),
+            "predicted_lift": float(prediction.lift),
+            "uncertainty": max(0.0, float(prediction.uncertainty)),
+            "selection": selection,
+            "recommendation": recommendation,
+            "items": [
+                DispatchItem(
+                    trace_id=t.trace_id,
+                    prompt=t.prompt,
+                    reference=t.reference,
+                    verifier=t.verifier,
+                    verifier_args=t.verifier_args,
+                ).model_dump(mode="json")
+                for t in traces
+            ],
+        }
+    )
+
+
+# --- the pipeline -----------------------------------------------------------------
+
+
+class Scorer:
+    """The stateful pipeline core; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: TapdSettings,
+        cohorts: CohortBuilder,
+        predictor: PredictorLike,
+        decide: Decide,
+        fill: FillFn,
+        featurize: FeaturizeFn,
+        thresholds: Callable[[], Thresholds],
+        timer: Callable[[], float] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.settings = settings
+        self.cohorts = cohorts
+        self.predictor = predictor
+        self.decide = decide
+        self.fill = fill
+        self.featurize = featurize
+        self.thresholds = thresholds
+        # A monotonic clock for stage timings, injected by the shell (None: untimed).
+        self.timer = timer
+        self._events: list[ev.Event] = []
+        self.rng = random.Random(seed)
+        self.seed = seed
+        # Closed cohorts waiting for the slow scoring step.
+        self.pending: deque[Cohort] = deque()
+        self.in_flight: OrderedDict[str, InFlight] = OrderedDict()
+        self.learned: OrderedDict[str, None] = OrderedDict()
+        self._origins: dict[str, _Origin] = {}  # trace id -> where it was read (open cohorts)
+        self._json_cache: dict[str, dict[str, Any]] = {}
+
+    # --- backpressure ----------------------------------------------------------
+
+    @property
+    def max_in_flight(self) -> int:
+        return self.thresholds().max_in_flight
+
+    def accepting_traces(self) -> bool:
+        """False while the trainer is the bottleneck: the shell pauses trace consumption."""
+        if len(self.in_flight) >= self.max_in_flight:
+            return False
+        return len(self.pending) <= self.max_in_flight
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.pending) and self._slots() > 0
+
+    def _slots(self) -> int:
+        return self.max_in_flight - len(self.in_flight)
+
+    # --- traces ----------------------------------------------------------------
+
+    def on_traces(self, records: Sequence[Record], now: float) -> Effects:
+        """Decode and cohort a batch of trace records (cheap)."""
+        fx = Effects()
+        if records:
+            self._emit(ev.TracesConsumed(len(records)))
+        for rec in records:
+            with self._timed("decode"):
+                try:
+                    trace = decode(rec.value, Trace)
+                except SchemaError as e:
+                    fx.dead_letters.append(dead_letter(rec, "decode", e.field, e.reason, now))
+                    self._emit(ev.TraceRejected("decode", e.field, e.reason, offset=rec.offset))
+                    continue
+            with self._timed("cohorting"):
+                events = self.cohorts.on_item(trace, now)
+                if not any(isinstance(e, Duplicate) for e in events):
+                    # Remembered until the trace's fate is decided (scored or rejected).
+                    self._origins[trace.trace_id] = _Origin(rec.topic, rec.partition, rec.offset)
+                fx += self._cohort_events(events, now, rec)
+        return self._done(fx)
+
+    def on_tick(self, now: float) -> Effects:
+        fx = self.expire_in_flight(now)
+        fx += self._cohort_events(self.cohorts.on_tick(now), now, None)
+        return self._done(fx)
+
+    def flush(self, now: float) -> Effects:
+        """Close every open cohort (end of a finite stream: replay, demo)."""
+        return self._done(self._cohort_events(self.cohorts.flush_all(now), now, None))
+
+    def _cohort_events(self, events: Sequence[Any], now: float, rec: Record | None) -> Effects:
+        fx = Effects()
+        for e in events:
+            if isinstance(e, Closed):
+                self.pending.append(e.cohort)
+                self._emit(ev.CohortClosed(e.cohort.cohort_id, e.cause, e.cohort.n_groups))
+            elif isinstance(e, Rejected):
+                origin = self._origins.pop(e.trace.trace_id, None)
+                fx.dead_letters.append(self._reject_trace(e, origin, rec, now))
+            elif isinstance(e, Duplicate):
+                self._emit(ev.TraceDuplicate(e.trace_id))
+            elif isinstance(e, Stale):
+                self._emit(ev.TraceStale(e.trace.trace_id, e.action, e.trace.policy_version))
+        return fx
+
+    def _reject_trace(
+        self, rej: Rejected, origin: _Origin | None, rec: Record | None, now: float
+    ) -> DeadLetter:
+        # The dead letter keeps the trace as JSON: re-encoding is lossless for
+        # a trace that validated, and the record may be long gone by now.
+        raw = encode(rej.trace)
+        if origin is not None:
+            src = Record(origin.topic, origin.partition, origin.offset, None, raw, 0)
+        elif rec is not None:
+            src = replace(rec, value=raw)
+        else:
+            src = Record(self.settings.topics.traces, -1, -1, None, raw, 0)
+        self._emit(ev.TraceRejected(rej.stage, rej.field, rej.reason, trace_id=rej.trace.trace_id))
+        return dead_letter(src, rej.stage, rej.field, rej.reason, now)
+
+    # --- scoring (slow) --------------------------------------------------------
+
+    def step(self, now: float, max_cohorts: int = 1) -> Effects:
+        """Score up to ``max_cohorts`` queued cohorts as one decision window.
+
+        Nothing is scored while every in-flight slot is taken: a cohort's
+        chance to be dispatched is decided when it is scored, so it waits
+        (queued, in the snapshot) until a lift result frees a slot.
+        """
+        fx = Effects()
+        # A window never holds more cohorts than free slots: a "train" cohort
+        # must not lose its chance because its window was full.
+        n = max(0, min(max_cohorts, len(self.pending), self._slots()))
+        window = [self.pending.popleft() for _ in range(n)]
+        scored: list[_Scored] = []
+        for cohort in window:
+            try:
+                item = self._featurize(cohort, now, fx)
+            finally:
+                self._json_cache.pop(cohort.cohort_id, None)
+                for t in cohort.traces:
+                    self._origins.pop(t.trace_id, None)
+            if item is not None:
+                scored.append(item)
+        if scored:
+            fx += self._decide(scored, now)
+        return self._done(fx)
+
+    def _featurize(self, cohort: Cohort, now: float, fx: Effects) -> _Scored | None:
+        """Rollouts, features and prediction; ``None`` (and dead letters) if it cannot be."""
+        rejected: set[str] = set()
+        try:
+            with self._timed("rollout"):
+                filled = self.fill(cohort, self._cohort_seed(cohort))
+            for rej in filled.rejected:
+                rejected.add(rej.trace.trace_id)
+                origin = self._origins.get(rej.trace.trace_id)
+                fx.dead_letters.append(self._reject_trace(rej, origin, None, now))
+            traces = list(filled.traces)
+            if len(traces) < self.settings.cohorting.min_groups:
+                raise ValueError(
+                    f"{len(traces)} prompt groups left after rollouts, under min_groups="
+                    f"{self.settings.cohorting.min_groups}"
+                )
+            with self._timed("features"):
+                features = {k: float(v) for k, v in self.featurize(traces).items()}
+            with self._timed("predict"):
+                prediction = self.predictor.predict(features)
+        except (ValueError, SchemaError) as e:
+            # A cohort that cannot be scored is data, not a crash: every
+            # member not already rejected by its verifier goes to the DLQ,
+            # so that each trace still meets exactly one fate.
+            for t in cohort.traces:
+                if t.trace_id in rejected:
+                    continue
+                origin = self._origins.get(t.trace_id)
+                fx.dead_letters.append(
+                    self._reject_trace(
+                        Rejected(t, "features", "cohort", str(e)), origin, None, now
+                    )
+                )
+            self._emit(ev.CohortRejected(cohort.cohort_id, "features", str(e)))
+            return None
+        return _Scored(cohort, tuple(traces), features, prediction)
+
+    def _decide(self, scored: Sequence[_Scored], now: float) -> Effects:
+        fx = Effects()
+        th = self.thresholds()
+        with self._timed("decision"):
+            decisions = self.decide(
+                [ScoredCohort(s.cohort.cohort_id, s.features, s.prediction) for s in scored],
+                th,
+                len(self.in_flight),
+                self.rng,
+            )
+        for s, d in zip(scored, decisions, strict=True):
+            record = DecisionRecord(
+                cohort_id=s.cohort.cohort_id,
+                ts=now,
+                slice_key=s.cohort.slice_key,
+                subject=s.cohort.subject,
+                n_groups=len(s.traces),
+                features=s.features,
+                predicted_lift=float(s.prediction.lift),
+                uncertainty=float(s.prediction.uncertainty),
+                stage=str(s.prediction.stage),
+                model_version=str(s.prediction.model_version),
+                recommendation=d.recommendation,
+                reason=d.reason,
+                selection=d.selection,
+                dispatched=bool(d.dispatch),
+                shadow=th.shadow_mode,
+                trace_ids=tuple(t.trace_id for t in s.traces),
+            )
+            fx.decisions.append(record)
+            self._emit(
+                ev.CohortScored(
+                    cohort_id=record.cohort_id,
+                    model_version=record.model_version,
+                    predicted_lift=record.predicted_lift,
+                    uncertainty=record.uncertainty,
+                    recommendation=d.recommendation,
+                    selection=d.selection,
+                    dispatched=record.dispatched,
+                    reason=d.reason,
+                )
+            )
+            if not d.dispatch or d.selection is None:
+                continue
+            dispatch = dispatch_for(
+                s.cohort, s.traces, s.features, s.prediction, d.recommendation, d.selection, now
+            )
+            fx.dispatches.append(dispatch)
+            self.in_flight[dispatch.cohort_id] = InFlight(
+                dispatch.cohort_id, d.selection, dispatch.predicted_lift, now
+            )
+            self._emit(ev.Dispatched(dispatch.cohort_id, d.selection))
+        return fx
+
+    def _cohort_seed(self, cohort: Cohort) -> int:
+        # Rollouts of a replayed cohort sample the same attempts.
+        return (int(cohort.cohort_id[:8], 16) ^ self.seed) & 0x7FFFFFFF
+
+    # --- lift ------------------------------------------------------------------
+
+    def on_lift(self, records: Sequence[Record], now: float) -> Effects:
+        """Learn each lift result once (by cohort id) and free its in-flight slot.
+
+        Records from the dead-letter topic are read too: a dispatch that the
+        trainer rejected will never have a lift, so its slot is freed here.
+        """
+        fx = Effects()
+        for rec in records:
+            if rec.topic == self.settings.topics.dlq:
+                self._release_rejected(rec)
+                continue
+            with self._timed("lift"):
+                try:
+                    lift = decode(rec.value, LiftResult)
+                except SchemaError as e:
+                    fx.dead_letters.append(dead_letter(rec, "lift", e.field, e.reason, now))
+                    self._emit(ev.TraceRejected("lift", e.field, e.reason, offset=rec.offset))
+                    continue
+                try:
+                    fx += self._learn(lift, now)
+                except ValueError as e:
+                    # A label the predictor cannot use (a feature missing or
+                    # not finite) is kept, not learned, and the slot freed.
+                    field_name = str(getattr(e, "field", "features"))
+                    reason = str(getattr(e, "reason", e))
+                    fx.dead_letters.append(dead_letter(rec, "lift", field_name, reason, now))
+                    self._emit(
+                        ev.TraceRejected("lift", field_name, reason, trace_id=lift.cohort_id)
+                    )
+        return self._done(fx)
+
+    def _release_rejected(self, rec: Record) -> None:
+        # Never dead-letter a dead letter: anything unreadable here is not ours.
+        try:
+            letter = decode(rec.value, DeadLetter)
+        except SchemaError:
+            return
+        if letter.source_topic != self.settings.topics.dispatch:
+            return
+        try:
+            cohort_id = decode(original(letter), Dispatch).cohort_id
+        except (SchemaError, ValueError):
+            return
+        if self.in_flight.pop(cohort_id, None) is not None:
+            self._emit(ev.DispatchReleased(cohort_id, "rejected", letter.reason))
+
+    def expire_in_flight(self, now: float) -> Effects:
+        """Free the slots of dispatches whose lift is overdue (lease expiry)."""
+        timeout = self.thresholds().dispatch_timeout_s
+        for cohort_id, flight in list(self.in_flight.items()):
+            if now - flight.dispatched_ts > timeout:
+                del self.in_flight[cohort_id]
+                self._emit(ev.DispatchReleased(cohort_id, "expired"))
+        return self._done(Effects())
+
+    def _learn(self, lift: LiftResult, now: float) -> Effects:
+        fx = Effects()
+        flight = self.in_flight.pop(lift.cohort_id, None)
+        if lift.cohort_id in self.learned:
+            self._emit(ev.LiftDuplicate(lift.cohort_id))
+            return fx
+        selection = flight.selection if flight else lift.selection
+        # Learned first: a label the predictor refuses (ValueError) is a dead
+        # letter, and is not remembered as learned.
+        self.predictor.learn(dict(lift.features), lift.nll_lift, selection)
+        self.learned[lift.cohort_id] = None
+        while len(self.learned) > LEARNED_WINDOW:
+            self.learned.popitem(last=False)
+        if lift.policy_version_after:
+            self.cohorts.set_policy_version(lift.policy_version_after)
+        # The label goes out (tap.labels, and the shell's label store) in the
+        # same transaction as the snapshot that remembers it as learned.
+        fx.labels.append(
+            Label(
+                cohort_id=lift.cohort_id,
+                ts=now,
+                features=dict(lift.features),
+                feature_schema=lift.feature_schema,
+                realized_lift=lift.nll_lift,
+                predicted_lift=lift.predicted_lift,
+                selection=selection,
+                model_version=lift.model_version,
+            )
+        )
+        self._emit(
+            ev.LiftLearned(
+                lift.cohort_id, lift.model_version, lift.nll_lift, lift.predicted_lift, selection
+            )
+        )
+        return fx
+
+    # --- state -----------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "schema": SNAPSHOT_SCHEMA,
+            "cohorts": self.cohorts.snapshot(),
+            "pending": [self._pending_json(c) for c in self.pending],
+            "in_flight": [
+                [f.cohort_id, f.selection, f.predicted_lift, f.dispatched_ts]
+                for f in self.in_flight.values()
+            ],
+            "learned": list(self.learned),
+            "origins": {k: [o.topic, o.partition, o.offset] for k, o in self._origins.items()},
+            "rng": _rng_state(self.rng),
+        }
+
+    def _pending_json(self, c: Cohort) -> dict[str, Any]:
+        # Queued cohorts are immutable and re-snapshotted every batch until
+        # scored: serialize each once.
+        body = self._json_cache.get(c.cohort_id)
+        if body is None:
+            body = self._json_cache[c.cohort_id] = _cohort_json(c)
+        return body
+
+    def restore(self, snap: Mapping[str, Any]) -> None:
+        if snap.get("schema") != SNAPSHOT_SCHEMA:
+            raise ValueError(f"schema: expected {SNAPSHOT_SCHEMA!r}, got {snap.get('schema')!r}")
+        self.cohorts.restore(dict(snap["cohorts"]))
+        self.pending = deque(_cohort_from(c) for c in snap["pending"])
+        self.in_flight = OrderedDict(
+            (c, InFlight(c, s, float(p), float(t))) for c, s, p, t in snap["in_flight"]
+        )
+        self.learned = OrderedDict.fromkeys(snap["learned"])
+        self._origins = {
+            k: _Origin(v[0], int(v[1]), int(v[2])) for k, v in snap.get("origins", {}).items()
+        }
+        if "rng" in snap:
+            self.rng.setstate(_rng_from(snap["rng"]))
+
+    # --- events ----------------------------------------------------------------
+
+    def _emit(self, event: ev.Event) -> None:
+        self._events.append(event)
+
+    def _done(self, fx: Effects) -> Effects:
+        """Hand the events gathered since the last public call to the caller."""
+        if self._events:
+            fx.events += self._events
+            self._events = []
+        return fx
+
+    @contextmanager
+    def _timed(self, stage: str) -> Iterator[None]:
+        if self.timer is None:
+            yield
+            return
+        t0 = self.timer()
+        try:
+            yield
+        finally:
+            self._events.append(ev.StageTimed(stage, self.timer() - t0))
+
+
+def _rng_state(rng: random.Random) -> list[Any]:
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def _rng_from(state: Sequence[Any]) -> tuple[Any, ...]:
+    return (int(state[0]), tuple(int(x) for x in state[1]), state[2])

@@ -1,0 +1,679 @@
+"""The self-improving lift predictor: features -> predicted lift (+ uncertainty).
+
+Every stage honours one small contract, River style::
+
+    predict(features) -> Prediction      # pure: no state changes
+    learn(features, realized_lift)       # one label
+
+and :func:`lab.checks.check_stage` runs the same contract tests over each.
+The stages, in the order the :class:`Predictor` router hands over between
+them:
+
+* :class:`AdvStdHeuristic` - cold start: lift ~ scale * adv_std (seed 001,
+  "cold-starts as adv_std"); the scale is calibrated on the labels, the
+  ranking never changes.
+* :class:`RiverStage` - an online bagged Bayesian ridge that learns from every
+  label; uncertainty is the spread of the bag's members. Takes over after
+  ``PredictorSettings.river_after`` labels.
+* :class:`LightGBMStage` - a seed ensemble of monotone-constrained boosted
+  trees refit on the label history in the background and promoted only when
+  it ranks the most recent (held-out) labels better than what was served.
+
+Residual drift (ADWIN on |realized - predicted|, rises only) requests a refit.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import statistics
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import lightgbm as lgb
+import numpy as np
+from river import drift, ensemble, linear_model, preprocessing, stats
+
+from daemon.config import PredictorSettings
+from daemon.core.features import (
+    FEATURE_NAMES,
+    FEATURE_SCHEMA,
+    MONOTONE,
+    feature_vector,
+)
+from daemon.core.ranking import pairwise_accuracy, spearman
+from daemon.core.vocabulary import SELECTIONS
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a predictor snapshot is: version, serving stage, labels learned."""
+
+    version: int
+    stage: str
+    label_seq: int  # the last label (in the shell's label store) the snapshot has learned
+    n_labels: int
+    holdout_score: float | None
+    feature_schema: str
+    created_ts: float
+    lgbm_members: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"v{self.version}.{self.label_seq:09d}"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A predictor's whole state as bytes: the online stages and LightGBM model strings."""
+
+    manifest: Manifest
+    state: bytes
+    lgbm_models: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    lift: float  # predicted NLL-lift, nats
+    uncertainty: float  # one standard deviation, nats; >= 0
+    stage: str
+    model_version: str
+
+
+@runtime_checkable
+class PredictorStage(Protocol):
+    """The contract of every predictor stage and of the Predictor itself."""
+
+    def predict(self, features: Mapping[str, float]) -> Prediction: ...
+
+    def learn(self, features: Mapping[str, float], realized_lift: float) -> None: ...
+
+
+def _check_label(realized_lift: float) -> float:
+    if isinstance(realized_lift, bool) or not isinstance(realized_lift, int | float):
+        raise ValueError(f"realized_lift: not a number ({type(realized_lift).__name__})")
+    if not math.isfinite(realized_lift):
+        raise ValueError(f"realized_lift: not finite ({realized_lift!r})")
+    return float(realized_lift)
+
+
+class AdvStdHeuristic:
+    """Cold start: predicted lift = scale * adv_std.
+
+    The scale is fitted through the origin on the labels seen (least squares),
+    clamped positive so that the seeds' ranking - more disagreement, more lift
+    - is kept whatever the first few noisy labels say.
+    """
+
+    stage = "heuristic"
+    UNCERTAINTY = 0.5  # nats: wide on purpose, nothing has been learned yet
+
+    def __init__(self, model_version: str = "v0") -> None:
+        self.model_version = model_version
+        self._sxy = 0.0
+        self._sxx = 0.0
+
+    @property
+    def scale(self) -> float:
+        return max(self._sxy / self._sxx, 1e-3) if self._sxx > 0 else 1.0
+
+    def predict(self, features: Mapping[str, float]) -> Prediction:
+        x = feature_vector(features)[FEATURE_NAMES.index("adv_std")]
+        return Prediction(self.scale * x, self.UNCERTAINTY, self.stage, self.model_version)
+
+    def learn(self, features: Mapping[str, float], realized_lift: float) -> None:
+        y = _check_label(realized_lift)
+        x = feature_vector(features)[FEATURE_NAMES.index("adv_std")]
+        self._sxy += x * y
+        self._sxx += x * x
+
+
+class RiverStage:
+    """Online bagged Bayesian ridge on standardized features and target.
+
+    Features and target are standardized online, so one prior fits every
+    feature scale (token counts, log-probs, ratios) and every lift scale.
+    The bag (Poisson(1) online bootstrap) gives the uncertainty: the spread of
+    its members' predictions, which shrinks as labels agree.
+    """
+
+    stage = "river"
+
+    def __init__(self, seed: int = 0, n_models: int = 5, model_version: str = "v1") -> None:
+        self.model_version = model_version
+        self.n_labels = 0
+        self._scaler = preprocessing.StandardScaler()
+        self._y_mean = stats.Mean()
+        self._y_var = stats.Var()
+        self._bag = ensemble.BaggingRegressor(
+            model=linear_model.BayesianLinearRegression(alpha=1.0, beta=1.0),
+            n_models=n_models,
+            seed=seed,
+        )
+
+    def _x(self, features: Mapping[str, float]) -> dict[str, float]:
+        return self._scaler.transform_one(
+            dict(zip(FEATURE_NAMES, feature_vector(features), strict=True))
+        )
+
+    def _y_scale(self) -> tuple[float, float]:
+        sd = math.sqrt(self._y_var.get()) if self.n_labels > 1 else 0.0
+        return self._y_mean.get(), (sd if sd > 1e-12 else 1.0)
+
+    @property
+    def lift_spread(self) -> float:
+        """Standard deviation of the realized lifts learned so far (1 before two labels)."""
+        return self._y_scale()[1]
+
+    def member_predictions(self, features: Mapping[str, float]) -> list[float]:
+        xs = self._x(features)
+        mu, sd = self._y_scale()
+        return [mu + sd * m.predict_one(xs) for m in self._bag]
+
+    def predict(self, features: Mapping[str, float]) -> Prediction:
+        preds = self.member_predictions(features)
+        return Prediction(
+            statistics.fmean(preds), statistics.pstdev(preds), self.stage, self.model_version
+        )
+
+    def learn(self, features: Mapping[str, float], realized_lift: float) -> None:
+        y = _check_label(realized_lift)
+        x = dict(zip(FEATURE_NAMES, feature_vector(features), strict=True))
+        self._scaler.learn_one(x)
+        self._y_mean.update(y)
+        self._y_var.update(y)
+        self.n_labels += 1
+        mu, sd = self._y_scale()
+        self._bag.learn_one(self._scaler.transform_one(x), (y - mu) / sd)
+
+
+MONOTONE_CONSTRAINTS = [MONOTONE.get(name, 0) for name in FEATURE_NAMES]
+
+
+_DATASET_PARAMS: dict[str, Any] = {"max_bin": 63, "min_data_in_bin": 1, "verbose": -1}
+
+
+def lgbm_params(n_rows: int, seed: int) -> dict[str, Any]:
+    return {
+        **_DATASET_PARAMS,
+        "objective": "regression",
+        "learning_rate": 0.05,
+        "num_leaves": 15,
+        # Few labels early on: leaves must still be able to split.
+        "min_data_in_leaf": max(3, min(20, n_rows // 50)),
+        "feature_fraction": 0.8,
+        "bagging_fraction": 0.8,
+        "bagging_freq": 1,
+        "lambda_l2": 1.0,
+        "monotone_constraints": MONOTONE_CONSTRAINTS,
+        "seed": seed,
+        "deterministic": True,
+        "force_row_wise": True,
+        "num_threads": 1,  # a background refit must not starve the scoring loop
+        "verbose": -1,
+    }
+
+
+class LightGBMStage:
+    """A seed ensemble of monotone boosted trees, fitted in batch.
+
+    Uncertainty is the members' spread: LightGBM refuses monotone constraints
+    with the quantile objective, and the constraints are the seeds' prior.
+    ``learn`` is a no-op: this stage is refit on the label history by the
+    Predictor, never updated label by label.
+    """
+
+    stage = "lightgbm"
+    N_ROUNDS = 100
+
+    def __init__(self, boosters: Sequence[lgb.Booster], model_version: str = "v2") -> None:
+        if not boosters:
+            raise ValueError("boosters: at least one fitted model is needed")
+        self._boosters = list(boosters)
+        self.model_version = model_version
+
+    @classmethod
+    def fit(
+        cls,
+        X: np.ndarray,
+        y: np.ndarray,
+        *,
+        seed: int = 0,
+        n_members: int = 3,
+        model_version: str = "v2",
+    ) -> LightGBMStage:
+        if len(X) != len(y) or len(y) < 4:
+            raise ValueError(f"labels: need at least 4 rows with matching targets, got {len(y)}")
+        # One binned Dataset serves every member: only the seeds differ.
+        ds = lgb.Dataset(
+            X, y, feature_name=list(FEATURE_NAMES), params=_DATASET_PARAMS, free_raw_data=False
+        )
+        boosters = [
+            lgb.train(lgbm_params(len(y), seed * 1000 + i), ds, num_boost_round=cls.N_ROUNDS)
+            for i in range(n_members)
+        ]
+        return cls(boosters, model_version)
+
+    @classmethod
+    def from_strings(cls, models: Sequence[str], model_version: str) -> LightGBMStage:
+        return cls([lgb.Booster(model_str=s) for s in models], model_version)
+
+    def to_strings(self) -> list[str]:
+        return [b.model_to_string() for b in self._boosters]
+
+    def predict_matrix(self, X: np.ndarray) -> np.ndarray:
+        """Mean prediction per row (the refit's held-out evaluation)."""
+        return np.mean([b.predict(X, num_threads=1) for b in self._boosters], axis=0)
+
+    def predict(self, features: Mapping[str, float]) -> Prediction:
+        row = np.asarray([feature_vector(features)])
+        preds = [float(b.predict(row, num_threads=1)[0]) for b in self._boosters]
+        return Prediction(
+            statistics.fmean(preds), statistics.pstdev(preds), self.stage, self.model_version
+        )
+
+    def learn(self, features: Mapping[str, float], realized_lift: float) -> None:
+        feature_vector(features)
+        _check_label(realized_lift)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"models": self.to_strings(), "model_version": self.model_version}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._boosters = [lgb.Booster(model_str=s) for s in state["models"]]
+        self.model_version = state["model_version"]
+
+
+# --- quality ------------------------------------------------------------------
+
+
+class OnlineQuality:
+    """Rolling quality of served predictions against the lifts they earned.
+
+    Feeds ``tapd_predictor_spearman``, ``tapd_predictor_pairwise_accuracy_ratio``
+    and ``tapd_selection_gain_nats`` (exploit mean minus random-exploration
+    mean: the predictor's worth over choosing blindly).
+    """
+
+    def __init__(self, window: int = 200) -> None:
+        if window < 3:
+            raise ValueError(f"window: must be >= 3, got {window}")
+        self.window = window
+        self._pairs: deque[tuple[float, float]] = deque(maxlen=window)
+        self._by_selection: dict[str, deque[float]] = {s: deque(maxlen=window) for s in SELECTIONS}
+
+    def update(self, predicted: float, realized: float, selection: str = "exploit") -> None:
+        if selection not in self._by_selection:
+            raise ValueError(f"selection: unknown {selection!r}, expected one of {SELECTIONS}")
+        self._pairs.append((float(predicted), float(realized)))
+        self._by_selection[selection].append(float(realized))
+
+    @property
+    def n(self) -> int:
+        return len(self._pairs)
+
+    @property
+    def spearman(self) -> float:
+        return spearman([p for p, _ in self._pairs], [r for _, r in self._pairs])
+
+    @property
+    def pairwise_accuracy(self) -> float:
+        if len(self._pairs) < 2:
+            return math.nan
+        return pairwise_accuracy([p for p, _ in self._pairs], [r for _, r in self._pairs])
+
+    def mean_realized(self, selection: str) -> float:
+        v = self._by_selection[selection]
+        return statistics.fmean(v) if v else math.nan
+
+    @property
+    def selection_gain(self) -> float:
+        return self.mean_realized("exploit") - self.mean_realized("explore_random")
+
+
+# --- drift ----------------------------------------------------------------------
+
+
+class ResidualDrift:
+    """ADWIN on the size of the residuals, counting only rises of the error.
+
+    ADWIN's bound assumes values in [0, 1] (its confidence term does not scale
+    with the data), so |residual| is squashed to |r| / (|r| + scale), with
+    ``scale`` the spread of the realized lift: then a jump in error is seen as
+    soon as it would be for any lift unit. Errors falling (a model still
+    learning, a better model promoted) is also a change, but not one that
+    calls for a refit.
+    """
+
+    def __init__(self, delta: float = 0.002) -> None:
+        self.delta = delta
+        self._adwin = drift.ADWIN(delta=delta)
+
+    def update(self, residual: float, scale: float) -> bool:
+        r = abs(residual)
+        before = self._adwin.estimation
+        self._adwin.update(r / (r + scale) if scale > 0 else 0.0)
+        return bool(self._adwin.drift_detected and self._adwin.estimation > before)
+
+    def reset(self) -> None:
+        self._adwin = drift.ADWIN(delta=self.delta)
+
+
+# --- refit ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RefitResult:
+    promoted: bool
+    candidate_score: float
+    incumbent_score: float
+    n_train: int
+    n_holdout: int
+    n_labels: int
+    stage: LightGBMStage | None  # refit on every label; set only when promoted
+
+
+def run_refit(
+    X: np.ndarray,
+    y: np.ndarray,
+    served: np.ndarray,
+    *,
+    holdout_fraction: float,
+    seed: int,
+    model_version: str,
+) -> RefitResult:
+    """Fit a candidate on the older labels, score it on the newest ones, refit if it wins.
+
+    The holdout is time-ordered (the most recent ``holdout_fraction``); the
+    incumbent's score is that of the predictions actually *served* for those
+    labels before they were learned, so both sides are out of sample.
+    """
+    n = len(y)
+    n_hold = max(3, round(n * holdout_fraction))
+    n_train = n - n_hold
+    cand = LightGBMStage.fit(X[:n_train], y[:n_train], seed=seed, model_version=model_version)
+    c_score = spearman(cand.predict_matrix(X[n_train:]).tolist(), y[n_train:].tolist())
+    i_score = spearman(served[n_train:].tolist(), y[n_train:].tolist())
+    promoted = should_promote(c_score, i_score)
+    final = LightGBMStage.fit(X, y, seed=seed, model_version=model_version) if promoted else None
+    return RefitResult(promoted, c_score, i_score, n_train, n_hold, n, final)
+
+
+def should_promote(candidate_score: float, incumbent_score: float) -> bool:
+    if math.isnan(candidate_score):
+        return False
+    return math.isnan(incumbent_score) or candidate_score > incumbent_score
+
+
+# --- the router ---------------------------------------------------------------------
+
+
+@dataclass
+class _History:
+    X: list[list[float]] = field(default_factory=list)
+    y: list[float] = field(default_factory=list)
+    served: list[float] = field(default_factory=list)  # prediction served before learning
+    # Each online stage's prediction before it learned the label (test-then-
+    # train): the evidence on which the router hands over between them.
+    heuristic: list[float] = field(default_factory=list)
+    river: list[float] = field(default_factory=list)
+
+
+RefitJob = Callable[[], RefitResult]
+
+
+class Predictor:
+    """Routes scoring to the active stage and learning to all of them.
+
+    Pure: it learns, predicts, snapshots and prepares refits; it never
+    touches a file, a thread or a clock. The shell
+    (:class:`daemon.runtime.predictor_host.PredictorHost`) persists labels
+    and snapshots and runs refit jobs. With ``inline_refits=True`` (replay,
+    evaluation, tests) a refit due by label count runs inside :meth:`learn`,
+    so two predictors fed the same labels are identical; otherwise
+    :meth:`refit_job` hands the work to the shell, which applies the result
+    with :meth:`apply_refit`.
+    """
+
+    def __init__(
+        self,
+        settings: PredictorSettings | None = None,
+        *,
+        inline_refits: bool = True,
+        quality_window: int = 200,
+        drift_delta: float = 0.002,
+    ) -> None:
+        self.settings = settings or PredictorSettings()
+        self.inline_refits = inline_refits
+        self.version = 0
+        self.label_seq = 0
+        self.heuristic = AdvStdHeuristic("v0")
+        self.river = RiverStage(seed=self.settings.seed, model_version="v0")
+        self.lgbm: LightGBMStage | None = None
+        self.active: str = "heuristic"
+        self.quality = OnlineQuality(quality_window)
+        self.drift = ResidualDrift(drift_delta)
+        self.drift_detected = 0
+        self.refits: dict[str, int] = {"promoted": 0, "rejected": 0, "failed": 0}
+        self.last_refit: RefitResult | None = None
+        self.holdout_score: float | None = None
+        self._history = _History()
+        self._labels_at_refit = 0
+        self._refit_requested = False
+        self._refit_running = False
+
+    # -- the contract --
+
+    @property
+    def stage(self) -> str:
+        return self.active
+
+    @property
+    def model_version(self) -> str:
+        return f"v{self.version}"
+
+    @property
+    def n_labels(self) -> int:
+        return len(self._history.y)
+
+    def _active_stage(self) -> PredictorStage:
+        if self.active == "lightgbm" and self.lgbm is not None:
+            return self.lgbm
+        return self.river if self.active == "river" else self.heuristic
+
+    def predict(self, features: Mapping[str, float]) -> Prediction:
+        p = self._active_stage().predict(features)
+        return Prediction(p.lift, p.uncertainty, self.active, self.model_version)
+
+    def learn(
+        self, features: Mapping[str, float], realized_lift: float, selection: str = "exploit"
+    ) -> None:
+        """Learn one label; raises a ``ValueError`` naming a bad feature or label."""
+        x = feature_vector(features)
+        y = _check_label(realized_lift)
+        served = self.predict(features).lift
+        self._history.heuristic.append(self.heuristic.predict(features).lift)
+        self._history.river.append(self.river.predict(features).lift)
+        self.quality.update(served, y, selection)
+        if self.drift.update(y - served, self.river.lift_spread):
+            self.drift_detected += 1
+            self._refit_requested = True
+        self.heuristic.learn(features, y)
+        self.river.learn(features, y)
+        self._history.X.append(x)
+        self._history.y.append(y)
+        self._history.served.append(served)
+        if self.active in ("heuristic", "river") and self.n_labels >= self.settings.river_after:
+            better = self._better_online_stage()
+            if better != self.active:
+                # A handover between the online stages often follows a
+                # change in the world: it must not hide that change from
+                # the drift detector.
+                self._promote(better, reset_drift=False)
+        if self.inline_refits and self.refit_due():
+            job = self.refit_job()
+            try:
+                result: RefitResult | BaseException = job()
+            except Exception as exc:
+                result = exc
+            self.apply_refit(result)
+
+    # -- promotion and refits --
+
+    # Labels over which the online stages are compared, and the margin a
+    # challenger must win by (so the router does not flap on noise).
+    ONLINE_WINDOW = 30
+    ONLINE_MARGIN = 0.05
+    ONLINE_EVIDENCE = 12  # labels before the comparison is trusted
+
+    def _better_online_stage(self) -> str:
+        """The online stage whose test-then-train ranking of recent labels is better.
+
+        River takes over at ``river_after`` labels; once enough labels have
+        been seen, the stage that ranked the recent ones better (by a margin)
+        serves, so the router can hand back to the disagreement heuristic:
+        with few labels and many features River can rank worse than it.
+        """
+        if self.n_labels < self.ONLINE_EVIDENCE:
+            return "river"
+        w = self.ONLINE_WINDOW
+        y = self._history.y[-w:]
+
+        def score(preds: list[float]) -> float:
+            rho = spearman(preds[-w:], y)
+            return -math.inf if math.isnan(rho) else rho
+
+        h, r = score(self._history.heuristic), score(self._history.river)
+        if self.active == "heuristic":
+            return "river" if r > h + self.ONLINE_MARGIN else "heuristic"
+        return "heuristic" if h > r + self.ONLINE_MARGIN else "river"
+
+    def _promote(self, stage: str, *, reset_drift: bool = True) -> None:
+        self.active = stage
+        self.version += 1
+        self.river.model_version = self.model_version
+        if reset_drift:
+            # The residual distribution of a new model is a new baseline.
+            self.drift.reset()
+
+    @property
+    def new_labels_since_refit(self) -> int:
+        return self.n_labels - self._labels_at_refit
+
+    def refit_due(self) -> bool:
+        """A refit is due by label count or because drift asked for one."""
+        if self.n_labels < self.settings.lgbm_after or self._refit_running:
+            return False
+        new = self.new_labels_since_refit
+        return new >= self.settings.refit_every_labels or (self._refit_requested and new > 0)
+
+    def refit_job(self) -> RefitJob:
+        """The refit of the labels so far, as a job that touches none of this object's state.
+
+        Marks a refit as running until :meth:`apply_refit` receives its result.
+        """
+        if self.n_labels < 4:
+            raise ValueError(f"refit: needs at least 4 labels, has {self.n_labels}")
+        X = np.asarray(self._history.X)
+        y = np.asarray(self._history.y)
+        served = np.asarray(self._history.served)
+        self._labels_at_refit = self.n_labels
+        self._refit_requested = False
+        self._refit_running = True
+        version = f"v{self.version + 1}"
+        holdout, seed = self.settings.holdout_fraction, self.settings.seed
+
+        def job() -> RefitResult:
+            return run_refit(
+                X, y, served, holdout_fraction=holdout, seed=seed, model_version=version
+            )
+
+        return job
+
+    def apply_refit(self, result: RefitResult | BaseException) -> RefitResult | None:
+        """Promote or reject a finished refit (an exception counts as failed)."""
+        self._refit_running = False
+        if isinstance(result, BaseException):
+            self.refits["failed"] += 1
+            return None
+        self.last_refit = result
+        if result.promoted and result.stage is not None:
+            self.refits["promoted"] += 1
+            self.lgbm = result.stage
+            self.holdout_score = result.candidate_score
+            self._promote("lightgbm")
+            self.lgbm.model_version = self.model_version
+        else:
+            self.refits["rejected"] += 1
+        return result
+
+    # -- persistence (as values; the shell writes them) --
+
+    def snapshot(self, created_ts: float = 0.0) -> Snapshot:
+        state = {
+            "version": self.version,
+            "active": self.active,
+            "heuristic": self.heuristic,
+            "river": self.river,
+            "quality": self.quality,
+            "drift": self.drift,
+            "drift_detected": self.drift_detected,
+            "refits": dict(self.refits),
+            "history": self._history,
+            "labels_at_refit": self._labels_at_refit,
+            "refit_requested": self._refit_requested,
+            "holdout_score": self.holdout_score,
+        }
+        manifest = Manifest(
+            version=self.version,
+            stage=self.active,
+            label_seq=self.label_seq,
+            n_labels=self.n_labels,
+            holdout_score=self.holdout_score,
+            feature_schema=FEATURE_SCHEMA,
+            created_ts=created_ts,
+        )
+        models = tuple(self.lgbm.to_strings()) if self.lgbm is not None else ()
+        return Snapshot(manifest, pickle.dumps(state, protocol=5), models)
+
+    def restore(self, snap: Snapshot) -> None:
+        m = snap.manifest
+        if m.feature_schema != FEATURE_SCHEMA:
+            raise ValueError(
+                f"feature_schema: snapshot {m.name} has {m.feature_schema!r}, "
+                f"this build computes {FEATURE_SCHEMA!r}"
+            )
+        state = pickle.loads(snap.state)
+        self.version = state["version"]
+        self.active = state["active"]
+        self.heuristic = state["heuristic"]
+        self.river = state["river"]
+        self.quality = state["quality"]
+        self.drift = state["drift"]
+        self.drift_detected = state["drift_detected"]
+        self.refits = state["refits"]
+        self._history = state["history"]
+        self._labels_at_refit = state["labels_at_refit"]
+        self._refit_requested = state["refit_requested"]
+        self._refit_running = False
+        self.holdout_score = state["holdout_score"]
+        self.label_seq = m.label_seq
+        self.lgbm = (
+            LightGBMStage.from_strings(snap.lgbm_models, f"v{m.version}")
+            if snap.lgbm_models
+            else None
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "settings": self.settings,
+            "inline_refits": self.inline_refits,
+            "snap": self.snapshot(),
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["settings"], inline_refits=state["inline_refits"])  # type: ignore[misc]
+        self.restore(state["snap"])

@@ -1,0 +1,128 @@
+"""The scorer's durable state: one SQLite file in the state dir.
+
+What a crash must not lose is written in ONE transaction per poll batch:
+
+* the scorer snapshot (open cohorts, cohorts waiting to be scored or
+  dispatched, dispatches in flight, lift cohort ids already learned),
+* the next offset to read per consumed partition,
+* the outbox: every message the batch caused (dispatches, dead letters,
+  decision records, labels), not yet known to be on the log;
+* the labels the predictor learned in the batch (the label history the
+  predictor is rebuilt from: its latest model snapshot plus every label
+  stored after that snapshot's sequence number).
+
+The service then sends the outbox, flushes, deletes the sent rows and only
+then commits the offsets to the broker. A crash before the transaction
+re-reads the batch against the old snapshot; a crash after it re-sends the
+outbox (same keys and cohort ids, so consumers drop the copies) and skips
+records below the stored offsets. Nothing is lost, nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from daemon.core.pipeline import Label
+from streams.durable import connect_durable
+from streams.transport import OutMessage, TopicPartition
+
+
+@dataclass(frozen=True, slots=True)
+class Outboxed:
+    seq: int
+    message: OutMessage
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS snapshot (id INTEGER PRIMARY KEY CHECK (id = 0), body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS offsets (
+    topic TEXT NOT NULL, part INTEGER NOT NULL, next_offset INTEGER NOT NULL,
+    PRIMARY KEY (topic, part));
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, key BLOB, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS labels (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, cohort_id TEXT NOT NULL UNIQUE, body TEXT NOT NULL);
+"""
+
+
+class StateStore:
+    """Snapshot + offsets + outbox, committed together."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = connect_durable(path)
+        self._db.executescript(_SCHEMA)
+
+    def load_snapshot(self) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT body FROM snapshot WHERE id = 0").fetchone()
+        return json.loads(row[0]) if row else None
+
+    def offsets(self) -> dict[TopicPartition, int]:
+        rows = self._db.execute("SELECT topic, part, next_offset FROM offsets").fetchall()
+        return {TopicPartition(t, int(p)): int(o) for t, p, o in rows}
+
+    def outbox(self) -> list[Outboxed]:
+        rows = self._db.execute("SELECT seq, topic, key, value FROM outbox ORDER BY seq").fetchall()
+        return [Outboxed(int(s), OutMessage(t, k, bytes(v))) for s, t, k, v in rows]
+
+    def labels_since(self, seq: int) -> Iterator[tuple[int, Label]]:
+        """Stored labels with a sequence number above ``seq``, oldest first."""
+        rows = self._db.execute(
+            "SELECT seq, body FROM labels WHERE seq > ? ORDER BY seq", (seq,)
+        ).fetchall()
+        for s, body in rows:
+            yield int(s), Label.from_json(json.loads(body))
+
+    def label_count(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM labels").fetchone()[0])
+
+    def save(
+        self,
+        snapshot: Mapping[str, Any] | None,
+        offsets: Mapping[TopicPartition, int],
+        messages: Iterable[OutMessage],
+        labels: Sequence[Label] = (),
+    ) -> int:
+        """One transaction: the new snapshot, the advanced offsets, the owed messages and
+        the learned labels; returns the sequence number of the last stored label."""
+        cur = self._db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            # A label already stored (a redelivered lift) keeps its first sequence number.
+            cur.executemany(
+                "INSERT OR IGNORE INTO labels (cohort_id, body) VALUES (?, ?)",
+                [
+                    (lb.cohort_id, json.dumps(lb.to_json(), separators=(",", ":")))
+                    for lb in labels
+                ],
+            )
+            if snapshot is not None:
+                body = json.dumps(snapshot, separators=(",", ":"), allow_nan=False)
+                cur.execute("INSERT OR REPLACE INTO snapshot (id, body) VALUES (0, ?)", (body,))
+            cur.executemany(
+                "INSERT INTO offsets (topic, part, next_offset) VALUES (?, ?, ?) "
+                "ON CONFLICT (topic, part) DO UPDATE SET next_offset = "
+                "max(next_offset, excluded.next_offset)",
+                [(tp.topic, tp.partition, o) for tp, o in offsets.items()],
+            )
+            cur.executemany(
+                "INSERT INTO outbox (topic, key, value) VALUES (?, ?, ?)",
+                [(m.topic, m.key, m.value) for m in messages],
+            )
+            seq = cur.execute("SELECT MAX(seq) FROM labels").fetchone()[0]
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        return int(seq or 0)
+
+    def sent(self, up_to_seq: int) -> None:
+        """Forget outbox rows once the producer has flushed them."""
+        self._db.execute("DELETE FROM outbox WHERE seq <= ?", (up_to_seq,))
+
+    def close(self) -> None:
+        self._db.close()

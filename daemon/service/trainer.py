@@ -1,0 +1,280 @@
+"""``tapd trainer``: the GRPO trainer process, a thin I/O shell.
+
+    dispatch topic ──► decode + validate ──► CohortTrainer.on_dispatch ──► lift topic
+                           │ (bad)                                    flush, then commit
+                           └──► dead-letter topic
+
+One cohort at a time (``max_records=1``): a cohort takes seconds to minutes,
+and a consumer that held a batch would outlive ``max_poll_interval_ms``. The
+order per dispatch is: the ledger records the result (inside
+``on_dispatch``), the lift (or dead letter) is sent and flushed, and only then
+is the dispatch offset committed. A crash anywhere redelivers the dispatch,
+and the ledger turns the redelivery into a re-publication of the same result.
+
+A bad dispatch never stops the process: it goes to the dead-letter topic with
+the field and the reason, and ``tapd_trainer_dead_letters_total`` counts it.
+SIGTERM lets the cohort in hand finish, commits, and closes.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from prometheus_client import start_http_server
+
+from daemon.config import TapdSettings
+from daemon.runtime.logging import bind_ids, get_logger
+from daemon.runtime.metrics import TrainerMetrics
+from daemon.trainer.cohort import CohortTrainer, Handled
+from daemon.trainer.probe import Probe, VerifierLookup
+from streams.deadletter import dead_letter
+from streams.schemas import Dispatch, LiftResult, SchemaError, decode, encode
+from streams.transport import Record, Transport, next_offsets
+
+log = get_logger("tapd.trainer")
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """Why a dispatch cannot be trained on."""
+
+    stage: str  # a bounded stage name of daemon.core.vocabulary.PIPELINE_STAGES
+    field: str
+    reason: str
+
+
+def validate(raw: bytes, verifiers: VerifierLookup) -> Dispatch | Rejected:
+    """Decode a dispatch and check that every item's verifier can judge its reference."""
+    try:
+        dispatch = decode(raw, Dispatch)
+    except SchemaError as e:
+        return Rejected("decode", e.field, e.reason)
+    for i, it in enumerate(dispatch.items):
+        try:
+            # A verifier raises on what the task got wrong (unknown name, bad
+            # arguments, unusable reference); find out before training, not
+            # in the middle of a GRPO step.
+            verifiers(it.verifier, dict(it.verifier_args))("", it.reference)
+        except ValueError as e:
+            sub = getattr(e, "field", "verifier")
+            return Rejected("verifier", f"items[{i}].{sub}", str(getattr(e, "reason", e)))
+    return dispatch
+
+
+def _version_number(name: str) -> float:
+    digits = name.lstrip("v")
+    return float(digits) if digits.isdigit() else 0.0
+
+
+class TrainerService:
+    """Consume dispatches, train, publish lifts; commit only what is durable."""
+
+    def __init__(
+        self,
+        settings: TapdSettings,
+        transport: Transport,
+        trainer: CohortTrainer,
+        verifiers: VerifierLookup,
+        metrics: TrainerMetrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.trainer = trainer
+        self.verifiers = verifiers
+        self.metrics = metrics or TrainerMetrics()
+        self.clock = clock
+        self.stopping = threading.Event()
+        self.consumer = transport.consumer([settings.topics.dispatch], settings.trainer.group)
+        self.producer = transport.producer()
+        self.metrics.policy_version.set(trainer.version)
+
+    def step(self) -> int:
+        """Poll and handle at most one dispatch; the number of records handled."""
+        records = self.consumer.poll(self.settings.service.poll_timeout_s, max_records=1)
+        for record in records:
+            self._handle(record)
+            self.producer.flush()
+            self.consumer.commit(next_offsets([record]))
+        return len(records)
+
+    def _handle(self, record: Record) -> None:
+        topics = self.settings.topics
+        checked = validate(record.value, self.verifiers)
+        if isinstance(checked, Rejected):
+            self._reject(record, checked)
+            return
+        with bind_ids(cohort_id=checked.cohort_id, model_version=checked.model_version):
+            try:
+                handled = self.trainer.on_dispatch(checked, self.clock())
+            except Exception as e:  # a cohort must never take the process down
+                log.exception("cohort_failed", error=str(e))
+                self.metrics.cohorts.labels(outcome="failed").inc()
+                self._reject(record, Rejected("lift", "$", f"training failed: {e!r}"))
+                return
+            self.producer.send(topics.lift, encode(handled.result), key=checked.cohort_id.encode())
+            self._observe(handled)
+
+    def _reject(self, record: Record, rejected: Rejected) -> None:
+        log.warning(
+            "dispatch_rejected",
+            stage=rejected.stage,
+            field=rejected.field,
+            reason=rejected.reason,
+            partition=record.partition,
+            offset=record.offset,
+        )
+        letter = dead_letter(
+            record.value,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            stage=rejected.stage,
+            field=rejected.field,
+            reason=rejected.reason,
+            ts=self.clock(),
+        )
+        self.producer.send(self.settings.topics.dlq, encode(letter), key=record.key)
+        self.metrics.dead_letters.inc()
+
+    def _observe(self, handled: Handled) -> None:
+        r: LiftResult = handled.result
+        m = self.metrics
+        fields: dict[str, Any] = {
+            "policy_version_before": r.policy_version_before,
+            "policy_version_after": r.policy_version_after,
+            "nll_lift": round(r.nll_lift, 5),
+            "acc_lift": round(r.acc_lift, 4),
+        }
+        if handled.duplicate:
+            m.cohorts.labels(outcome="duplicate").inc()
+            log.info("cohort_duplicate_republished", **fields)
+            return
+        m.cohorts.labels(outcome="rolled_back" if r.rolled_back else "trained").inc()
+        if r.rolled_back:
+            m.rollbacks.inc()
+        m.cohort_seconds.observe(r.duration_s)
+        m.nll_lift.observe(r.nll_lift)
+        m.accuracy_lift.set(r.acc_lift)
+        m.train_reward.labels(phase="before").set(r.train_reward_before)
+        m.train_reward.labels(phase="after").set(r.train_reward_after)
+        # Probe figures of the policy now in use (the pre-update one after a
+        # rollback or a revert).
+        kept = r.mode == "continual" and not r.rolled_back
+        m.probe_nll.set(r.nll_after if kept else r.nll_before)
+        m.probe_accuracy.set(r.acc_after if kept else r.acc_before)
+        p = r.plasticity
+        m.dormant_fraction.set(p.dormant_fraction)
+        m.effective_rank.set(p.effective_rank)
+        m.weight_norm.set(p.weight_norm)
+        m.grad_norm.set(p.grad_norm)
+        m.entropy.set(p.policy_entropy)
+        m.policy_version.set(_version_number(self.trainer.policy_version))
+        log.info(
+            "cohort_trained",
+            mode=r.mode,
+            rolled_back=r.rolled_back,
+            steps=r.steps,
+            duration_s=round(r.duration_s, 3),
+            train_reward_before=r.train_reward_before,
+            train_reward_after=r.train_reward_after,
+            **fields,
+        )
+
+    def run(self) -> None:
+        """Until :meth:`stop`: the cohort in hand always finishes and is committed."""
+        log.info(
+            "trainer_started",
+            mode=self.trainer.mode,
+            policy_version=self.trainer.policy_version,
+            topic=self.settings.topics.dispatch,
+            group=self.settings.trainer.group,
+        )
+        try:
+            while not self.stopping.is_set():
+                self.step()
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def close(self) -> None:
+        try:
+            self.producer.flush()
+        finally:
+            self.producer.close()
+            self.consumer.close()
+            self.trainer.close()
+            log.info("trainer_stopped", policy_version=self.trainer.policy_version)
+
+
+def build_trainer(settings: TapdSettings, state_dir: Path | None = None) -> CohortTrainer:
+    """The policy, the probe and the ledger the settings name."""
+    from daemon.policy.store import PolicyStore, format_prompt, load_policy, resolve_device
+    from daemon.trainer.backend import make_backend
+    from daemon.verify.registry import get_verifier
+    from streams.probes import read_probe_file
+
+    p = settings.policy
+    if p.probe_path is None:
+        raise ValueError("policy.probe_path: the trainer needs a probe file to measure lift on")
+    probe_items = read_probe_file(p.probe_path)
+    model, tok = load_policy(p.model_path, resolve_device(p.device))
+    probe = Probe(
+        probe_items,
+        get_verifier,
+        format_prompt,
+        max_new_tokens=settings.grpo.max_completion_length,
+    )
+    t = settings.trainer
+    state = state_dir or settings.state_dir / "trainer"
+    return CohortTrainer(
+        model,
+        tok,
+        probe,
+        get_verifier,
+        params=settings.grpo,
+        mode=t.mode,
+        rollback_nll_worsening=t.rollback_nll_worsening,
+        state_dir=state,
+        trainer_id=t.trainer_id,
+        format_prompt=format_prompt,
+        backend=make_backend(t.backend),
+        policies=PolicyStore(settings.policy_store_dir() if state_dir is None else state / "checkpoints"),
+    )
+
+
+def run_trainer(settings: TapdSettings, transport: Transport | None = None) -> None:
+    """The ``tapd trainer`` process: metrics server, signals, loop."""
+    from daemon.verify.registry import get_verifier
+    from streams.factory import open_transport
+
+    metrics = TrainerMetrics()
+    server, _thread = start_http_server(
+        settings.trainer.metrics_port, addr=settings.service.host, registry=metrics.registry
+    )
+    log.info("metrics_listening", host=settings.service.host, port=server.server_port)
+    own_transport = transport is None
+    transport = transport or open_transport(settings.transport, max_poll_records=1)
+    service = TrainerService(settings, transport, build_trainer(settings), get_verifier, metrics)
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("trainer_stopping", signal=signal.Signals(signum).name)
+        service.stop()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        service.run()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        server.shutdown()
+        if own_transport:
+            transport.close()

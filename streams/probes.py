@@ -1,0 +1,80 @@
+"""The probe file: held-out evaluation items per target (capability slice).
+
+Lift is measured on a probe. In production the probe is the platform's own
+evaluation items, grouped by the capability slice (``target``) each one
+tests, given to tapd as a JSON Lines file (``policy.probe_path``), one item a
+line::
+
+    {"target": "add/2d_carry", "prompt": "47+38=", "reference": "85",
+     "verifier": "numeric", "verifier_args": {}}
+
+Both roles read the same file: the trainer measures lift on it, the scorer
+measures each cohort's ``target_similarity`` against its prompts. A bad line
+is refused with its line number, field and reason (nothing half-loaded).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from streams.rejection import Rejection
+from streams.schemas import MAX_ID_CHARS, MAX_TEXT_CHARS
+
+
+class ProbeFileError(Rejection):
+    """A probe file that cannot be used; ``field`` is ``line <n>.<field>``."""
+
+
+class ProbeItem(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    target: str = Field(default="", max_length=MAX_ID_CHARS)
+    prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    reference: str = Field(max_length=MAX_TEXT_CHARS)
+    verifier: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    verifier_args: Mapping[str, Any] = Field(default_factory=dict)
+
+
+def read_probe_file(path: Path | str) -> list[ProbeItem]:
+    """Every item of the probe file at ``path`` (at least one)."""
+    items: list[ProbeItem] = []
+    with Path(path).open("rb") as fh:
+        for n, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                items.append(ProbeItem.model_validate(obj))
+            except ValidationError as e:
+                err = e.errors()[0]
+                where = ".".join(str(p) for p in err["loc"]) or "item"
+                raise ProbeFileError(f"{path}: line {n}.{where}", err["msg"]) from None
+            except ValueError as e:  # JSON syntax, oversized integers, bad UTF-8
+                raise ProbeFileError(f"{path}: line {n}", f"not valid JSON ({e})") from None
+    if not items:
+        raise ProbeFileError(str(path), "no probe items")
+    return items
+
+
+def write_probe_file(path: Path | str, items: Iterable[ProbeItem]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w") as fh:
+        for it in items:
+            fh.write(it.model_dump_json() + "\n")
+    tmp.replace(path)
+    return path
+
+
+def targets(items: Sequence[ProbeItem]) -> dict[str, list[ProbeItem]]:
+    """The items grouped by target, in file order."""
+    out: dict[str, list[ProbeItem]] = {}
+    for it in items:
+        out.setdefault(it.target, []).append(it)
+    return out

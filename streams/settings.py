@@ -1,0 +1,38 @@
+"""The transport's settings: which log, and how to reach it.
+
+Owned by the streams layer (the transports read them); the service's
+settings (:class:`daemon.config.TapdSettings`) nest them as ``transport``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TransportSettings(_Frozen):
+    kind: Literal["embedded", "kafka"] = "embedded"
+    # embedded: one SQLite file holds every topic and the group offsets
+    embedded_path: Path = Path("var/tapd-log.sqlite")
+    embedded_partitions: int = Field(default=1, ge=1, le=64)
+    # kafka: passed through to kafka-python
+    bootstrap_servers: str = "localhost:9092"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_check_hostname: bool = True
+    client_id: str = "tapd"
+    request_timeout_ms: int = Field(default=30_000, ge=1_000)
+    max_poll_interval_ms: int = Field(default=300_000, ge=10_000)
+    session_timeout_ms: int = Field(default=10_000, ge=6_000)
+    metadata_max_age_ms: int = Field(default=5_000, ge=1_000)
