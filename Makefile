@@ -16,13 +16,15 @@ demo: setup
 
 # Everything CI checks.
 test: setup-test
-	$(VENV)/bin/ruff check daemon streams tests bench
+	$(VENV)/bin/ruff check daemon streams lab tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 lint:
-	$(VENV)/bin/ruff check daemon streams tests bench
-	$(VENV)/bin/ruff format --check daemon streams tests bench
+	$(VENV)/bin/ruff check daemon streams lab tests bench
+	$(VENV)/bin/ruff format --check daemon streams lab tests bench
+	$(VENV)/bin/lint-imports
 
 typecheck:
 	$(VENV)/bin/mypy

@@ -34,7 +34,7 @@ from daemon.runtime.predictor_host import PredictorHost
 from daemon.runtime.state import StateStore
 from lab.checks import check_stage, synthetic_features, synthetic_lift, synthetic_stream
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def take(

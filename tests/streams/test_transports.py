@@ -25,7 +25,7 @@ from streams.kafka import KafkaTransport, client_config
 from streams.schemas import Dispatch, LiftResult, Trace, decode, encode
 from streams.transport import Consumer, Record, TopicPartition, Transport, next_offsets
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ import yaml
 
 from daemon.config import load_thresholds
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 OVERLAYS = ("dev", "prod")
 K8S_VERSION = "1.32"

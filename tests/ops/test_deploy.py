@@ -21,7 +21,7 @@ import yaml
 
 from daemon.config import load_thresholds
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 COMPOSE_FILES = ("compose.yaml", "compose.gpu.yaml")
 TOPICS = {"tap.traces", "tap.dispatch", "tap.lift", "tap.dlq", "tap.labels", "tap.decisions"}

@@ -28,7 +28,7 @@ from lab.demo import trainer_command
 from lab.localbroker import KCAT_ARGS
 from streams.schemas import Attempt, Dispatch, decode, encode
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:

@@ -32,7 +32,7 @@ from lab.localbroker import KCAT_ARGS
 from streams.factory import open_transport
 from streams.schemas import LIFT_SCHEMA, Attempt, Dispatch, LiftResult, decode, encode
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 K = 4
 
 

@@ -5,7 +5,7 @@ anything; valid traffic beside them is unaffected.
 The bulk runs through the pure validation path (``schemas.decode`` +
 ``deadletter.route``); duplicates and out-of-order timestamps, which are valid
 messages, go through the real cohort builder; a smaller mix goes through a
-real ``tapd run`` process in tests/test_chaos.py. The full form (10,000+
+real ``tapd run`` process in tests/service/test_chaos.py. The full form (10,000+
 cases) is ``tapd reliability``.
 """
 

@@ -28,7 +28,7 @@ def tapd_eval(out: Path, state: Path) -> dict:
         capture_output=True,
         text=True,
         timeout=540,
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "results.json").read_text())
