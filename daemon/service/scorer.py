@@ -42,7 +42,7 @@ from typing import Any
 
 from daemon.config import TapdSettings, Thresholds
 from daemon.core.pipeline import Effects, Scorer
-from daemon.core.vocabulary import SELECTIONS
+from daemon.core.vocabulary import PREDICTOR_STAGES, SELECTIONS
 from daemon.runtime.http import audit, publish_thresholds
 from daemon.runtime.logging import get_logger
 from daemon.runtime.metrics import ScorerMetrics
@@ -397,7 +397,7 @@ def publish_predictor(metrics: ScorerMetrics, predictor: Any, seen: dict[str, fl
     metrics.predictor_labels.set(getattr(predictor, "n_labels", 0))
     metrics.predictor_model_version.set(getattr(predictor, "version", 0))
     active = getattr(predictor, "stage", "heuristic")
-    for stage in ("heuristic", "river", "lightgbm"):
+    for stage in PREDICTOR_STAGES:
         metrics.predictor_stage.labels(stage=stage).set(1 if stage == active else 0)
     totals = {"drift": float(getattr(predictor, "drift_detected", 0))}
     for outcome, n in dict(getattr(predictor, "refits", {})).items():
