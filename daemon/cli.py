@@ -352,10 +352,17 @@ def _add_plugin_commands() -> None:
         register(app)
 
 
+# At import, so that every way of running the app (console script, tests'
+# CliRunner, ``python -m daemon.cli``) has the same commands.
+_add_plugin_commands()
+
+
 def main() -> None:
-    _add_plugin_commands()
     app()
 
 
 if __name__ == "__main__":
-    main()
+    # ``python -m daemon.cli``: run the imported module's app (the one plug-ins registered on).
+    from daemon.cli import main as _main
+
+    _main()
