@@ -30,6 +30,7 @@ from typing import Any
 from prometheus_client import start_http_server
 
 from daemon.config import TapdSettings
+from daemon.policy.store import version_number
 from daemon.runtime.logging import bind_ids, get_logger
 from daemon.runtime.metrics import TrainerMetrics
 from daemon.trainer.cohort import CohortTrainer, Handled
@@ -66,11 +67,6 @@ def validate(raw: bytes, verifiers: VerifierLookup) -> Dispatch | Rejected:
             sub = getattr(e, "field", "verifier")
             return Rejected("verifier", f"items[{i}].{sub}", str(getattr(e, "reason", e)))
     return dispatch
-
-
-def _version_number(name: str) -> float:
-    digits = name.lstrip("v")
-    return float(digits) if digits.isdigit() else 0.0
 
 
 class TrainerService:
@@ -175,7 +171,7 @@ class TrainerService:
         m.weight_norm.set(p.weight_norm)
         m.grad_norm.set(p.grad_norm)
         m.entropy.set(p.policy_entropy)
-        m.policy_version.set(_version_number(self.trainer.policy_version))
+        m.policy_version.set(version_number(self.trainer.policy_version) or 0)
         log.info(
             "cohort_trained",
             mode=r.mode,
