@@ -123,6 +123,46 @@ class TrainerSettings(_Frozen):
     metrics_port: int = Field(default=9401, ge=0, le=65535, description="0: ephemeral")
 
 
+class VerifySettings(_Frozen):
+    """Caps on what a trace may ask of its verifier, and how code is sandboxed.
+
+    ``verifier_args`` come from traces, i.e. from whoever can produce to the
+    traces topic: every value is checked against these caps (a trace over a
+    cap is dead-lettered with the argument as field), never trusted.
+    docs/SECURITY.md describes the sandbox.
+    """
+
+    # code verifier: per-run limits a trace may choose, up to these caps
+    default_timeout_s: float = Field(default=2.0, gt=0.0, le=60.0)
+    max_timeout_s: float = Field(default=10.0, gt=0.0, le=60.0)
+    default_memory_mb: int = Field(default=256, ge=64, le=16_384)
+    max_memory_mb: int = Field(default=1024, ge=64, le=16_384)
+    max_tests: int = Field(default=64, ge=1, le=10_000, description="test statements per task")
+    max_test_chars: int = Field(default=20_000, ge=100, le=1_000_000)
+    max_code_chars: int = Field(default=100_000, ge=100, le=10_000_000)
+    # regex verifier (linear-time engine; these bound its memory and time)
+    max_pattern_chars: int = Field(default=1_000, ge=1, le=100_000)
+    max_subject_chars: int = Field(default=100_000, ge=1, le=10_000_000)
+    # the sandbox itself
+    sandbox_uid: int = Field(
+        default=65534, ge=1, description="uid code runs as when tapd runs as root (never 0)"
+    )
+    sandbox_gid: int = Field(default=65534, ge=1)
+    bwrap: str = "bwrap"
+    setpriv: str = "setpriv"
+    python: Path | None = Field(
+        default=None, description="interpreter inside the sandbox; None: probe for one"
+    )
+    disk_mb: int = Field(default=16, ge=1, le=4096, description="tmpfs quota for /work and /tmp")
+    file_mb: int = Field(default=8, ge=1, le=4096)
+    max_procs: int = Field(default=16, ge=1, le=4096)
+    max_output_kb: int = Field(default=256, ge=4, le=65_536)
+    max_concurrent: int = Field(default=2, ge=1, le=256, description="sandboxes at once")
+    # reward-trust probing runs trace-supplied code too: its own, smaller budget
+    probe_timeout_s: float = Field(default=1.0, gt=0.0, le=60.0)
+    probe_max_runs: int = Field(default=4, ge=0, le=1_000, description="sandbox runs per cohort")
+
+
 class Thresholds(_Frozen):
     """The knobs an on-call engineer turns; each with its bounds."""
 
@@ -206,6 +246,7 @@ class TapdSettings(BaseSettings):
     grpo: GRPOParams = GRPOParams()
     trainer: TrainerSettings = TrainerSettings()
     thresholds: Thresholds = Thresholds()
+    verify: VerifySettings = VerifySettings()
     service: ServiceSettings = ServiceSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
