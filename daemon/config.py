@@ -66,8 +66,9 @@ class PredictorSettings(_Frozen):
         default=8, ge=1, description="labels before River replaces the heuristic"
     )
     lgbm_after: int = Field(default=40, ge=10, description="labels before the first LightGBM refit")
+    # Refits are due by label count (or drift), never by the clock: replicas
+    # that learn the same labels then refit at the same label, to the same model.
     refit_every_labels: int = Field(default=20, ge=1)
-    refit_every_s: float = Field(default=600.0, gt=0.0)
     holdout_fraction: float = Field(default=0.25, gt=0.0, lt=1.0)
     seed: int = 0
 
