@@ -281,7 +281,7 @@ def run_demo(
     import torch
     from tqdm import tqdm
 
-    from daemon.core.decision import ThresholdsHolder
+    from daemon.runtime.thresholds import ThresholdsHolder
     from daemon.runtime.http import publish_thresholds
     from daemon.runtime.metrics import ScorerMetrics
     from daemon.service.scorer import PolicyRollout, ScorerService, build_scorer
