@@ -41,7 +41,7 @@ _MAX_DEPTH = 48
 _BUILTIN_NAMES = frozenset(dir(builtins))
 
 
-class TestsError(ValueError):
+class SuiteError(ValueError):
     """Tests this verifier cannot run; the caller names the field (tests or reference)."""
 
 
@@ -358,22 +358,22 @@ class Suite:
 
 
 def parse_tests(text: str, *, max_tests: int, max_chars: int) -> Suite:
-    """Split test source into checks and holes; :class:`TestsError` says what is wrong."""
+    """Split test source into checks and holes; :class:`SuiteError` says what is wrong."""
     if len(text) > max_chars:
-        raise TestsError(f"{len(text)} characters of tests, over the cap of {max_chars}")
+        raise SuiteError(f"{len(text)} characters of tests, over the cap of {max_chars}")
     try:
         module = ast.parse(text)
     except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
-        raise TestsError(f"tests do not parse: {e}") from None
+        raise SuiteError(f"tests do not parse: {e}") from None
     if _depth(module) > _MAX_DEPTH:
-        raise TestsError(f"tests nest deeper than {_MAX_DEPTH}")
+        raise SuiteError(f"tests nest deeper than {_MAX_DEPTH}")
     imports: list[str] = []
     asserts: list[ast.expr] = []
     imported: set[str] = set()
     for stmt in module.body:
         if isinstance(stmt, ast.Import | ast.ImportFrom):
             if any(a.name == "*" for a in stmt.names):
-                raise TestsError(f"line {stmt.lineno}: `import *` hides which names are imported")
+                raise SuiteError(f"line {stmt.lineno}: `import *` hides which names are imported")
             imported |= {(a.asname or a.name).split(".")[0] for a in stmt.names}
             imports.append(ast.unparse(stmt))
         elif isinstance(stmt, ast.Assert):
@@ -383,14 +383,14 @@ def parse_tests(text: str, *, max_tests: int, max_chars: int) -> Suite:
         ):
             continue
         else:
-            raise TestsError(
+            raise SuiteError(
                 f"line {stmt.lineno}: only assert statements and imports can be tests "
                 f"(got {type(stmt).__name__}; helpers would run beside the candidate's code)"
             )
     if not asserts:
-        raise TestsError("no assert statements")
+        raise SuiteError("no assert statements")
     if len(asserts) > max_tests:
-        raise TestsError(f"{len(asserts)} assertions, over the cap of {max_tests}")
+        raise SuiteError(f"{len(asserts)} assertions, over the cap of {max_tests}")
 
     holes: list[str] = []
     index: dict[str, int] = {}
@@ -417,7 +417,7 @@ def parse_tests(text: str, *, max_tests: int, max_chars: int) -> Suite:
 
     checks = tuple(mark(a) for a in asserts)
     if not candidate:
-        raise TestsError(
+        raise SuiteError(
             "no assertion uses the candidate's code (every expression uses only builtins "
             "and imports), so any completion would pass"
         )
@@ -527,7 +527,7 @@ class ExpectedValues:
                             if run.timed_out
                             else run.load_error or run.errors.get(j) or "not a plain value"
                         )
-                        raise TestsError(f"the tests' expression {holes[j]!r} failed: {why}")
+                        raise SuiteError(f"the tests' expression {holes[j]!r} failed: {why}")
             self._values = values
         return self._values
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import time
 
 import pytest
 from pydantic import ValidationError
-from unprivileged import Unprivileged, unprivileged  # noqa: F401 (fixture)
+from unprivileged import Unprivileged
 
 from daemon.config import TapdSettings, VerifySettings
 from daemon.verify.errors import SandboxUnavailable
@@ -129,7 +130,7 @@ def test_waiting_for_the_sandbox_leaves_other_threads_running() -> None:
     finally:
         stop.set()
         t.join()
-    gaps = [b - a for a, b in zip(beats, beats[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(beats)]
     assert len(beats) > 20 and max(gaps) < 0.5
 
 
@@ -178,7 +179,7 @@ def test_a_missing_bubblewrap_is_refused_naming_the_setting() -> None:
 
 
 def test_without_user_namespaces_an_unprivileged_service_refuses_code(
-    unprivileged: Unprivileged,  # noqa: F811
+    unprivileged: Unprivileged,
 ) -> None:
     # bwrap --disable-userns: inside, no further user namespace can be made,
     # as on a host whose kernel forbids them to unprivileged users.

@@ -10,8 +10,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from unprivileged import Unprivileged, unprivileged  # noqa: F401 (fixture)
 from sandbox_attacks import ATTEMPTS, run_corpus
+from unprivileged import Unprivileged
 
 # Each attempt's verifier runs with timeout_s=1: 1 CPU second, 3 s of wall clock.
 WALL_S = 3.0
