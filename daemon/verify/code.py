@@ -463,39 +463,56 @@ class Verdict:
         return 1.0 if self.total and self.passed == self.total else 0.0
 
 
-def inert(source: str) -> bool:
-    """Whether the code cannot define anything (so every candidate hole raises NameError).
+_BINDING = (
+    ast.FunctionDef,
+    ast.AsyncFunctionDef,
+    ast.ClassDef,
+    ast.Import,
+    ast.ImportFrom,
+    ast.Assign,
+    ast.AugAssign,
+    ast.AnnAssign,
+    ast.For,
+    ast.AsyncFor,
+    ast.With,
+    ast.AsyncWith,
+    ast.Try,
+    ast.TryStar,
+    ast.ExceptHandler,
+    ast.Global,
+    ast.Nonlocal,
+    ast.Delete,
+    ast.NamedExpr,
+    ast.Lambda,
+    ast.comprehension,
+    ast.Match,
+)
 
-    Most known-bad answers in reward-trust probing ("", "B", "not 82") are
-    this, or do not parse: they need no sandbox run to fail.
+
+def inert(source: str) -> bool:
+    """Whether the code cannot define anything, so every candidate hole fails.
+
+    True when it does not parse, or binds no name (no def, class, import,
+    assignment, loop target, ...) and calls nothing but unbound non-builtin
+    names, which raise NameError before their arguments are evaluated (so
+    ``exec``/``globals()`` cannot sneak a definition in). Most known-bad
+    answers in reward-trust probing ("", "B", "not 82", "assert f() == 8")
+    are inert: they fail without a sandbox run.
     """
     try:
         module = ast.parse(source)
     except (SyntaxError, ValueError, MemoryError, RecursionError):
         return True
-    pure = (
-        ast.Expr,
-        ast.Constant,
-        ast.Name,
-        ast.Load,
-        ast.BinOp,
-        ast.UnaryOp,
-        ast.BoolOp,
-        ast.Compare,
-        ast.Tuple,
-        ast.List,
-        ast.Set,
-        ast.Dict,
-        ast.operator,
-        ast.unaryop,
-        ast.boolop,
-        ast.cmpop,
-        ast.expr_context,
-    )
-    return all(
-        isinstance(stmt, ast.Expr) and all(isinstance(n, pure) for n in ast.walk(stmt))
-        for stmt in module.body
-    )
+    for node in ast.walk(module):
+        if isinstance(node, _BINDING):
+            return False
+        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            return False
+        if isinstance(node, ast.Call) and not (
+            isinstance(node.func, ast.Name) and node.func.id not in _BUILTIN_NAMES
+        ):
+            return False
+    return True
 
 
 class ExpectedValues:

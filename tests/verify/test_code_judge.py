@@ -68,13 +68,13 @@ def test_plain_values_only_exact_builtin_types() -> None:
         "[1, (2,), {3}, set(), {'a': b'x'}, None, True, 1.5, 1e999]"
     )
 
-    class I(int):
+    class Liar(int):
         def __eq__(self, other: object) -> bool:
             return True
 
         __hash__ = int.__hash__
 
-    for bad in (I(3), float("nan"), object(), iter([1]), [I(1)], {"k": object()}):
+    for bad in (Liar(3), float("nan"), object(), iter([1]), [Liar(1)], {"k": object()}):
         with pytest.raises((TypeError, ValueError)):
             plain(bad, _Budget(10_000))
     with pytest.raises(ValueError, match="too large"):
@@ -115,10 +115,33 @@ def test_the_reference_can_hold_the_tests() -> None:
 
 
 def test_known_bad_answers_need_no_sandbox_run() -> None:
-    for text in ("", "B", "not 82", "82 or 93", "zq82qz", "A B C D E", "def ("):
-        assert inert(text)
-    for text in ("def f(): pass", "import os", "f = 1", "print(1)", "(lambda: 0)()"):
-        assert not inert(text)
+    for text in (
+        "",
+        "B",
+        "not 82",
+        "82 or 93",
+        "zq82qz",
+        "A B C D E",
+        "def (",
+        "assert g() == 8",
+        "while True:\n    pass",
+        "x[0].y",
+    ):
+        assert inert(text), text
+    for text in (
+        "def f(): pass",
+        "import os",
+        "f = 1",
+        "print(1)",
+        "(lambda: 0)()",
+        "exec('def f(): return 1')",
+        "globals()",
+        "[f for f in range(3)]",
+        "(f := 1)",
+        "x.y = 1",
+        "str.join('', 'a')",
+    ):
+        assert not inert(text), text
     v = CodeVerifier({"tests": ["assert add(1, 2) == 3"], "timeout_s": 1.0})
     verdict = v.verdict("A B C D E", "")
     assert verdict.reward == 0.0 and verdict.run is None

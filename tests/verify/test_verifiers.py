@@ -271,7 +271,7 @@ def test_patterns_outside_the_linear_engine_or_caps_are_refused(caps: None) -> N
             get_verifier("regex", {"pattern": pattern})
         assert e.value.field == "verifier_args.pattern"
         assert "RE2" in e.value.reason
-    with pytest.raises(VerifierArgsError, match="verify.max_pattern_chars"):
+    with pytest.raises(VerifierArgsError, match=r"verify\.max_pattern_chars"):
         get_verifier("regex", {"pattern": "a" * 5000})
     configure(VerifySettings(max_subject_chars=10))
     v = get_verifier("regex", {"pattern": "a+"})
