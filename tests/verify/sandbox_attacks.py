@@ -646,9 +646,32 @@ def run_corpus(ctx: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
-    ctx = json.loads(Path(sys.argv[1]).read_text())
+    """``[CTX.json] [--summary]``: the report as JSON (last line), or a summary."""
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    if args:
+        ctx = json.loads(Path(args[0]).read_text())
+    else:
+        try:
+            shadow: str | None = Path("/etc/shadow").read_text().splitlines()[0]
+        except (OSError, IndexError):
+            shadow = None
+        ctx = {"shadow_line": shadow, "victim_uid": 65534 if os.geteuid() == 0 else None}
     report = run_corpus(ctx)
-    sys.stdout.write(json.dumps(report) + "\n")
+    if "--summary" not in sys.argv:
+        sys.stdout.write(json.dumps(report) + "\n")
+        return
+    results = report["results"]
+    for kind in ("escape", "gaming", "control"):
+        mine = [r for r in results if r["kind"] == kind]
+        print(f"{kind}: {len(mine)} attempts, rewarded {sum(r['reward'] == 1.0 for r in mine)}")
+    ev = report["evidence"]
+    print(f"evidence outside the sandbox: {ev}")
+    print(f"uid {report['uid']}; {report['isolation']}")
+    slowest = max(results, key=lambda r: r["seconds"])
+    print(
+        f"{len(results)} attempts in {report['seconds']} s (4 at a time); slowest "
+        f"{slowest['name']} {slowest['seconds']} s"
+    )
 
 
 if __name__ == "__main__":
