@@ -232,6 +232,11 @@ def _evaluate(node: ast.expr, values: Mapping[int, Any]) -> Any:
         kwargs = {k.arg: _evaluate(k.value, values) for k in node.keywords if k.arg}
         if fn is str and args and isinstance(args[0], int) and abs(args[0]).bit_length() > 14000:
             raise ValueError("integer too large to format")
+        if fn is round:
+            # round(n, -10**9) would compute 10**(10**9) in the parent.
+            digits = args[1] if len(args) > 1 else kwargs.get("ndigits", 0)
+            if not isinstance(digits, int) or abs(digits) > 64:
+                raise ValueError("ndigits out of range")
         assert fn is not None
         out = fn(*args, **kwargs)
         # Iterators (zip, enumerate, reversed) are consumed by an enclosing call.

@@ -129,7 +129,7 @@ class SandboxLimits:
     max_procs: int = 16
     file_mb: int = 8
     disk_mb: int = 16
-    output_bytes: int = 256 * 1024
+    output_bytes: int = 64 * 1024
     open_files: int = 64
 
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import time
 
 import pytest
 
@@ -106,6 +107,24 @@ def test_checks_follow_python_semantics_on_plain_values() -> None:
     assert (verdict.passed, verdict.total) == (5, 6)
     listy = right.replace("return (1, 2)", "return [1, 2]")
     assert v.verdict(listy, "").passed == 4
+
+
+def test_the_parent_refuses_expensive_arithmetic_from_tests() -> None:
+    # Tests come from traces: their arithmetic runs in the parent, so it is bounded.
+    v = CodeVerifier(
+        {
+            "tests": [
+                "assert round(f(), -1000000000) == 0",
+                "assert f() ** 100000 > 0",
+                "assert [f()] * 10**9 != []",
+            ],
+            "timeout_s": 1.0,
+        }
+    )
+    t0 = time.monotonic()
+    verdict = v.verdict("def f():\n    return 7\n", "")
+    assert (verdict.passed, verdict.total) == (0, 3)
+    assert time.monotonic() - t0 < 5.0
 
 
 def test_the_reference_can_hold_the_tests() -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -109,8 +110,9 @@ def test_timeouts_are_bounded_and_leave_nothing_behind() -> None:
     r = run_code("import time\ntime.sleep(60)\n", ["1"], limits)
     assert r.timed_out and r.load_error == "missing"
     assert time.monotonic() - t0 < 3.0
-    r = run_code("while True:\n    pass\n", ["1"], SandboxLimits(cpu_s=0.5, wall_s=10.0))
-    assert r.load_error == "missing" and r.duration_s < 5.0  # RLIMIT_CPU, before the wall clock
+    # RLIMIT_CPU (1 s) ends it long before the wall clock, however loaded the host.
+    r = run_code("while True:\n    pass\n", ["1"], SandboxLimits(cpu_s=0.5, wall_s=60.0))
+    assert r.load_error == "missing" and not r.timed_out and r.returncode is not None
     assert set(sandbox_pids()) <= before
 
 
@@ -126,12 +128,13 @@ def test_waiting_for_the_sandbox_leaves_other_threads_running() -> None:
     t = threading.Thread(target=heartbeat)
     t.start()
     try:
-        run_code("while True:\n    pass\n", ["1"], SandboxLimits(cpu_s=1.0, wall_s=1.5))
+        run = run_code("import time\ntime.sleep(60)\n", ["1"], SandboxLimits(wall_s=3.0))
     finally:
         stop.set()
         t.join()
+    assert run.timed_out
     gaps = [b - a for a, b in itertools.pairwise(beats)]
-    assert len(beats) > 20 and max(gaps) < 0.5
+    assert len(beats) > 30 and max(gaps) < 1.0
 
 
 def test_output_floods_are_cut_off() -> None:
@@ -222,7 +225,7 @@ def test_code_dies_with_the_process_that_started_it() -> None:
         " SandboxLimits(cpu_s=60, wall_s=60))).start()\n"
         "import time\ntime.sleep(60)\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     before = set(sandbox_pids())
     scorer = subprocess.Popen([sys.executable, "-c", script], env=env)
     try:
