@@ -10,6 +10,7 @@ tree and runs the system's interpreter of the same Python version on it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -51,24 +52,37 @@ class Unprivileged:
         ]
 
 
-def _third_party_roots() -> list[Path]:
-    """Top-level files/folders of the non-stdlib modules the verifier loads."""
-    import daemon.verify.registry
-    import daemon.verify.sandbox  # noqa: F401 (loads the same modules, to be sure)
+_ROOTS = """
+import json, sys
+from pathlib import Path
+import daemon.verify.registry, daemon.verify.sandbox, sandbox_attacks
+import pyseccomp, re2  # imported lazily by tapd
+site = [Path(p) for p in sys.path if p.endswith("site-packages")]
+roots = set()
+for module in list(sys.modules.values()):
+    f = getattr(module, "__file__", None)
+    for s in site:
+        if f and s in Path(f).parents:
+            top = s / Path(f).relative_to(s).parts[0]
+            if not top.name.startswith(("__editable__", "_distutils_hack")):
+                roots.add(str(top))
+print(json.dumps(sorted(roots)))
+"""
 
-    site = [Path(p) for p in sys.path if p.endswith("site-packages")]
-    roots: set[Path] = set()
-    for module in list(sys.modules.values()):
-        f = getattr(module, "__file__", None)
-        if not f:
-            continue
-        path = Path(f)
-        for s in site:
-            if s in path.parents:
-                top = s / path.relative_to(s).parts[0]
-                if not top.name.startswith(("__editable__", "_distutils_hack")):
-                    roots.add(top)
-    return sorted(roots)
+
+def _third_party_roots() -> list[Path]:
+    """Top-level files/folders of the non-stdlib modules the verifier loads, found in
+    a fresh interpreter (the test process has loaded much more)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _ROOTS],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": f"{ROOT}:{Path(__file__).parent}"},
+        timeout=120,
+    )
+    return [Path(p) for p in json.loads(out.stdout)]
 
 
 def _missing(reason: str) -> None:
