@@ -166,7 +166,9 @@ class VerifySettings(_Frozen):
     disk_mb: int = Field(default=16, ge=1, le=4096, description="tmpfs quota for /work and /tmp")
     file_mb: int = Field(default=8, ge=1, le=4096)
     max_procs: int = Field(default=16, ge=1, le=4096)
-    max_output_kb: int = Field(default=256, ge=4, le=65_536)
+    max_output_kb: int = Field(
+        default=64, ge=4, le=65_536, description="result values and diagnostics read back"
+    )
     max_concurrent: int = Field(default=2, ge=1, le=256, description="sandboxes at once")
     # reward-trust probing runs trace-supplied code too: its own, smaller budget
     probe_timeout_s: float = Field(default=1.0, gt=0.0, le=60.0)

@@ -17,7 +17,8 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 runtime_missing=()
 command -v bwrap >/dev/null 2>&1 || runtime_missing+=(bubblewrap)
 command -v setpriv >/dev/null 2>&1 || runtime_missing+=(util-linux)
-ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2' || runtime_missing+=(libseccomp2)
+compgen -G '/usr/lib/*/libseccomp.so.2' >/dev/null || compgen -G '/lib/*/libseccomp.so.2' >/dev/null \
+  || runtime_missing+=(libseccomp2)
 if [ ${#runtime_missing[@]} -gt 0 ]; then
   log "installing Debian packages: ${runtime_missing[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

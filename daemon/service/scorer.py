@@ -509,8 +509,10 @@ def build_scorer(
     from daemon.core.features import featurize
     from daemon.core.predictor import Predictor
     from daemon.policy.rollout import fill_attempts
+    from daemon.verify.settings import configure as configure_verifiers
     from streams.probes import read_probe_file
 
+    configure_verifiers(settings.verify)  # caps on verifier_args, the code sandbox
     predictor = Predictor(settings.predictor)
     engine = rollout or PolicyRollout(settings)
     probe_path = settings.policy.probe_path

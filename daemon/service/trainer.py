@@ -214,8 +214,10 @@ def build_trainer(settings: TapdSettings, state_dir: Path | None = None) -> Coho
     from daemon.policy.store import PolicyStore, format_prompt, load_policy, resolve_device
     from daemon.trainer.backend import make_backend
     from daemon.verify.registry import get_verifier
+    from daemon.verify.settings import configure as configure_verifiers
     from streams.probes import read_probe_file
 
+    configure_verifiers(settings.verify)  # caps on verifier_args, the code sandbox
     p = settings.policy
     if p.probe_path is None:
         raise ValueError("policy.probe_path: the trainer needs a probe file to measure lift on")
