@@ -59,9 +59,9 @@ def raw_consume(bootstrap: str, topic: str, n: int) -> Rate:
 
 def scorer_consume(bootstrap: str, topic: str, n: int, state: Path) -> tuple[Rate, int]:
     from daemon.config import TapdSettings, Thresholds, Topics, TransportSettings
-    from daemon.core.decision import ThresholdsHolder
     from daemon.core.pipeline import Scorer
     from daemon.runtime.metrics import ScorerMetrics
+    from daemon.runtime.thresholds import ThresholdsHolder
     from daemon.service.scorer import ScorerService, build_scorer
     from streams.kafka import KafkaTransport
 

@@ -11,6 +11,20 @@ WITH_TEST_DEPS=${WITH_TEST_DEPS:-0}
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
+# --- system packages the product needs: the code verifier's sandbox runs
+# code under bubblewrap, drops root with setpriv (util-linux) and loads
+# seccomp programs built by libseccomp (docs/SECURITY.md).
+runtime_missing=()
+command -v bwrap >/dev/null 2>&1 || runtime_missing+=(bubblewrap)
+command -v setpriv >/dev/null 2>&1 || runtime_missing+=(util-linux)
+ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2' || runtime_missing+=(libseccomp2)
+if [ ${#runtime_missing[@]} -gt 0 ]; then
+  log "installing Debian packages: ${runtime_missing[*]}"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${runtime_missing[@]}" >/dev/null
+fi
+
 # --- system packages (only for the tests: kcat is an independent Kafka client,
 # prometheus/promtool check metrics, rules and dashboard queries)
 if [ "$WITH_TEST_DEPS" = 1 ]; then

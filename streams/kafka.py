@@ -29,7 +29,14 @@ from kafka.errors import KafkaError, KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata
 
 from streams.settings import TransportSettings
-from streams.transport import Consumer, Producer, Record, RevokeHook, TopicPartition
+from streams.transport import (
+    AssignHook,
+    Consumer,
+    Producer,
+    Record,
+    RevokeHook,
+    TopicPartition,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +104,12 @@ class KafkaProducer:
         )
         self._pending: list[Any] = []
 
-    def send(self, topic: str, value: bytes, key: bytes | None = None) -> None:
+    def send(
+        self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None
+    ) -> None:
         # The first send to a new topic waits for its auto-creation
         # (max_block_ms); kafka-python refreshes metadata until it has a leader.
-        self._pending.append(self._p.send(topic, value=value, key=key))
+        self._pending.append(self._p.send(topic, value=value, key=key, partition=partition))
 
     def flush(self, timeout_s: float | None = None) -> None:
         self._p.flush(timeout=timeout_s)
@@ -129,6 +138,10 @@ class _Listener(ConsumerRebalanceListener):
     def on_partitions_assigned(self, assigned: Any) -> None:
         if self._owner._paused and assigned:
             self._owner._c.pause(*assigned)
+        if self._owner.on_assigned is not None and assigned:
+            # seek() here sets where each partition resumes; kafka-python
+            # fetches the committed offset only for partitions left unset.
+            self._owner.on_assigned([_tp(t) for t in assigned])
 
 
 class KafkaConsumer:
@@ -140,11 +153,13 @@ class KafkaConsumer:
         *,
         from_beginning: bool = True,
         on_revoked: RevokeHook | None = None,
+        on_assigned: AssignHook | None = None,
         session_timeout_ms: int = 10_000,
         max_poll_interval_ms: int = 300_000,
         max_poll_records: int = 500,
     ) -> None:
         self.on_revoked = on_revoked
+        self.on_assigned = on_assigned
         self._paused = False
         timeouts: dict[str, int] = {"session_timeout_ms": session_timeout_ms}
         # Brokers before 0.10.1 have no separate poll interval (the session
@@ -190,6 +205,12 @@ class KafkaConsumer:
         value = self._c.committed(_KTP(tp.topic, tp.partition))
         return None if value is None else int(value)
 
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        ktp = _KTP(tp.topic, tp.partition)
+        if ktp not in self._c.assignment():
+            raise ValueError(f"seek: {tp} is not assigned to this consumer")
+        self._c.seek(ktp, int(offset))
+
     def pause(self) -> None:
         self._paused = True
         assigned = self._c.assignment()
@@ -226,11 +247,16 @@ class KafkaConsumer:
 
 
 class KafkaTransport:
+    @classmethod
+    def from_settings(cls, settings: TransportSettings, max_poll_records: int = 500) -> KafkaTransport:
+        return cls(settings, max_poll_records=max_poll_records)
+
     def __init__(self, settings: TransportSettings, max_poll_records: int = 500) -> None:
         self.settings = settings
         self._config = client_config(settings)
         self._max_poll_records = max_poll_records
         self._probe: KafkaClient | None = None
+        self._reader: _KConsumer | None = None
 
     def _client_config(self) -> Mapping[str, Any]:
         """The shared config plus the broker's API version, probed once here
@@ -255,6 +281,7 @@ class KafkaTransport:
         *,
         from_beginning: bool = True,
         on_revoked: RevokeHook | None = None,
+        on_assigned: AssignHook | None = None,
     ) -> Consumer:
         return KafkaConsumer(
             self._client_config(),
@@ -262,10 +289,73 @@ class KafkaTransport:
             group,
             from_beginning=from_beginning,
             on_revoked=on_revoked,
+            on_assigned=on_assigned,
             session_timeout_ms=self.settings.session_timeout_ms,
             max_poll_interval_ms=self.settings.max_poll_interval_ms,
             max_poll_records=self._max_poll_records,
         )
+
+    def _read_client(self) -> _KConsumer:
+        """One group-less consumer for partition reads and offset lookups (the
+        owner's thread only, like every KafkaConsumer)."""
+        if self._reader is None:
+            self._reader = _KConsumer(
+                **self._client_config(),
+                group_id=None,
+                enable_auto_commit=False,
+                # A start below the log's first offset (retention) reads from
+                # that first offset, never silently from the end.
+                auto_offset_reset="earliest",
+                max_poll_records=self._max_poll_records,
+            )
+        return self._reader
+
+    def partitions(self, topic: str, timeout_s: float = 30.0) -> int:
+        client = self._read_client()._client
+        deadline = time.monotonic() + timeout_s
+        while True:
+            # A metadata request naming a missing topic auto-creates it where
+            # the broker allows; the partitions show once it has a leader.
+            future = client.add_topic(topic)
+            if future.is_done:
+                future = client.cluster.request_update()
+            client.poll(timeout_ms=500, future=future)
+            found = client.cluster.partitions_for_topic(topic)
+            if found:
+                return len(found)
+            if time.monotonic() > deadline:
+                raise KafkaTimeoutError(f"topic {topic!r}: no partitions after {timeout_s}s")
+            time.sleep(0.2)
+
+    def end_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        if not tps:
+            return {}
+        ends = self._read_client().end_offsets([_KTP(tp.topic, tp.partition) for tp in tps])
+        return {_tp(k): int(v) for k, v in ends.items()}
+
+    def read(self, tp: TopicPartition, start: int, end: int) -> list[Record]:
+        start = max(0, start)
+        if end <= start:
+            return []
+        reader = self._read_client()
+        ktp = _KTP(tp.topic, tp.partition)
+        reader.assign([ktp])
+        reader.seek(ktp, start)
+        out: list[Record] = []
+        deadline = time.monotonic() + self.settings.request_timeout_ms / 1000
+        while reader.position(ktp) < end:
+            batch = reader.poll(timeout_ms=500, max_records=self._max_poll_records)
+            if not batch:
+                if time.monotonic() > deadline:
+                    raise KafkaTimeoutError(f"read {tp} [{start}, {end}): stalled")
+                continue
+            deadline = time.monotonic() + self.settings.request_timeout_ms / 1000
+            for r in batch.get(ktp, ()):
+                if r.offset < end:
+                    value = r.value if r.value is not None else b""
+                    ts = r.timestamp if r.timestamp is not None and r.timestamp >= 0 else 0
+                    out.append(Record(tp.topic, tp.partition, r.offset, r.key, value, int(ts)))
+        return out
 
     def ping(self, timeout_s: float = 2.0) -> bool:
         """A metadata round trip to the cluster."""
@@ -279,6 +369,9 @@ class KafkaTransport:
             return False
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         if self._probe is not None:
             self._probe.close()
             self._probe = None

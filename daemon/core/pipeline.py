@@ -813,11 +813,13 @@ class Scorer:
         if lift.policy_version_after:
             self.cohorts.set_policy_version(lift.policy_version_after)
         # The label goes out (tap.labels, and the shell's label store) in the
-        # same transaction as the snapshot that remembers it as learned.
+        # same transaction as the snapshot that remembers it as learned. It is
+        # a function of the lift alone (its ts too): every replica learns every
+        # lift and publishes the byte-identical label, compacted by cohort id.
         fx.labels.append(
             Label(
                 cohort_id=lift.cohort_id,
-                ts=now,
+                ts=lift.ts,
                 features=dict(lift.features),
                 feature_schema=lift.feature_schema,
                 realized_lift=lift.nll_lift,

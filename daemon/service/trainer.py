@@ -30,9 +30,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from prometheus_client import start_http_server
-
 from daemon.config import TapdSettings
+from daemon.policy.store import version_number
 from daemon.runtime.logging import bind_ids, get_logger
 from daemon.runtime.metrics import TrainerMetrics
 from daemon.trainer.cohort import CohortTrainer, Handled
@@ -77,11 +76,6 @@ def validate(raw: bytes, verifiers: VerifierLookup) -> Dispatch | Rejected:
     if isinstance(decoded, Poison):
         return Rejected(decoded.stage, decoded.field, decoded.reason)
     return check_verifiers(decoded, verifiers) or decoded
-
-
-def _version_number(name: str) -> float:
-    digits = name.lstrip("v")
-    return float(digits) if digits.isdigit() else 0.0
 
 
 class TrainerService:
@@ -200,7 +194,7 @@ class TrainerService:
         m.weight_norm.set(p.weight_norm)
         m.grad_norm.set(p.grad_norm)
         m.entropy.set(p.policy_entropy)
-        m.policy_version.set(_version_number(self.trainer.policy_version))
+        m.policy_version.set(version_number(self.trainer.policy_version) or 0)
         log.info(
             "cohort_trained",
             mode=r.mode,
@@ -280,17 +274,33 @@ def build_trainer(settings: TapdSettings, state_dir: Path | None = None) -> Coho
 
 def run_trainer(settings: TapdSettings, transport: Transport | None = None) -> None:
     """The ``tapd trainer`` process: metrics server, signals, loop."""
+    from daemon.runtime.http import HttpServer, ReadinessMonitor, metrics_app
     from daemon.verify.registry import get_verifier
     from streams.factory import open_transport
 
     metrics = TrainerMetrics()
-    server, _thread = start_http_server(
-        settings.trainer.metrics_port, addr=settings.service.host, registry=metrics.registry
-    )
-    log.info("metrics_listening", host=settings.service.host, port=server.server_port)
     own_transport = transport is None
     transport = transport or open_transport(settings.transport, max_poll_records=1)
+    loaded = threading.Event()
+
+    def ready() -> dict[str, bool]:
+        return {"broker": bool(transport.ping()), "policy": loaded.is_set()}
+
+    svc = settings.service
+    server = HttpServer(
+        metrics_app(metrics.registry, ready, metrics.up_ready),
+        svc.host,
+        settings.trainer.metrics_port,
+        timeout_s=svc.http_timeout_s,
+        max_connections=svc.http_max_connections,
+        backlog=svc.http_backlog,
+        tls_certfile=svc.tls_certfile,
+        tls_keyfile=svc.tls_keyfile,
+    ).start()
+    monitor = ReadinessMonitor(ready, metrics.up_ready).start()
+    log.info("metrics_listening", url=server.url)
     service = TrainerService(settings, transport, build_trainer(settings), get_verifier, metrics)
+    loaded.set()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("trainer_stopping", signal=signal.Signals(signum).name)
@@ -302,6 +312,8 @@ def run_trainer(settings: TapdSettings, transport: Transport | None = None) -> N
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        server.shutdown()
+        monitor.stop()
+        server.stop()
         if own_transport:
             transport.close()
+        log.info("trainer_exiting")

@@ -144,23 +144,51 @@ def test_rejected_refit_keeps_the_served_model() -> None:
 
 
 def test_background_refit_does_not_block_and_is_applied_on_poll() -> None:
-    settings = PredictorSettings(river_after=8, lgbm_after=40, refit_every_labels=1000)
-    now = [0.0]
-    host = PredictorHost(Predictor(settings), None, background=True, clock=lambda: now[0])
-    p = host.predictor
+    settings = PredictorSettings(river_after=8, lgbm_after=40, refit_every_labels=20)
+    host = PredictorHost(Predictor(settings), None, background=True)
     stream = synthetic_stream(2)
-    for _ in range(200):
-        p.learn(*next(stream))
-    assert p.stage == "river" and not p.refit_due()  # not due by count
-    host.after_batch()
-    assert host.poll_refit(wait=True) is None  # nor by time: nothing started
-    now[0] += settings.refit_every_s + 1
-    host.after_batch()  # due by time: starts on the worker thread
-    p.predict(next(stream)[0])  # scoring goes on meanwhile
+    for _ in range(39):
+        host.learn(*next(stream))
+    assert not host.refit_running  # not due below lgbm_after
+    host.learn(*next(stream))  # the 40th label: due, starts on the worker thread
+    assert host.refit_running
+    host.predict(next(stream)[0])  # scoring goes on meanwhile
     result = host.poll_refit(wait=True)
     host.close()
-    assert result is not None and result.n_labels == 200
-    assert p.stage == ("lightgbm" if result.promoted else "river")
+    assert result is not None and result.n_labels == 40
+    assert host.stage == ("lightgbm" if result.promoted else host.predictor.active)
+
+
+def test_background_refits_give_every_replica_the_same_model_at_every_label() -> None:
+    """Replicas that learn one label sequence, in batches of different sizes and
+    with refits finishing at different moments, agree label by label with a
+    predictor that refits inline."""
+    settings = PredictorSettings(river_after=8, lgbm_after=40, refit_every_labels=15)
+    labels = take(synthetic_stream(9), 130)
+    inline = Predictor(settings)
+    hosts = [PredictorHost(Predictor(settings), None, background=True) for _ in range(2)]
+    probe = _probe()
+    seen_versions = set()
+    for i, (x, y) in enumerate(labels):
+        inline.learn(x, y)
+        for h in hosts:
+            h.learn(x, y)
+        if i % 7 == 0:
+            hosts[0].after_batch()  # one replica applies finished refits early
+        if i % 10 == 9:
+            # At a label boundary every refit started before it is applied.
+            for h in hosts:
+                h.poll_refit(wait=True)
+            versions = {inline.model_version, *(h.model_version for h in hosts)}
+            assert len(versions) == 1, versions
+            seen_versions |= versions
+            expected = [inline.predict(p) for p in probe]
+            for h in hosts:
+                assert [h.predict(p) for p in probe] == expected
+    for h in hosts:
+        h.close()
+    assert inline.refits["promoted"] + inline.refits["rejected"] >= 5
+    assert len(seen_versions) > 1  # the models did change on the way
 
 
 def _probe() -> list[dict[str, float]]:

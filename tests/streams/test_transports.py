@@ -486,3 +486,47 @@ def test_a_topic_created_after_the_group_joined_is_consumed(kafka_broker: str, t
         producer.close()
     finally:
         transport.close()
+
+
+# --- partition-aligned changelogs: explicit partitions, reads, assignment hooks --
+
+
+def test_explicit_partition_read_and_end_offsets(transport: Transport, topic: str) -> None:
+    assert transport.partitions(topic) == 2
+    producer = transport.producer()
+    for i in range(6):
+        producer.send(topic, f"p1-{i}".encode(), key=b"any key", partition=1)
+    producer.send(topic, b"p0-0", partition=0)
+    producer.flush()
+    producer.close()
+    p0, p1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
+    assert transport.end_offsets([p0, p1]) == {p0: 1, p1: 6}
+    # A range outside any group; the last record alone is one read.
+    assert [r.value for r in transport.read(p1, 2, 5)] == [b"p1-2", b"p1-3", b"p1-4"]
+    assert [(r.offset, r.value) for r in transport.read(p1, 5, 6)] == [(5, b"p1-5")]
+    assert transport.read(p0, 1, 1) == []
+
+
+def test_on_assigned_is_told_before_records_and_seek_sets_the_start(
+    transport: Transport, topic: str
+) -> None:
+    producer = transport.producer()
+    for i in range(8):
+        producer.send(topic, f"m{i}".encode(), partition=0)
+    producer.flush()
+    producer.close()
+    told: list[list[TopicPartition]] = []
+    consumer: Consumer | None = None
+
+    def assigned(tps: list[TopicPartition]) -> None:
+        told.append(sorted(tps, key=lambda t: t.partition))
+        assert consumer is not None
+        consumer.seek(TopicPartition(topic, 0), 5)
+
+    consumer = transport.consumer([topic], "seeking", on_assigned=assigned)
+    got = drain(consumer, 3)
+    assert told == [[TopicPartition(topic, 0), TopicPartition(topic, 1)]]
+    assert [r.value for r in got] == [b"m5", b"m6", b"m7"]
+    with pytest.raises(ValueError):
+        consumer.seek(TopicPartition(topic + ".other", 0), 0)
+    consumer.close()
