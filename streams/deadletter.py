@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import os
 import time
 import uuid
@@ -33,6 +34,7 @@ from typing import overload
 from streams.schemas import (
     MAX_ID_CHARS,
     MAX_MESSAGE_BYTES,
+    MAX_TS,
     DeadLetter,
     M,
     Message,
@@ -79,13 +81,15 @@ def dead_letter(
     kept = raw[:MAX_ORIGINAL_BYTES]
     if len(kept) < len(raw):
         reason = f"{reason} [original truncated to its first {len(kept)} of {len(raw)} bytes]"
+    # Whatever the caller passes, the letter itself must be valid: building it never fails.
+    ts = time.time() if ts is None else ts
     return DeadLetter(
         schema="tapd.dlq/1",
-        ts=time.time() if ts is None else ts,
-        stage=_clip(stage, MAX_ID_CHARS),
+        ts=min(max(ts, 0.0), MAX_TS) if math.isfinite(ts) else 0.0,
+        stage=_clip(stage or "unknown", MAX_ID_CHARS),
         field=_clip(field, _MAX_FIELD),
         reason=_clip(reason, _MAX_REASON),
-        source_topic=_clip(topic, MAX_ID_CHARS),
+        source_topic=_clip(topic or "unknown", MAX_ID_CHARS),
         partition=partition,
         offset=offset,
         original_b64=base64.b64encode(kept).decode("ascii"),

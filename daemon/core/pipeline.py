@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -692,6 +693,10 @@ class Scorer:
                 fx.dead_letters += self._reject_all(s.traces, "dispatch", field_name, reason, now)
                 self._emit(ev.CohortRejected(s.cohort.cohort_id, "dispatch", reason))
                 return fx
+        lift, spread = float(s.prediction.lift), float(s.prediction.uncertainty)
+        if not (math.isfinite(lift) and math.isfinite(spread)):
+            # The decision record must go out as JSON: refuse it here, not at send time.
+            raise ValueError(f"prediction is not finite (lift {lift}, uncertainty {spread})")
         record = DecisionRecord(
             cohort_id=s.cohort.cohort_id,
             ts=now,
@@ -699,8 +704,8 @@ class Scorer:
             subject=s.cohort.subject,
             n_groups=len(s.traces),
             features=s.features,
-            predicted_lift=float(s.prediction.lift),
-            uncertainty=float(s.prediction.uncertainty),
+            predicted_lift=lift,
+            uncertainty=spread,
             stage=str(s.prediction.stage),
             model_version=str(s.prediction.model_version),
             recommendation=d.recommendation,

@@ -11,9 +11,12 @@ order per dispatch is: the ledger records the result (inside
 is the dispatch offset committed. A crash anywhere redelivers the dispatch,
 and the ledger turns the redelivery into a re-publication of the same result.
 
-A bad dispatch never stops the process: it goes to the dead-letter topic with
-the field and the reason, and ``tapd_trainer_dead_letters_total`` counts it.
-SIGTERM lets the cohort in hand finish, commits, and closes.
+A bad dispatch never stops the process: it is decoded by the one
+poison-message mechanism (:func:`streams.deadletter.decode_record`), so any
+failure, foreseen or not, goes to the dead-letter topic with the stage, field
+and reason (stage ``internal`` for a failure nobody foresaw), and
+``tapd_trainer_dead_letters_total`` counts it. SIGTERM lets the cohort in hand
+finish, commits, and closes.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ from daemon.runtime.logging import bind_ids, get_logger
 from daemon.runtime.metrics import TrainerMetrics
 from daemon.trainer.cohort import CohortTrainer, Handled
 from daemon.trainer.probe import Probe, VerifierLookup
-from streams.deadletter import dead_letter
-from streams.schemas import Dispatch, LiftResult, SchemaError, decode, encode
+from streams.deadletter import INTERNAL, Poison, dead_letter, dead_letter_key, decode_record
+from streams.schemas import DeadLetter, Dispatch, LiftResult, encode
 from streams.transport import Record, Transport, next_offsets
 
 log = get_logger("tapd.trainer")
@@ -49,22 +52,30 @@ class Rejected:
     reason: str
 
 
-def validate(raw: bytes, verifiers: VerifierLookup) -> Dispatch | Rejected:
-    """Decode a dispatch and check that every item's verifier can judge its reference."""
-    try:
-        dispatch = decode(raw, Dispatch)
-    except SchemaError as e:
-        return Rejected("decode", e.field, e.reason)
+def check_verifiers(dispatch: Dispatch, verifiers: VerifierLookup) -> Rejected | None:
+    """Why some item's verifier cannot judge its reference, if one cannot.
+
+    A verifier raises on what the task got wrong (unknown name, bad
+    arguments, unusable reference): find out before training, not in the
+    middle of a GRPO step. Any exception counts, not only the foreseen ones.
+    """
     for i, it in enumerate(dispatch.items):
         try:
-            # A verifier raises on what the task got wrong (unknown name, bad
-            # arguments, unusable reference); find out before training, not
-            # in the middle of a GRPO step.
             verifiers(it.verifier, dict(it.verifier_args))("", it.reference)
         except ValueError as e:
             sub = getattr(e, "field", "verifier")
             return Rejected("verifier", f"items[{i}].{sub}", str(getattr(e, "reason", e)))
-    return dispatch
+        except Exception as e:
+            return Rejected("verifier", f"items[{i}].verifier", f"verifier failed: {e!r}")
+    return None
+
+
+def validate(raw: bytes, verifiers: VerifierLookup) -> Dispatch | Rejected:
+    """Decode a dispatch and check that every item's verifier can judge its reference."""
+    decoded = decode_record(Record("dispatch", 0, 0, None, raw, 0), Dispatch, "decode", 0.0)
+    if isinstance(decoded, Poison):
+        return Rejected(decoded.stage, decoded.field, decoded.reason)
+    return check_verifiers(decoded, verifiers) or decoded
 
 
 class TrainerService:
@@ -93,17 +104,28 @@ class TrainerService:
         """Poll and handle at most one dispatch; the number of records handled."""
         records = self.consumer.poll(self.settings.service.poll_timeout_s, max_records=1)
         for record in records:
-            self._handle(record)
+            try:
+                self._handle(record)
+            except Exception as e:
+                # Whatever this record did, it must not be redelivered into a
+                # crash loop: it is dead-lettered, and the next one handled.
+                log.exception("dispatch_failed", error=repr(e))
+                self._reject(record, Rejected(INTERNAL, "$", f"handling failed: {e!r}"))
             self.producer.flush()
             self.consumer.commit(next_offsets([record]))
         return len(records)
 
     def _handle(self, record: Record) -> None:
         topics = self.settings.topics
-        checked = validate(record.value, self.verifiers)
-        if isinstance(checked, Rejected):
-            self._reject(record, checked)
+        decoded = decode_record(record, Dispatch, "decode", self.clock())
+        if isinstance(decoded, Poison):
+            self._send_letter(record, decoded.letter)
             return
+        problem = check_verifiers(decoded, self.verifiers)
+        if problem is not None:
+            self._reject(record, problem)
+            return
+        checked = decoded
         with bind_ids(cohort_id=checked.cohort_id, model_version=checked.model_version):
             try:
                 handled = self.trainer.on_dispatch(checked, self.clock())
@@ -116,14 +138,6 @@ class TrainerService:
             self._observe(handled)
 
     def _reject(self, record: Record, rejected: Rejected) -> None:
-        log.warning(
-            "dispatch_rejected",
-            stage=rejected.stage,
-            field=rejected.field,
-            reason=rejected.reason,
-            partition=record.partition,
-            offset=record.offset,
-        )
         letter = dead_letter(
             record.value,
             topic=record.topic,
@@ -134,7 +148,18 @@ class TrainerService:
             reason=rejected.reason,
             ts=self.clock(),
         )
-        self.producer.send(self.settings.topics.dlq, encode(letter), key=record.key)
+        self._send_letter(record, letter)
+
+    def _send_letter(self, record: Record, letter: DeadLetter) -> None:
+        log.warning(
+            "dispatch_rejected",
+            stage=letter.stage,
+            field=letter.field,
+            reason=letter.reason,
+            partition=record.partition,
+            offset=record.offset,
+        )
+        self.producer.send(self.settings.topics.dlq, encode(letter), key=dead_letter_key(letter))
         self.metrics.dead_letters.inc()
 
     def _observe(self, handled: Handled) -> None:
@@ -243,7 +268,9 @@ def build_trainer(settings: TapdSettings, state_dir: Path | None = None) -> Coho
         trainer_id=t.trainer_id,
         format_prompt=format_prompt,
         backend=make_backend(t.backend),
-        policies=PolicyStore(settings.policy_store_dir() if state_dir is None else state / "checkpoints"),
+        policies=PolicyStore(
+            settings.policy_store_dir() if state_dir is None else state / "checkpoints"
+        ),
     )
 
 
