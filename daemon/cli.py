@@ -643,7 +643,7 @@ class Unreachable(Exception):
 class _Admin:
     url: str
     token: str | None
-    verify: str | bool
+    verify: Any  # True or an ssl.SSLContext trusting the scorer's certificate
     explicit: bool
 
     def call(self, method: str, path: str, **kw: Any) -> httpx.Response:
@@ -689,7 +689,15 @@ def _admin(ctx: typer.Context, url: str | None) -> _Admin:
         scheme = "https" if s.tls_certfile else "http"
         url = f"{scheme}://{host}:{s.port}"
     ca = os.environ.get("TAPD_ADMIN_CACERT") or (str(s.tls_certfile) if s.tls_certfile else None)
-    return _Admin(url.rstrip("/"), token, ca or True, explicit)
+    verify: Any = True
+    if ca:
+        import ssl
+
+        try:
+            verify = ssl.create_default_context(cafile=ca)
+        except (OSError, ssl.SSLError) as e:
+            _fail(ctx, f"TAPD_ADMIN_CACERT {ca}: {e}", 2)
+    return _Admin(url.rstrip("/"), token, verify, explicit)
 
 
 def _problem(r: httpx.Response) -> str:
