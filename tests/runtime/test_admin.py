@@ -349,7 +349,9 @@ def test_a_generated_token_is_private_and_kept(tmp_path: Path) -> None:
     path = tmp_path / "admin-token"
     assert len(first) >= 32 and path.stat().st_mode & 0o777 == 0o600
     assert ensure_admin_token(tmp_path, None, None) == first
-    assert ensure_admin_token(tmp_path, "configured-token-123456", None) == "configured-token-123456"
+    assert (
+        ensure_admin_token(tmp_path, "configured-token-123456", None) == "configured-token-123456"
+    )
     given = tmp_path / "secret"
     given.write_text("from-a-mounted-secret-file\n")
     assert ensure_admin_token(tmp_path, None, given) == "from-a-mounted-secret-file"

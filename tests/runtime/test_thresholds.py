@@ -41,7 +41,12 @@ def test_an_override_applies_and_is_audited() -> None:
         principal="admin:12345678",
     )
     assert rec is not None and h.current.max_in_flight == 8
-    assert (rec.who, rec.source, rec.when, rec.why) == ("alice", "admin", 1234.5, "trainer caught up")
+    assert (rec.who, rec.source, rec.when, rec.why) == (
+        "alice",
+        "admin",
+        1234.5,
+        "trainer caught up",
+    )
     assert rec.principal == "admin:12345678"
     # exploration_share already had that value: neither a change nor an override
     assert rec.what == {"max_in_flight": 8} and rec.overrides_set == {"max_in_flight": 8}
@@ -120,7 +125,11 @@ def test_a_file_change_never_discards_an_override(tmp_path: Path) -> None:
     assert view["overrides"]["max_in_flight"]["who"] == "oncall"
     assert view["overrides"]["max_in_flight"]["why"] == "burst"
     assert view["file"]["max_in_flight"] == 6 and view["effective"]["max_in_flight"] == 9
-    assert view["source"] == {**view["source"], "max_in_flight": "override", "shadow_mode": "override"}
+    assert view["source"] == {
+        **view["source"],
+        "max_in_flight": "override",
+        "shadow_mode": "override",
+    }
     # Clearing an override hands the key back to the file.
     rec = h.clear(["max_in_flight"], who="oncall")
     assert rec is not None and rec.what == {"max_in_flight": 6} and h.current.max_in_flight == 6
@@ -158,7 +167,11 @@ def test_overrides_expire() -> None:
     clock.t += 2
     assert h.current.max_in_flight == T.max_in_flight  # dropped on the first read after expiry
     last = h.history[-1]
-    assert (last.source, last.action, last.overrides_cleared) == ("expired", "expire", ["max_in_flight"])
+    assert (last.source, last.action, last.overrides_cleared) == (
+        "expired",
+        "expire",
+        ["max_in_flight"],
+    )
     assert last.what == {"max_in_flight": T.max_in_flight} and len(seen) == 2
 
 
