@@ -793,6 +793,9 @@ def cohorts(
         bool, typer.Option("--in-flight", help="Dispatched, awaiting their lift.")
     ] = False,
     limit: Annotated[int, typer.Option("--limit", min=1)] = 1000,
+    ids: Annotated[
+        bool, typer.Option("--ids", help="Only the cohort ids, one per line (closed cohorts).")
+    ] = False,
     url: _Url = None,
     offline: _Offline = False,
 ) -> None:
@@ -808,7 +811,11 @@ def cohorts(
         ctx, url, offline, "/admin/cohorts", lambda i: i.cohorts(state, limit), params=params
     )
     for row in rows:
-        typer.echo(json.dumps(row))
+        if ids:
+            if row.get("cohort_id"):
+                typer.echo(row["cohort_id"])
+        else:
+            typer.echo(json.dumps(row))
 
 
 @app.command()
@@ -970,12 +977,19 @@ def dlq_list(
     last: Annotated[
         int | None, typer.Option("--last", min=1, help="Only the last N letters per partition.")
     ] = None,
+    ids: Annotated[
+        bool, typer.Option("--ids", help="Only PARTITION:OFFSET of each letter (for dlq show).")
+    ] = False,
 ) -> None:
     """One JSON line per dead letter: where it is, why it was refused, where it came from."""
     settings = _transport_settings(ctx)
     n = 0
     for d in _letters(ctx, settings, stage, since, source_topic, last):
         x = d.letter
+        n += 1
+        if ids:
+            typer.echo(f"{d.partition}:{d.offset}")
+            continue
         typer.echo(
             json.dumps(
                 {
@@ -992,7 +1006,6 @@ def dlq_list(
                 }
             )
         )
-        n += 1
     _err(json.dumps({"topic": settings.topics.dlq, "letters": n}))
 
 
