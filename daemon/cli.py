@@ -643,7 +643,7 @@ class Unreachable(Exception):
 class _Admin:
     url: str
     token: str | None
-    verify: str | bool
+    verify: Any  # True or an ssl.SSLContext trusting the scorer's certificate
     explicit: bool
 
     def call(self, method: str, path: str, **kw: Any) -> httpx.Response:
@@ -689,7 +689,15 @@ def _admin(ctx: typer.Context, url: str | None) -> _Admin:
         scheme = "https" if s.tls_certfile else "http"
         url = f"{scheme}://{host}:{s.port}"
     ca = os.environ.get("TAPD_ADMIN_CACERT") or (str(s.tls_certfile) if s.tls_certfile else None)
-    return _Admin(url.rstrip("/"), token, ca or True, explicit)
+    verify: Any = True
+    if ca:
+        import ssl
+
+        try:
+            verify = ssl.create_default_context(cafile=ca)
+        except (OSError, ssl.SSLError) as e:
+            _fail(ctx, f"TAPD_ADMIN_CACERT {ca}: {e}", 2)
+    return _Admin(url.rstrip("/"), token, verify, explicit)
 
 
 def _problem(r: httpx.Response) -> str:
@@ -785,6 +793,9 @@ def cohorts(
         bool, typer.Option("--in-flight", help="Dispatched, awaiting their lift.")
     ] = False,
     limit: Annotated[int, typer.Option("--limit", min=1)] = 1000,
+    ids: Annotated[
+        bool, typer.Option("--ids", help="Only the cohort ids, one per line (closed cohorts).")
+    ] = False,
     url: _Url = None,
     offline: _Offline = False,
 ) -> None:
@@ -800,7 +811,11 @@ def cohorts(
         ctx, url, offline, "/admin/cohorts", lambda i: i.cohorts(state, limit), params=params
     )
     for row in rows:
-        typer.echo(json.dumps(row))
+        if ids:
+            if row.get("cohort_id"):
+                typer.echo(row["cohort_id"])
+        else:
+            typer.echo(json.dumps(row))
 
 
 @app.command()
@@ -962,12 +977,19 @@ def dlq_list(
     last: Annotated[
         int | None, typer.Option("--last", min=1, help="Only the last N letters per partition.")
     ] = None,
+    ids: Annotated[
+        bool, typer.Option("--ids", help="Only PARTITION:OFFSET of each letter (for dlq show).")
+    ] = False,
 ) -> None:
     """One JSON line per dead letter: where it is, why it was refused, where it came from."""
     settings = _transport_settings(ctx)
     n = 0
     for d in _letters(ctx, settings, stage, since, source_topic, last):
         x = d.letter
+        n += 1
+        if ids:
+            typer.echo(f"{d.partition}:{d.offset}")
+            continue
         typer.echo(
             json.dumps(
                 {
@@ -984,7 +1006,6 @@ def dlq_list(
                 }
             )
         )
-        n += 1
     _err(json.dumps({"topic": settings.topics.dlq, "letters": n}))
 
 

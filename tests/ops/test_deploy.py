@@ -9,6 +9,7 @@ by the rules below (hadolint is not installable from a package registry).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -55,8 +56,42 @@ def test_docker_compose_config() -> None:
     ):
         pytest.skip("docker compose plugin not installed (schema test covers the file)")
     args = [docker, "compose"] + [a for f in COMPOSE_FILES for a in ("-f", str(DEPLOY / f))]
-    out = subprocess.run([*args, "config", "--quiet"], capture_output=True, text=True)
+    env = {**os.environ, "GRAFANA_ADMIN_PASSWORD": "for-the-config-check"}
+    out = subprocess.run([*args, "config", "--quiet"], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
+
+
+def test_compose_publishes_on_loopback_only_and_ships_no_default_secret() -> None:
+    text = (DEPLOY / "compose.yaml").read_text()
+    doc = yaml.safe_load(text)
+    for name, svc in doc["services"].items():
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), (name, port)
+    # A secret may come from the shell, never from a default in the file.
+    for line in text.splitlines():
+        if re.search(r"(TOKEN|PASSWORD|SECRET)\w*:", line):
+            value = line.split(":", 1)[1]
+            assert not re.search(r"\$\{\w+:-[^}]+\}", value), line
+    scorer = doc["services"]["scorer"]["environment"]
+    assert scorer["TAPD_SERVICE__ADMIN_TOKEN"] == "${TAPD_ADMIN_TOKEN:-}"  # empty: generated
+    dev = yaml.safe_load((ROOT / "k8s" / "overlays" / "dev" / "kustomization.yaml").read_text())
+    literals = dev["secretGenerator"][0]["literals"]
+    assert "admin-token=" in literals
+
+
+def test_dashboard_variables_and_absolute_runbook_urls() -> None:
+    dash = json.loads((DEPLOY / "grafana" / "dashboards" / "tapd.json").read_text())
+    names = [v["name"] for v in dash["templating"]["list"]]
+    assert names == ["datasource", "job", "namespace", "instance"]
+    for panel in dash["panels"]:
+        for t in panel.get("targets", []):
+            for var in ("$job", "$namespace", "$instance"):
+                assert var in t["expr"], (panel["title"], t["expr"])
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "rules.yml").read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            url = rule["annotations"]["runbook_url"]
+            assert re.match(r"^https://[^/]+/.+#[a-z]+$", url), url
 
 
 def test_compose_stack_is_wired() -> None:

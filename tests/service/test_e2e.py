@@ -234,3 +234,10 @@ def test_closed_loop_on_kafka(
             except subprocess.TimeoutExpired:
                 p.kill()
                 raise
+    # One logging pipeline: every line either role printed (kafka-python,
+    # transformers, TRL, uvicorn included) is a JSON object with its role.
+    for name in procs:
+        for line in (tmp_path / f"{name}.log").read_text().splitlines():
+            if line.strip():
+                obj = json.loads(line)
+                assert obj["role"] in ("scorer", "trainer") and "event" in obj, line[:200]
