@@ -72,7 +72,7 @@ wheels() {
 }
 
 build() {  # build TARGET TAG
-  podman build -q -f deploy/Dockerfile.scorer --target "$1" -t "$2" \
+  podman build -q --format docker -f deploy/Dockerfile.scorer --target "$1" -t "$2" \
     --build-arg "PYTHON_IMAGE=$BASE" "${build_args[@]}" \
     -v "$CACHE/wheels:/wheels:ro" .
 }
@@ -82,9 +82,9 @@ timed wheels wheels
 timed scorer build scorer "localhost/tapd-scorer:$VERSION"
 timed trainer build trainer "localhost/tapd-trainer-cpu:$VERSION"
 if [ "$STACK" = 1 ]; then
-  timed tansu podman build -q -f deploy/Dockerfile.tansu -t localhost/tapd-tansu:0.6.0 \
+  timed tansu podman build -q --format docker -f deploy/Dockerfile.tansu -t localhost/tapd-tansu:0.6.0 \
     --build-arg "PYTHON_IMAGE=$BASE" "${build_args[@]}" deploy
-  timed prometheus podman build -q -f deploy/Dockerfile.prometheus \
+  timed prometheus podman build -q --format docker -f deploy/Dockerfile.prometheus \
     -t localhost/tapd-prometheus:bookworm --build-arg "DEBIAN_IMAGE=$BASE" deploy
 fi
 podman images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E 'tapd-' | sed 's/^/image /'
