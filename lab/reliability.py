@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lab.localbroker import KAFKA09_API_VERSION
 from streams.schemas import (
     MAX_ATTEMPTS,
     MAX_JSON_DEPTH,
@@ -895,6 +896,7 @@ def service_env(cfg: RunConfig, state: Path, port: int, bootstrap: str | None) -
     else:
         env["TAPD_TRANSPORT__KIND"] = "kafka"
         env["TAPD_TRANSPORT__BOOTSTRAP_SERVERS"] = bootstrap
+        env["TAPD_TRANSPORT__API_VERSION"] = KAFKA09_API_VERSION  # the 0.9 local broker
         env["TAPD_TRANSPORT__SESSION_TIMEOUT_MS"] = "6000"
     return env
 
@@ -990,7 +992,12 @@ def run(cfg: RunConfig, workdir: Path, log: Callable[[str], None] = lambda m: No
     url = f"http://127.0.0.1:{port}"
     env = service_env(cfg, state, port, bootstrap)
     ts = (
-        TransportSettings(kind="kafka", bootstrap_servers=bootstrap, session_timeout_ms=6_000)
+        TransportSettings(
+            kind="kafka",
+            bootstrap_servers=bootstrap,
+            api_version=KAFKA09_API_VERSION,
+            session_timeout_ms=6_000,
+        )
         if bootstrap
         else TransportSettings(
             kind="embedded", embedded_path=state / "log.sqlite", embedded_partitions=2

@@ -236,7 +236,9 @@ class LiftResult(_Message):
     rolled_back: bool = False
     steps: int = Field(ge=0)
     duration_s: float = Field(ge=0.0)
-    plasticity: Plasticity
+    # Optional: tapd's trainer measures it; a custom trainer need not
+    # (docs/TRAINER_CONTRACT.md). The scorer does not learn from it.
+    plasticity: Plasticity | None = None
 
     model_config = ConfigDict(
         extra="ignore", frozen=True, allow_inf_nan=False, populate_by_name=True

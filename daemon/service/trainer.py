@@ -189,11 +189,12 @@ class TrainerService:
         m.probe_nll.set(r.nll_after if kept else r.nll_before)
         m.probe_accuracy.set(r.acc_after if kept else r.acc_before)
         p = r.plasticity
-        m.dormant_fraction.set(p.dormant_fraction)
-        m.effective_rank.set(p.effective_rank)
-        m.weight_norm.set(p.weight_norm)
-        m.grad_norm.set(p.grad_norm)
-        m.entropy.set(p.policy_entropy)
+        if p is not None:
+            m.dormant_fraction.set(p.dormant_fraction)
+            m.effective_rank.set(p.effective_rank)
+            m.weight_norm.set(p.weight_norm)
+            m.grad_norm.set(p.grad_norm)
+            m.entropy.set(p.policy_entropy)
         m.policy_version.set(version_number(self.trainer.policy_version) or 0)
         log.info(
             "cohort_trained",
