@@ -96,21 +96,28 @@ def produce(
         ),
     ] = True,
 ) -> None:
-    """Send a JSONL file to a topic; with --validate, bad lines go to the dead-letter topic."""
+    """Send a JSONL file to a topic; with --validate, bad lines go to the dead-letter topic.
+
+    Traces are keyed by their slice key (the producer contract: every trace of
+    a slice in one partition, so one scorer replica owns the slice's cohorts).
+    """
+    from daemon.core.cohorting import slice_key_of, validate_slice_key
     from streams.deadletter import dead_letter
     from streams.factory import open_transport
-    from streams.schemas import SchemaError, decode_any, encode
+    from streams.schemas import SchemaError, Trace, decode, decode_any, encode
 
     settings = settings_from_ctx(ctx)
+    fields = validate_slice_key(settings.cohorting.slice_key)
     transport = open_transport(settings.transport)
     producer: Producer = transport.producer()
     sent = rejected = 0
     fh: BinaryIO = sys.stdin.buffer if str(file) == "-" else file.open("rb")
     try:
         for n, line in _lines(fh):
+            message: Any = None
             if validate:
                 try:
-                    decode_any(line)
+                    message = decode_any(line)
                 except SchemaError as e:
                     letter = dead_letter(
                         line, topic=topic, partition=-1, offset=n, stage="produce", error=e
@@ -119,7 +126,13 @@ def produce(
                     rejected += 1
                     _err(f"line {n}: {e.field}: {e.reason}")
                     continue
-            producer.send(topic, line)
+            else:
+                try:
+                    message = decode(line, Trace)
+                except SchemaError:
+                    message = None  # sent as is, unkeyed: the scorer dead-letters it
+            key = slice_key_of(message, fields).encode() if isinstance(message, Trace) else None
+            producer.send(topic, line, key=key)
             sent += 1
         producer.flush()
     finally:

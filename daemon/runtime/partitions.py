@@ -429,18 +429,27 @@ def rebuild(
             bodies[o] = decode(rec.value, Trace).model_dump(mode="json", by_alias=True)
         except (SchemaError, ValueError):
             missing.append(o)
-    held_ids = {b["trace_id"] for b in bodies.values()}
+    # The filter holds every trace id read before the position except the
+    # members of open cohorts (the builder knows those as open): a queued
+    # cohort's members were decided into it at its close, like the others.
+    open_offsets = {int(o) for g in state.open for o in g["offsets"]}
+    open_ids = {bodies[o]["trace_id"] for o in open_offsets if o in bodies}
     decided: list[str] = []
     for o in sorted(by_offset):
-        if o >= state.position or o in bodies:
+        if o >= state.position or o in open_offsets:
             continue
-        try:
-            tid = decode(by_offset[o].value, Trace).trace_id
-        except SchemaError:
-            continue  # dead-lettered at decode: never in the filter
-        if tid not in held_ids:
+        if o in bodies:
+            tid = str(bodies[o]["trace_id"])
+        else:
+            try:
+                tid = decode(by_offset[o].value, Trace).trace_id
+            except SchemaError:
+                continue  # dead-lettered at decode: never in the filter
+        if tid not in open_ids:
             decided.append(tid)
-    decided = [] if dedup_window <= 0 else list(dict.fromkeys(decided))[-dedup_window:]
+    # Newest last, each id once at its latest position (the builder's FIFO order).
+    decided = list(reversed(dict.fromkeys(reversed(decided))))
+    decided = decided[-dedup_window:] if dedup_window > 0 else []
 
     def traces(offsets: Iterable[Any]) -> list[dict[str, Any]]:
         return [bodies[int(o)] for o in offsets if int(o) in bodies]

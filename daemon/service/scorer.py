@@ -231,7 +231,9 @@ class ScorerService:
         if snap is not None:
             snap = migrate(snap, {tp: o for tp, o in offsets.items() if tp.topic == topics.traces})
             self.scorer.restore(snap)
-        self._done = {tp: o for tp, o in offsets.items() if tp.topic != topics.traces}
+        self._done = {
+            tp: o for tp, o in offsets.items() if tp.topic not in (topics.traces, topics.policies)
+        }
         self._seq = max(
             [p.token.seq for p in self.cohorts.parts.values() if p.token is not None], default=0
         )
@@ -243,7 +245,11 @@ class ScorerService:
         # release reaches the replica that holds the slot. The incarnation in
         # the name makes a replica with a new disk read them from the start.
         own = f"{group}.{self.incarnation}"
-        self._policies = self.transport.consumer([topics.policies], f"{own}.policies")
+        # The policy catalog is memory only: read whole at every start.
+        self._policy_at: dict[TopicPartition, int] = {}
+        self._policies = self.transport.consumer(
+            [topics.policies], f"{own}.policies", on_assigned=self._policies_from_start
+        )
         self._lift = self.transport.consumer([topics.lift], f"{own}.lift")
         # A new incarnation holds no dispatch: old dead letters release nothing.
         self._dlq = self.transport.consumer([topics.dlq], f"{own}.dlq", from_beginning=False)
@@ -273,6 +279,16 @@ class ScorerService:
             raise ValueError(
                 f"topics.changelog: {topics.changelog!r} has {n_log} partitions, "
                 f"{topics.traces!r} has {n_traces}: the changelog needs one per traces partition"
+            )
+        n_lift = self.transport.partitions(topics.lift)
+        if n_lift > 1:
+            # One partition is the one order in which every replica learns the
+            # labels; several interleave differently per replica.
+            log.warning(
+                "lift_topic_partitioned",
+                topic=topics.lift,
+                partitions=n_lift,
+                consequence="replicas may learn labels in different orders and hold different models",
             )
 
     def _latest(self, tp: TopicPartition) -> PartitionState | None:
@@ -325,14 +341,18 @@ class ScorerService:
             tps = [TopicPartition(topic, p) for p in range(self.transport.partitions(topic))]
             targets.update(self.transport.end_offsets(tps))
         deadline = time.monotonic() + self.settings.service.catch_up_timeout_s
-        behind = {tp: end for tp, end in targets.items() if self._done.get(tp, 0) < end}
+
+        def done(tp: TopicPartition) -> int:
+            return (self._policy_at if tp.topic == topics.policies else self._done).get(tp, 0)
+
+        behind = {tp: end for tp, end in targets.items() if done(tp) < end}
         while behind and time.monotonic() < deadline and not self.stop_event.is_set():
             self._consume_side_topics(wait=0.5)
-            behind = {tp: end for tp, end in behind.items() if self._done.get(tp, 0) < end}
+            behind = {tp: end for tp, end in behind.items() if done(tp) < end}
         if behind:
             log.warning(
                 "catch_up_incomplete",
-                behind={part_key(tp): end - self._done.get(tp, 0) for tp, end in behind.items()},
+                behind={part_key(tp): end - done(tp) for tp, end in behind.items()},
             )
         else:
             assert self.predictor is not None
@@ -342,7 +362,7 @@ class ScorerService:
         """One poll of the policy, lift and dead-letter consumers, persisted."""
         assert self._lift is not None and self._dlq is not None and self._policies is not None
         s = self.settings.service
-        self._apply_policies(self._fresh(self._policies.poll(0.0, s.max_poll_records)))
+        self._apply_policies(self._policies.poll(0.0, s.max_poll_records))
         lifts = self._fresh(self._lift.poll(wait, s.max_poll_records))
         lifts += self._fresh(self._dlq.poll(0.0, s.max_poll_records))
         fx = self._learn(lifts, time.time()) if lifts else Effects()
@@ -535,9 +555,13 @@ class ScorerService:
         busy = self.scorer.has_work
         wait = 0.0 if busy else s.poll_timeout_s / 2
         traces = self._owned(self._traces.poll(wait, s.max_poll_records))
-        self._apply_policies(self._fresh(self._policies.poll(0.0, s.max_poll_records)))
+        self._apply_policies(self._policies.poll(0.0, s.max_poll_records))
         lifts = self._fresh(self._lift.poll(0.0 if traces or busy else wait, s.max_poll_records))
         lifts += self._fresh(self._dlq.poll(0.0 if traces or busy else 0.05, s.max_poll_records))
+        if lifts:
+            # A kept version is announced (and flushed) before the lift that
+            # names it: read it now, before a rollout asks for it.
+            self._apply_policies(self._policies.poll(0.05, s.max_poll_records))
         now = time.time()
         fx = Effects()
         if lifts:
@@ -573,22 +597,27 @@ class ScorerService:
             log.info("slot_freed", cohort_id=cohort_id, in_flight=len(self.scorer.in_flight))
         return fx
 
+    def _policies_from_start(self, tps: list[TopicPartition]) -> None:
+        assert self._policies is not None
+        for tp in tps:
+            self._policies.seek(tp, 0)
+            self._policy_at[tp] = 0
+
     def _apply_policies(self, records: Sequence[Record]) -> None:
         for rec in records:
+            if rec.offset < self._policy_at.get(rec.tp, 0):
+                continue
+            self._policy_at[rec.tp] = rec.offset + 1
             try:
                 announced = PolicyVersion.decode(rec.value)
             except ValueError as e:
                 log.warning("policy_record_rejected", offset=rec.offset, reason=str(e))
-            else:
-                n = version_number(announced.version) or 0
-                if n > self.metrics.policy_version_announced._value.get():
-                    self.metrics.policy_version_announced.set(n)
-                if self.rollout is not None:
-                    self.rollout.announce(announced)
-            self._done[rec.tp] = max(self._done.get(rec.tp, 0), rec.offset + 1)
-        if records:
-            self.store.save(None, {r.tp: r.offset + 1 for r in records}, [])
-            self._commit_side({r.tp: r.offset + 1 for r in records})
+                continue
+            n = version_number(announced.version) or 0
+            if n > self.metrics.policy_version_announced._value.get():
+                self.metrics.policy_version_announced.set(n)
+            if self.rollout is not None:
+                self.rollout.announce(announced)
 
     def end_of_stream(self) -> None:
         """Close every open cohort now (a finite stream: replay, demo, benchmarks).
@@ -756,7 +785,6 @@ class ScorerService:
         owners = (
             (self._lift, topics.lift),
             (self._dlq, topics.dlq),
-            (self._policies, topics.policies),
         )
         for consumer, topic in owners:
             mine = {tp: o for tp, o in offsets.items() if tp.topic == topic}
@@ -836,9 +864,11 @@ class PolicyRollout:
     The policy loads on the first sample, not at start: traffic that carries
     its K attempts never needs it, and readiness must not wait on a load.
     Kept versions are known from the policies topic (:meth:`announce`: the
-    service feeds every record to it); when a cohort closes under a newer
-    version than the one loaded, that version's weights are loaded from the
-    announced URI, checksum checked, before sampling. A version not (yet)
+    service feeds every record to it). A sample comes from the newest kept
+    version known: the cohort's own (the one it closed under) or a newer one
+    announced since, whose weights are loaded from the announced URI,
+    checksum checked, first; re-probing a stale cohort with the policy the
+    trainer now holds is the point of re-probing. A version not (yet)
     announced, or whose bytes do not match, is not loaded: the engine keeps
     the weights it has and says so (an engine without in-place weights, such
     as vLLM, keeps sampling from the base policy).
@@ -858,8 +888,14 @@ class PolicyRollout:
             from daemon.policy.rollout import make_rollout_engine
 
             self._engine = make_rollout_engine(self.settings.policy)
-        self._load(self._wanted)
+        self._load(self.target)
         return self._engine
+
+    @property
+    def target(self) -> str:
+        """The version to sample from: the newest of the cohort's and those announced."""
+        known = [self._wanted, *self.catalog]
+        return max(known, key=lambda v: version_number(v) or 0)
 
     def announce(self, announced: PolicyVersion) -> None:
         """A kept version from the policies topic (the newest record per version wins)."""
@@ -870,7 +906,7 @@ class PolicyRollout:
         log.info(
             "rollout_sampled",
             policy_version=self.version,
-            wanted=self._wanted,
+            target=self.target,
             prompts=len(prompts),
         )
         return engine.sample(prompts, k, **kw)
