@@ -41,10 +41,16 @@ class Topics(_Frozen):
     dispatch: str = "tap.dispatch"
     lift: str = "tap.lift"
     dlq: str = "tap.dlq"
-    # Compacted by cohort id: the label history a new replica replays to
-    # rebuild the same predictor.
+    # Compacted by cohort id: the labels learned (one per lift, the same on
+    # every replica). The predictor's source is the lift topic itself.
     labels: str = "tap.labels"
     decisions: str = "tap.decisions"
+    # Compacted by version: every kept policy version (version, URI, checksum).
+    policies: str = "tap.policies"
+    # Compacted, one record per traces partition, in the partition of the same
+    # number: the open and queued cohorts (member offsets) of that partition,
+    # which the replica given the partition rebuilds from.
+    changelog: str = "tap.scorer-state"
 
 
 class CohortingSettings(_Frozen):
@@ -117,9 +123,15 @@ class PolicySettings(_Frozen):
     probe_path: Path | None = None
     device: str = "auto"
     rollout_engine: Literal["hf", "vllm"] = "hf"
-    # Where kept policy versions are stored (checkpoints v1, v2, ...); both
-    # roles must reach it. Default: <state_dir>/trainer/checkpoints.
+    # Where the trainer stores kept policy versions (checkpoints v1, v2, ...).
+    # The scorer never derives paths: it loads the URI (and checks the
+    # checksum) that the policies topic announces, so the store must be
+    # reachable from both roles at that URI (a shared volume mounted at the
+    # same path today). Default: <state_dir>/trainer/checkpoints.
     store_path: Path | None = None
+    keep_versions: int = Field(
+        default=5, ge=2, description="kept policy versions the trainer retains on disk"
+    )
 
 
 class TrainerSettings(_Frozen):
@@ -285,6 +297,16 @@ class ServiceSettings(_Frozen):
     # the host name (a pod's name in Kubernetes).
     replica: str | None = None
     group: str = "tapd-scorer"
+    # This replica's name in logs and state records (default: the host name,
+    # the pod name in Kubernetes).
+    replica_id: str = ""
+    # Records of a traces partition re-read before its state record's
+    # position when a replica takes the partition over, to rebuild the
+    # duplicate filter (bounded by cohorting.dedup_window too).
+    handoff_dedup_records: int = Field(default=20_000, ge=0)
+    # How long start-up waits to have read the lift and policy topics to their
+    # end (a new replica learns every label before it scores a trace).
+    catch_up_timeout_s: float = Field(default=300.0, gt=0.0)
     poll_timeout_s: float = Field(default=0.5, gt=0.0)
     max_poll_records: int = Field(default=500, ge=1)
     grace_period_s: float = Field(default=20.0, gt=0.0)

@@ -318,7 +318,7 @@ def run_demo(
         publish_thresholds(metrics, settings.thresholds)
         scorer = build_scorer(settings, lambda: holder.current, rollout)
         service = ScorerService(
-            settings, transport, scorer, metrics, holder, background_refits=False
+            settings, transport, scorer, metrics, holder, background_refits=False, rollout=rollout
         )
         bar = tqdm(
             total=cohorts, desc="cohorts", file=sys.stderr, disable=not progress, unit="cohort"

@@ -307,6 +307,59 @@ class LocalBroker:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=wait_s)
 
+    def create_topics(self, topics: dict[str, tuple[int, dict[str, str]]]) -> None:
+        """Create ``{name: (partitions, config)}`` up front (the 0.9 protocol has no
+        CreateTopics request; ``kafka-topics.sh`` writes them to ZooKeeper), and
+        wait until each has a leader."""
+        procs = []
+        for name, (partitions, config) in topics.items():
+            args = [
+                str(self.kafka_home / "bin" / "kafka-topics.sh"),
+                "--zookeeper",
+                f"127.0.0.1:{self.zk_port}",
+                "--create",
+                "--topic",
+                name,
+                "--partitions",
+                str(partitions),
+                "--replication-factor",
+                "1",
+            ]
+            for k, v in config.items():
+                args += ["--config", f"{k}={v}"]
+            procs.append(
+                subprocess.Popen(
+                    args,
+                    env=self._env("topics"),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    preexec_fn=_die_with_parent,
+                )
+            )
+        for name, proc in zip(topics, procs, strict=True):
+            out, _ = proc.communicate(timeout=self.start_timeout_s)
+            if proc.returncode != 0:
+                raise BrokerUnavailable(f"creating {name}: {out.decode(errors='replace')[-1000:]}")
+        self._wait_leaders(list(topics))
+
+    def _wait_leaders(self, topics: list[str]) -> None:
+        from kafka import KafkaConsumer
+
+        probe = KafkaConsumer(
+            bootstrap_servers=self.bootstrap, api_version=(0, 9), request_timeout_ms=5_000
+        )
+        try:
+            deadline = time.monotonic() + self.start_timeout_s
+            while time.monotonic() < deadline:
+                known = probe.topics()
+                if all(t in known and probe.partitions_for_topic(t) for t in topics):
+                    return
+                time.sleep(0.3)
+            raise BrokerUnavailable(f"topics {topics} have no leader")
+        finally:
+            probe.close()
+
     def restart(self, hard: bool = False) -> None:
         """Stop the broker only (SIGTERM, or SIGKILL when ``hard``) and start it
         again on the same port and data; ZooKeeper keeps running."""

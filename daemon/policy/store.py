@@ -1,19 +1,28 @@
 """The policy store: which weights a policy version names, and where they live.
 
 One owner for policy versions (``v<n>``), checkpoint names and formats, and
-atomic writes. The trainer saves every kept version here; the scorer's
-rollout engine loads the version a cohort was produced under. The base
-policy (version ``v0``) is a Hugging Face causal-LM directory given by
-configuration (``policy.model_path``): the product never builds or guesses
-one. Later versions are state-dict checkpoints under ``root``.
+atomic writes. The base policy (version ``v0``) is a Hugging Face causal-LM
+directory given by configuration (``policy.model_path``): the product never
+builds or guesses one. Later versions are state-dict checkpoints under
+``root``, each with its SHA-256 beside it.
+
+Versions travel as records, never as a path convention: the trainer saves a
+kept version here and publishes a :class:`PolicyVersion` (version, URI,
+checksum, size) on the policies topic; the scorer loads that URI
+(:func:`load_uri`, any fsspec URL; a shared volume's ``file://`` today) and
+refuses weights whose checksum differs. :meth:`PolicyStore.prune` keeps the
+newest versions and any still referenced.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -107,12 +116,74 @@ def restore(model: torch.nn.Module, state: StateDict) -> None:
         model.load_state_dict(dict(state), strict=True)
 
 
+POLICY_SCHEMA = "tapd.policy/1"
+
+
+class ChecksumMismatch(ValueError):
+    """Weights whose bytes are not the ones the trainer announced."""
+
+
+@dataclass(frozen=True)
+class PolicyVersion:
+    """A kept policy version as announced on the policies topic (compacted by version)."""
+
+    version: str
+    uri: str
+    sha256: str
+    size_bytes: int
+    ts: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": POLICY_SCHEMA,
+            "version": self.version,
+            "uri": self.uri,
+            "sha256": self.sha256,
+            "size_bytes": self.size_bytes,
+            "ts": self.ts,
+        }
+
+    def encode(self) -> bytes:
+        return json.dumps(self.to_json(), separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> PolicyVersion:
+        """The record, or ``ValueError`` naming what is wrong with it."""
+        try:
+            d = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"$: not JSON ({e})") from None
+        if not isinstance(d, dict) or d.get("schema") != POLICY_SCHEMA:
+            raise ValueError(f"schema: expected {POLICY_SCHEMA!r}")
+        version = str(d.get("version", ""))
+        if version_number(version) is None:
+            raise ValueError(f"version: {version!r} is not v<n>")
+        sha = str(d.get("sha256", ""))
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise ValueError("sha256: not a hex SHA-256")
+        return cls(version, str(d["uri"]), sha, int(d.get("size_bytes", 0)), float(d.get("ts", 0)))
+
+
+def load_uri(uri: str, sha256: str, map_location: Any = "cpu") -> dict[str, Any]:
+    """The state dict at ``uri`` (any fsspec URL), after checking its SHA-256."""
+    import fsspec
+    import torch
+
+    with fsspec.open(uri, "rb") as f:
+        data = f.read()
+    got = hashlib.sha256(data).hexdigest()
+    if got != sha256:
+        raise ChecksumMismatch(f"sha256: {uri} has {got}, the announcement says {sha256}")
+    return dict(torch.load(io.BytesIO(data), map_location=map_location, weights_only=True))
+
+
 class PolicyStore:
     """Checkpoints of kept policy versions under one directory.
 
     ``policy-<n>.pt`` holds version ``v<n>``'s full state dict, written
     atomically (temporary file, fsync, rename): a crash leaves the old file
-    or the new one, never half of one.
+    or the new one, never half of one. ``policy-<n>.pt.sha256`` holds its
+    checksum, written after it.
     """
 
     def __init__(self, root: Path) -> None:
@@ -121,22 +192,36 @@ class PolicyStore:
     def path(self, n: int) -> Path:
         return self.root / f"policy-{n:06d}.pt"
 
+    def _sum_path(self, n: int) -> Path:
+        return self.path(n).with_name(self.path(n).name + ".sha256")
+
     def save(self, n: int, state: StateDict) -> Path:
         import torch
 
         path = self.path(n)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(dict(state), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buf = io.BytesIO()
+        torch.save(dict(state), buf)
+        data = buf.getvalue()
+        _atomic_write(path, data)
+        _atomic_write(self._sum_path(n), hashlib.sha256(data).hexdigest().encode())
         return path
+
+    def describe(self, n: int) -> PolicyVersion | None:
+        """Version ``v<n>`` as the trainer announces it (``None`` if not stored); the
+        same record every time (``ts``: when the checkpoint was written)."""
+        path = self.path(n)
+        if not path.exists():
+            return None
+        try:
+            sha = self._sum_path(n).read_text().strip()
+        except OSError:
+            sha = ""
+        if len(sha) != 64:  # a checkpoint from before checksums: compute it once
+            sha = hashlib.sha256(path.read_bytes()).hexdigest()
+            _atomic_write(self._sum_path(n), sha.encode())
+        st = path.stat()
+        return PolicyVersion(version_name(n), path.resolve().as_uri(), sha, st.st_size, st.st_mtime)
 
     def load(self, version: str | int, map_location: Any = "cpu") -> dict[str, Any] | None:
         """Version ``version``'s state dict, or ``None`` if it is not stored here."""
@@ -156,3 +241,33 @@ class PolicyStore:
             if digits.isdigit():
                 out.append(int(digits))
         return sorted(out)
+
+    def prune(self, keep: int, protect: Iterable[int] = ()) -> list[int]:
+        """Delete all but the newest ``keep`` versions and those in ``protect``;
+        the versions deleted."""
+        stored = self.versions()
+        kept = set(stored[-keep:]) | set(protect)
+        gone = [n for n in stored if n not in kept]
+        for n in gone:
+            self.path(n).unlink(missing_ok=True)
+            self._sum_path(n).unlink(missing_ok=True)
+        return gone
+
+    def disk_bytes(self) -> int:
+        """Bytes the stored checkpoints take (the disk-usage metric)."""
+        if not self.root.is_dir():
+            return 0
+        return sum(p.stat().st_size for p in self.root.glob("policy-*") if p.is_file())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
