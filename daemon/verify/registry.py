@@ -249,3 +249,6 @@ def _code(args: Args) -> Verifier:
         return float(run_python(program, limits).ok)
 
     return verify
+
+# Product verifiers that live in their own module (optional dependencies import on use).
+from daemon.verify import reasoning_gym as _reasoning_gym  # noqa: E402, F401
