@@ -16,6 +16,7 @@ plain fast ``from_pretrained``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -152,14 +153,25 @@ def materialize_gguf(gguf: Path | str, cache_dir: Path | None = None) -> Path:
             "n_params": sum(p.numel() for p in fresh.parameters()),
         }
         (tmp / GGUF_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished first: use its copy
-            if not (final / GGUF_MARKER).exists():
-                raise
+        _install(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Rename the finished ``tmp`` into ``final``, unless a complete copy got there first."""
+    if final.exists() and not (final / GGUF_MARKER).exists():
+        # Damaged (no marker: not written by this function): set it aside, then replace it.
+        stale = final.with_name(final.name + f".stale-{os.getpid()}")
+        with contextlib.suppress(OSError):  # another process moved it first
+            os.rename(final, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        os.rename(tmp, final)
+    except OSError:  # another process finished first: use its copy
+        if not (final / GGUF_MARKER).exists():
+            raise
 
 
 def resolve_policy_path(path: Path | str, cache_dir: Path | None = None) -> Path:

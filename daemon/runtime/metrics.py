@@ -36,7 +36,6 @@ LATENCY_BUCKETS = (
 )
 
 
-
 class ScorerMetrics:
     """Metrics of the scorer role (``tapd run``)."""
 

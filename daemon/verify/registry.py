@@ -250,5 +250,6 @@ def _code(args: Args) -> Verifier:
 
     return verify
 
+
 # Product verifiers that live in their own module (optional dependencies import on use).
 from daemon.verify import reasoning_gym as _reasoning_gym  # noqa: E402, F401

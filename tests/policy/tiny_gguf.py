@@ -34,7 +34,11 @@ def _byte_tokens() -> list[str]:
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     # llama.cpp's convert_hf_to_gguf.py LlamaModel.permute
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -89,10 +93,12 @@ def write_tiny_gguf(path: Path, model: LlamaForCausalLM) -> Path:
         b = f"blk.{i}."
         w.add_tensor(b + "attn_norm.weight", sd[p + "input_layernorm.weight"])
         w.add_tensor(
-            b + "attn_q.weight", _permute(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads)
+            b + "attn_q.weight",
+            _permute(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads),
         )
         w.add_tensor(
-            b + "attn_k.weight", _permute(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads)
+            b + "attn_k.weight",
+            _permute(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads),
         )
         w.add_tensor(b + "attn_v.weight", sd[p + "self_attn.v_proj.weight"])
         w.add_tensor(b + "attn_output.weight", sd[p + "self_attn.o_proj.weight"])
