@@ -487,7 +487,9 @@ class Scorer:
                     continue
                 origin = self._origins.get(t.trace_id)
                 fx.dead_letters.append(
-                    self._reject_trace(Rejected(t, "features", "cohort", str(e)), origin, None, now)
+                    self._reject_trace(
+                        Rejected(t, "features", "cohort", str(e)), origin, None, now
+                    )
                 )
             self._emit(ev.CohortRejected(cohort.cohort_id, "features", str(e)))
             return None

@@ -36,6 +36,7 @@ LATENCY_BUCKETS = (
 )
 
 
+
 class ScorerMetrics:
     """Metrics of the scorer role (``tapd run``)."""
 

@@ -95,7 +95,10 @@ class StateStore:
             # A label already stored (a redelivered lift) keeps its first sequence number.
             cur.executemany(
                 "INSERT OR IGNORE INTO labels (cohort_id, body) VALUES (?, ?)",
-                [(lb.cohort_id, json.dumps(lb.to_json(), separators=(",", ":"))) for lb in labels],
+                [
+                    (lb.cohort_id, json.dumps(lb.to_json(), separators=(",", ":")))
+                    for lb in labels
+                ],
             )
             if snapshot is not None:
                 body = json.dumps(snapshot, separators=(",", ":"), allow_nan=False)

@@ -625,13 +625,7 @@ def replay_file(settings: TapdSettings, path: Path, out: Any) -> int:
                 )
 
         service = ScorerService(
-            settings,
-            transport,
-            scorer,
-            metrics,
-            holder,
-            on_batch=show,
-            cohorts_per_poll=4,
+            settings, transport, scorer, metrics, holder, on_batch=show, cohorts_per_poll=4,
             background_refits=False,
         )
         flushed = False

@@ -247,9 +247,7 @@ def build_trainer(settings: TapdSettings, state_dir: Path | None = None) -> Coho
         trainer_id=t.trainer_id,
         format_prompt=format_prompt,
         backend=make_backend(t.backend),
-        policies=PolicyStore(
-            settings.policy_store_dir() if state_dir is None else state / "checkpoints"
-        ),
+        policies=PolicyStore(settings.policy_store_dir() if state_dir is None else state / "checkpoints"),
     )
 
 

@@ -35,6 +35,7 @@ class TrainOutcome:
         return self.rewards[-1] if self.rewards else 0.0
 
 
+
 RewardFn = Callable[..., list[float | None]]
 
 

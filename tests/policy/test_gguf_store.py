@@ -28,7 +28,7 @@ from daemon.policy.store import (
 pytest.importorskip("gguf", reason="the gguf package writes the test file (pip install gguf)")
 
 # Beside this file (the test's folder is on sys.path).
-from tiny_gguf import tiny_llama, write_tiny_gguf  # noqa: E402
+from tiny_gguf import tiny_llama, write_tiny_gguf
 
 
 @pytest.fixture(scope="module")
