@@ -58,14 +58,21 @@ def prepare_smollm2(cache_dir: Path | None = None) -> Path:
 
 
 def prepared_smollm2(cache_dir: Path | None = None) -> Path | None:
-    """The cached directory if it was already prepared (no conversion), else ``None``."""
-    from daemon.policy.store import GGUF_MARKER, gguf_cache_path
+    """The cached directory if it was already prepared (no conversion), else ``None``.
 
-    try:
-        path = gguf_cache_path(smollm2_gguf(), cache_dir)
-    except ModelNotInstalled:
-        return None
-    return path if (path / GGUF_MARKER).exists() else None
+    Found by the marker's source name, so that an environment without the
+    package (the separate vLLM venv) uses the copy the main one prepared.
+    """
+    from daemon.policy.store import GGUF_MARKER, default_cache_dir
+
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    for marker in sorted(root.glob(f"gguf-*/{GGUF_MARKER}")):
+        try:
+            if json.loads(marker.read_text()).get("source") == GGUF_NAME:
+                return marker.parent
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def info(path: Path) -> dict[str, object]:

@@ -29,7 +29,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$0" -nt "$stamp" ]
   "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec || true
   log "installing tapd and the test tools"
   "$VENV/bin/pip" install -q -e . "transformers>=5.17,<5.20" torch==2.13.0 \
-    "pytest>=8" "pytest-timeout>=2.3" "scipy>=1.11"
+    "pytest>=8" "pytest-timeout>=2.3" "reasoning-gym==0.1.25"
   "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec || true
   "$VENV/bin/python" -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
   touch "$stamp"
