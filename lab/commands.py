@@ -23,13 +23,30 @@ def demo(
         "out/demo"
     ),
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            help="tiny: the lab's tiny policy; smollm2: SmolLM2-135M-Instruct on the "
+            "reasoning-gym battery (slow on CPU; see docs/REAL_MODEL.md)",
+        ),
+    ] = "tiny",
+    groups: Annotated[int, typer.Option("--groups", min=2, help="Prompts per cohort.")] = 6,
+    timeout_s: Annotated[
+        float, typer.Option("--timeout", help="Stop waiting for lifts after this many seconds.")
+    ] = 280.0,
 ) -> None:
-    """The closed loop on a bare machine: embedded log, tiny policy, a trainer process."""
+    """The closed loop on a bare machine: embedded log, a lab policy, a trainer process."""
     from daemon.runtime.logging import configure_logging
     from lab.demo import format_summary, run_demo
 
+    if model not in ("tiny", "smollm2"):
+        typer.echo(f"--model: unknown {model!r} (known: tiny, smollm2)", err=True)
+        raise typer.Exit(2)
     configure_logging("warning", role="demo")
-    summary = run_demo(cohorts=cohorts, out=out, seed=seed)
+    summary = run_demo(
+        cohorts=cohorts, out=out, seed=seed, groups=groups, timeout_s=timeout_s, model=model
+    )
     typer.echo(format_summary(summary))
     typer.echo(f"summary and plots written to {out}")
 

@@ -198,3 +198,46 @@ def measure(
             )
         )
     return out
+
+
+# SmolLM2-135M-Instruct's tier per slice, chosen from the measured pass rates
+# (docs/REAL_MODEL.md, docs/real/smollm2_pass_rates.json): the easy and
+# frontier slices' samples disagree (GRPO has a signal), the no-foothold
+# slices' samples are all wrong.
+TIERS: dict[str, str] = {
+    "basic_arithmetic/add_1d": "frontier",
+    "products/1x1": "frontier",
+    "chain_sum/2t_1d": "frontier",
+    "basic_arithmetic/addsub_2d": "hard",
+    "products/2x2": "hard",
+    "chain_sum/4t_2d": "hard",
+}
+
+
+def tier_slices(tier: str) -> list[RGSlice]:
+    return [get_slice(t) for t, v in TIERS.items() if v == tier]
+
+
+def control_cohort(variant: str, n: int, seed: int) -> list[Task]:
+    """A control cohort over the real battery (the variants of :func:`lab.tasks.control_cohort`).
+
+    Tiers without a measured slice fall back to the nearest one (no slice is
+    "easy" for SmolLM2 at temperature 1: its known slices are frontier).
+    """
+    rng = random.Random(f"tapd.rg.control|{variant}|{seed}")
+    if variant in ("easy", "frontier", "hard"):
+        pool = tier_slices(variant) or tier_slices("frontier")
+        return make_tasks(rng.choice(pool), n, seed)
+    if variant == "mixed":
+        a, b = rng.choice(tier_slices("frontier")), rng.choice(tier_slices("hard"))
+        return [t for pair in zip(make_tasks(a, n, seed), make_tasks(b, n, seed), strict=True)
+                for t in pair][:n]  # fmt: skip
+    base = make_tasks(rng.choice(tier_slices("frontier")), n, seed)
+    if variant == "scrambled":
+        return [Task(t.prompt, t.reference, t.subject, t.tags, "scrambled", {"seed": seed},
+                     t.difficulty) for t in base]  # fmt: skip
+    if variant == "weak_verifier":
+        # Containment: a verbose answer that mentions the number anywhere passes.
+        return [Task(t.prompt, t.reference, t.subject, t.tags, "contains", {}, t.difficulty)
+                for t in base]  # fmt: skip
+    raise ValueError(f"variant: unknown control cohort {variant!r}")
