@@ -167,8 +167,10 @@ def _build_smollm2(
 
     torch.manual_seed(seed)
     model, tok = load_policy(path)
-    engine = HFRolloutEngine(model, tok, batch_size=32)
+    engine = HFRolloutEngine(model, tok, batch_size=64)
     rows = []
+    settings = {"prompts": prompts, "samples": samples, "max_new_tokens": max_new_tokens,
+                "temperature": 1.0, "seed": seed, "torch_threads": torch.get_num_threads()}  # fmt: skip
     for sl in chosen:
         t1 = time.perf_counter()
         [r] = rg_tasks.measure(engine, [sl], prompts, samples, max_new_tokens, seed=seed)
@@ -178,11 +180,9 @@ def _build_smollm2(
             f"disagree={r.prompts_disagree:.2f} tokens={r.mean_tokens:.1f} "
             f"({rows[-1]['seconds']} s)"
         )
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        settings = {"prompts": prompts, "samples": samples, "max_new_tokens": max_new_tokens,
-                    "temperature": 1.0, "seed": seed}  # fmt: skip
-        out.write_text(json.dumps({"settings": settings, "slices": rows}, indent=2) + "\n")
+        if out is not None:  # after every slice: a long measurement can be stopped
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"settings": settings, "slices": rows}, indent=2) + "\n")
 
 
 @lab_app.command("eval")
