@@ -200,8 +200,21 @@ def eval_cmd(
         Path | None, typer.Option(help="cache of measured lifts (default: settings state_dir)")
     ] = None,
     loop: Annotated[bool, typer.Option(help="also run the closed loop")] = True,
+    model: Annotated[
+        str,
+        typer.Option(
+            help="tiny: the lab's tiny policy; smollm2: SmolLM2-135M-Instruct on the "
+            "reasoning-gym battery (hours on a CPU; resumable; --quick: a smoke run)"
+        ),
+    ] = "tiny",
 ) -> None:
     """Measure the predictor against true GRPO lift and write RESULTS.md with plots."""
+    if model == "smollm2":
+        _eval_smollm2(ctx, quick, out, seeds, cohorts_per_cell, state_dir)
+        return
+    if model != "tiny":
+        typer.echo(f"--model: unknown {model!r} (known: tiny, smollm2)", err=True)
+        raise typer.Exit(2)
     from lab.eval_run import config_for, run
 
     try:
@@ -216,6 +229,38 @@ def eval_cmd(
         command="tapd " + " ".join(sys.argv[1:]),
         loop=loop,
         log=lambda m: typer.echo(m, err=True),
+    )
+
+
+def _eval_smollm2(
+    ctx: typer.Context,
+    quick: bool,
+    out: Path,
+    seeds: int | None,
+    cohorts_per_cell: int | None,
+    state_dir: Path | None,
+) -> None:
+    import dataclasses
+
+    from lab.real_eval import FULL, SMOKE, run
+
+    cfg = SMOKE if quick else FULL
+    changes: dict[str, int] = {}
+    if seeds is not None:
+        changes["seeds"] = seeds
+    if cohorts_per_cell is not None:
+        changes["cohorts_per_cell"] = cohorts_per_cell
+    cfg = dataclasses.replace(cfg, **changes)
+    summary = run(
+        cfg,
+        state_dir=state_dir or _settings(ctx).state_dir,
+        out=out / "real" if out == Path("docs") else out,
+        log=lambda m: typer.echo(m, err=True),
+    )
+    typer.echo(
+        f"cohorts={summary['cohorts']} runs={summary['runs']} "
+        f"lift_by_tier={summary['mean_nll_lift_by_tier']} "
+        f"seconds_per_grpo_run={summary['seconds_per_grpo_run']:.0f}"
     )
 
 
