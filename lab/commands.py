@@ -93,12 +93,22 @@ def eval_cmd(
         Path | None, typer.Option(help="cache of measured lifts (default: settings state_dir)")
     ] = None,
     loop: Annotated[bool, typer.Option(help="also run the closed loop")] = True,
+    loop_runs: Annotated[
+        int | None, typer.Option(help="paired closed-loop runs (targets rotate over subjects)")
+    ] = None,
+    readme: Annotated[
+        Path | None, typer.Option(help="also regenerate this README's results table")
+    ] = None,
 ) -> None:
-    """Measure the predictor against true GRPO lift and write RESULTS.md with plots."""
+    """Measure the predictor against true GRPO lift and write RESULTS.md with plots.
+
+    The full run takes about an hour of one CPU core; every finished unit is
+    cached under the state dir, so an interrupted run resumes.
+    """
     from lab.eval_run import config_for, run
 
     try:
-        cfg = config_for(quick, seeds, cohorts_per_cell)
+        cfg = config_for(quick, seeds, cohorts_per_cell, loop_runs)
     except ValueError as e:
         _err(str(e))
         raise typer.Exit(2) from None
@@ -109,6 +119,7 @@ def eval_cmd(
         command="tapd " + " ".join(sys.argv[1:]),
         loop=loop,
         log=lambda m: typer.echo(m, err=True),
+        readme=readme,
     )
 
 
