@@ -155,6 +155,13 @@ class TrainerSettings(_Frozen):
     rollback_nll_worsening: float = Field(
         default=0.25, ge=0.0, description="nats of probe-NLL rise that roll back"
     )
+    foothold_probability: float = Field(
+        default=1.0 / 64.0,
+        gt=0.0,
+        lt=1.0,
+        description="probe items the policy produces with less probability have no foothold "
+        "(their lift is reported as collateral, not as the target's)",
+    )
     group: str = "tapd-trainer"
     trainer_id: str = "tapd-trainer"
     metrics_port: int = Field(default=9401, ge=0, le=65535, description="0: ephemeral")

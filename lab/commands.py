@@ -200,6 +200,12 @@ def eval_cmd(
         Path | None, typer.Option(help="cache of measured lifts (default: settings state_dir)")
     ] = None,
     loop: Annotated[bool, typer.Option(help="also run the closed loop")] = True,
+    loop_runs: Annotated[
+        int | None, typer.Option(help="paired closed-loop runs (targets rotate over subjects)")
+    ] = None,
+    readme: Annotated[
+        Path | None, typer.Option(help="also regenerate this README's results table")
+    ] = None,
     model: Annotated[
         str,
         typer.Option(
@@ -208,7 +214,11 @@ def eval_cmd(
         ),
     ] = "tiny",
 ) -> None:
-    """Measure the predictor against true GRPO lift and write RESULTS.md with plots."""
+    """Measure the predictor against true GRPO lift and write RESULTS.md with plots.
+
+    The full run takes about an hour of one CPU core; every finished unit is
+    cached under the state dir, so an interrupted run resumes.
+    """
     if model == "smollm2":
         _eval_smollm2(ctx, quick, out, seeds, cohorts_per_cell, state_dir)
         return
@@ -218,7 +228,7 @@ def eval_cmd(
     from lab.eval_run import config_for, run
 
     try:
-        cfg = config_for(quick, seeds, cohorts_per_cell)
+        cfg = config_for(quick, seeds, cohorts_per_cell, loop_runs)
     except ValueError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(2) from None
@@ -229,6 +239,7 @@ def eval_cmd(
         command="tapd " + " ".join(sys.argv[1:]),
         loop=loop,
         log=lambda m: typer.echo(m, err=True),
+        readme=readme,
     )
 
 

@@ -339,6 +339,23 @@ class TrainerMetrics:
             "Probe accuracy lift of the last cohort.",
             registry=r,
         )
+        # The lift per part of the probe: the target's is the label the
+        # predictor learns; transfer and collateral are what an alert on
+        # harm elsewhere watches.
+        self.part_nll_lift = Histogram(
+            "tapd_trainer_part_nll_lift_nats",
+            "Measured NLL-lift per cohort on a part of the probe: the cohort's target, "
+            "other targets (transfer), items without a foothold (collateral).",
+            ["part"],
+            buckets=LIFT_BUCKETS,
+            registry=r,
+        )
+        self.part_accuracy_lift = Gauge(
+            "tapd_trainer_part_accuracy_lift_ratio",
+            "Greedy accuracy lift of the last cohort on a part of the probe.",
+            ["part"],
+            registry=r,
+        )
         self.train_reward = Gauge(
             "tapd_trainer_train_reward",
             "Mean training reward of the last cohort, before and after its GRPO steps.",

@@ -983,14 +983,21 @@ def build_scorer(
     from daemon.core.predictor import Predictor
     from daemon.policy.rollout import fill_attempts
     from daemon.verify.settings import configure as configure_verifiers
-    from streams.probes import read_probe_file
+    from streams.probes import read_probe_file, targets
 
     configure_verifiers(settings.verify)  # caps on verifier_args, the code sandbox
     predictor = Predictor(settings.predictor)
     engine = rollout or PolicyRollout(settings)
     probe_path = settings.policy.probe_path
+    # Per target: a cohort's target_similarity is measured against its own
+    # target's probe items (the ones its lift is measured on).
     probe_prompts = (
-        tuple(it.prompt for it in read_probe_file(probe_path)) if probe_path is not None else None
+        {
+            t: tuple(it.prompt for it in items)
+            for t, items in targets(read_probe_file(probe_path)).items()
+        }
+        if probe_path is not None
+        else None
     )
     grpo = settings.grpo
 

@@ -207,6 +207,7 @@ class TrainerService:
             "policy_version_after": r.policy_version_after,
             "nll_lift": round(r.nll_lift, 5),
             "acc_lift": round(r.acc_lift, 4),
+            "target": r.target,
         }
         if handled.duplicate:
             m.cohorts.labels(outcome="duplicate").inc()
@@ -218,6 +219,16 @@ class TrainerService:
         m.cohort_seconds.observe(r.duration_s)
         m.nll_lift.observe(r.nll_lift)
         m.accuracy_lift.set(r.acc_lift)
+        for part, pl in (
+            ("target", r.target_lift),
+            ("transfer", r.transfer_lift),
+            ("collateral", r.collateral_lift),
+        ):
+            if pl is not None:
+                m.part_nll_lift.labels(part=part).observe(pl.nll_lift)
+                m.part_accuracy_lift.labels(part=part).set(pl.acc_lift)
+                fields[f"{part}_nll_lift"] = round(pl.nll_lift, 5)
+                fields[f"{part}_acc_lift"] = round(pl.acc_lift, 4)
         m.train_reward.labels(phase="before").set(r.train_reward_before)
         m.train_reward.labels(phase="after").set(r.train_reward_after)
         # Probe figures of the policy now in use (the pre-update one after a
@@ -312,6 +323,7 @@ def build_trainer(settings: TapdSettings, state_dir: Path | None = None) -> Coho
         policies=PolicyStore(
             settings.policy_store_dir() if state_dir is None else state / "checkpoints"
         ),
+        foothold_probability=t.foothold_probability,
     )
 
 
