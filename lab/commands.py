@@ -256,7 +256,7 @@ def _eval_smollm2(
     from lab.real_eval import FULL, SMOKE, run
 
     cfg = SMOKE if quick else FULL
-    changes: dict[str, int] = {}
+    changes: dict[str, Any] = {}
     if seeds is not None:
         changes["seeds"] = seeds
     if cohorts_per_cell is not None:

@@ -651,8 +651,8 @@ def evaluate_battery(cfg: EvalConfig, rows: Sequence[Mapping[str, Any]]) -> dict
             sec[split + "_per_subject"] = per_subject
         sec["signals"] = {k: report(table, v) for k, v in ev.signal_scores(table).items()}
         sec["random"] = {"spearman": 0.0, "gain_nats": 0.0}
-        m = ev.seed_matrix(table)
-        oracle = ev.oracle_crossfit_gain(m, cfg.top_fraction)
+        seeds_matrix = ev.seed_matrix(table)
+        oracle = ev.oracle_crossfit_gain(seeds_matrix, cfg.top_fraction)
         sec["oracle"] = {
             "gain_nats": oracle.absolute,
             "perfect_gain_nats": ev.selection_gain(y, y, cfg.top_fraction).absolute,

@@ -373,12 +373,12 @@ def score_report(
         return selection_gain(a, b, fraction).absolute
 
     boot = {"n_resamples": n_resamples, "seed": seed}
-    g = cluster_bootstrap(gain, cells, s, y, **boot)  # type: ignore[arg-type]
-    mean = cluster_bootstrap(lambda v: float(v.mean()), cells, y, **boot)  # type: ignore[arg-type]
+    g = cluster_bootstrap(gain, cells, s, y, **boot)
+    mean = cluster_bootstrap(lambda v: float(v.mean()), cells, y, **boot)
     away = mean.lo > 0.0 or mean.hi < 0.0
     return ScoreReport(
-        spearman=cluster_bootstrap(spearman, cells, s, y, **boot),  # type: ignore[arg-type]
-        pairwise=cluster_bootstrap(pairwise_accuracy, cells, s, y, **boot),  # type: ignore[arg-type]
+        spearman=cluster_bootstrap(spearman, cells, s, y, **boot),
+        pairwise=cluster_bootstrap(pairwise_accuracy, cells, s, y, **boot),
         gain_nats=g,
         gain_relative=g.value / abs(mean.value) if away else None,
     )

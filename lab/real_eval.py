@@ -132,7 +132,8 @@ def run(
             filled = fill_attempts(traces, engine, cfg.k, seed=seed,
                                    max_new_tokens=cfg.max_completion_length)  # fmt: skip
             feats = featurize(filled.traces, probe_prompts=[it.prompt for it in by_target[target]])
-            cand = Candidate(cid, tasks[0].subject, cell, tuple(filled.traces), feats)
+            cand = Candidate(cid, tasks[0].subject, cell, (cell,), tuple(filled.traces), feats,
+                             {target: feats["target_similarity"]})  # fmt: skip
             row = cache.put(("cohort", cid), {"cohort_id": cid, "cell": cell, "target": target,
                                               "features": feats,
                                               "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
@@ -146,8 +147,9 @@ def run(
                               for i, t in enumerate(tasks)]  # fmt: skip
                     filled = fill_attempts(traces, engine, cfg.k, seed=seed,
                                            max_new_tokens=cfg.max_completion_length)  # fmt: skip
-                    cand = Candidate(cid, tasks[0].subject, cell, tuple(filled.traces),
-                                     dict(row["features"]))  # fmt: skip
+                    feats = dict(row["features"])
+                    cand = Candidate(cid, tasks[0].subject, cell, (cell,), tuple(filled.traces),
+                                     feats, {target: feats["target_similarity"]})  # fmt: skip
                 restore(model, base)
                 d = work / "ledgers" / f"{cid}-s{s}"
                 shutil.rmtree(d, ignore_errors=True)  # an interrupted unit starts over

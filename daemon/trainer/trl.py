@@ -114,7 +114,7 @@ def _lora_config(params: GRPOParams) -> Any:
         raise RuntimeError("grpo.lora_rank > 0 needs peft: pip install 'tapd[lora]'") from None
     return LoraConfig(
         r=params.lora_rank,
-        lora_alpha=params.lora_alpha,
+        lora_alpha=int(params.lora_alpha),
         lora_dropout=0.0,
         target_modules="all-linear",
         task_type="CAUSAL_LM",
