@@ -2,13 +2,16 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-test demo test test-fast lint typecheck eval bench clean
+.PHONY: setup setup-test setup-images demo test test-fast lint typecheck eval bench images stack clean
 
 setup:
 	./scripts/setup.sh
 
 setup-test:
 	WITH_TEST_DEPS=1 ./scripts/setup.sh
+
+setup-images:
+	WITH_IMAGES=1 ./scripts/setup.sh
 
 # The main job on its embedded default: no broker, no GPU.
 demo: setup
@@ -28,6 +31,16 @@ lint:
 
 typecheck:
 	$(VENV)/bin/mypy
+
+# Opt-in, slow (minutes), needs root: not part of `make test`. Figures in docs/DEPLOY.md.
+# The CPU scorer and trainer images, built by podman on a debootstrap base (no registry pulls).
+images: setup-images
+	VENV=$(abspath $(VENV)) ./scripts/images.sh
+
+# The compose stack (tansu, scorer, trainer, Prometheus) up, traces in, first lift label, down.
+stack: setup-images
+	VENV=$(abspath $(VENV)) STACK=1 ./scripts/images.sh
+	$(PY) -m lab.stack
 
 eval: setup
 	$(VENV)/bin/tapd eval

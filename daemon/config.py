@@ -7,17 +7,26 @@ frozen: a change builds and validates a new object and swaps it in one
 assignment, so a bad value never replaces a good one.
 
 ``Thresholds`` is the part an on-call engineer tunes at run time; it is
-reloadable without restart (file watch, SIGHUP, admin endpoint).
+reloadable without restart (file watch, SIGHUP, admin endpoint). Values that
+arrive as JSON or YAML (the admin API, the thresholds file) are validated
+strictly: no booleans for numbers, no numeric strings, no string booleans.
+
+A ``TAPD_*`` variable that names no setting is refused with the closest valid
+name (:func:`check_environment`): a misspelt ``TAPD_TRANSPORT_KIND`` must not
+silently leave the default in place.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
+import socket
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from streams.settings import TransportSettings
@@ -136,8 +145,64 @@ class TrainerSettings(_Frozen):
     metrics_port: int = Field(default=9401, ge=0, le=65535, description="0: ephemeral")
 
 
+class VerifySettings(_Frozen):
+    """Caps on what a trace may ask of its verifier, and how code is sandboxed.
+
+    ``verifier_args`` come from traces, i.e. from whoever can produce to the
+    traces topic: every value is checked against these caps (a trace over a
+    cap is dead-lettered with the argument as field), never trusted.
+    docs/SECURITY.md describes the sandbox.
+    """
+
+    # code verifier: per-run limits a trace may choose, up to these caps
+    default_timeout_s: float = Field(default=2.0, gt=0.0, le=60.0)
+    max_timeout_s: float = Field(default=10.0, gt=0.0, le=60.0)
+    default_memory_mb: int = Field(default=256, ge=64, le=16_384)
+    max_memory_mb: int = Field(default=1024, ge=64, le=16_384)
+    max_tests: int = Field(default=64, ge=1, le=10_000, description="test statements per task")
+    max_test_chars: int = Field(default=20_000, ge=100, le=1_000_000)
+    max_code_chars: int = Field(default=100_000, ge=100, le=10_000_000)
+    # regex verifier (linear-time engine; these bound its memory and time)
+    max_pattern_chars: int = Field(default=1_000, ge=1, le=100_000)
+    max_subject_chars: int = Field(default=100_000, ge=1, le=10_000_000)
+    # the sandbox itself
+    sandbox_uid: int = Field(
+        default=65534, ge=1, description="uid code runs as when tapd runs as root (never 0)"
+    )
+    sandbox_gid: int = Field(default=65534, ge=1)
+    bwrap: str = "bwrap"
+    setpriv: str = "setpriv"
+    python: Path | None = Field(
+        default=None, description="interpreter inside the sandbox; None: probe for one"
+    )
+    disk_mb: int = Field(default=16, ge=1, le=4096, description="tmpfs quota for /work and /tmp")
+    file_mb: int = Field(default=8, ge=1, le=4096)
+    max_procs: int = Field(default=16, ge=1, le=4096)
+    max_output_kb: int = Field(
+        default=64, ge=4, le=65_536, description="result values and diagnostics read back"
+    )
+    max_concurrent: int = Field(default=2, ge=1, le=256, description="sandboxes at once")
+    # reward-trust probing runs trace-supplied code too: its own, smaller budget
+    probe_timeout_s: float = Field(default=1.0, gt=0.0, le=60.0)
+    probe_max_runs: int = Field(default=4, ge=0, le=1_000, description="sandbox runs per cohort")
+
+
+# The shortest dispatch lease accepted whatever the trainer: a lease shorter
+# than one cohort's training frees slots of dispatches still being trained,
+# which turns the in-flight cap off. The scorer also refuses a lease under
+# twice the slowest recently observed dispatch-to-lift round trip
+# (daemon.runtime.thresholds).
+MIN_DISPATCH_TIMEOUT_S = 10.0
+
+
 class Thresholds(_Frozen):
-    """The knobs an on-call engineer turns; each with its bounds."""
+    """The knobs an on-call engineer turns; each with its bounds.
+
+    Cross-field rules: ``no_foothold_pass_rate`` < ``known_pass_rate`` (else a
+    cohort could be both known and without foothold).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     min_predicted_lift: float = Field(default=0.0, ge=-10.0, le=10.0)
     top_k_per_window: int = Field(default=4, ge=1, le=1_000)
@@ -186,18 +251,51 @@ class Thresholds(_Frozen):
     # A dispatch whose lift has not come back within this time frees its
     # in-flight slot (the trainer died or lost it): without a lease one lost
     # result would hold the cap, and the stream, forever.
-    dispatch_timeout_s: float = Field(default=3600.0, ge=1.0, le=7 * 86400.0)
+    dispatch_timeout_s: float = Field(default=3600.0, ge=MIN_DISPATCH_TIMEOUT_S, le=7 * 86400.0)
     shadow_mode: bool = False
 
+    @model_validator(mode="after")
+    def _consistent(self) -> Thresholds:
+        if self.no_foothold_pass_rate >= self.known_pass_rate:
+            raise ValueError(
+                f"no_foothold_pass_rate ({self.no_foothold_pass_rate}) must be under "
+                f"known_pass_rate ({self.known_pass_rate})"
+            )
+        return self
+
     def replace(self, **changes: Any) -> Thresholds:
-        """A validated copy with ``changes``; raises ``pydantic.ValidationError`` on a bad value."""
-        return Thresholds.model_validate({**self.model_dump(), **changes})
+        """A validated copy with ``changes`` (strict types); raises
+        ``pydantic.ValidationError`` on a bad value."""
+        return Thresholds.strict({**self.model_dump(), **changes})
+
+    @classmethod
+    def strict(cls, values: Mapping[str, Any]) -> Thresholds:
+        """Validate JSON/YAML values strictly: ``true`` is not 1, ``"5"`` is not 5."""
+        return cls.model_validate(dict(values), strict=True)
 
 
 class ServiceSettings(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(default=9400, ge=0, le=65535)
-    admin_token: SecretStr | None = None  # None: changes through the admin endpoint are refused
+    # The admin API's bearer tokens. No default exists anywhere: without a
+    # configured admin token (or token file) the scorer generates one at
+    # start into <state_dir>/admin-token (mode 0600), where the CLI on the
+    # same host finds it. The read token only reads (GET /admin/...).
+    admin_token: SecretStr | None = None
+    admin_token_file: Path | None = None
+    read_token: SecretStr | None = None
+    # TLS for the admin/metrics port: both files or neither.
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+    # HTTP hardening: time to send a request's headers and body, the largest
+    # body, open connections at once, and the listen backlog.
+    http_timeout_s: float = Field(default=10.0, gt=0.0, le=300.0)
+    http_max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    http_max_connections: int = Field(default=256, ge=8, le=65_535)
+    http_backlog: int = Field(default=1024, ge=16, le=65_535)
+    # This process's name among replicas (Kafka client ids, logs); default:
+    # the host name (a pod's name in Kubernetes).
+    replica: str | None = None
     group: str = "tapd-scorer"
     # This replica's name in logs and state records (default: the host name,
     # the pod name in Kubernetes).
@@ -214,6 +312,17 @@ class ServiceSettings(_Frozen):
     grace_period_s: float = Field(default=20.0, gt=0.0)
     thresholds_file: Path | None = None  # watched: edits are applied at run time
 
+    @model_validator(mode="after")
+    def _consistent(self) -> ServiceSettings:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("tls_certfile and tls_keyfile: set both for TLS, or neither")
+        if self.admin_token is not None and self.admin_token_file is not None:
+            raise ValueError("admin_token and admin_token_file: set one, not both")
+        return self
+
+    def replica_name(self) -> str:
+        return self.replica or os.environ.get("HOSTNAME") or socket.gethostname() or "local"
+
 
 class TapdSettings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -229,11 +338,30 @@ class TapdSettings(BaseSettings):
     grpo: GRPOParams = GRPOParams()
     trainer: TrainerSettings = TrainerSettings()
     thresholds: Thresholds = Thresholds()
+    verify: VerifySettings = VerifySettings()
     service: ServiceSettings = ServiceSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     def policy_store_dir(self) -> Path:
         return self.policy.store_path or self.state_dir / "trainer" / "checkpoints"
+
+    def transport_configured(self) -> bool:
+        """Whether the transport kind was chosen (config file or environment), not defaulted."""
+        return "kind" in self.transport.model_fields_set
+
+    def for_role(self, role: str) -> TapdSettings:
+        """These settings for one process: a Kafka client id per role and replica
+        (``tapd-scorer-<replica>``) unless one is configured, so that the broker's
+        logs, quotas and group listings tell the processes apart."""
+        if "client_id" in self.transport.model_fields_set:
+            return self
+        client_id = f"tapd-{role}-{self.service.replica_name()}"[:200]
+        transport = self.transport.model_copy(update={"client_id": client_id})
+        return self.model_copy(update={"transport": transport})
+
+    def effective(self) -> dict[str, Any]:
+        """The configuration in force, as JSON values with every secret masked."""
+        return self.model_dump(mode="json")
 
     @classmethod
     def settings_customise_sources(
@@ -249,8 +377,61 @@ class TapdSettings(BaseSettings):
         return env_settings, init_settings, file_secret_settings
 
 
+# TAPD_* variables that are not settings: the CLI's own, and the lab's.
+NON_SETTING_VARIABLES = frozenset(
+    {
+        "TAPD_CONFIG",
+        "TAPD_URL",
+        "TAPD_ADMIN_TOKEN",
+        "TAPD_ADMIN_TOKEN_FILE",
+        "TAPD_ADMIN_CACERT",
+        "TAPD_KAFKA_HOME",
+        "TAPD_POLICY_CACHE",
+    }
+)
+
+
+class UnknownVariable(ValueError):
+    """A ``TAPD_*`` environment variable that names no setting."""
+
+    def __init__(self, name: str, closest: str | None) -> None:
+        self.name, self.closest = name, closest
+        hint = f"; did you mean {closest}?" if closest else ""
+        super().__init__(f"{name}: not a tapd setting{hint}")
+
+
+def _env_names(model: type[BaseModel], prefix: str) -> Iterator[str]:
+    for name, info in model.model_fields.items():
+        env = f"{prefix}{name.upper()}"
+        yield env
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from _env_names(ann, env + "__")
+
+
+def setting_variables() -> frozenset[str]:
+    """Every ``TAPD_*`` variable that sets something."""
+    return frozenset(_env_names(TapdSettings, "TAPD_")) | NON_SETTING_VARIABLES
+
+
+def check_environment(environ: Mapping[str, str] | None = None) -> None:
+    """Refuse the first ``TAPD_*`` variable that names no setting (``UnknownVariable``)."""
+    env = os.environ if environ is None else environ
+    known = setting_variables()
+    for name in sorted(env):
+        upper = name.upper()
+        if upper.startswith("TAPD_") and upper not in known:
+            close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.6)
+            raise UnknownVariable(name, close[0] if close else None)
+
+
 def load_settings(path: Path | str | None = None, **overrides: Any) -> TapdSettings:
-    """Settings from an optional YAML file, the environment and ``overrides``."""
+    """Settings from an optional YAML file, the environment and ``overrides``.
+
+    Raises :class:`UnknownVariable` for a ``TAPD_*`` variable that names no
+    setting, and ``pydantic.ValidationError`` for a bad value.
+    """
+    check_environment()
     data: dict[str, Any] = {}
     path = path or os.environ.get("TAPD_CONFIG")
     if path:
@@ -267,11 +448,26 @@ def load_settings(path: Path | str | None = None, **overrides: Any) -> TapdSetti
     return TapdSettings(**data)
 
 
-def load_thresholds(path: Path) -> Thresholds:
-    """Thresholds from a YAML file (a mapping of threshold names)."""
+def read_thresholds_file(path: Path) -> dict[str, Any]:
+    """The threshold values a YAML file sets (a mapping of threshold names).
+
+    Only structure is checked here (a mapping; every key a threshold, else a
+    ``ValueError`` naming the closest one); values are validated strictly
+    when layered (:meth:`Thresholds.strict`).
+    """
     loaded = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: must be a mapping of threshold names to values")
     if "thresholds" in loaded and isinstance(loaded["thresholds"], dict):
         loaded = loaded["thresholds"]
-    return Thresholds.model_validate(loaded)
+    for key in loaded:
+        if key not in Thresholds.model_fields:
+            close = difflib.get_close_matches(str(key), list(Thresholds.model_fields), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ValueError(f"{key}: not a threshold{hint}")
+    return {str(k): v for k, v in loaded.items()}
+
+
+def load_thresholds(path: Path) -> Thresholds:
+    """Thresholds from a YAML file over the defaults, validated strictly."""
+    return Thresholds.strict({**Thresholds().model_dump(), **read_thresholds_file(path)})

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-
-from daemon.cli import _err, settings_from_ctx
 
 lab_app = typer.Typer()
 
@@ -100,12 +98,12 @@ def eval_cmd(
     try:
         cfg = config_for(quick, seeds, cohorts_per_cell)
     except ValueError as e:
-        _err(str(e))
+        typer.echo(str(e), err=True)
         raise typer.Exit(2) from None
     run(
         cfg,
         out_dir=out,
-        state_dir=state_dir or settings_from_ctx(ctx).state_dir,
+        state_dir=state_dir or _settings(ctx).state_dir,
         command="tapd " + " ".join(sys.argv[1:]),
         loop=loop,
         log=lambda m: typer.echo(m, err=True),
@@ -133,6 +131,13 @@ def reliability(
     typer.echo(f"figures written to {out}")
     if not ok:
         raise typer.Exit(1)
+
+
+def _settings(ctx: typer.Context) -> Any:
+    # Imported when a command runs: daemon.cli imports this module to register it.
+    from daemon.cli import settings_from_ctx
+
+    return settings_from_ctx(ctx)
 
 
 def register(app: typer.Typer) -> None:

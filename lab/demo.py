@@ -281,9 +281,9 @@ def run_demo(
     import torch
     from tqdm import tqdm
 
-    from daemon.core.decision import ThresholdsHolder
     from daemon.runtime.http import publish_thresholds
     from daemon.runtime.metrics import ScorerMetrics
+    from daemon.runtime.thresholds import ThresholdsHolder
     from daemon.service.scorer import PolicyRollout, ScorerService, build_scorer
     from lab.tasks import write_probe
     from lab.tiny_policy import build_tiny_policy

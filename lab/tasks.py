@@ -340,7 +340,8 @@ def to_trace(
     policy_version: str,
     attempts: Sequence[Attempt] = (),
     key: str | int = "",
-    ts: float = 0.0,
+    # A fixed, plausible event time: the wire refuses 0 (the "unset" value).
+    ts: float = 1_700_000_000.0,
     tenant: str = "default",
     source: str = "tapd.tasks",
 ) -> Trace:

@@ -26,6 +26,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from streams.durable import connect_durable
+from streams.settings import TransportSettings
 from streams.transport import (
     AssignHook,
     Consumer,
@@ -291,6 +292,12 @@ class EmbeddedConsumer:
 
 class EmbeddedTransport:
     """Producers and consumers over one SQLite file (see the module docstring)."""
+
+    @classmethod
+    def from_settings(
+        cls, settings: TransportSettings, max_poll_records: int = 500
+    ) -> EmbeddedTransport:
+        return cls(settings.embedded_path, settings.embedded_partitions)
 
     def __init__(self, path: Path | str, partitions: int = 1) -> None:
         self.path = Path(path)

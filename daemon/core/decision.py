@@ -29,23 +29,19 @@ every cohort not yet taken except ``fix_verifier`` ones, so that labels are not
 only those the predictor already likes; otherwise it takes the best remaining
 ``train`` cohort by predicted lift (``exploit``). In shadow mode every decision
 is made and recorded, and none is dispatched.
+
+The thresholds themselves (configuration, file, run-time overrides) are held
+by the shell: :mod:`daemon.runtime.thresholds`.
 """
 
 from __future__ import annotations
 
 import random
-import threading
-import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
-import pydantic
-
-from daemon.config import Thresholds, load_thresholds
+from daemon.config import Thresholds
 from daemon.core.predictor import Prediction
-from streams.rejection import Rejection
 
 
 @dataclass(frozen=True)
@@ -214,85 +210,3 @@ def decide(
             )
         )
     return decisions
-
-
-# --- run-time thresholds -----------------------------------------------------------
-
-
-class ThresholdError(Rejection):
-    """A rejected threshold change; ``field`` is the threshold's name."""
-
-    def __str__(self) -> str:
-        return f"thresholds.{self.field}: {self.reason}"
-
-
-@dataclass(frozen=True)
-class AuditRecord:
-    who: str
-    source: str  # admin, file, signal, cli
-    what: dict[str, Any]  # the changed fields and their new values
-    before: dict[str, Any]
-    after: dict[str, Any]
-    when: float  # unix seconds
-
-
-@dataclass
-class ThresholdsHolder:
-    """The current frozen Thresholds, swapped whole on a valid change.
-
-    Shared by the scoring loop (reads ``current``) and the admin endpoint /
-    file watcher (calls ``apply`` / ``reload_from_file``): a bad change
-    raises and leaves the old object in place.
-    """
-
-    current: Thresholds = field(default_factory=Thresholds)
-    history: list[AuditRecord] = field(default_factory=list)
-    clock: Any = time.time
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def apply(self, changes: Mapping[str, Any], who: str, source: str) -> AuditRecord:
-        if not who:
-            raise ValueError("who: a change must name who made it")
-        known = set(Thresholds.model_fields)
-        for name in changes:
-            if name not in known:
-                raise ThresholdError(name, f"unknown threshold (known: {', '.join(sorted(known))})")
-        with self._lock:
-            old = self.current
-            try:
-                new = old.replace(**changes)
-            except pydantic.ValidationError as exc:
-                err = exc.errors()[0]
-                name = ".".join(str(p) for p in err["loc"]) or "?"
-                raise ThresholdError(
-                    name,
-                    f"{err['msg']} (got {err.get('input')!r}); kept {getattr(old, name, None)!r}",
-                ) from exc
-            return self._swap(old, new, who, source)
-
-    def reload_from_file(self, path: Path | str, who: str = "file") -> AuditRecord:
-        try:
-            new = load_thresholds(Path(path))
-        except pydantic.ValidationError as exc:
-            err = exc.errors()[0]
-            name = ".".join(str(p) for p in err["loc"]) or "?"
-            raise ThresholdError(
-                name, f"{err['msg']} in {path} (got {err.get('input')!r})"
-            ) from exc
-        with self._lock:
-            return self._swap(self.current, new, who, "file")
-
-    def _swap(self, old: Thresholds, new: Thresholds, who: str, source: str) -> AuditRecord:
-        before, after = old.model_dump(), new.model_dump()
-        what = {k: v for k, v in after.items() if before[k] != v}
-        self.current = new
-        record = AuditRecord(
-            who=who,
-            source=source,
-            what=what,
-            before={k: before[k] for k in what},
-            after={k: after[k] for k in what},
-            when=self.clock(),
-        )
-        self.history.append(record)
-        return record

@@ -326,8 +326,11 @@ def reward_trust(traces: Sequence[Trace]) -> float:
     its probes counts as rewarded. A verifier that raises on a bad answer
     did not reward it.
     """
-    from daemon.verify.registry import get_verifier
+    from daemon.verify.registry import ProbeBudget, ProbeSkipped, probe_verifier
 
+    # Code verifiers run a trace's prompt as code here: in the sandbox, with
+    # a shorter time limit and a per-cohort budget of runs.
+    budget = ProbeBudget()
     chosen = sorted(traces, key=lambda t: t.trace_id)[:MAX_TRUST_PROMPTS]
     cache: dict[tuple[str, str], Callable[[str, str], float] | None] = {}
     rewarded = total = 0
@@ -335,7 +338,7 @@ def reward_trust(traces: Sequence[Trace]) -> float:
         key = _verifier_key(t)
         if key not in cache:
             try:
-                cache[key] = get_verifier(t.verifier, t.verifier_args)
+                cache[key] = probe_verifier(t.verifier, t.verifier_args, budget)
             except ValueError:
                 cache[key] = None
         verify = cache[key]
@@ -346,6 +349,9 @@ def reward_trust(traces: Sequence[Trace]) -> float:
                 continue
             try:
                 reward = float(verify(answer, t.reference))
+            except ProbeSkipped:  # over the budget: not probed, counts neither way
+                total -= 1
+                continue
             except Exception:
                 continue
             rewarded += reward >= SUCCESS_THRESHOLD

@@ -30,9 +30,8 @@ import statistics
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import lightgbm as lgb
 import numpy as np
 from river import drift, ensemble, linear_model, preprocessing, stats
 
@@ -45,6 +44,16 @@ from daemon.core.features import (
 )
 from daemon.core.ranking import pairwise_accuracy, spearman
 from daemon.core.vocabulary import SELECTIONS
+
+if TYPE_CHECKING:
+    import lightgbm as lgb
+
+
+def _lgb() -> Any:
+    # Imported on first use: a scorer that never refits never loads LightGBM.
+    import lightgbm
+
+    return lightgbm
 
 
 @dataclass(frozen=True)
@@ -248,6 +257,7 @@ class LightGBMStage:
         if len(X) != len(y) or len(y) < 4:
             raise ValueError(f"labels: need at least 4 rows with matching targets, got {len(y)}")
         # One binned Dataset serves every member: only the seeds differ.
+        lgb = _lgb()
         ds = lgb.Dataset(
             X, y, feature_name=list(FEATURE_NAMES), params=_DATASET_PARAMS, free_raw_data=False
         )
@@ -259,7 +269,7 @@ class LightGBMStage:
 
     @classmethod
     def from_strings(cls, models: Sequence[str], model_version: str) -> LightGBMStage:
-        return cls([lgb.Booster(model_str=s) for s in models], model_version)
+        return cls([_lgb().Booster(model_str=s) for s in models], model_version)
 
     def to_strings(self) -> list[str]:
         return [b.model_to_string() for b in self._boosters]
@@ -283,7 +293,7 @@ class LightGBMStage:
         return {"models": self.to_strings(), "model_version": self.model_version}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self._boosters = [lgb.Booster(model_str=s) for s in state["models"]]
+        self._boosters = [_lgb().Booster(model_str=s) for s in state["models"]]
         self.model_version = state["model_version"]
 
 

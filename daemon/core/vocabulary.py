@@ -29,6 +29,25 @@ PIPELINE_STAGES = (
     "decision",
     "dispatch",
     "lift",
+    # A failure nobody foresaw (a bug): still a dead letter and a metric.
+    "internal",
 )
 # The predictor's stages, in the order the router hands over between them.
 PREDICTOR_STAGES = ("heuristic", "river", "lightgbm")
+# Stages a dead letter can name: the pipeline's, plus "internal" for a
+# failure no stage foresaw (still a dead letter, never a crash).
+DEAD_LETTER_STAGES = (*PIPELINE_STAGES, "internal")
+# Why a cohort closed (daemon.core.cohorting.CloseCause).
+CLOSE_CAUSES = ("size", "age", "evicted", "flush")
+# Why an in-flight dispatch was freed without a lift.
+RELEASE_CAUSES = ("rejected", "expired")
+# A predictor refit's outcome.
+REFIT_OUTCOMES = ("promoted", "rejected", "failed")
+# What the trainer did with a dispatched cohort.
+TRAINER_OUTCOMES = ("trained", "duplicate", "rolled_back", "failed")
+# Training reward measured before and after a cohort's GRPO steps.
+REWARD_PHASES = ("before", "after")
+# An admin API request's outcome.
+ADMIN_OUTCOMES = ("ok", "noop", "unauthorized", "forbidden", "invalid", "too_large")
+# Where a threshold change came from.
+THRESHOLD_SOURCES = ("admin", "file", "signal", "expired")

@@ -5,13 +5,45 @@ and the runbook have a single list to agree with. Conventions: ``tapd_``
 prefix, base units (seconds, bytes, ratios 0-1, nats for lift and NLL),
 counters end in ``_total``, and label values are bounded (never a cohort or
 trace id).
+
+Every labelled counter starts at zero for every known label value (the
+bounded words of :mod:`daemon.core.vocabulary`), so that ``increase()`` sees
+the first event rather than a series that appears at 1. Each registry also
+carries ``tapd_build_info`` and the process, platform and GC collectors
+(``process_*``, ``python_*``).
 """
 
 from __future__ import annotations
 
+import platform
+from collections.abc import Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.gc_collector import GCCollector
+
+from daemon.core.vocabulary import (
+    ADMIN_OUTCOMES,
+    CLOSE_CAUSES,
+    DEAD_LETTER_STAGES,
+    PIPELINE_STAGES,
+    PREDICTOR_STAGES,
+    RECOMMENDATIONS,
+    REFIT_OUTCOMES,
+    RELEASE_CAUSES,
+    REWARD_PHASES,
+    SELECTIONS,
+    THRESHOLD_SOURCES,
+    TRAINER_OUTCOMES,
+)
 
 # Lift is a drop in mean token NLL (nats). Symmetric buckets: harmful
 # updates (negative lift) must be as visible as helpful ones.
@@ -35,13 +67,50 @@ LATENCY_BUCKETS = (
     120.0,
 )
 
+del GC_COLLECTOR  # the default registry's; each tapd registry gets its own below
+
+
+def tapd_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tapd")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def standard_collectors(registry: CollectorRegistry, role: str) -> Gauge:
+    """Process, platform and GC collectors, and ``tapd_build_info{version,role,python}``."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    build = Gauge(
+        "tapd_build_info",
+        "Always 1; the labels say which tapd build and role this process is.",
+        ["version", "role", "python"],
+        registry=registry,
+    )
+    build.labels(version=tapd_version(), role=role, python=platform.python_version()).set(1)
+    return build
+
+
+def preinit(metric: Any, label: str, values: Iterable[str]) -> None:
+    """Create ``metric{label=v}`` at zero for every ``v``."""
+    for v in values:
+        metric.labels(**{label: v})
 
 class ScorerMetrics:
     """Metrics of the scorer role (``tapd run``)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        topics: Iterable[str] = (),
+        thresholds: Iterable[str] = (),
+    ) -> None:
         r = registry if registry is not None else CollectorRegistry()
         self.registry = r
+        standard_collectors(r, "scorer")
         # Throughput and rejection
         self.traces_consumed = Counter(
             "tapd_traces_consumed", "Trace messages read from the traces topic.", registry=r
@@ -198,13 +267,38 @@ class ScorerMetrics:
             ["source"],
             registry=r,
         )
+        self.threshold_override = Gauge(
+            "tapd_threshold_override",
+            "1 while a run-time override (admin API) sets this threshold instead of the file.",
+            ["name"],
+            registry=r,
+        )
         self.admin_requests = Counter(
             "tapd_admin_requests",
-            "Admin endpoint requests, by outcome (ok, unauthorized, invalid, disabled).",
+            "Admin endpoint requests, by outcome (ok, noop, unauthorized, forbidden, invalid, too_large).",
             ["outcome"],
             registry=r,
         )
-        self.up_ready = Gauge("tapd_ready", "1 when the service is ready.", registry=r)
+        self.up_ready = Gauge(
+            "tapd_ready", "1 when the service is ready (checked every few seconds).", registry=r
+        )
+        self._preinit(topics, thresholds)
+
+    def _preinit(self, topics: Iterable[str], thresholds: Iterable[str]) -> None:
+        preinit(self.dead_letters, "stage", DEAD_LETTER_STAGES)
+        preinit(self.processing_seconds, "stage", PIPELINE_STAGES)
+        preinit(self.cohorts_closed, "cause", CLOSE_CAUSES)
+        preinit(self.cohorts_scored, "recommendation", RECOMMENDATIONS)
+        preinit(self.dispatches, "selection", SELECTIONS)
+        preinit(self.dispatches_released, "cause", RELEASE_CAUSES)
+        preinit(self.realized_lift, "selection", SELECTIONS)
+        preinit(self.realized_lift_mean, "selection", SELECTIONS)
+        preinit(self.predictor_stage, "stage", PREDICTOR_STAGES)
+        preinit(self.predictor_refits, "outcome", REFIT_OUTCOMES)
+        preinit(self.threshold_changes, "source", THRESHOLD_SOURCES)
+        preinit(self.admin_requests, "outcome", ADMIN_OUTCOMES)
+        preinit(self.consumer_lag, "topic", topics)
+        preinit(self.threshold_override, "name", thresholds)
 
     def watch(self, scorer: Any) -> None:
         """Read the scorer's open cohorts and in-flight dispatches at scrape time."""
@@ -218,6 +312,10 @@ class TrainerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = registry if registry is not None else CollectorRegistry()
         self.registry = r
+        standard_collectors(r, "trainer")
+        self.up_ready = Gauge(
+            "tapd_ready", "1 when the service is ready (checked every few seconds).", registry=r
+        )
         self.cohorts = Counter(
             "tapd_trainer_cohorts",
             "Dispatched cohorts handled, by outcome (trained, duplicate, rolled_back, failed).",
@@ -297,3 +395,5 @@ class TrainerMetrics:
             "Policy versions whose checkpoint the store still holds (retention: the newest N).",
             registry=r,
         )
+        preinit(self.cohorts, "outcome", TRAINER_OUTCOMES)
+        preinit(self.train_reward, "phase", REWARD_PHASES)

@@ -62,6 +62,12 @@ class ModelStore:
         self.prune()
         return m.name
 
+    def pin(self, name: str) -> None:
+        """Make snapshot ``name`` the one the next start loads (a rollback)."""
+        if not (self.root / name / "manifest.json").exists():
+            raise ValueError(f"{name}: no such predictor snapshot in {self.root}")
+        _atomic_write(self.root / "latest", name.encode())
+
     def prune(self) -> list[str]:
         """Delete all but the newest ``keep`` snapshots (never the latest); what was deleted."""
         latest = self.latest()

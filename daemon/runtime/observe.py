@@ -55,9 +55,7 @@ def observe(events: Iterable[ev.Event], metrics: ScorerMetrics | None, logger: A
                 m.cohorts_closed.labels(cause=e.cause).inc()
             logger.info("cohort_closed", cohort_id=e.cohort_id, cause=e.cause, n_groups=e.n_groups)
         elif isinstance(e, ev.CohortRejected):
-            logger.warning(
-                "cohort_rejected", cohort_id=e.cohort_id, stage=e.stage, reason=e.reason
-            )
+            logger.warning("cohort_rejected", cohort_id=e.cohort_id, stage=e.stage, reason=e.reason)
         elif isinstance(e, ev.CohortScored):
             if m:
                 m.predicted_lift.observe(e.predicted_lift)

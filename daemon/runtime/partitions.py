@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from daemon.config import CohortingSettings
-from daemon.core.cohorting import Closed, CohortBuilder, Event
+from daemon.core.cohorting import Closed, CohortBuilder, Event, TraceFrom, TraceRef, _dump
 from streams.schemas import SchemaError, Trace, decode
 from streams.transport import Record, TopicPartition
 
@@ -126,11 +126,12 @@ class PartitionedCohorts(CohortBuilder):
                 self.closed[e.cohort.cohort_id] = tp
         return events
 
-    def on_item(self, trace: Trace, now: float) -> list[Event]:
+    def on_item(self, trace: Trace, now: float, digest: str | None = None) -> list[Event]:
         if self.current is None:
             raise RuntimeError("on_item outside feeding(tp): a trace needs its partition")
         self._now = now
-        return self._track(self.current, self.parts[self.current].builder.on_item(trace, now))
+        builder = self.parts[self.current].builder
+        return self._track(self.current, builder.on_item(trace, now, digest))
 
     def on_tick(self, now: float) -> list[Event]:
         self._now = now
@@ -179,14 +180,14 @@ class PartitionedCohorts(CohortBuilder):
 
     # -- state ----------------------------------------------------------------
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, trace_ref: TraceRef = _dump) -> dict[str, Any]:
         return {
             "schema": PARTS_SCHEMA,
             "versions": list(self._versions),
             "now": self._now,
             "parts": {
                 part_key(tp): {
-                    "cohorts": p.builder.snapshot(),
+                    "cohorts": p.builder.snapshot(trace_ref),
                     "position": p.position,
                     "token": None if p.token is None else p.token.to_json(),
                 }
@@ -195,7 +196,7 @@ class PartitionedCohorts(CohortBuilder):
             "closed": {cid: part_key(tp) for cid, tp in self.closed.items()},
         }
 
-    def restore(self, snapshot: dict[str, Any]) -> None:
+    def restore(self, snapshot: dict[str, Any], trace_from: TraceFrom | None = None) -> None:
         if snapshot.get("schema") != PARTS_SCHEMA:
             raise ValueError(f"schema: expected {PARTS_SCHEMA!r}, got {snapshot.get('schema')!r}")
         self._versions = [str(v) for v in snapshot["versions"]] or self._versions
@@ -203,7 +204,7 @@ class PartitionedCohorts(CohortBuilder):
         self.parts = {}
         for key, body in snapshot["parts"].items():
             b = CohortBuilder(self.settings, self.policy_version)
-            b.restore(body["cohorts"])
+            b.restore(body["cohorts"], trace_from)
             self._sync(b)
             pos = body.get("position")
             self.parts[part_of(key)] = Part(

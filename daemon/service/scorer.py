@@ -60,7 +60,7 @@ from typing import Any
 
 from daemon.config import TapdSettings, Thresholds
 from daemon.core.pipeline import Effects, Scorer
-from daemon.core.vocabulary import SELECTIONS
+from daemon.core.vocabulary import PREDICTOR_STAGES, SELECTIONS
 from daemon.policy.store import PolicyVersion, version_number
 from daemon.runtime.http import audit, publish_thresholds
 from daemon.runtime.logging import get_logger
@@ -106,7 +106,13 @@ class LoopStats:
 
 
 class ThresholdsWatcher:
-    """Reloads the thresholds file when its mtime changes (the k8s ConfigMap case)."""
+    """Reloads the thresholds file when its mtime changes (the k8s ConfigMap case),
+    and expires run-time overrides that are due.
+
+    A reload replaces the file layer only: overrides set through the admin
+    API stay in force (daemon.runtime.thresholds); a new mtime with the same
+    content records nothing.
+    """
 
     def __init__(self, holder: Any, path: Path | None, metrics: ScorerMetrics) -> None:
         self.holder = holder
@@ -121,6 +127,9 @@ class ThresholdsWatcher:
             return None
 
     def poll(self) -> bool:
+        expire = getattr(self.holder, "expire", None)
+        if expire is not None:
+            expire()
         m = self._stat()
         if m is None or m == self._mtime:
             return False
@@ -130,14 +139,25 @@ class ThresholdsWatcher:
 
 
 def reload_thresholds(holder: Any, path: Path, metrics: ScorerMetrics, source: str) -> bool:
-    """Reload from the file; a bad file keeps the old values and says why."""
+    """Reload the file layer; a bad file keeps the old values and says why.
+
+    A recorded change is logged and counted by the holder's ``on_change``
+    hook (:func:`daemon.runtime.http.audit`); a holder without one is audited
+    here.
+    """
     try:
-        record = holder.reload_from_file(path, who=f"tapd:{source}")
+        record = holder.reload_from_file(path, who=f"tapd:{source}", source=source)
     except Exception as e:  # any bad file (unreadable, not YAML, invalid): keep the old values
-        log.error("thresholds_reload_failed", source=source, path=str(path), reason=str(e))
+        log.error(
+            "thresholds_reload_failed",
+            source=source,
+            path=str(path),
+            field=getattr(e, "field", None),
+            reason=str(getattr(e, "reason", e)),
+        )
         return False
-    if record.what:
-        audit(metrics, record, source, holder.current)
+    if record is not None and getattr(holder, "on_change", None) is None:
+        audit(metrics, record, holder)
     return True
 
 
@@ -831,7 +851,7 @@ def publish_predictor(metrics: ScorerMetrics, predictor: Any, seen: dict[str, fl
     metrics.predictor_labels.set(getattr(predictor, "n_labels", 0))
     metrics.predictor_model_version.set(getattr(predictor, "version", 0))
     active = getattr(predictor, "stage", "heuristic")
-    for stage in ("heuristic", "river", "lightgbm"):
+    for stage in PREDICTOR_STAGES:
         metrics.predictor_stage.labels(stage=stage).set(1 if stage == active else 0)
     totals = {"drift": float(getattr(predictor, "drift_detected", 0))}
     for outcome, n in dict(getattr(predictor, "refits", {})).items():
@@ -962,8 +982,10 @@ def build_scorer(
     from daemon.core.features import featurize
     from daemon.core.predictor import Predictor
     from daemon.policy.rollout import fill_attempts
+    from daemon.verify.settings import configure as configure_verifiers
     from streams.probes import read_probe_file
 
+    configure_verifiers(settings.verify)  # caps on verifier_args, the code sandbox
     predictor = Predictor(settings.predictor)
     engine = rollout or PolicyRollout(settings)
     probe_path = settings.policy.probe_path
@@ -1000,23 +1022,48 @@ def build_scorer(
     )
 
 
-def run_scorer(settings: TapdSettings, transport: Transport | None = None) -> None:
-    """The ``tapd run`` process: HTTP (health, readiness, metrics, admin), signals, loop."""
-    from daemon.core.decision import ThresholdsHolder
-    from daemon.runtime.http import AdminApi, HttpServer
+RESTART = "restart"
+
+
+def run_scorer(settings: TapdSettings, transport: Transport | None = None) -> str | None:
+    """The ``tapd run`` process: HTTP (health, readiness, metrics, admin), signals, loop.
+
+    Returns :data:`RESTART` when the process should start again (a predictor
+    rollback through the admin API moved the model pointer after shutdown).
+    """
+    from daemon.runtime.http import (
+        AdminApi,
+        HttpServer,
+        ReadinessMonitor,
+        ensure_admin_token,
+    )
+    from daemon.runtime.inspect import STATE_FILE, Live, ScorerInspector
+    from daemon.runtime.thresholds import NAMES, OverrideStore, RoundTrips, ThresholdsHolder
     from streams.factory import open_transport
 
-    metrics = ScorerMetrics()
-    holder = ThresholdsHolder(settings.thresholds)
+    state_dir = Path(settings.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    topics = settings.topics
+    metrics = ScorerMetrics(topics=(topics.traces, topics.lift, topics.dlq), thresholds=NAMES)
+    trips = RoundTrips()
+    overrides = OverrideStore(state_dir / STATE_FILE)
+    holder = ThresholdsHolder(settings.thresholds, store=overrides, lease_floor=trips.floor)
     path = settings.service.thresholds_file
     if path is not None:
         reload_thresholds(holder, path, metrics, source="file")
-    publish_thresholds(metrics, holder.current)
+    holder.on_change = lambda record: audit(metrics, record, holder)
+    publish_thresholds(metrics, holder)
+    if holder.overrides:
+        log.warning(
+            "threshold_overrides_restored",
+            overrides={n: o.to_json() for n, o in holder.overrides.items()},
+        )
     own_transport = transport is None
     transport = transport or open_transport(
         settings.transport, max_poll_records=settings.service.max_poll_records
     )
     service: ScorerService | None = None
+    rollback: dict[str, str] = {}
 
     def ready() -> dict[str, bool]:
         return {
@@ -1024,28 +1071,89 @@ def run_scorer(settings: TapdSettings, transport: Transport | None = None) -> No
             "predictor": service is not None and service.loaded,
         }
 
-    token = settings.service.admin_token
-    api = AdminApi(holder, metrics, token.get_secret_value() if token else None, ready, path)
-    server = HttpServer(api, settings.service.host, settings.service.port).start()
-    log.info("http_listening", url=server.url)
+    def request_rollback(name: str, who: str) -> None:
+        rollback.update(name=name, who=who)
+        log.warning("model_rollback_requested", rollback_to=name, who=who)
+        if service is not None:
+            service.stop_event.set()
+
+    svc = settings.service
+    token = ensure_admin_token(
+        state_dir,
+        svc.admin_token.get_secret_value() if svc.admin_token else None,
+        svc.admin_token_file,
+    )
+    live = Live(
+        sample=metrics.registry.get_sample_value,
+        ready=ready,
+        thresholds=holder,
+        request_rollback=request_rollback,
+    )
+    api = AdminApi(
+        holder,
+        metrics,
+        token,
+        ready,
+        path,
+        read_token=svc.read_token.get_secret_value() if svc.read_token else None,
+        inspector=ScorerInspector(settings, live),
+        max_body_bytes=svc.http_max_body_bytes,
+        timeout_s=svc.http_timeout_s,
+    )
+    server = HttpServer(
+        api,
+        svc.host,
+        svc.port,
+        timeout_s=svc.http_timeout_s,
+        max_connections=svc.http_max_connections,
+        backlog=svc.http_backlog,
+        tls_certfile=svc.tls_certfile,
+        tls_keyfile=svc.tls_keyfile,
+    ).start()
+    monitor = ReadinessMonitor(ready, metrics.up_ready).start()
+    log.info("http_listening", url=server.url, tls=server.tls)
     try:
         rollout = PolicyRollout(settings)
+        if settings.policy.model_path is not None:
+            # Loaded before the consumers join their groups: a first load of
+            # tens of seconds inside the loop outlives the session timeout and
+            # costs a rebalance at every start.
+            t0 = time.monotonic()
+            rollout.engine  # noqa: B018 - loads the policy
+            log.info("policy_loaded", seconds=round(time.monotonic() - t0, 3))
         scorer = build_scorer(settings, lambda: holder.current, rollout)
-        service = ScorerService(settings, transport, scorer, metrics, holder, rollout=rollout)
+
+        def on_batch(fx: Effects) -> None:
+            live.remember(fx.decisions)
+            trips.observe(fx)
+
+        service = ScorerService(
+            settings, transport, scorer, metrics, holder, on_batch=on_batch, rollout=rollout
+        )
         service.install_signal_handlers()
         service.run()
     finally:
+        monitor.stop()
         server.stop()
+        overrides.close()
         if own_transport:
             transport.close()
+    if rollback:
+        ModelStore(state_dir / "models").pin(rollback["name"])
+        log.warning("model_rolled_back", latest=rollback["name"], who=rollback["who"])
+        return RESTART
+    log.info("scorer_exiting")
+    return None
 
 
 if __name__ == "__main__":  # ``python -m daemon.service.scorer``: the same as ``tapd run``
     from daemon.config import load_settings
     from daemon.runtime.logging import configure_logging
 
-    _settings = load_settings()
-    configure_logging(_settings.log_level, role="scorer")
+    _settings = load_settings().for_role("scorer")
+    configure_logging(
+        _settings.log_level, role="scorer", service=True, replica=_settings.service.replica_name()
+    )
     run_scorer(_settings)
 
 
@@ -1059,7 +1167,7 @@ def replay_file(settings: TapdSettings, path: Path, out: Any) -> int:
     import json
     import tempfile
 
-    from daemon.core.decision import ThresholdsHolder
+    from daemon.runtime.thresholds import ThresholdsHolder
     from streams.embedded import EmbeddedTransport
 
     with tempfile.TemporaryDirectory(prefix="tapd-replay-") as tmp:

@@ -11,9 +11,12 @@ order per dispatch is: the ledger records the result (inside
 is the dispatch offset committed. A crash anywhere redelivers the dispatch,
 and the ledger turns the redelivery into a re-publication of the same result.
 
-A bad dispatch never stops the process: it goes to the dead-letter topic with
-the field and the reason, and ``tapd_trainer_dead_letters_total`` counts it.
-SIGTERM lets the cohort in hand finish, commits, and closes.
+A bad dispatch never stops the process: it is decoded by the one
+poison-message mechanism (:func:`streams.deadletter.decode_record`), so any
+failure, foreseen or not, goes to the dead-letter topic with the stage, field
+and reason (stage ``internal`` for a failure nobody foresaw), and
+``tapd_trainer_dead_letters_total`` counts it. SIGTERM lets the cohort in hand
+finish, commits, and closes.
 
 Policy versions travel as records: every kept version is announced on the
 policies topic (version, URI, SHA-256, size; compacted by version) and
@@ -35,16 +38,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from prometheus_client import start_http_server
-
 from daemon.config import TapdSettings
 from daemon.policy.store import version_number
 from daemon.runtime.logging import bind_ids, get_logger
 from daemon.runtime.metrics import TrainerMetrics
 from daemon.trainer.cohort import CohortTrainer, Handled
 from daemon.trainer.probe import Probe, VerifierLookup
-from streams.deadletter import dead_letter
-from streams.schemas import Dispatch, LiftResult, SchemaError, decode, encode
+from streams.deadletter import INTERNAL, Poison, dead_letter, dead_letter_key, decode_record
+from streams.schemas import DeadLetter, Dispatch, LiftResult, encode
 from streams.transport import Record, Transport, next_offsets
 
 log = get_logger("tapd.trainer")
@@ -59,27 +60,30 @@ class Rejected:
     reason: str
 
 
-def validate(raw: bytes, verifiers: VerifierLookup) -> Dispatch | Rejected:
-    """Decode a dispatch and check that every item's verifier can judge its reference."""
-    try:
-        dispatch = decode(raw, Dispatch)
-    except SchemaError as e:
-        return Rejected("decode", e.field, e.reason)
+def check_verifiers(dispatch: Dispatch, verifiers: VerifierLookup) -> Rejected | None:
+    """Why some item's verifier cannot judge its reference, if one cannot.
+
+    A verifier raises on what the task got wrong (unknown name, bad
+    arguments, unusable reference): find out before training, not in the
+    middle of a GRPO step. Any exception counts, not only the foreseen ones.
+    """
     for i, it in enumerate(dispatch.items):
         try:
-            # A verifier raises on what the task got wrong (unknown name, bad
-            # arguments, unusable reference); find out before training, not
-            # in the middle of a GRPO step.
             verifiers(it.verifier, dict(it.verifier_args))("", it.reference)
         except ValueError as e:
             sub = getattr(e, "field", "verifier")
             return Rejected("verifier", f"items[{i}].{sub}", str(getattr(e, "reason", e)))
-    return dispatch
+        except Exception as e:
+            return Rejected("verifier", f"items[{i}].verifier", f"verifier failed: {e!r}")
+    return None
 
 
-def _version_number(name: str) -> float:
-    digits = name.lstrip("v")
-    return float(digits) if digits.isdigit() else 0.0
+def validate(raw: bytes, verifiers: VerifierLookup) -> Dispatch | Rejected:
+    """Decode a dispatch and check that every item's verifier can judge its reference."""
+    decoded = decode_record(Record("dispatch", 0, 0, None, raw, 0), Dispatch, "decode", 0.0)
+    if isinstance(decoded, Poison):
+        return Rejected(decoded.stage, decoded.field, decoded.reason)
+    return check_verifiers(decoded, verifiers) or decoded
 
 
 class TrainerService:
@@ -108,17 +112,28 @@ class TrainerService:
         """Poll and handle at most one dispatch; the number of records handled."""
         records = self.consumer.poll(self.settings.service.poll_timeout_s, max_records=1)
         for record in records:
-            self._handle(record)
+            try:
+                self._handle(record)
+            except Exception as e:
+                # Whatever this record did, it must not be redelivered into a
+                # crash loop: it is dead-lettered, and the next one handled.
+                log.exception("dispatch_failed", error=repr(e))
+                self._reject(record, Rejected(INTERNAL, "$", f"handling failed: {e!r}"))
             self.producer.flush()
             self.consumer.commit(next_offsets([record]))
         return len(records)
 
     def _handle(self, record: Record) -> None:
         topics = self.settings.topics
-        checked = validate(record.value, self.verifiers)
-        if isinstance(checked, Rejected):
-            self._reject(record, checked)
+        decoded = decode_record(record, Dispatch, "decode", self.clock())
+        if isinstance(decoded, Poison):
+            self._send_letter(record, decoded.letter)
             return
+        problem = check_verifiers(decoded, self.verifiers)
+        if problem is not None:
+            self._reject(record, problem)
+            return
+        checked = decoded
         with bind_ids(cohort_id=checked.cohort_id, model_version=checked.model_version):
             try:
                 handled = self.trainer.on_dispatch(checked, self.clock())
@@ -160,14 +175,6 @@ class TrainerService:
         self.metrics.policy_versions_stored.set(len(store.versions()))
 
     def _reject(self, record: Record, rejected: Rejected) -> None:
-        log.warning(
-            "dispatch_rejected",
-            stage=rejected.stage,
-            field=rejected.field,
-            reason=rejected.reason,
-            partition=record.partition,
-            offset=record.offset,
-        )
         letter = dead_letter(
             record.value,
             topic=record.topic,
@@ -178,7 +185,18 @@ class TrainerService:
             reason=rejected.reason,
             ts=self.clock(),
         )
-        self.producer.send(self.settings.topics.dlq, encode(letter), key=record.key)
+        self._send_letter(record, letter)
+
+    def _send_letter(self, record: Record, letter: DeadLetter) -> None:
+        log.warning(
+            "dispatch_rejected",
+            stage=letter.stage,
+            field=letter.field,
+            reason=letter.reason,
+            partition=record.partition,
+            offset=record.offset,
+        )
+        self.producer.send(self.settings.topics.dlq, encode(letter), key=dead_letter_key(letter))
         self.metrics.dead_letters.inc()
 
     def _observe(self, handled: Handled) -> None:
@@ -208,12 +226,13 @@ class TrainerService:
         m.probe_nll.set(r.nll_after if kept else r.nll_before)
         m.probe_accuracy.set(r.acc_after if kept else r.acc_before)
         p = r.plasticity
-        m.dormant_fraction.set(p.dormant_fraction)
-        m.effective_rank.set(p.effective_rank)
-        m.weight_norm.set(p.weight_norm)
-        m.grad_norm.set(p.grad_norm)
-        m.entropy.set(p.policy_entropy)
-        m.policy_version.set(_version_number(self.trainer.policy_version))
+        if p is not None:
+            m.dormant_fraction.set(p.dormant_fraction)
+            m.effective_rank.set(p.effective_rank)
+            m.weight_norm.set(p.weight_norm)
+            m.grad_norm.set(p.grad_norm)
+            m.entropy.set(p.policy_entropy)
+        m.policy_version.set(version_number(self.trainer.policy_version) or 0)
         log.info(
             "cohort_trained",
             mode=r.mode,
@@ -261,8 +280,10 @@ def build_trainer(settings: TapdSettings, state_dir: Path | None = None) -> Coho
     from daemon.policy.store import PolicyStore, format_prompt, load_policy, resolve_device
     from daemon.trainer.backend import make_backend
     from daemon.verify.registry import get_verifier
+    from daemon.verify.settings import configure as configure_verifiers
     from streams.probes import read_probe_file
 
+    configure_verifiers(settings.verify)  # caps on verifier_args, the code sandbox
     p = settings.policy
     if p.probe_path is None:
         raise ValueError("policy.probe_path: the trainer needs a probe file to measure lift on")
@@ -296,17 +317,33 @@ def build_trainer(settings: TapdSettings, state_dir: Path | None = None) -> Coho
 
 def run_trainer(settings: TapdSettings, transport: Transport | None = None) -> None:
     """The ``tapd trainer`` process: metrics server, signals, loop."""
+    from daemon.runtime.http import HttpServer, ReadinessMonitor, metrics_app
     from daemon.verify.registry import get_verifier
     from streams.factory import open_transport
 
     metrics = TrainerMetrics()
-    server, _thread = start_http_server(
-        settings.trainer.metrics_port, addr=settings.service.host, registry=metrics.registry
-    )
-    log.info("metrics_listening", host=settings.service.host, port=server.server_port)
     own_transport = transport is None
     transport = transport or open_transport(settings.transport, max_poll_records=1)
+    loaded = threading.Event()
+
+    def ready() -> dict[str, bool]:
+        return {"broker": bool(transport.ping()), "policy": loaded.is_set()}
+
+    svc = settings.service
+    server = HttpServer(
+        metrics_app(metrics.registry, ready, metrics.up_ready),
+        svc.host,
+        settings.trainer.metrics_port,
+        timeout_s=svc.http_timeout_s,
+        max_connections=svc.http_max_connections,
+        backlog=svc.http_backlog,
+        tls_certfile=svc.tls_certfile,
+        tls_keyfile=svc.tls_keyfile,
+    ).start()
+    monitor = ReadinessMonitor(ready, metrics.up_ready).start()
+    log.info("metrics_listening", url=server.url)
     service = TrainerService(settings, transport, build_trainer(settings), get_verifier, metrics)
+    loaded.set()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("trainer_stopping", signal=signal.Signals(signum).name)
@@ -318,6 +355,8 @@ def run_trainer(settings: TapdSettings, transport: Transport | None = None) -> N
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        server.shutdown()
+        monitor.stop()
+        server.stop()
         if own_transport:
             transport.close()
+        log.info("trainer_exiting")

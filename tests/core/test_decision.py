@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -12,8 +11,6 @@ from hypothesis import strategies as st
 from daemon.config import Thresholds
 from daemon.core.decision import (
     ScoredCohort,
-    ThresholdError,
-    ThresholdsHolder,
     decide,
     recommend,
 )
@@ -172,53 +169,6 @@ def test_weak_verifier_is_never_dispatched(t, specs, in_flight, seed) -> None:
     assert all(d.recommendation == "train" for d in chosen if d.selection == "exploit")
     if t.shadow_mode:
         assert not any(d.dispatch for d in ds)
-
-
-# --- thresholds at run time ---------------------------------------------------------
-
-
-def test_valid_change_is_applied_and_audited() -> None:
-    h = ThresholdsHolder(clock=lambda: 1234.5)
-    rec = h.apply({"max_in_flight": 8, "exploration_share": 0.25}, who="alice", source="admin")
-    assert h.current.max_in_flight == 8
-    assert (rec.who, rec.source, rec.when) == ("alice", "admin", 1234.5)
-    # exploration_share was already 0.25: not a change
-    assert rec.what == {"max_in_flight": 8}
-    assert rec.before == {"max_in_flight": 4} and rec.after == {"max_in_flight": 8}
-    assert h.history == [rec]
-
-
-@pytest.mark.parametrize(
-    ("changes", "field", "reason"),
-    [
-        ({"exploration_share": 1.5}, "exploration_share", "less than or equal to 1"),
-        ({"max_in_flight": 0}, "max_in_flight", "greater than or equal to 1"),
-        ({"reward_trust_floor": "high"}, "reward_trust_floor", "valid number"),
-        ({"min_lift": 0.1}, "min_lift", "unknown threshold"),
-    ],
-)
-def test_invalid_change_is_rejected_and_the_old_kept(changes, field, reason) -> None:
-    h = ThresholdsHolder()
-    old = h.current
-    with pytest.raises(ThresholdError) as err:
-        h.apply({"top_k_per_window": 9, **changes}, who="bob", source="admin")
-    assert err.value.field == field and reason in str(err.value)
-    assert f"thresholds.{field}" in str(err.value)
-    assert h.current is old and h.history == []
-
-
-def test_reload_from_file(tmp_path: Path) -> None:
-    h = ThresholdsHolder()
-    good = tmp_path / "thresholds.yaml"
-    good.write_text("min_predicted_lift: 0.05\nshadow_mode: true\n")
-    rec = h.reload_from_file(good)
-    assert h.current.shadow_mode and rec.source == "file"
-    assert rec.what == {"min_predicted_lift": 0.05, "shadow_mode": True}
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("redundancy_ceiling: 7\n")
-    with pytest.raises(ThresholdError, match="redundancy_ceiling"):
-        h.reload_from_file(bad)
-    assert h.current.redundancy_ceiling == T.redundancy_ceiling and len(h.history) == 1
 
 
 def test_a_shared_template_alone_does_not_diversify_by_default() -> None:

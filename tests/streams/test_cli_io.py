@@ -50,7 +50,7 @@ def _malformed(trace: dict[str, Any], i: int) -> tuple[bytes, str, str]:
         return json.dumps(t).encode().replace(b"What", b"Wh\xffat"), "$", "UTF-8"
     if kind == 8:
         t["tags"] = 3
-        return json.dumps(t).encode(), "tags", "valid dictionary"
+        return json.dumps(t).encode(), "tags", "should be an object"
     if kind == 9 and i % 100 == 9:  # a few oversize ones (they are big)
         t["reference"] = "r" * MAX_MESSAGE_BYTES
         return json.dumps(t).encode(), "$", "-byte limit"
