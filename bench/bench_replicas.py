@@ -156,7 +156,7 @@ def drain(
                         **env,
                         "TAPD_STATE_DIR": str(workdir / run / f"r{i}"),
                         "TAPD_SERVICE__PORT": str(port),
-                        "TAPD_SERVICE__REPLICA_ID": f"r{i}",
+                        "TAPD_SERVICE__REPLICA": f"r{i}",
                     },
                     stdout=log,
                     stderr=subprocess.STDOUT,
