@@ -319,9 +319,6 @@ class ServiceSettings(_Frozen):
     # the host name (a pod's name in Kubernetes).
     replica: str | None = None
     group: str = "tapd-scorer"
-    # This replica's name in logs and state records (default: the host name,
-    # the pod name in Kubernetes).
-    replica_id: str = ""
     # Records of a traces partition re-read before its state record's
     # position when a replica takes the partition over, to rebuild the
     # duplicate filter (bounded by cohorting.dedup_window too).

@@ -374,7 +374,7 @@ class Replica:
                 **env,
                 "TAPD_STATE_DIR": str(self.state),
                 "TAPD_SERVICE__PORT": str(self.port),
-                "TAPD_SERVICE__REPLICA_ID": name,
+                "TAPD_SERVICE__REPLICA": name,
             },
             root / name / "scorer.log",
         )

@@ -34,7 +34,8 @@ from typing import Any
 
 from daemon.config import CohortingSettings
 from daemon.core.cohorting import Closed, CohortBuilder, Event, TraceFrom, TraceRef, _dump
-from streams.schemas import SchemaError, Trace, decode
+from streams.deadletter import Poison, content_digest, decode_record
+from streams.schemas import Trace
 from streams.transport import Record, TopicPartition
 
 PARTS_SCHEMA = "tapd.partitioned-cohorts/1"
@@ -87,7 +88,10 @@ class PartitionedCohorts(CohortBuilder):
     def __init__(self, settings: CohortingSettings, current_policy_version: str) -> None:
         super().__init__(settings, current_policy_version)
         self.parts: dict[TopicPartition, Part] = {}
-        self.closed: dict[str, TopicPartition] = {}  # queued cohort id -> its partition
+        # Queued (closed, not yet scored) cohorts: id -> partition, and their
+        # members, so that members readmitted to cohorting return to it.
+        self.closed: dict[str, TopicPartition] = {}
+        self.members: dict[str, list[str]] = {}
         self.current: TopicPartition | None = None
 
     @property
@@ -124,6 +128,7 @@ class PartitionedCohorts(CohortBuilder):
         for e in events:
             if isinstance(e, Closed):
                 self.closed[e.cohort.cohort_id] = tp
+                self.members[e.cohort.cohort_id] = [t.trace_id for t in e.cohort.traces]
         return events
 
     def on_item(self, trace: Trace, now: float, digest: str | None = None) -> list[Event]:
@@ -132,6 +137,23 @@ class PartitionedCohorts(CohortBuilder):
         self._now = now
         builder = self.parts[self.current].builder
         return self._track(self.current, builder.on_item(trace, now, digest))
+
+    def readmit(self, traces: Iterable[Trace], now: float) -> list[Event]:
+        """Members of a queued cohort back into cohorting: into their own partition."""
+        self._now = now
+        home = {tid: self.closed[cid] for cid, ids in self.members.items() for tid in ids}
+        by_tp: dict[TopicPartition, list[Trace]] = {}
+        for t in traces:
+            # Every queued member is tracked; the first partition is a last resort.
+            tp = home.get(t.trace_id) or self.current or next(iter(self.parts))
+            by_tp.setdefault(tp, []).append(t)
+        out: list[Event] = []
+        for tp, ts in by_tp.items():
+            out += self._track(tp, self.parts[tp].builder.readmit(ts, now))
+        return out
+
+    def holds(self, trace_id: str) -> bool:
+        return any(p.builder.holds(trace_id) for p in self.parts.values())
 
     def on_tick(self, now: float) -> list[Event]:
         self._now = now
@@ -168,7 +190,7 @@ class PartitionedCohorts(CohortBuilder):
 
     def detach(self, tp: TopicPartition) -> Part | None:
         for cid in [c for c, p in self.closed.items() if p == tp]:
-            del self.closed[cid]
+            self.forget(cid)
         return self.parts.pop(tp, None)
 
     def partition_of(self, cohort_id: str) -> TopicPartition | None:
@@ -177,6 +199,7 @@ class PartitionedCohorts(CohortBuilder):
     def forget(self, cohort_id: str) -> None:
         """The cohort was scored: it no longer belongs to its partition's state."""
         self.closed.pop(cohort_id, None)
+        self.members.pop(cohort_id, None)
 
     # -- state ----------------------------------------------------------------
 
@@ -193,7 +216,9 @@ class PartitionedCohorts(CohortBuilder):
                 }
                 for tp, p in self.parts.items()
             },
-            "closed": {cid: part_key(tp) for cid, tp in self.closed.items()},
+            "closed": {
+                cid: [part_key(tp), self.members.get(cid, [])] for cid, tp in self.closed.items()
+            },
         }
 
     def restore(self, snapshot: dict[str, Any], trace_from: TraceFrom | None = None) -> None:
@@ -210,7 +235,11 @@ class PartitionedCohorts(CohortBuilder):
             self.parts[part_of(key)] = Part(
                 b, None if pos is None else int(pos), Token.from_json(body.get("token"))
             )
-        self.closed = {cid: part_of(k) for cid, k in snapshot.get("closed", {}).items()}
+        self.closed, self.members = {}, {}
+        for cid, v in snapshot.get("closed", {}).items():
+            key, ids = (v, []) if isinstance(v, str) else (v[0], v[1])
+            self.closed[cid] = part_of(key)
+            self.members[cid] = [str(x) for x in ids]
 
 
 # --- the state record a partition's owner writes ------------------------------------
@@ -291,6 +320,23 @@ class PartitionState:
         )
 
 
+def _offset(ref: Any, tp: TopicPartition) -> int | None:
+    """The offset a snapshot's trace reference names in ``tp`` (``[topic, partition,
+    offset, original]``, as the scorer holds every trace it read)."""
+    if (
+        isinstance(ref, list)
+        and len(ref) >= 3
+        and ref[0] == tp.topic
+        and int(ref[1]) == tp.partition
+    ):
+        return int(ref[2])
+    return None
+
+
+def _closed_key(v: Any) -> str:
+    return v if isinstance(v, str) else str(v[0])
+
+
 def describe(
     scorer_snapshot: Mapping[str, Any],
     tp: TopicPartition,
@@ -303,18 +349,17 @@ def describe(
     parts = scorer_snapshot["cohorts"]
     key = part_key(tp)
     cohorts = parts["parts"][key]["cohorts"]
-    origins: Mapping[str, Sequence[Any]] = scorer_snapshot.get("origins", {})
     missing = 0
 
-    def offsets(traces: Iterable[Mapping[str, Any]]) -> list[int]:
+    def offsets(refs: Iterable[Any]) -> list[int]:
         nonlocal missing
         out = []
-        for t in traces:
-            o = origins.get(str(t["trace_id"]))
-            if o is None or o[0] != tp.topic or int(o[1]) != tp.partition:
+        for ref in refs:
+            o = _offset(ref, tp)
+            if o is None:
                 missing += 1
-                continue
-            out.append(int(o[2]))
+            else:
+                out.append(o)
         return out
 
     open_groups = tuple(
@@ -326,7 +371,7 @@ def describe(
         }
         for g in cohorts["open"]
     )
-    mine = {cid for cid, k in parts.get("closed", {}).items() if k == key}
+    mine = {cid for cid, v in parts.get("closed", {}).items() if _closed_key(v) == key}
     pending = tuple(
         {
             **{k: v for k, v in c.items() if k != "traces"},
@@ -351,12 +396,11 @@ def describe(
 
 @dataclass
 class Detached:
-    """A partition's share of a scorer snapshot: its builder part, queued cohorts, origins."""
+    """A partition's share of a scorer snapshot: its builder part and queued cohorts."""
 
     part: dict[str, Any]
     pending: list[dict[str, Any]] = field(default_factory=list)
-    origins: dict[str, list[Any]] = field(default_factory=dict)
-    closed: dict[str, str] = field(default_factory=dict)
+    closed: dict[str, Any] = field(default_factory=dict)  # cohort id -> [key, member ids]
 
 
 def split(snapshot: dict[str, Any], tp: TopicPartition) -> tuple[dict[str, Any], Detached | None]:
@@ -365,24 +409,20 @@ def split(snapshot: dict[str, Any], tp: TopicPartition) -> tuple[dict[str, Any],
     parts = snapshot["cohorts"]
     if key not in parts["parts"]:
         return snapshot, None
-    rest_parts = {k: v for k, v in parts["parts"].items() if k != key}
-    closed = {c: k for c, k in parts.get("closed", {}).items() if k == key}
-    origins = snapshot.get("origins", {})
-    mine = {tid: o for tid, o in origins.items() if o[0] == tp.topic and int(o[1]) == tp.partition}
+    closed_all = parts.get("closed", {})
+    closed = {c: v for c, v in closed_all.items() if _closed_key(v) == key}
     out = {
         **snapshot,
         "cohorts": {
             **parts,
-            "parts": rest_parts,
-            "closed": {c: k for c, k in parts.get("closed", {}).items() if k != key},
+            "parts": {k: v for k, v in parts["parts"].items() if k != key},
+            "closed": {c: v for c, v in closed_all.items() if c not in closed},
         },
         "pending": [c for c in snapshot.get("pending", ()) if c["cohort_id"] not in closed],
-        "origins": {tid: o for tid, o in origins.items() if tid not in mine},
     }
     taken = Detached(
         part=parts["parts"][key],
         pending=[c for c in snapshot.get("pending", ()) if c["cohort_id"] in closed],
-        origins=mine,
         closed=closed,
     )
     return out, taken
@@ -400,7 +440,6 @@ def join(snapshot: dict[str, Any], tp: TopicPartition, taken: Detached) -> dict[
             "closed": {**parts.get("closed", {}), **taken.closed},
         },
         "pending": [*base.get("pending", ()), *taken.pending],
-        "origins": {**base.get("origins", {}), **taken.origins},
     }
 
 
@@ -411,8 +450,10 @@ def rebuild(
     dedup_window: int,
 ) -> tuple[Detached, list[int]]:
     """``state``'s partition rebuilt from the traces topic: its open and queued cohorts
-    (member traces re-read by offset) and the duplicate filter (the ids of the
-    traces decided before ``state.position``, newest ``dedup_window`` of them).
+    (member traces re-read by offset, held as their original bytes) and the
+    duplicate filter (the traces decided before ``state.position``, newest
+    ``dedup_window`` of them, with the digests that tell a redelivery from a
+    reused id).
 
     ``records`` are the partition's records from at least the oldest held
     offset up to ``state.position``. Returns the partition's share of a scorer
@@ -420,41 +461,40 @@ def rebuild(
     """
     tp = state.tp
     by_offset = {r.offset: r for r in records if r.tp == tp}
-    bodies: dict[int, dict[str, Any]] = {}
-    missing: list[int] = []
-    for o in state.held():
-        rec = by_offset.get(o)
-        try:
-            if rec is None:
-                raise ValueError("not on the topic")
-            bodies[o] = decode(rec.value, Trace).model_dump(mode="json", by_alias=True)
-        except (SchemaError, ValueError):
-            missing.append(o)
-    # The filter holds every trace id read before the position except the
+    decoded: dict[int, Trace] = {}
+
+    def trace_at(o: int) -> Trace | None:
+        if o not in decoded:
+            rec = by_offset.get(o)
+            got = None if rec is None else decode_record(rec, Trace, "decode", 0.0)
+            if got is None or isinstance(got, Poison):
+                return None
+            decoded[o] = got
+        return decoded[o]
+
+    missing = [o for o in state.held() if trace_at(o) is None]
+
+    def ref(o: int) -> list[Any]:
+        return [tp.topic, tp.partition, o, by_offset[o].value.decode("utf-8")]
+
+    def present(offsets: Iterable[Any]) -> list[int]:
+        return [int(o) for o in offsets if int(o) in decoded]
+
+    # The filter holds every trace read before the position except the
     # members of open cohorts (the builder knows those as open): a queued
     # cohort's members were decided into it at its close, like the others.
     open_offsets = {int(o) for g in state.open for o in g["offsets"]}
-    open_ids = {bodies[o]["trace_id"] for o in open_offsets if o in bodies}
-    decided: list[str] = []
+    open_ids = {decoded[o].trace_id for o in open_offsets if o in decoded}
+    decided: dict[str, str] = {}
     for o in sorted(by_offset):
         if o >= state.position or o in open_offsets:
             continue
-        if o in bodies:
-            tid = str(bodies[o]["trace_id"])
-        else:
-            try:
-                tid = decode(by_offset[o].value, Trace).trace_id
-            except SchemaError:
-                continue  # dead-lettered at decode: never in the filter
-        if tid not in open_ids:
-            decided.append(tid)
-    # Newest last, each id once at its latest position (the builder's FIFO order).
-    decided = list(reversed(dict.fromkeys(reversed(decided))))
-    decided = decided[-dedup_window:] if dedup_window > 0 else []
-
-    def traces(offsets: Iterable[Any]) -> list[dict[str, Any]]:
-        return [bodies[int(o)] for o in offsets if int(o) in bodies]
-
+        t = trace_at(o)
+        if t is None or t.trace_id in open_ids:
+            continue  # dead-lettered at decode: never in the filter
+        decided.pop(t.trace_id, None)  # newest last, at its latest position
+        decided[t.trace_id] = content_digest(by_offset[o].value)
+    kept = list(decided.items())[-dedup_window:] if dedup_window > 0 else []
     builder = {
         "schema": "tapd.cohorting/1",
         "versions": list(versions),
@@ -463,29 +503,28 @@ def rebuild(
             {
                 "slice_key": g["slice_key"],
                 "opened_ts": g["opened_ts"],
-                "traces": traces(g["offsets"]),
+                "traces": [ref(o) for o in present(g["offsets"])],
+                "digests": [content_digest(by_offset[o].value) for o in present(g["offsets"])],
                 "reprobe": list(g.get("reprobe", ())),
             }
             for g in state.open
-            if traces(g["offsets"])
+            if present(g["offsets"])
         ],
-        "decided": decided,
+        "decided": dict(kept),
     }
     pending = []
+    closed: dict[str, Any] = {}
+    key = part_key(tp)
     for c in state.pending:
-        members = traces(c["offsets"])
+        members = present(c["offsets"])
         if not members:
             continue
         body = {k: v for k, v in c.items() if k != "offsets"}
-        body["traces"] = members
+        body["traces"] = [ref(o) for o in members]
         pending.append(body)
-    origins = {b["trace_id"]: [tp.topic, tp.partition, o] for o, b in bodies.items()}
-    key = part_key(tp)
+        closed[str(c["cohort_id"])] = [key, [decoded[o].trace_id for o in members]]
     part = {"cohorts": builder, "position": state.position, "token": state.token.to_json()}
-    return (
-        Detached(part, pending, origins, {str(c["cohort_id"]): key for c in pending}),
-        missing,
-    )
+    return Detached(part, pending, closed), missing
 
 
 def fresh(versions: Sequence[str], now: float = 0.0) -> dict[str, Any]:
@@ -496,7 +535,7 @@ def fresh(versions: Sequence[str], now: float = 0.0) -> dict[str, Any]:
             "versions": list(versions),
             "now": now,
             "open": [],
-            "decided": [],
+            "decided": {},
         },
         "position": None,
         "token": None,
@@ -505,43 +544,48 @@ def fresh(versions: Sequence[str], now: float = 0.0) -> dict[str, Any]:
 
 def migrate(snapshot: dict[str, Any], positions: Mapping[TopicPartition, int]) -> dict[str, Any]:
     """A scorer snapshot from before partitioned cohorts (one builder for every
-    partition), split by where each member was read; ``positions``: the stored
-    next offsets of the traces partitions."""
+    partition, origins beside it), split by where each member was read;
+    ``positions``: the stored next offsets of the traces partitions."""
     cohorts = snapshot["cohorts"]
     if cohorts.get("schema") == PARTS_SCHEMA:
         return snapshot
     origins = snapshot.get("origins", {})
 
-    def tp_of(traces: Iterable[Mapping[str, Any]]) -> TopicPartition | None:
-        for t in traces:
-            o = origins.get(str(t["trace_id"]))
+    def tp_of(refs: Iterable[Any]) -> TopicPartition | None:
+        for ref in refs:
+            if isinstance(ref, list) and len(ref) >= 3:
+                return TopicPartition(str(ref[0]), int(ref[1]))
+            o = origins.get(str(ref.get("trace_id"))) if isinstance(ref, dict) else None
             if o is not None:
                 return TopicPartition(str(o[0]), int(o[1]))
         return None
 
+    def trace_id(ref: Any) -> str:
+        if isinstance(ref, dict):
+            return str(ref.get("trace_id"))
+        return str(json.loads(ref[3]).get("trace_id"))
+
+    versions, now = cohorts["versions"], cohorts.get("now", 0.0)
     parts: dict[TopicPartition, dict[str, Any]] = {
-        tp: fresh(cohorts["versions"], cohorts.get("now", 0.0)) | {"position": pos}
-        for tp, pos in positions.items()
+        tp: fresh(versions, now) | {"position": pos} for tp, pos in positions.items()
     }
     for g in cohorts["open"]:
         tp = tp_of(g["traces"])
-        if tp is None:
-            continue
-        part = parts.setdefault(tp, fresh(cohorts["versions"], cohorts.get("now", 0.0)))
-        part["cohorts"]["open"].append(g)
+        if tp is not None:
+            parts.setdefault(tp, fresh(versions, now))["cohorts"]["open"].append(g)
     for part in parts.values():
-        part["cohorts"]["decided"] = list(cohorts.get("decided", ()))
+        part["cohorts"]["decided"] = cohorts.get("decided", {})
     closed = {}
     for c in snapshot.get("pending", ()):
         tp = tp_of(c["traces"])
         if tp is not None:
-            closed[str(c["cohort_id"])] = part_key(tp)
+            closed[str(c["cohort_id"])] = [part_key(tp), [trace_id(r) for r in c["traces"]]]
     return {
         **snapshot,
         "cohorts": {
             "schema": PARTS_SCHEMA,
-            "versions": list(cohorts["versions"]),
-            "now": cohorts.get("now", 0.0),
+            "versions": list(versions),
+            "now": now,
             "parts": {part_key(tp): p for tp, p in parts.items()},
             "closed": closed,
         },

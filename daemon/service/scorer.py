@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -191,7 +190,7 @@ class ScorerService:
         self.rollout = rollout
         self.store = StateStore(Path(settings.state_dir) / "scorer-state.sqlite")
         self.incarnation = self.store.incarnation
-        self.replica = settings.service.replica_id or socket.gethostname()
+        self.replica = settings.service.replica_name()
         self.background_refits = background_refits
         self.predictor: PredictorHost | None = None
         self.stop_event = threading.Event()
