@@ -114,7 +114,7 @@ class GRPOParams(_Frozen):
     lora_rank: int = Field(
         default=0, ge=0, le=1024, description="0: full fine-tuning; >0: LoRA of this rank"
     )
-    lora_alpha: float = Field(default=16.0, gt=0.0, description="LoRA scale numerator")
+    lora_alpha: int = Field(default=16, ge=1, description="LoRA scale numerator")
     bf16_autocast: bool = Field(
         default=False, description="bf16 autocast on CPU too (always on with a GPU)"
     )

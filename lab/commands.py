@@ -256,12 +256,11 @@ def _eval_smollm2(
     from lab.real_eval import FULL, SMOKE, run
 
     cfg = SMOKE if quick else FULL
-    changes: dict[str, Any] = {}
-    if seeds is not None:
-        changes["seeds"] = seeds
-    if cohorts_per_cell is not None:
-        changes["cohorts_per_cell"] = cohorts_per_cell
-    cfg = dataclasses.replace(cfg, **changes)
+    cfg = dataclasses.replace(
+        cfg,
+        seeds=cfg.seeds if seeds is None else seeds,
+        cohorts_per_cell=cfg.cohorts_per_cell if cohorts_per_cell is None else cohorts_per_cell,
+    )
     summary = run(
         cfg,
         state_dir=state_dir or _settings(ctx).state_dir,

@@ -8,6 +8,7 @@ so every step has a gradient. Real TRL, real peft.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -47,7 +48,7 @@ ROWS = [
 ]
 
 
-def _train(model: LlamaForCausalLM, tok: object, **kw: object) -> None:
+def _train(model: LlamaForCausalLM, tok: object, **kw: Any) -> None:
     params = GRPOParams(
         num_generations=4, max_completion_length=4, steps=2, learning_rate=5e-2, **kw
     )
@@ -58,7 +59,7 @@ def _train(model: LlamaForCausalLM, tok: object, **kw: object) -> None:
 def test_lora_update_is_merged_into_the_same_plain_model() -> None:
     model, tok = _model_and_tok()
     before = snapshot(model)
-    _train(model, tok, lora_rank=4, lora_alpha=8.0)
+    _train(model, tok, lora_rank=4, lora_alpha=8)
     after = model.state_dict()
     assert type(model) is LlamaForCausalLM
     assert after.keys() == before.keys()  # no adapter weights left behind
@@ -70,7 +71,7 @@ def test_lora_update_is_merged_into_the_same_plain_model() -> None:
     assert "lm_head.weight" not in changed and "model.embed_tokens.weight" not in changed
     # A second cohort wraps and merges again from the merged weights.
     mid = snapshot(model)
-    _train(model, tok, lora_rank=4, lora_alpha=8.0)
+    _train(model, tok, lora_rank=4, lora_alpha=8)
     assert any(not torch.equal(mid[k], v) for k, v in model.state_dict().items())
 
 
