@@ -59,15 +59,16 @@ def raw_consume(bootstrap: str, topic: str, n: int) -> Rate:
 
 def scorer_consume(bootstrap: str, topic: str, n: int, state: Path) -> tuple[Rate, int]:
     from daemon.config import TapdSettings, Thresholds, Topics, TransportSettings
-    from daemon.runtime.thresholds import ThresholdsHolder
     from daemon.core.pipeline import Scorer
     from daemon.runtime.metrics import ScorerMetrics
+    from daemon.runtime.thresholds import ThresholdsHolder
     from daemon.service.scorer import ScorerService, build_scorer
     from streams.kafka import KafkaTransport
 
     settings = TapdSettings(
         state_dir=state,
-        transport=TransportSettings(kind="kafka", bootstrap_servers=bootstrap),
+        # the 0.9 test broker never answers ApiVersions: name its version
+        transport=TransportSettings(kind="kafka", bootstrap_servers=bootstrap, api_version="0.9"),
         topics=Topics(
             traces=topic, lift=f"{topic}.lift", dispatch=f"{topic}.dispatch", dlq=f"{topic}.dlq"
         ),

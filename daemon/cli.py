@@ -219,26 +219,31 @@ def produce(
     Dead letters name the line (``offset`` is the line number, ``partition``
     -1: not on a log yet) and are keyed ``<topic>/produce/<source>:<line>``,
     where the source is the file's content hash, so letters from different
-    files never share a key.
+    files never share a key. Traces are keyed by their slice key (the producer
+    contract: every trace of a slice in one partition, so one scorer replica
+    owns the slice's cohorts).
     """
+    from daemon.core.cohorting import slice_key_of, validate_slice_key
     from streams.deadletter import dead_letter
     from streams.factory import open_transport
-    from streams.schemas import encode
+    from streams.schemas import Trace, encode
 
     settings = _transport_settings(ctx)
     if str(file) != "-" and not file.is_file():
         _fail(ctx, f"{file}: no such file", 2)
     expected = _schema_for_topic(settings, topic)
     source = _source_id(file)
+    fields = validate_slice_key(settings.cohorting.slice_key)
     transport = open_transport(settings.transport)
     producer: Producer = transport.producer()
     sent = rejected = 0
     fh: BinaryIO = sys.stdin.buffer if str(file) == "-" else file.open("rb")
     try:
         for n, line in _lines(fh):
+            message: Any = None
             if validate:
-                msg, problem = _decode(line)
-                got = getattr(msg, "schema_", None)
+                message, problem = _decode(line)
+                got = getattr(message, "schema_", None)
                 if problem is None and expected is not None and got != expected:
                     problem = ("schema", f"{got} does not belong on {topic} (it takes {expected})")
                 if problem is not None:
@@ -256,7 +261,13 @@ def produce(
                     rejected += 1
                     _err(f"line {n}: {problem[0]}: {problem[1]}")
                     continue
-            producer.send(topic, line)
+            else:
+                # Sent as is; a line that is no trace goes unkeyed (the scorer dead-letters it).
+                message, _ = _decode(line, Trace)
+            record_key = (
+                slice_key_of(message, fields).encode() if isinstance(message, Trace) else None
+            )
+            producer.send(topic, line, key=record_key)
             sent += 1
     finally:
         # What was read is sent even when reading stops early.
@@ -1297,8 +1308,12 @@ def _add_plugin_commands() -> None:
         register(app)
 
 
+# At import, so that every way of running the app (console script, tests'
+# CliRunner, ``python -m daemon.cli``) has the same commands.
+_add_plugin_commands()
+
+
 def main() -> None:
-    _add_plugin_commands()
     try:
         rc = app(standalone_mode=False)
     except SystemExit:
@@ -1324,4 +1339,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # ``python -m daemon.cli``: run the imported module's app (the one plug-ins registered on).
+    from daemon.cli import main as _main
+
+    _main()

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lab.localbroker import KAFKA09_API_VERSION
 from streams.schemas import (
     MAX_ATTEMPTS,
     MAX_JSON_DEPTH,
@@ -87,7 +88,14 @@ SUBJECTS = ("arithmetic", "algebra", "logic", "geometry")
 
 
 def valid_trace(
-    trace_id: str, slice_no: int, rng: random.Random, *, k: int, learnable: bool, ts: float
+    trace_id: str,
+    slice_no: int,
+    rng: random.Random,
+    *,
+    k: int,
+    learnable: bool,
+    ts: float,
+    task: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """A trace that already carries ``k`` scored attempts (no rollouts needed).
 
@@ -100,6 +108,8 @@ def valid_trace(
     x, y = rng.randint(1, 99), rng.randint(1, 99)
     reference = str(x + y)
     prompt = f"{rng.choice(_WORDS)} {rng.choice(_WORDS)} {x}+{y}="
+    if task is not None:  # (prompt, reference) of a task the policy half knows
+        prompt, reference = task
     attempts = []
     for j in range(k):
         right = (j % 2 == 0) if learnable else True
@@ -206,10 +216,21 @@ def plan_stream(
     duplicate_share: float = 0.02,
     disorder_share: float = 0.05,
     ts0: float = 1_700_000_000.0,
+    learnable_tasks: tuple[str, str] | None = None,
 ) -> StreamPlan:
     """``n_valid`` distinct valid traces, plus bad messages, resent copies and
-    out-of-order timestamps, in a seeded random order."""
+    out-of-order timestamps, in a seeded random order.
+
+    ``learnable_tasks``: a ``lab.tasks`` family (subject, difficulty) whose
+    prompts the learnable traces carry, so that a re-probe by the tiny policy
+    still disagrees (the policy half knows the family) where made-up prompts
+    would read as having no foothold."""
     rng = random.Random(seed)
+    family = None
+    if learnable_tasks is not None:
+        from lab.tasks import FAMILIES
+
+        family = FAMILIES[learnable_tasks]
     msgs: list[bytes] = []
     valid: list[str] = []
     learnable: list[str] = []
@@ -228,7 +249,8 @@ def plan_stream(
         if rng.random() < disorder_share:
             ts -= rng.uniform(10, 3600)  # late arrival: event time far behind
             n_disorder += 1
-        d = valid_trace(tid, slice_no, rng, k=k, learnable=is_learnable, ts=ts)
+        task = family.generate(rng)[:2] if family is not None and is_learnable else None
+        d = valid_trace(tid, slice_no, rng, k=k, learnable=is_learnable, ts=ts, task=task)
         raw = _dumps(d)
         msgs.append(raw)
         sent.append(raw)
@@ -796,6 +818,17 @@ class ServiceProcess:
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def events_all(self) -> list[dict[str, Any]]:
+        """Every JSON log event of every start, in order."""
+        out = []
+        for line in self.logs().splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+        return out
+
     def events(self, name: str) -> list[dict[str, Any]]:
         out = []
         for line in self.logs().splitlines():
@@ -895,6 +928,7 @@ def service_env(cfg: RunConfig, state: Path, port: int, bootstrap: str | None) -
     else:
         env["TAPD_TRANSPORT__KIND"] = "kafka"
         env["TAPD_TRANSPORT__BOOTSTRAP_SERVERS"] = bootstrap
+        env["TAPD_TRANSPORT__API_VERSION"] = KAFKA09_API_VERSION  # the 0.9 local broker
         env["TAPD_TRANSPORT__SESSION_TIMEOUT_MS"] = "6000"
     return env
 
@@ -990,7 +1024,12 @@ def run(cfg: RunConfig, workdir: Path, log: Callable[[str], None] = lambda m: No
     url = f"http://127.0.0.1:{port}"
     env = service_env(cfg, state, port, bootstrap)
     ts = (
-        TransportSettings(kind="kafka", bootstrap_servers=bootstrap, session_timeout_ms=6_000)
+        TransportSettings(
+            kind="kafka",
+            bootstrap_servers=bootstrap,
+            api_version=KAFKA09_API_VERSION,
+            session_timeout_ms=6_000,
+        )
         if bootstrap
         else TransportSettings(
             kind="embedded", embedded_path=state / "log.sqlite", embedded_partitions=2
@@ -1213,6 +1252,294 @@ def _sample(scorer: ServiceProcess, url: str, result: RunResult) -> dict[str, fl
     return s
 
 
+# --- the hostile-input run ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostileConfig:
+    """The hostile-input run: valid traces mixed with mutations on the real broker."""
+
+    n_valid: int = 5_000
+    n_mutations: int = 20_000
+    n_side: int = 300  # mutations each on the lift and dispatch topics, junk on the DLQ
+    seed: int = 0
+    transport: str = "kafka"
+    timeout_s: float = 2_400.0
+    max_groups: int = 8
+    probe_every_s: float = 0.25
+    frozen_after_s: float = 1.0
+
+
+@dataclass
+class HealthLog:
+    """Every ``/healthz`` probe of the scorer: (monotonic time, seconds, answered)."""
+
+    probes: list[tuple[float, float, bool]] = field(default_factory=list)
+    down: list[tuple[float, float]] = field(default_factory=list)  # the process was not alive
+
+    def slow(self, limit: float) -> list[tuple[float, float, bool]]:
+        """Probes unanswered, or answered later than ``limit``, while the process lived."""
+        return [
+            p
+            for p in self.probes
+            if (not p[2] or p[1] > limit) and not any(a <= p[0] <= b for a, b in self.down)
+        ]
+
+
+class HealthProber:
+    """Asks ``/healthz`` every ``every_s`` from a thread, each with a 5 s deadline."""
+
+    def __init__(self, url: str, every_s: float, proc: ServiceProcess) -> None:
+        import threading
+
+        self.url = url
+        self.every_s = every_s
+        self.proc = proc
+        self.log = HealthLog()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import urllib.request
+
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            alive = self.proc.alive()
+            ok = False
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=5.0) as r:
+                    ok = r.status == 200
+            except OSError:
+                ok = False
+            took = time.monotonic() - t0
+            if alive and self.proc.alive():
+                self.log.probes.append((t0, took, ok))
+            else:
+                self.log.down.append((t0, t0 + took))
+            self._stop.wait(max(0.0, self.every_s - took))
+
+    def __enter__(self) -> HealthProber:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+@dataclass
+class HostileResult:
+    config: HostileConfig
+    plan: Any  # lab.hostile.HostilePlan
+    audit: Any  # lab.hostile.HostileAudit
+    seconds: float = 0.0
+    health: HealthLog = field(default_factory=HealthLog)
+    crashes: list[str] = field(default_factory=list)
+    canaries: int = 0  # files the hostile code managed to write outside its sandbox
+    events: list[str] = field(default_factory=list)
+
+    @property
+    def frozen(self) -> int:
+        return len(self.health.slow(self.config.frozen_after_s))
+
+    @property
+    def ok(self) -> bool:
+        return self.audit.ok and not self.crashes and not self.frozen and not self.canaries
+
+
+def hostile_run(
+    cfg: HostileConfig, workdir: Path, log: Callable[[str], None] = lambda m: None
+) -> HostileResult:
+    """The hostile corpus (lab.hostile) through real ``tapd run`` and ``tapd trainer``
+    processes on the broker, ``/healthz`` probed throughout, then the audit."""
+    from daemon.config import Topics as TopicNames
+    from daemon.config import TransportSettings
+    from lab.hostile import HostileAudit, HostileContext, audit_hostile, plan_hostile
+    from streams.factory import open_transport
+
+    t0 = time.monotonic()
+    state = workdir / "state"
+    canaries = workdir / "canaries"
+    canaries.mkdir(parents=True, exist_ok=True)
+    broker = None
+    bootstrap = None
+    if cfg.transport == "kafka":
+        from lab.localbroker import LocalBroker
+
+        (workdir / "broker").mkdir(parents=True, exist_ok=True)
+        broker = LocalBroker(partitions=2, workdir=workdir / "broker").start()
+        bootstrap = broker.bootstrap
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    run_cfg = RunConfig(transport=cfg.transport, max_groups=cfg.max_groups, max_in_flight=2)
+    env = service_env(run_cfg, state, port, bootstrap)
+    ts = (
+        TransportSettings(kind="kafka", bootstrap_servers=bootstrap, session_timeout_ms=6_000)
+        if bootstrap
+        else TransportSettings(
+            kind="embedded", embedded_path=state / "log.sqlite", embedded_partitions=2
+        )
+    )
+    state.mkdir(parents=True, exist_ok=True)
+    transport = open_transport(ts)
+    names = TopicNames()
+    topic_of = {
+        "traces": names.traces,
+        "lift": names.lift,
+        "dlq": names.dlq,
+        "dispatch": names.dispatch,
+    }
+    plan = plan_hostile(
+        cfg.n_valid,
+        cfg.n_mutations,
+        cfg.seed,
+        valid_trace=valid_trace,
+        n_side=cfg.n_side,
+        ctx=HostileContext(str(canaries.resolve()), port),
+    )
+    scorer = ServiceProcess(tapd_argv("run"), env, workdir / "scorer.log")
+    trainer = ServiceProcess(tapd_argv("trainer"), env, workdir / "trainer.log")
+    result = HostileResult(cfg, plan, HostileAudit())
+
+    def say(message: str) -> None:
+        result.events.append(f"{time.monotonic() - t0:7.1f}s {message}")
+        log(message)
+
+    def supervise() -> None:
+        for p in (scorer, trainer):
+            if not p.alive():
+                rc = p.proc.returncode if p.proc else None
+                result.crashes.append(f"{p.log_path.stem} exited (rc={rc})")
+                say(f"{p.log_path.stem} exited (rc={rc}); restarting")
+                p.start()
+
+    def read_all() -> dict[str, list[Record]]:
+        return {role: read_topic(transport, topic) for role, topic in topic_of.items()}
+
+    try:
+        scorer.start()
+        trainer.start()
+        _wait_ready(url, scorer)
+        _wait_event(trainer, "trainer_started")
+        n_traces = plan.count(role="traces")
+        say(
+            f"scorer and trainer started; {len(plan.items)} messages, {n_traces} on the traces topic"
+        )
+        with HealthProber(url, cfg.probe_every_s, scorer) as prober:
+            producer = transport.producer()
+            try:
+                for i, h in enumerate(plan.items):
+                    producer.send(topic_of[h.role], h.raw, key=h.key)
+                    if i % 500 == 499:
+                        producer.flush(120.0)
+                        supervise()
+                producer.flush(120.0)
+            finally:
+                producer.close()
+            say("corpus sent")
+            deadline = t0 + cfg.timeout_s
+            settled_since: float | None = None
+            while time.monotonic() < deadline:
+                supervise()
+                m = scrape(url + "/metrics")
+                lag = m.get(f'tapd_consumer_lag_messages{{topic="{names.traces}"}}', -1.0)
+                busy = m.get("tapd_cohorts_open", 1.0) + m.get("tapd_dispatches_in_flight", 1.0)
+                read = m.get("tapd_traces_consumed_total", 0.0)
+                if lag == 0 and busy == 0:
+                    settled_since = settled_since or time.monotonic()
+                    if time.monotonic() - settled_since > 8.0:
+                        break
+                else:
+                    settled_since = None
+                say(f"draining: lag={lag:.0f} open+in-flight={busy:.0f} read={read:.0f}")
+                time.sleep(5.0)
+            topics = read_all()
+            result.audit = audit_hostile(
+                plan,
+                {r: topics[r] for r in ("traces", "lift", "dlq", "dispatch")},
+                topics["dlq"],
+                read_topic(transport, names.decisions),
+            )
+            say(f"audit: {result.audit.problems()}")
+            result.health = prober.log
+        scorer.kill(signal.SIGTERM)
+        trainer.kill(signal.SIGTERM)
+    finally:
+        scorer.kill()
+        trainer.kill()
+        transport.close()
+        if broker is not None:
+            broker.stop()
+    result.canaries = sum(1 for _ in canaries.iterdir())
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+def hostile_report(r: HostileResult) -> list[str]:
+    """The hostile-input section of docs/RELIABILITY.md."""
+    a = r.audit
+    c = r.config
+    slow = r.health.slow(c.frozen_after_s)
+    latencies = sorted(p[1] for p in r.health.probes if p[2])
+    p99 = latencies[int(0.99 * (len(latencies) - 1))] if latencies else float("nan")
+    kinds = Counter(h.kind for h in r.plan.items if h.role == "traces" and h.kind != "valid")
+    side = Counter(h.role for h in r.plan.items if h.role != "traces")
+    lines = [
+        f"## hostile input: {a.mutations} mutations and {a.valid} valid traces on the "
+        f"{c.transport} transport",
+        "",
+        f"{c.n_valid} valid traces, {c.n_mutations} schema-aware mutations of them on the "
+        f"traces topic ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))}), and "
+        f"{side['lift']} mutated lift results, {side['dispatch']} mutated dispatches (for "
+        f"the trainer) and {side['dlq']} junk records on the dead-letter topic, through "
+        f"real `tapd run` and `tapd trainer` processes; `/healthz` probed every "
+        f"{c.probe_every_s:g} s throughout ({len(r.health.probes)} probes); {r.seconds:.0f} s. "
+        "The corpus and the expected outcome of each message are built by "
+        "`lab/hostile.py` (`plan_hostile`), independently of the service; the "
+        "benign kind (odd in form only) counts as valid traces.",
+        "",
+        "| figure | count |",
+        "|---|---:|",
+        f"| crashed (a role exited) | {len(r.crashes)} |",
+        f"| frozen (probes unanswered or slower than {c.frozen_after_s:g} s) | {len(slow)} |",
+        f"| slowest `/healthz` answer | {max(latencies, default=0.0):.3f} s (p99 {p99:.3f} s) |",
+        f"| silently dropped | {len(a.silently_dropped)} |",
+        f"| valid traces | {a.valid} |",
+        f"| valid traces in exactly one cohort | {a.valid_in_one_cohort} |",
+        f"| valid traces dead-lettered in a cohort closed under min_groups | "
+        f"{a.valid_dead_lettered_small_cohort} |",
+        f"| valid traces lost | {len(a.valid_lost)} |",
+        f"| valid traces in two fates | {len(a.valid_twice)} |",
+        f"| innocent cohort-mates dead-lettered | {len(a.innocent)} |",
+        f"| refused at decoding, dead letter naming the expected field | {a.refused_right_field} |",
+        f"| refused with another stage or field than expected | {len(a.refused_wrong_field)} |",
+        f"| hostile but valid messages: decided in a cohort | {a.fate_decided} |",
+        f"| hostile but valid messages: dead-lettered (verifier, cohorting, ...) | "
+        f"{a.fate_dead_lettered} |",
+        f"| conflicting duplicates dead-lettered with both hashes | {a.conflicts_dead_lettered} |",
+        f"| lift and dispatch mutations dead-lettered naming the field | {a.side_refused} |",
+        f"| dead letters of dead letters | {len(a.re_dead_lettered)} |",
+        f"| dead letters | {a.dead_letters} |",
+        f"| dead letters byte-identical to their input | {a.byte_identical} |",
+        f"| dead letters of oversize input (> {MAX_MESSAGE_BYTES} bytes) keeping its first "
+        f"{MAX_MESSAGE_BYTES} bytes | {a.truncated_oversize} |",
+        f"| dead letters neither | {len(a.not_identical)} |",
+        f"| canary files written by sandboxed code | {r.canaries} |",
+        "",
+        "Dead letters by stage: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(a.by_stage.items()))
+        + ".",
+        "",
+        f"Result: **{'PASS' if r.ok else 'FAIL'}**; problems: {a.problems()}"
+        + (f"; crashes: {r.crashes}" if r.crashes else "")
+        + (
+            f"; slowest probes: {sorted((round(p[1], 2), p[2]) for p in slow)[-5:]}" if slow else ""
+        ),
+        "",
+    ]
+    return lines
+
+
 # --- the report -----------------------------------------------------------------------
 
 
@@ -1246,7 +1573,12 @@ def load_config(short: bool = True, transport: str = "embedded") -> RunConfig:
     )
 
 
-def report(results: Sequence[RunResult], fuzz: FuzzResult | None, command: str) -> str:
+def report(
+    results: Sequence[RunResult],
+    fuzz: FuzzResult | None,
+    command: str,
+    hostile: HostileResult | None = None,
+) -> str:
     """docs/RELIABILITY.md: what was run, the counts, and every kill point."""
     lines = [
         "# Reliability figures",
@@ -1323,6 +1655,8 @@ def report(results: Sequence[RunResult], fuzz: FuzzResult | None, command: str) 
             + (f" e.g. {fuzz.failures[:3]}" if fuzz.failures else ""),
             "",
         ]
+    if hostile is not None:
+        lines += hostile_report(hostile)
     return "\n".join(lines) + "\n"
 
 
@@ -1330,7 +1664,7 @@ def run_suite(
     short: bool, out: Path, workdir: Path, command: str, log: Callable[[str], None]
 ) -> bool:
     """``tapd reliability``: chaos runs (embedded, then Kafka with a broker
-    restart), a load run, the fuzz run, then the report."""
+    restart), a load run, the fuzz run, the hostile-input run, then the report."""
     chaos = (
         [short_config("embedded"), short_config("kafka")]
         if short
@@ -1344,6 +1678,20 @@ def run_suite(
         results.append(run(cfg, rundir, log))
     fuzz = fuzz_validation(10_000)
     log(f"fuzz: {fuzz.cases} cases, {len(fuzz.failures)} failures")
+    hcfg = hostile_config(short)
+    log(f"hostile: {hcfg}")
+    hostile_dir = workdir / f"hostile-{hcfg.transport}"
+    shutil.rmtree(hostile_dir, ignore_errors=True)
+    hostile = hostile_run(hcfg, hostile_dir, log)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report(results, fuzz, command))
-    return all(r.audit.ok for r in results) and not fuzz.failures
+    out.write_text(report(results, fuzz, command, hostile))
+    return all(r.audit.ok for r in results) and not fuzz.failures and hostile.ok
+
+
+def hostile_config(short: bool) -> HostileConfig:
+    """The full form on the Kafka broker; the CI form small, on the embedded log."""
+    if short:
+        return HostileConfig(
+            n_valid=300, n_mutations=1_200, n_side=40, transport="embedded", timeout_s=600.0
+        )
+    return HostileConfig()

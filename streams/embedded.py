@@ -26,7 +26,15 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from streams.durable import connect_durable
-from streams.transport import Consumer, Producer, Record, RevokeHook, TopicPartition
+from streams.settings import TransportSettings
+from streams.transport import (
+    AssignHook,
+    Consumer,
+    Producer,
+    Record,
+    RevokeHook,
+    TopicPartition,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS topics (
@@ -101,17 +109,23 @@ class EmbeddedProducer:
     def __init__(self, path: Path, partitions: int) -> None:
         self._conn = _connect(path)
         self._partitions = partitions
-        self._buffer: list[tuple[str, bytes | None, bytes, int]] = []
+        self._buffer: list[tuple[str, bytes | None, bytes, int, int | None]] = []
         self._round_robin = 0
 
-    def send(self, topic: str, value: bytes, key: bytes | None = None) -> None:
+    def send(
+        self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None
+    ) -> None:
         if not isinstance(value, bytes | bytearray | memoryview):
             raise TypeError(f"value must be bytes, got {type(value).__name__}")
-        self._buffer.append((topic, key, bytes(value), int(time.time() * 1000)))
+        self._buffer.append((topic, key, bytes(value), int(time.time() * 1000), partition))
         if len(self._buffer) >= MAX_BUFFERED:
             self.flush()
 
-    def _partition(self, key: bytes | None, n: int) -> int:
+    def _partition(self, key: bytes | None, n: int, explicit: int | None = None) -> int:
+        if explicit is not None:
+            if not 0 <= explicit < n:
+                raise ValueError(f"partition: {explicit} is not one of the topic's {n}")
+            return explicit
         # The same key always lands in the same partition (per-key order),
         # like Kafka's default partitioner; keyless records spread evenly.
         if key is not None:
@@ -127,10 +141,10 @@ class EmbeddedProducer:
             with _write(self._conn) as conn:
                 ends: dict[TopicPartition, int] = {}
                 counts: dict[str, int] = {}
-                for topic, key, value, ts in batch:
+                for topic, key, value, ts, explicit in batch:
                     if topic not in counts:
                         counts[topic] = _ensure_topic(conn, topic, self._partitions)
-                    tp = TopicPartition(topic, self._partition(key, counts[topic]))
+                    tp = TopicPartition(topic, self._partition(key, counts[topic], explicit))
                     if tp not in ends:
                         ends[tp] = _end_offset(conn, tp)
                     conn.execute(
@@ -150,7 +164,13 @@ class EmbeddedProducer:
 
 class EmbeddedConsumer:
     def __init__(
-        self, path: Path, topics: Sequence[str], group: str, partitions: int, from_beginning: bool
+        self,
+        path: Path,
+        topics: Sequence[str],
+        group: str,
+        partitions: int,
+        from_beginning: bool,
+        on_assigned: AssignHook | None = None,
     ) -> None:
         if not topics:
             raise ValueError("a consumer needs at least one topic")
@@ -162,6 +182,7 @@ class EmbeddedConsumer:
         self._positions: dict[TopicPartition, int] = {}
         self._paused = False
         self._next_tp = 0  # round-robin start, so no partition starves
+        self._on_assigned = on_assigned
 
     def _assign(self) -> None:
         """Take every partition of every topic (creating topics, as Kafka's
@@ -169,15 +190,19 @@ class EmbeddedConsumer:
         missing = [t for t in self._topics if not any(tp.topic == t for tp in self._positions)]
         if not missing:
             return
+        new: list[TopicPartition] = []
         with _write(self._conn) as conn:
             for topic in missing:
                 for p in range(_ensure_topic(conn, topic, self._partitions)):
                     tp = TopicPartition(topic, p)
+                    new.append(tp)
                     committed = self._committed(conn, tp)
                     if committed is not None:
                         self._positions[tp] = committed
                     else:
                         self._positions[tp] = 0 if self._from_beginning else _end_offset(conn, tp)
+        if self._on_assigned is not None and new:
+            self._on_assigned(new)
 
     def poll(self, timeout_s: float, max_records: int) -> list[Record]:
         deadline = time.monotonic() + max(timeout_s, 0.0)
@@ -234,6 +259,13 @@ class EmbeddedConsumer:
     def committed(self, tp: TopicPartition) -> int | None:
         return self._committed(self._conn, tp)
 
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        if tp not in self._positions:
+            raise ValueError(f"seek: {tp} is not assigned to this consumer")
+        if offset < 0:
+            raise ValueError(f"seek: offset must be >= 0, got {offset}")
+        self._positions[tp] = int(offset)
+
     def pause(self) -> None:
         self._paused = True
 
@@ -261,14 +293,21 @@ class EmbeddedConsumer:
 class EmbeddedTransport:
     """Producers and consumers over one SQLite file (see the module docstring)."""
 
+    @classmethod
+    def from_settings(
+        cls, settings: TransportSettings, max_poll_records: int = 500
+    ) -> EmbeddedTransport:
+        return cls(settings.embedded_path, settings.embedded_partitions)
+
     def __init__(self, path: Path | str, partitions: int = 1) -> None:
         self.path = Path(path)
-        self.partitions = partitions
+        self.partitions_default = partitions
+        self._reader: sqlite3.Connection | None = None
         # Create the file and switch it to WAL once, up front.
         _connect(self.path).close()
 
     def producer(self) -> Producer:
-        return EmbeddedProducer(self.path, self.partitions)
+        return EmbeddedProducer(self.path, self.partitions_default)
 
     def consumer(
         self,
@@ -277,8 +316,36 @@ class EmbeddedTransport:
         *,
         from_beginning: bool = True,
         on_revoked: RevokeHook | None = None,
+        on_assigned: AssignHook | None = None,
     ) -> Consumer:
-        return EmbeddedConsumer(self.path, topics, group, self.partitions, from_beginning)
+        return EmbeddedConsumer(
+            self.path, topics, group, self.partitions_default, from_beginning, on_assigned
+        )
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._reader is None:
+            self._reader = _connect(self.path)
+        return self._reader
+
+    def partitions(self, topic: str) -> int:
+        with _write(self._conn()) as conn:
+            return _ensure_topic(conn, topic, self.partitions_default)
+
+    def end_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        conn = self._conn()
+        return {tp: _end_offset(conn, tp) for tp in tps}
+
+    def read(self, tp: TopicPartition, start: int, end: int) -> list[Record]:
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT offset, key, value, ts_ms FROM log WHERE topic = ? AND partition = ?"
+                " AND offset >= ? AND offset < ? ORDER BY offset",
+                (tp.topic, tp.partition, max(0, start), end),
+            )
+            .fetchall()
+        )
+        return [Record(tp.topic, tp.partition, int(o), k, bytes(v), int(t)) for o, k, v, t in rows]
 
     def ping(self) -> bool:
         try:
@@ -292,7 +359,10 @@ class EmbeddedTransport:
         return True
 
     def close(self) -> None:
-        pass  # producers and consumers own their connections
+        # Producers and consumers own their connections; this one only reads.
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     def __repr__(self) -> str:
-        return f"EmbeddedTransport(path={str(self.path)!r}, partitions={self.partitions})"
+        return f"EmbeddedTransport(path={str(self.path)!r}, partitions={self.partitions_default})"

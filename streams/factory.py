@@ -1,18 +1,26 @@
-"""Choose the transport the settings name (``transport.kind``)."""
+"""Choose the transport the settings name (``transport.kind``).
+
+A transport is a module with a class whose ``from_settings(settings,
+max_poll_records)`` returns a :class:`~streams.transport.Transport`; adding
+one is that module plus one line in :data:`TRANSPORTS`. Imported lazily, so
+the embedded path never loads kafka-python.
+"""
 
 from __future__ import annotations
+
+import importlib
 
 from streams.settings import TransportSettings
 from streams.transport import Transport
 
+TRANSPORTS: dict[str, str] = {
+    "embedded": "streams.embedded:EmbeddedTransport",
+    "kafka": "streams.kafka:KafkaTransport",
+}
+
 
 def open_transport(settings: TransportSettings, max_poll_records: int = 500) -> Transport:
-    """The embedded SQLite log or Kafka; imported lazily so that the embedded
-    path never loads kafka-python."""
-    if settings.kind == "embedded":
-        from streams.embedded import EmbeddedTransport
-
-        return EmbeddedTransport(settings.embedded_path, settings.embedded_partitions)
-    from streams.kafka import KafkaTransport
-
-    return KafkaTransport(settings, max_poll_records=max_poll_records)
+    module, attr = TRANSPORTS[settings.kind].split(":")
+    cls = getattr(importlib.import_module(module), attr)
+    transport: Transport = cls.from_settings(settings, max_poll_records)
+    return transport

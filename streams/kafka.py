@@ -1,16 +1,26 @@
-"""The Kafka transport, on kafka-python 2.3.x.
+"""The Kafka transport, on kafka-python 3.0.x.
 
-Works against the 0.9.0.1 test broker (no record headers, no CreateTopics:
-topics are auto-created on first use) and against modern brokers; the API
-version is probed unless ``api_version`` is given.
+Tested against two real brokers: Apache Kafka 0.9.0.1 (no ApiVersions, no
+record headers, no idempotent producer: its version is named in the settings,
+``api_version="0.9"``) and tansu (the modern protocol, version learnt from
+ApiVersions). Topics are auto-created on first use or created by the
+deployment.
 
+* Capabilities come from the broker's protocol version
+  (:class:`BrokerCapabilities`), never from guesses: the idempotent producer
+  is switched on where the broker supports it (>= 0.11) and off below.
 * Producer: ``acks='all'``, retries, one request in flight per connection
-  (retries never reorder); ``flush`` raises if any record was not acked.
+  (retries never reorder); idempotent where supported, so a retried batch is
+  never written twice; ``flush`` raises if any record was not acked.
 * Consumer: one consumer group, ``enable_auto_commit=False``; commits are
   explicit next offsets. ``pause`` pauses every assigned partition and stays
   in force across rebalances (kafka-python forgets pauses on a new
   assignment, so the rebalance listener re-applies them). A KafkaConsumer is
   not thread safe: one owner thread.
+* Lag comes from the high watermark of the consumer's own fetches, not from
+  ListOffsets: some Kafka-API brokers (tansu 0.6) answer ListOffsets(latest)
+  wrongly after batched produce, while the fetch high watermark is what the
+  broker will actually serve.
 """
 
 from __future__ import annotations
@@ -18,18 +28,25 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from kafka import KafkaConsumer as _KConsumer
 from kafka import KafkaProducer as _KProducer
 from kafka import TopicPartition as _KTP
-from kafka.client_async import KafkaClient
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError, KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata
 
 from streams.settings import TransportSettings
-from streams.transport import Consumer, Producer, Record, RevokeHook, TopicPartition
+from streams.transport import (
+    AssignHook,
+    Consumer,
+    Producer,
+    Record,
+    RevokeHook,
+    TopicPartition,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +61,33 @@ class ClientConfig(dict[str, Any]):
         return f"ClientConfig({shown!r})"
 
     __str__ = __repr__
+
+
+def parse_api_version(text: str) -> tuple[int, ...] | None:
+    """``"auto"`` -> None (ask the broker), ``"0.9"`` -> ``(0, 9)``."""
+    return None if text == "auto" else tuple(int(p) for p in text.split("."))
+
+
+@dataclass(frozen=True)
+class BrokerCapabilities:
+    """What the broker's protocol version allows, decided once per transport."""
+
+    api_version: tuple[int, ...]
+
+    @property
+    def idempotent_producer(self) -> bool:
+        # InitProducerId and producer sequence numbers arrived in 0.11 (KIP-98).
+        return self.api_version >= (0, 11)
+
+    @property
+    def record_headers(self) -> bool:
+        return self.api_version >= (0, 11)
+
+    @property
+    def separate_poll_interval(self) -> bool:
+        # Before 0.10.1 the session timeout also bounds the time between polls
+        # (KIP-62) and kafka-python refuses two different values.
+        return self.api_version >= (0, 10, 1)
 
 
 def client_config(settings: TransportSettings) -> ClientConfig:
@@ -63,6 +107,9 @@ def client_config(settings: TransportSettings) -> ClientConfig:
         # 5 minutes by default.
         metadata_max_age_ms=settings.metadata_max_age_ms,
     )
+    api_version = parse_api_version(settings.api_version)
+    if api_version is not None:
+        cfg["api_version"] = api_version
     if settings.security_protocol.startswith("SASL_"):
         cfg["sasl_mechanism"] = settings.sasl_mechanism or "PLAIN"
         cfg["sasl_plain_username"] = settings.sasl_plain_username
@@ -82,9 +129,13 @@ def _tp(ktp: Any) -> TopicPartition:
 
 
 class KafkaProducer:
-    def __init__(self, config: Mapping[str, Any]) -> None:
+    def __init__(self, config: Mapping[str, Any], capabilities: BrokerCapabilities) -> None:
+        self.idempotent = capabilities.idempotent_producer
         self._p = _KProducer(
             **config,
+            # Set either way: kafka-python 3 defaults to on and only warns
+            # when the broker is too old for it.
+            enable_idempotence=self.idempotent,
             acks="all",
             retries=10,
             retry_backoff_ms=200,
@@ -97,10 +148,12 @@ class KafkaProducer:
         )
         self._pending: list[Any] = []
 
-    def send(self, topic: str, value: bytes, key: bytes | None = None) -> None:
+    def send(
+        self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None
+    ) -> None:
         # The first send to a new topic waits for its auto-creation
         # (max_block_ms); kafka-python refreshes metadata until it has a leader.
-        self._pending.append(self._p.send(topic, value=value, key=key))
+        self._pending.append(self._p.send(topic, value=value, key=key, partition=partition))
 
     def flush(self, timeout_s: float | None = None) -> None:
         self._p.flush(timeout=timeout_s)
@@ -129,28 +182,32 @@ class _Listener(ConsumerRebalanceListener):
     def on_partitions_assigned(self, assigned: Any) -> None:
         if self._owner._paused and assigned:
             self._owner._c.pause(*assigned)
+        if self._owner.on_assigned is not None and assigned:
+            # seek() here sets where each partition resumes; kafka-python
+            # fetches the committed offset only for partitions left unset.
+            self._owner.on_assigned([_tp(t) for t in assigned])
 
 
 class KafkaConsumer:
     def __init__(
         self,
         config: Mapping[str, Any],
+        capabilities: BrokerCapabilities,
         topics: Sequence[str],
         group: str,
         *,
         from_beginning: bool = True,
         on_revoked: RevokeHook | None = None,
+        on_assigned: AssignHook | None = None,
         session_timeout_ms: int = 10_000,
         max_poll_interval_ms: int = 300_000,
         max_poll_records: int = 500,
     ) -> None:
         self.on_revoked = on_revoked
+        self.on_assigned = on_assigned
         self._paused = False
         timeouts: dict[str, int] = {"session_timeout_ms": session_timeout_ms}
-        # Brokers before 0.10.1 have no separate poll interval (the session
-        # timeout bounds the time between polls) and kafka-python refuses
-        # two different values there.
-        if config.get("api_version") is None or config["api_version"] >= (0, 10, 1):
+        if capabilities.separate_poll_interval:
             timeouts["max_poll_interval_ms"] = max_poll_interval_ms
         self._c = _KConsumer(
             **config,
@@ -190,6 +247,12 @@ class KafkaConsumer:
         value = self._c.committed(_KTP(tp.topic, tp.partition))
         return None if value is None else int(value)
 
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        ktp = _KTP(tp.topic, tp.partition)
+        if ktp not in self._c.assignment():
+            raise ValueError(f"seek: {tp} is not assigned to this consumer")
+        self._c.seek(ktp, int(offset))
+
     def pause(self) -> None:
         self._paused = True
         assigned = self._c.assignment()
@@ -207,17 +270,24 @@ class KafkaConsumer:
 
     def lag(self) -> dict[TopicPartition, int]:
         """Records not yet committed by the group (or not yet read, before
-        its first commit), per assigned partition."""
+        its first commit), per assigned partition.
+
+        The end of each partition is the high watermark of our last fetch
+        from it; ListOffsets is asked only for a partition not fetched yet.
+        A paused partition keeps the watermark of its last fetch."""
         assigned = list(self._c.assignment())
         if not assigned:
             return {}
-        ends = self._c.end_offsets(assigned)
+        ends: dict[Any, int | None] = {ktp: self._c.highwater(ktp) for ktp in assigned}
+        unfetched = [ktp for ktp, end in ends.items() if end is None]
+        if unfetched:
+            ends.update(self._c.end_offsets(unfetched))
         out: dict[TopicPartition, int] = {}
         for ktp in assigned:
             done = self._c.committed(ktp)
             if done is None:
                 done = self._c.position(ktp)
-            out[_tp(ktp)] = max(int(ends[ktp]) - int(done or 0), 0)
+            out[_tp(ktp)] = max(int(ends[ktp] or 0) - int(done or 0), 0)
         return out
 
     def close(self) -> None:
@@ -226,27 +296,40 @@ class KafkaConsumer:
 
 
 class KafkaTransport:
+    @classmethod
+    def from_settings(cls, settings: TransportSettings, max_poll_records: int = 500) -> KafkaTransport:
+        return cls(settings, max_poll_records=max_poll_records)
+
     def __init__(self, settings: TransportSettings, max_poll_records: int = 500) -> None:
         self.settings = settings
         self._config = client_config(settings)
         self._max_poll_records = max_poll_records
-        self._probe: KafkaClient | None = None
+        self._probe: _KConsumer | None = None
+        self._reader: _KConsumer | None = None
 
     def _client_config(self) -> Mapping[str, Any]:
         """The shared config plus the broker's API version, probed once here
-        rather than by every client (and needed to pick consumer timeouts)."""
+        rather than by every client (and needed to pick capabilities)."""
         if "api_version" not in self._config:
-            probe = self._probe_client()
-            self._config["api_version"] = probe.config["api_version"]
+            probe = self._probe_client(self.settings.request_timeout_ms)
+            self._config["api_version"] = tuple(probe.config["api_version"])
         return self._config
 
-    def _probe_client(self) -> KafkaClient:
+    @property
+    def capabilities(self) -> BrokerCapabilities:
+        """What this broker supports (asks it for its version the first time)."""
+        return BrokerCapabilities(tuple(self._client_config()["api_version"]))
+
+    def _probe_client(self, bootstrap_timeout_ms: int) -> _KConsumer:
+        """A group-less consumer used for the version probe and for ping.
+        Without a configured version its construction bootstraps (an
+        ApiVersions and a metadata round trip) and raises if that fails."""
         if self._probe is None:
-            self._probe = KafkaClient(**self._config)
+            self._probe = _KConsumer(**self._config, bootstrap_timeout_ms=bootstrap_timeout_ms)
         return self._probe
 
     def producer(self) -> Producer:
-        return KafkaProducer(self._client_config())
+        return KafkaProducer(self._client_config(), self.capabilities)
 
     def consumer(
         self,
@@ -255,30 +338,98 @@ class KafkaTransport:
         *,
         from_beginning: bool = True,
         on_revoked: RevokeHook | None = None,
+        on_assigned: AssignHook | None = None,
     ) -> Consumer:
         return KafkaConsumer(
             self._client_config(),
+            self.capabilities,
             topics,
             group,
             from_beginning=from_beginning,
             on_revoked=on_revoked,
+            on_assigned=on_assigned,
             session_timeout_ms=self.settings.session_timeout_ms,
             max_poll_interval_ms=self.settings.max_poll_interval_ms,
             max_poll_records=self._max_poll_records,
         )
 
+    def _read_client(self) -> _KConsumer:
+        """One group-less consumer for partition reads and offset lookups (the
+        owner's thread only, like every KafkaConsumer)."""
+        if self._reader is None:
+            self._reader = _KConsumer(
+                **self._client_config(),
+                group_id=None,
+                enable_auto_commit=False,
+                # A start below the log's first offset (retention) reads from
+                # that first offset, never silently from the end.
+                auto_offset_reset="earliest",
+                max_poll_records=self._max_poll_records,
+            )
+        return self._reader
+
+    def partitions(self, topic: str, timeout_s: float = 30.0) -> int:
+        client = self._read_client()._client
+        deadline = time.monotonic() + timeout_s
+        while True:
+            # A metadata request naming a missing topic auto-creates it where
+            # the broker allows; the partitions show once it has a leader.
+            future = client.add_topic(topic)
+            if future.is_done:
+                future = client.cluster.request_update()
+            client.poll(timeout_ms=500, future=future)
+            found = client.cluster.partitions_for_topic(topic)
+            if found:
+                return len(found)
+            if time.monotonic() > deadline:
+                raise KafkaTimeoutError(f"topic {topic!r}: no partitions after {timeout_s}s")
+            time.sleep(0.2)
+
+    def end_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        if not tps:
+            return {}
+        ends = self._read_client().end_offsets([_KTP(tp.topic, tp.partition) for tp in tps])
+        return {_tp(k): int(v) for k, v in ends.items()}
+
+    def read(self, tp: TopicPartition, start: int, end: int) -> list[Record]:
+        start = max(0, start)
+        if end <= start:
+            return []
+        reader = self._read_client()
+        ktp = _KTP(tp.topic, tp.partition)
+        reader.assign([ktp])
+        reader.seek(ktp, start)
+        out: list[Record] = []
+        deadline = time.monotonic() + self.settings.request_timeout_ms / 1000
+        while reader.position(ktp) < end:
+            batch = reader.poll(timeout_ms=500, max_records=self._max_poll_records)
+            if not batch:
+                if time.monotonic() > deadline:
+                    raise KafkaTimeoutError(f"read {tp} [{start}, {end}): stalled")
+                continue
+            deadline = time.monotonic() + self.settings.request_timeout_ms / 1000
+            for r in batch.get(ktp, ()):
+                if r.offset < end:
+                    value = r.value if r.value is not None else b""
+                    ts = r.timestamp if r.timestamp is not None and r.timestamp >= 0 else 0
+                    out.append(Record(tp.topic, tp.partition, r.offset, r.key, value, int(ts)))
+        return out
+
     def ping(self, timeout_s: float = 2.0) -> bool:
-        """A metadata round trip to the cluster."""
+        """A fresh bootstrap (connect and a metadata round trip) to the cluster."""
+        timeout_ms = int(timeout_s * 1000)
         try:
-            probe = self._probe_client()
-            future = probe.cluster.request_update()
-            probe.poll(timeout_ms=int(timeout_s * 1000), future=future)
-            return bool(future.succeeded())
+            probe = self._probe_client(timeout_ms)
+            probe.bootstrap(timeout_ms=timeout_ms, refresh=True)
+            return True
         except (KafkaError, OSError) as e:
             log.warning("kafka ping failed: %s", type(e).__name__)
             return False
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         if self._probe is not None:
             self._probe.close()
             self._probe = None

@@ -17,6 +17,14 @@ The contract, shared by both and checked by the same tests:
 * ``on_revoked`` is called with the partitions a rebalance takes away, before
   they go: the owner commits what it has finished there (Kafka only; the
   embedded log has one member per group and never rebalances).
+* ``on_assigned`` is called, inside ``poll``, with the partitions a consumer
+  is given (the embedded log: every partition, on the first poll), before any
+  of their records is returned; ``seek`` there sets where each one resumes
+  (Kafka's pattern for state kept outside the group's offsets).
+* ``Producer.send(..., partition=p)`` writes to partition ``p`` explicitly
+  (a changelog aligned with the partitions of the topic it describes);
+  ``Transport.read`` reads one partition's range outside any group, and
+  ``Transport.end_offsets`` / ``partitions`` describe a topic.
 """
 
 from __future__ import annotations
@@ -53,11 +61,14 @@ class OutMessage:
     topic: str
     key: bytes | None
     value: bytes
+    partition: int | None = None  # explicit destination; None: by key
 
 
 @runtime_checkable
 class Producer(Protocol):
-    def send(self, topic: str, value: bytes, key: bytes | None = None) -> None: ...
+    def send(
+        self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None
+    ) -> None: ...
 
     def flush(self, timeout_s: float | None = None) -> None: ...
 
@@ -72,6 +83,10 @@ class Consumer(Protocol):
 
     def committed(self, tp: TopicPartition) -> int | None: ...
 
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        """Read ``tp`` from ``offset`` next (an assigned partition only)."""
+        ...
+
     def pause(self) -> None: ...
 
     def resume(self) -> None: ...
@@ -84,6 +99,7 @@ class Consumer(Protocol):
 
 
 RevokeHook = Callable[[list[TopicPartition]], None]
+AssignHook = Callable[[list[TopicPartition]], None]
 
 
 @runtime_checkable
@@ -99,7 +115,21 @@ class Transport(Protocol):
         *,
         from_beginning: bool = True,
         on_revoked: RevokeHook | None = None,
+        on_assigned: AssignHook | None = None,
     ) -> Consumer: ...
+
+    def partitions(self, topic: str) -> int:
+        """The topic's partition count (where the log auto-creates topics, this creates it)."""
+        ...
+
+    def end_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        """The next offset to be written, per partition."""
+        ...
+
+    def read(self, tp: TopicPartition, start: int, end: int) -> list[Record]:
+        """The records of ``tp`` with ``start <= offset < end``, outside any group
+        (offsets that compaction removed are simply absent)."""
+        ...
 
     def ping(self) -> bool:
         """True when the log is reachable (readiness)."""

@@ -8,16 +8,22 @@ next to its committed offsets.
 
 Every trace handed to ``on_item`` meets exactly one fate, reported by exactly
 one of: membership of a ``Closed`` cohort, a ``Rejected`` event (for the
-dead-letter topic, with the field and reason), or a ``Duplicate`` event.
-``Stale`` events are notices on top of that (for metrics): a re-probed stale
-trace still ends in a cohort, a dropped one also gets its ``Rejected``.
+dead-letter topic, with the field and reason), a ``Duplicate`` event (a copy
+of a trace already seen, with the same content), or a ``Conflict`` event (the
+same trace id with different content: the caller dead-letters this copy with
+both contents' digests; the first copy keeps its place). ``Stale`` events are
+notices on top of that (for metrics): a re-probed stale trace still ends in a
+cohort, a dropped one also gets its ``Rejected``. A trace handed back with
+``readmit`` (its cohort lost members and fell under ``min_groups``) is open
+again and meets its fate the same way.
 
 Slice key
     ``CohortingSettings.slice_key`` names trace fields (``subject``,
     ``verifier``, ``tenant``, ...) or tags (``tags.<name>``). A missing tag
     counts as the empty string rather than a rejection: production traffic is
     often only partly tagged, and untagged traces still form a (coarser)
-    slice of their own instead of being lost.
+    slice of their own instead of being lost. A slice key longer than a
+    dispatch can carry (``MAX_SLICE_KEY_CHARS``) is refused per trace.
 
 Deduplication guarantee
     A trace id is reported ``Duplicate`` if its first copy is still in an
@@ -34,6 +40,14 @@ Policy versions
     re-probed or dropped per ``stale_policy``. At close, members that have
     become stale since they arrived are listed in ``Cohort.reprobe_ids`` too.
 
+Dispatch bound
+    A cohort is bounded by construction to what one dispatch message can
+    carry: the builder adds up each member's dispatch item size
+    (:func:`streams.schemas.dispatch_item_bytes`, exact) and closes a cohort
+    (cause ``"size"``) before a trace would take it over the budget; that
+    trace opens the next cohort of its slice. A trace whose item alone is
+    over the budget is rejected.
+
 Memory bound
     At most ``max_open`` open cohorts of at most ``max_groups`` traces each,
     plus ``dedup_window`` remembered ids. Opening a cohort beyond
@@ -47,15 +61,22 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from daemon.config import CohortingSettings
-from streams.schemas import Trace
+from streams.schemas import (
+    DISPATCH_ENVELOPE_BYTES,
+    MAX_MESSAGE_BYTES,
+    Trace,
+    dispatch_item_bytes,
+)
 
 SNAPSHOT_SCHEMA = "tapd.cohorting/1"
 STAGE = "cohorting"
+# The dispatch schema's slice_key limit.
+MAX_SLICE_KEY_CHARS = 1024
 
 CloseCause = Literal["size", "age", "evicted", "flush"]
 StaleAction = Literal["reprobe", "drop"]
@@ -104,12 +125,29 @@ class Duplicate:
 
 
 @dataclass(frozen=True)
+class Conflict:
+    """A trace id seen before with different content (``digest`` vs ``first_digest``)."""
+
+    trace: Trace
+    first_digest: str
+    digest: str
+
+    @property
+    def reason(self) -> str:
+        return (
+            f"conflicting duplicate: trace id {self.trace.trace_id!r} was first accepted "
+            f"with content {self.first_digest}; this copy is {self.digest}. The first "
+            "copy is kept; this one is not used"
+        )
+
+
+@dataclass(frozen=True)
 class Stale:
     trace: Trace
     action: StaleAction
 
 
-Event = Closed | Rejected | Duplicate | Stale
+Event = Closed | Rejected | Duplicate | Conflict | Stale
 
 
 def cohort_id(slice_key: str, trace_ids: Iterable[str]) -> str:
@@ -165,20 +203,40 @@ class _Open:
     opened_ts: float
     traces: list[Trace] = field(default_factory=list)
     reprobe: set[str] = field(default_factory=set)
+    item_bytes: int = 0  # the members' dispatch items, encoded
+
+
+# How a snapshot holds a trace, and how a restore gets it back (None: the
+# caller could not restore it and has accounted for it).
+TraceRef = Callable[[Trace], Any]
+TraceFrom = Callable[[Any], "Trace | None"]
+
+
+def _dump(trace: Trace) -> Any:
+    return trace.model_dump(mode="json", by_alias=True)
 
 
 class CohortBuilder:
     """Groups traces into capability-slice cohorts; see the module docstring."""
 
-    def __init__(self, settings: CohortingSettings, current_policy_version: str) -> None:
+    def __init__(
+        self,
+        settings: CohortingSettings,
+        current_policy_version: str,
+        max_dispatch_bytes: int = MAX_MESSAGE_BYTES,
+    ) -> None:
         self.settings = settings
         self._fields = validate_slice_key(settings.slice_key)
+        # What the items of one dispatch may add up to.
+        self.item_budget = max_dispatch_bytes - DISPATCH_ENVELOPE_BYTES
         # Keyed by the slice values (the JSON string is only built once per
         # cohort). Insertion order is opening order: the front is the oldest
         # cohort, which is both the next to age out and the one evicted first.
         self._open: OrderedDict[tuple[str, ...], _Open] = OrderedDict()
-        self._open_ids: set[str] = set()  # exact
-        self._decided: OrderedDict[str, None] = OrderedDict()  # bounded FIFO
+        # Trace id -> content digest (None: not given), for open traces
+        # (exact) and decided ones (a bounded FIFO).
+        self._open_ids: dict[str, str | None] = {}
+        self._decided: OrderedDict[str, str | None] = OrderedDict()
         self._versions: list[str] = [current_policy_version]
         self._now = 0.0
 
@@ -209,10 +267,19 @@ class CohortBuilder:
     def n_open_traces(self) -> int:
         return len(self._open_ids)
 
-    def on_item(self, trace: Trace, now: float) -> list[Event]:
+    def holds(self, trace_id: str) -> bool:
+        """True while the trace is in an open cohort."""
+        return trace_id in self._open_ids
+
+    def on_item(self, trace: Trace, now: float, digest: str | None = None) -> list[Event]:
+        """Add one trace; ``digest`` (of its message bytes) tells a redelivered copy
+        (same digest: ``Duplicate``) from a different trace reusing an id (``Conflict``)."""
         self._now = now
         tid = trace.trace_id
         if tid in self._open_ids or tid in self._decided:
+            first = self._open_ids[tid] if tid in self._open_ids else self._decided[tid]
+            if digest is not None and first is not None and digest != first:
+                return [Conflict(trace, first, digest)]
             return [Duplicate(tid)]
         events: list[Event] = []
         reprobe = False
@@ -231,14 +298,68 @@ class CohortBuilder:
                 )
                 return events
             reprobe = True
+        events.extend(self._admit(trace, now, digest, reprobe))
+        return events
+
+    def readmit(self, traces: Iterable[Trace], now: float) -> list[Event]:
+        """Open again traces whose cohort was closed but could not be used as a whole.
+
+        When some members of a closed cohort are rejected (a verifier, a
+        feature) and fewer than ``min_groups`` remain, the rest are innocent:
+        they go back into an open cohort of their slice, as if the rejected
+        ones had never arrived, instead of sharing their fate.
+        """
+        self._now = now
+        events: list[Event] = []
+        for t in traces:
+            if t.trace_id in self._open_ids:
+                continue
+            digest = self._decided.pop(t.trace_id, None)
+            events.extend(self._admit(t, now, digest, reprobe=False))
+        return events
+
+    def _admit(self, trace: Trace, now: float, digest: str | None, reprobe: bool) -> list[Event]:
+        tid = trace.trace_id
+        size = dispatch_item_bytes(trace)
+        if size > self.item_budget:
+            self._decide_id(tid, digest)
+            return [
+                Rejected(
+                    trace,
+                    STAGE,
+                    _largest_part(trace),
+                    f"its dispatch item is {size} bytes: over the {self.item_budget} bytes "
+                    "of items one dispatch message can carry",
+                )
+            ]
+        events: list[Event] = []
         key = slice_values(trace, self._fields)
         group = self._open.get(key)
+        if group is not None and group.item_bytes + size > self.item_budget:
+            # Split by construction: this trace would take the cohort's
+            # dispatch over the message limit, so the cohort closes first.
+            events.extend(self._close_or_reject(key, now, "size"))
+            group = None
         if group is None:
+            slice_key = format_slice_key(self._fields, key)
+            if len(slice_key) > MAX_SLICE_KEY_CHARS:
+                self._decide_id(tid, digest)
+                events.append(
+                    Rejected(
+                        trace,
+                        STAGE,
+                        "tags",
+                        f"its slice key is {len(slice_key)} characters: over the "
+                        f"{MAX_SLICE_KEY_CHARS} a dispatch carries",
+                    )
+                )
+                return events
             if len(self._open) >= self.settings.max_open:
                 events.extend(self._evict_oldest(now))
-            group = self._open[key] = _Open(format_slice_key(self._fields, key), now)
+            group = self._open[key] = _Open(slice_key, now)
         group.traces.append(trace)
-        self._open_ids.add(tid)
+        group.item_bytes += size
+        self._open_ids[tid] = digest
         if reprobe:
             group.reprobe.add(tid)
         if len(group.traces) >= self.settings.max_groups:
@@ -269,7 +390,9 @@ class CohortBuilder:
 
     # -- state -------------------------------------------------------------
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, trace_ref: TraceRef = _dump) -> dict[str, Any]:
+        """The state as plain JSON; ``trace_ref`` says how to hold each open trace
+        (default: its fields; the scorer holds its original message instead)."""
         return {
             "schema": SNAPSHOT_SCHEMA,
             "versions": list(self._versions),
@@ -278,16 +401,21 @@ class CohortBuilder:
                 {
                     "slice_key": g.slice_key,
                     "opened_ts": g.opened_ts,
-                    "traces": [t.model_dump(mode="json", by_alias=True) for t in g.traces],
+                    "traces": [trace_ref(t) for t in g.traces],
+                    "digests": [self._open_ids.get(t.trace_id) for t in g.traces],
                     "reprobe": sorted(g.reprobe),
                 }
                 for g in self._open.values()
             ],
-            "decided": list(self._decided),
+            "decided": dict(self._decided),
         }
 
-    def restore(self, snapshot: dict[str, Any]) -> None:
-        """Replace the state with a snapshot's; ``ValueError`` if it is not one."""
+    def restore(self, snapshot: dict[str, Any], trace_from: TraceFrom | None = None) -> None:
+        """Replace the state with a snapshot's; ``ValueError`` if it is not one.
+
+        ``trace_from`` turns what ``snapshot(trace_ref)`` held back into a
+        trace; a ``None`` from it leaves that trace out (the caller has
+        dead-lettered it)."""
         if snapshot.get("schema") != SNAPSHOT_SCHEMA:
             raise ValueError(
                 f"schema: expected {SNAPSHOT_SCHEMA!r}, got {snapshot.get('schema')!r}"
@@ -295,31 +423,43 @@ class CohortBuilder:
         versions = [str(v) for v in snapshot["versions"]]
         if not versions:
             raise ValueError("versions: a snapshot records at least the current version")
+        restore_one = trace_from or Trace.model_validate
         opened: OrderedDict[tuple[str, ...], _Open] = OrderedDict()
-        open_ids: set[str] = set()
+        open_ids: dict[str, str | None] = {}
         for g in snapshot["open"]:
-            group = _Open(
-                str(g["slice_key"]),
-                float(g["opened_ts"]),
-                [Trace.model_validate(t) for t in g["traces"]],
-                {str(x) for x in g["reprobe"]},
-            )
-            opened[tuple(json.loads(group.slice_key).values())] = group
-            open_ids.update(t.trace_id for t in group.traces)
+            digests = list(g.get("digests") or [None] * len(g["traces"]))
+            group = _Open(str(g["slice_key"]), float(g["opened_ts"]))
+            for ref, digest in zip(g["traces"], digests, strict=True):
+                t = restore_one(ref)
+                if t is None:
+                    continue
+                group.traces.append(t)
+                group.item_bytes += dispatch_item_bytes(t)
+                open_ids[t.trace_id] = None if digest is None else str(digest)
+            group.reprobe = {str(x) for x in g["reprobe"]} & {t.trace_id for t in group.traces}
+            if group.traces:
+                opened[tuple(json.loads(group.slice_key).values())] = group
+        decided = snapshot["decided"]
         self._versions = versions
         self._now = float(snapshot["now"])
         self._open = opened
         self._open_ids = open_ids
-        self._decided = OrderedDict.fromkeys(str(x) for x in snapshot["decided"])
+        self._decided = (
+            OrderedDict((str(k), None if v is None else str(v)) for k, v in decided.items())
+            if isinstance(decided, dict)
+            else OrderedDict.fromkeys(str(x) for x in decided)  # before digests were kept
+        )
 
     # -- internals ---------------------------------------------------------
 
     def _remember(self, trace_id: str) -> None:
-        self._open_ids.discard(trace_id)
+        self._decide_id(trace_id, self._open_ids.pop(trace_id, None))
+
+    def _decide_id(self, trace_id: str, digest: str | None) -> None:
         window = self.settings.dedup_window
         if window <= 0:
             return
-        self._decided[trace_id] = None
+        self._decided[trace_id] = digest
         while len(self._decided) > window:
             self._decided.popitem(last=False)
 
@@ -336,7 +476,12 @@ class CohortBuilder:
         if len(group.traces) >= self.settings.min_groups:
             return [self._close(key, now, cause)]
         del self._open[key]
-        what = {"age": "closed by age", "evicted": "evicted", "flush": "flushed"}.get(cause, cause)
+        what = {
+            "age": "closed by age",
+            "evicted": "evicted",
+            "flush": "flushed",
+            "size": "closed because the next trace would overflow one dispatch",
+        }.get(cause, cause)
         reason = (
             f"{what} before reaching min_groups: the cohort had {len(group.traces)} of "
             f"{self.settings.min_groups} prompt groups"
@@ -364,3 +509,13 @@ class CohortBuilder:
             policy_version=self.policy_version,
         )
         return Closed(cohort, cause)
+
+
+def _largest_part(trace: Trace) -> str:
+    """The field that makes most of a trace's dispatch item (for a size rejection)."""
+    parts = {
+        "prompt": len(trace.prompt),
+        "reference": len(trace.reference),
+        "verifier_args": len(json.dumps(trace.verifier_args, ensure_ascii=False)),
+    }
+    return max(parts, key=lambda k: parts[k])

@@ -20,11 +20,25 @@ Work is split so that the poll loop stays responsive:
 * ``accepting_traces`` is the backpressure signal: false while the in-flight
   cap is reached or closed cohorts pile up, so the shell pauses trace
   consumption (it keeps reading the lift topic, which is what frees slots).
+
+No input stops the pipeline. Every record is decoded by the one
+poison-message mechanism (:func:`streams.deadletter.decode_record`); after
+decoding, every failure is isolated to the smallest unit it belongs to and
+turned into dead letters: a trace a verifier or a feature refuses goes alone
+(its cohort goes on, and if it falls under ``min_groups`` the innocent rest
+is readmitted to cohorting), a cohort whose dispatch cannot be built is
+refused before any slot is taken, and an exception nobody foresaw becomes a
+dead letter of stage ``internal`` for what it touched. Dead letters after
+decoding carry the trace's original bytes, kept with its origin (topic,
+partition, offset) from the moment it was read until its fate is decided,
+in the snapshot too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import random
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -34,20 +48,35 @@ from typing import Any, Protocol
 
 from daemon.config import TapdSettings, Thresholds, Topics
 from daemon.core import events as ev
-from daemon.core.cohorting import Closed, Cohort, CohortBuilder, Duplicate, Rejected, Stale
+from daemon.core.cohorting import (
+    Closed,
+    Cohort,
+    CohortBuilder,
+    Conflict,
+    Duplicate,
+    Rejected,
+    Stale,
+)
 from daemon.core.decision import ScoredCohort
 from daemon.core.features import FEATURE_SCHEMA
+from streams.deadletter import (
+    INTERNAL,
+    Poison,
+    content_digest,
+    dead_letter_key,
+    decode_or_dead_letter,
+    decode_record,
+    original,
+)
 from streams.deadletter import dead_letter as build_dead_letter
-from streams.deadletter import original
+from streams.rejection import Rejection
 from streams.schemas import (
     DISPATCH_SCHEMA,
     DeadLetter,
     Dispatch,
     DispatchItem,
     LiftResult,
-    SchemaError,
     Trace,
-    decode,
     encode,
 )
 from streams.transport import OutMessage, Record
@@ -180,7 +209,7 @@ class Effects:
 
     def messages(self, topics: Topics) -> list[OutMessage]:
         """The records to produce, keyed by their idempotency key."""
-        out = [OutMessage(topics.dlq, _dlq_key(d).encode(), encode(d)) for d in self.dead_letters]
+        out = [OutMessage(topics.dlq, dead_letter_key(d), encode(d)) for d in self.dead_letters]
         out += [
             OutMessage(topics.decisions, d.cohort_id.encode(), _json(d.to_json()))
             for d in self.decisions
@@ -197,11 +226,6 @@ class Effects:
 
 def _json(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
-
-
-def _dlq_key(d: DeadLetter) -> str:
-    # Where the original came from: a replayed rejection has the same key.
-    return f"{d.source_topic}/{d.partition}/{d.offset}"
 
 
 def dead_letter(record: Record, stage: str, field_name: str, reason: str, now: float) -> DeadLetter:
@@ -239,19 +263,28 @@ class InFlight:
 
 @dataclass(frozen=True, slots=True)
 class _Origin:
-    """Where a trace was read, so that a later rejection can cite the original bytes."""
+    """Where a trace was read and its original bytes, until its fate is decided:
+    a later rejection cites them, and the snapshot holds the trace as them."""
 
     topic: str
     partition: int
     offset: int
+    raw: bytes
+    # False only for a trace restored from a snapshot written before originals
+    # were kept: ``raw`` is then its re-encoding.
+    exact: bool = True
+
+    def ref(self) -> list[Any]:
+        # A decoded trace was valid UTF-8: the text round-trips to the same bytes.
+        return [self.topic, self.partition, self.offset, self.raw.decode("utf-8")]
 
 
-def _cohort_json(c: Cohort) -> dict[str, Any]:
+def _cohort_json(c: Cohort, ref: Callable[[Trace], Any]) -> dict[str, Any]:
     return {
         "cohort_id": c.cohort_id,
         "slice_key": c.slice_key,
         "subject": c.subject,
-        "traces": [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in c.traces],
+        "traces": [ref(t) for t in c.traces],
         "opened_ts": c.opened_ts,
         "closed_ts": c.closed_ts,
         "cause": c.cause,
@@ -260,12 +293,15 @@ def _cohort_json(c: Cohort) -> dict[str, Any]:
     }
 
 
-def _cohort_from(d: Mapping[str, Any]) -> Cohort:
+def _cohort_from(d: Mapping[str, Any], restore: Callable[[Any], Trace | None]) -> Cohort | None:
+    traces = tuple(t for t in (restore(x) for x in d["traces"]) if t is not None)
+    if not traces:
+        return None
     return Cohort(
         cohort_id=str(d["cohort_id"]),
         slice_key=str(d["slice_key"]),
         subject=str(d["subject"]),
-        traces=tuple(Trace.model_validate(t) for t in d["traces"]),
+        traces=traces,
         opened_ts=float(d["opened_ts"]),
         closed_ts=float(d["closed_ts"]),
         cause=d["cause"],
@@ -346,8 +382,11 @@ class Scorer:
         self.pending: deque[Cohort] = deque()
         self.in_flight: OrderedDict[str, InFlight] = OrderedDict()
         self.learned: OrderedDict[str, None] = OrderedDict()
-        self._origins: dict[str, _Origin] = {}  # trace id -> where it was read (open cohorts)
+        # Trace id -> where it was read and its bytes, until its fate is decided.
+        self._origins: dict[str, _Origin] = {}
         self._json_cache: dict[str, dict[str, Any]] = {}
+        # Traces a restore could not bring back: dead-lettered at the next call.
+        self._unrestored: list[tuple[Record, str, str, str]] = []
 
     # --- backpressure ----------------------------------------------------------
 
@@ -372,27 +411,45 @@ class Scorer:
 
     def on_traces(self, records: Sequence[Record], now: float) -> Effects:
         """Decode and cohort a batch of trace records (cheap)."""
-        fx = Effects()
+        fx = self._restored_letters(now)
         if records:
             self._emit(ev.TracesConsumed(len(records)))
         for rec in records:
             with self._timed("decode"):
-                try:
-                    trace = decode(rec.value, Trace)
-                except SchemaError as e:
-                    fx.dead_letters.append(dead_letter(rec, "decode", e.field, e.reason, now))
-                    self._emit(ev.TraceRejected("decode", e.field, e.reason, offset=rec.offset))
-                    continue
+                trace = decode_record(rec, Trace, "decode", now)
+            if isinstance(trace, Poison):
+                self._poison(trace, rec, fx)
+                continue
             with self._timed("cohorting"):
-                events = self.cohorts.on_item(trace, now)
-                if not any(isinstance(e, Duplicate) for e in events):
+                try:
+                    events = self.cohorts.on_item(trace, now, content_digest(rec.value))
+                except Exception as e:  # a bug must not turn this record into a crash loop
+                    self._poison(self._internal(rec, "cohorting", e, now), rec, fx)
+                    continue
+                if not any(
+                    isinstance(e, Duplicate | Conflict)
+                    and (e.trace_id if isinstance(e, Duplicate) else e.trace.trace_id)
+                    == trace.trace_id
+                    for e in events
+                ):
                     # Remembered until the trace's fate is decided (scored or rejected).
-                    self._origins[trace.trace_id] = _Origin(rec.topic, rec.partition, rec.offset)
+                    self._origins[trace.trace_id] = _Origin(
+                        rec.topic, rec.partition, rec.offset, rec.value
+                    )
                 fx += self._cohort_events(events, now, rec)
         return self._done(fx)
 
+    def _poison(self, poison: Poison, rec: Record, fx: Effects) -> None:
+        fx.dead_letters.append(poison.letter)
+        self._emit(ev.TraceRejected(poison.stage, poison.field, poison.reason, offset=rec.offset))
+
+    @staticmethod
+    def _internal(rec: Record, stage: str, e: BaseException, now: float) -> Poison:
+        return Poison(dead_letter(rec, INTERNAL, "$", f"{stage} failed unexpectedly: {e!r}", now))
+
     def on_tick(self, now: float) -> Effects:
-        fx = self.expire_in_flight(now)
+        fx = self._restored_letters(now)
+        fx += self.expire_in_flight(now)
         fx += self._cohort_events(self.cohorts.on_tick(now), now, None)
         return self._done(fx)
 
@@ -407,28 +464,38 @@ class Scorer:
                 self.pending.append(e.cohort)
                 self._emit(ev.CohortClosed(e.cohort.cohort_id, e.cause, e.cohort.n_groups))
             elif isinstance(e, Rejected):
-                origin = self._origins.pop(e.trace.trace_id, None)
-                fx.dead_letters.append(self._reject_trace(e, origin, rec, now))
+                fx.dead_letters.append(self._reject_trace(e, now))
+            elif isinstance(e, Conflict) and rec is not None:
+                # This copy's own bytes, not the first copy's (which keeps its place).
+                fx.dead_letters.append(dead_letter(rec, "cohorting", "trace_id", e.reason, now))
+                self._emit(
+                    ev.TraceRejected("cohorting", "trace_id", e.reason, trace_id=e.trace.trace_id)
+                )
             elif isinstance(e, Duplicate):
                 self._emit(ev.TraceDuplicate(e.trace_id))
             elif isinstance(e, Stale):
                 self._emit(ev.TraceStale(e.trace.trace_id, e.action, e.trace.policy_version))
         return fx
 
-    def _reject_trace(
-        self, rej: Rejected, origin: _Origin | None, rec: Record | None, now: float
-    ) -> DeadLetter:
-        # The dead letter keeps the trace as JSON: re-encoding is lossless for
-        # a trace that validated, and the record may be long gone by now.
-        raw = encode(rej.trace)
-        if origin is not None:
-            src = Record(origin.topic, origin.partition, origin.offset, None, raw, 0)
-        elif rec is not None:
-            src = replace(rec, value=raw)
-        else:
-            src = Record(self.settings.topics.traces, -1, -1, None, raw, 0)
+    def _reject_trace(self, rej: Rejected, now: float) -> DeadLetter:
+        """The dead letter of a trace rejected after decoding: its original bytes.
+
+        Its fate is decided, so its origin is forgotten."""
+        origin = self._origins.pop(rej.trace.trace_id, None)
         self._emit(ev.TraceRejected(rej.stage, rej.field, rej.reason, trace_id=rej.trace.trace_id))
-        return dead_letter(src, rej.stage, rej.field, rej.reason, now)
+        if origin is not None:
+            src = Record(origin.topic, origin.partition, origin.offset, None, origin.raw, 0)
+            reason = rej.reason if origin.exact else f"{rej.reason} [original re-encoded]"
+            return dead_letter(src, rej.stage, rej.field, reason, now)
+        # Only a trace restored from a snapshot of an older version has no
+        # original: its re-encoding stands in, and the reason says so.
+        reason = f"{rej.reason} [original bytes unavailable: re-encoded]"
+        try:
+            raw = encode(rej.trace)
+        except Exception:  # a re-encoding over the size limit: keep what identifies it
+            raw = json.dumps({"trace_id": rej.trace.trace_id}).encode()
+        src = Record(self.settings.topics.traces, -1, -1, None, raw, 0)
+        return dead_letter(src, rej.stage, rej.field, reason, now)
 
     # --- scoring (slow) --------------------------------------------------------
 
@@ -439,109 +506,231 @@ class Scorer:
         chance to be dispatched is decided when it is scored, so it waits
         (queued, in the snapshot) until a lift result frees a slot.
         """
-        fx = Effects()
+        fx = self._restored_letters(now)
         # A window never holds more cohorts than free slots: a "train" cohort
         # must not lose its chance because its window was full.
         n = max(0, min(max_cohorts, len(self.pending), self._slots()))
         window = [self.pending.popleft() for _ in range(n)]
         scored: list[_Scored] = []
-        for cohort in window:
-            try:
+        try:
+            for cohort in window:
                 item = self._featurize(cohort, now, fx)
-            finally:
+                if item is not None:
+                    scored.append(item)
+            if scored:
+                fx += self._decide(scored, now)
+        finally:
+            # Origins are forgotten as fates are decided (dead letter or
+            # decision); a readmitted trace keeps its own.
+            for cohort in window:
                 self._json_cache.pop(cohort.cohort_id, None)
-                for t in cohort.traces:
-                    self._origins.pop(t.trace_id, None)
-            if item is not None:
-                scored.append(item)
-        if scored:
-            fx += self._decide(scored, now)
         return self._done(fx)
 
+    def _reject_all(
+        self, traces: Sequence[Trace], stage: str, field_name: str, reason: str, now: float
+    ) -> list[DeadLetter]:
+        return [self._reject_trace(Rejected(t, stage, field_name, reason), now) for t in traces]
+
     def _featurize(self, cohort: Cohort, now: float, fx: Effects) -> _Scored | None:
-        """Rollouts, features and prediction; ``None`` (and dead letters) if it cannot be."""
-        rejected: set[str] = set()
+        """Rollouts, features and prediction; ``None`` (and dead letters) if it cannot be.
+
+        A failure is pinned on the traces that cause it whenever it can be:
+        they are dead-lettered alone and the rest of the cohort goes on.
+        """
+        with self._timed("rollout"):
+            traces = self._fill(cohort, now, fx)
+        with self._timed("features"):
+            got = self._features(cohort, traces, now, fx)
+        if got is None:
+            return None
+        traces, features = got
         try:
-            with self._timed("rollout"):
-                filled = self.fill(cohort, self._cohort_seed(cohort))
-            for rej in filled.rejected:
-                rejected.add(rej.trace.trace_id)
-                origin = self._origins.get(rej.trace.trace_id)
-                fx.dead_letters.append(self._reject_trace(rej, origin, None, now))
-            traces = list(filled.traces)
-            if len(traces) < self.settings.cohorting.min_groups:
-                raise ValueError(
-                    f"{len(traces)} prompt groups left after rollouts, under min_groups="
-                    f"{self.settings.cohorting.min_groups}"
-                )
-            with self._timed("features"):
-                features = {k: float(v) for k, v in self.featurize(traces).items()}
             with self._timed("predict"):
                 prediction = self.predictor.predict(features)
-        except (ValueError, SchemaError) as e:
-            # A cohort that cannot be scored is data, not a crash: every
-            # member not already rejected by its verifier goes to the DLQ,
-            # so that each trace still meets exactly one fate.
-            for t in cohort.traces:
-                if t.trace_id in rejected:
-                    continue
-                origin = self._origins.get(t.trace_id)
-                fx.dead_letters.append(
-                    self._reject_trace(
-                        Rejected(t, "features", "cohort", str(e)), origin, None, now
-                    )
-                )
-            self._emit(ev.CohortRejected(cohort.cohort_id, "features", str(e)))
+        except Exception as e:
+            stage = "predict" if isinstance(e, ValueError) else INTERNAL
+            fx.dead_letters += self._reject_all(traces, stage, "features", repr(e), now)
+            self._emit(ev.CohortRejected(cohort.cohort_id, stage, repr(e)))
             return None
         return _Scored(cohort, tuple(traces), features, prediction)
+
+    def _fill(self, cohort: Cohort, now: float, fx: Effects) -> list[Trace]:
+        """The cohort's traces topped up to K attempts; rejected ones dead-lettered."""
+        seed = self._cohort_seed(cohort)
+        try:
+            parts = [self.fill(cohort, seed)]
+        except Exception:
+            # Which trace broke the rollouts? Each alone (slow, but only
+            # after a failure nobody foresaw): the others go on.
+            parts = []
+            for t in cohort.traces:
+                one = replace(cohort, traces=(t,), reprobe_ids=cohort.reprobe_ids & {t.trace_id})
+                try:
+                    parts.append(self.fill(one, seed))
+                except Exception as e:
+                    reason = f"rollout failed unexpectedly: {e!r}"
+                    fx.dead_letters += self._reject_all([t], INTERNAL, "$", reason, now)
+        traces: list[Trace] = []
+        for part in parts:
+            for rej in part.rejected:
+                fx.dead_letters.append(self._reject_trace(rej, now))
+            traces += part.traces
+        return traces
+
+    def _features(
+        self, cohort: Cohort, traces: list[Trace], now: float, fx: Effects
+    ) -> tuple[list[Trace], dict[str, float]] | None:
+        if not self._enough(cohort, traces, now, fx):
+            return None
+        try:
+            return traces, {k: float(v) for k, v in self.featurize(traces).items()}
+        except Exception as first:
+            error: Exception = first
+        # Find the traces that break the features alone (a non-finite value,
+        # an exception): each is dead-lettered by itself, the rest go on.
+        kept: list[Trace] = []
+        for t in traces:
+            try:
+                self.featurize([t])
+            except Exception as e:
+                stage = "features" if isinstance(e, Rejection) else INTERNAL
+                field_name = str(getattr(e, "field", "$"))
+                reason = str(getattr(e, "reason", repr(e)))
+                fx.dead_letters += self._reject_all([t], stage, field_name, reason, now)
+                continue
+            kept.append(t)
+        if len(kept) < len(traces):
+            if not self._enough(cohort, kept, now, fx):
+                return None
+            try:
+                return kept, {k: float(v) for k, v in self.featurize(kept).items()}
+            except Exception as e:
+                error = e
+        # Only the traces together fail: the cohort as a whole is refused.
+        stage = "features" if isinstance(error, Rejection) else INTERNAL
+        reason = str(getattr(error, "reason", repr(error)))
+        fx.dead_letters += self._reject_all(kept, stage, "cohort", reason, now)
+        self._emit(ev.CohortRejected(cohort.cohort_id, stage, reason))
+        return None
+
+    def _enough(self, cohort: Cohort, traces: list[Trace], now: float, fx: Effects) -> bool:
+        """Whether ``traces`` are still a cohort; if not, they go back to cohorting.
+
+        The members lost were rejected for themselves: the others are
+        innocent, and are readmitted as if those had never arrived.
+        """
+        need = self.settings.cohorting.min_groups
+        if len(traces) >= need:
+            return True
+        reason = (
+            f"{len(traces)} of {cohort.n_groups} prompt groups left after rejections, "
+            f"under min_groups={need}: the rest are readmitted"
+        )
+        self._emit(ev.CohortRejected(cohort.cohort_id, "features", reason))
+        if traces:
+            originals = {t.trace_id: t for t in cohort.traces}
+            # As they arrived (rollouts are redone when the new cohort closes).
+            fx += self._cohort_events(
+                self.cohorts.readmit([originals[t.trace_id] for t in traces], now), now, None
+            )
+        return False
 
     def _decide(self, scored: Sequence[_Scored], now: float) -> Effects:
         fx = Effects()
         th = self.thresholds()
-        with self._timed("decision"):
-            decisions = self.decide(
-                [ScoredCohort(s.cohort.cohort_id, s.features, s.prediction) for s in scored],
-                th,
-                len(self.in_flight),
-                self.rng,
-            )
-        for s, d in zip(scored, decisions, strict=True):
-            record = DecisionRecord(
-                cohort_id=s.cohort.cohort_id,
-                ts=now,
-                slice_key=s.cohort.slice_key,
-                subject=s.cohort.subject,
-                n_groups=len(s.traces),
-                features=s.features,
-                predicted_lift=float(s.prediction.lift),
-                uncertainty=float(s.prediction.uncertainty),
-                stage=str(s.prediction.stage),
-                model_version=str(s.prediction.model_version),
-                recommendation=d.recommendation,
-                reason=d.reason,
-                selection=d.selection,
-                dispatched=bool(d.dispatch),
-                shadow=th.shadow_mode,
-                trace_ids=tuple(t.trace_id for t in s.traces),
-            )
-            fx.decisions.append(record)
-            self._emit(
-                ev.CohortScored(
-                    cohort_id=record.cohort_id,
-                    model_version=record.model_version,
-                    predicted_lift=record.predicted_lift,
-                    uncertainty=record.uncertainty,
-                    recommendation=d.recommendation,
-                    selection=d.selection,
-                    dispatched=record.dispatched,
-                    reason=d.reason,
+        try:
+            with self._timed("decision"):
+                decisions = list(
+                    self.decide(
+                        [
+                            ScoredCohort(s.cohort.cohort_id, s.features, s.prediction)
+                            for s in scored
+                        ],
+                        th,
+                        len(self.in_flight),
+                        self.rng,
+                    )
                 )
+            if len(decisions) != len(scored):
+                raise ValueError(f"{len(decisions)} decisions for {len(scored)} cohorts")
+        except Exception as e:
+            for s in scored:
+                reason = f"decision failed unexpectedly: {e!r}"
+                fx.dead_letters += self._reject_all(s.traces, INTERNAL, "$", reason, now)
+                self._emit(ev.CohortRejected(s.cohort.cohort_id, INTERNAL, reason))
+            return fx
+        for s, d in zip(scored, decisions, strict=True):
+            try:
+                fx += self._record(s, d, th, now)
+            except Exception as e:
+                reason = f"recording the decision failed unexpectedly: {e!r}"
+                fx.dead_letters += self._reject_all(s.traces, INTERNAL, "$", reason, now)
+                self._emit(ev.CohortRejected(s.cohort.cohort_id, INTERNAL, reason))
+        return fx
+
+    def _record(self, s: _Scored, d: Any, th: Thresholds, now: float) -> Effects:
+        """The decision record of one cohort and, if chosen, its dispatch."""
+        fx = Effects()
+        dispatch: Dispatch | None = None
+        if d.dispatch and d.selection is not None:
+            # Built and size-checked before anything is recorded: a dispatch
+            # that cannot be sent is refused here, holding no slot (the cohort
+            # builder bounds cohorts so that this does not happen).
+            try:
+                dispatch = dispatch_for(
+                    s.cohort,
+                    s.traces,
+                    s.features,
+                    s.prediction,
+                    d.recommendation,
+                    d.selection,
+                    now,
+                )
+                encode(dispatch)
+            except Exception as e:
+                field_name = str(getattr(e, "field", "$"))
+                reason = f"the cohort's dispatch cannot be sent: {getattr(e, 'reason', e)}"
+                fx.dead_letters += self._reject_all(s.traces, "dispatch", field_name, reason, now)
+                self._emit(ev.CohortRejected(s.cohort.cohort_id, "dispatch", reason))
+                return fx
+        lift, spread = float(s.prediction.lift), float(s.prediction.uncertainty)
+        if not (math.isfinite(lift) and math.isfinite(spread)):
+            # The decision record must go out as JSON: refuse it here, not at send time.
+            raise ValueError(f"prediction is not finite (lift {lift}, uncertainty {spread})")
+        record = DecisionRecord(
+            cohort_id=s.cohort.cohort_id,
+            ts=now,
+            slice_key=s.cohort.slice_key,
+            subject=s.cohort.subject,
+            n_groups=len(s.traces),
+            features=s.features,
+            predicted_lift=lift,
+            uncertainty=spread,
+            stage=str(s.prediction.stage),
+            model_version=str(s.prediction.model_version),
+            recommendation=d.recommendation,
+            reason=d.reason,
+            selection=d.selection,
+            dispatched=dispatch is not None,
+            shadow=th.shadow_mode,
+            trace_ids=tuple(t.trace_id for t in s.traces),
+        )
+        fx.decisions.append(record)
+        for t in s.traces:  # decided: their originals are no longer needed
+            self._origins.pop(t.trace_id, None)
+        self._emit(
+            ev.CohortScored(
+                cohort_id=record.cohort_id,
+                model_version=record.model_version,
+                predicted_lift=record.predicted_lift,
+                uncertainty=record.uncertainty,
+                recommendation=d.recommendation,
+                selection=d.selection,
+                dispatched=record.dispatched,
+                reason=d.reason,
             )
-            if not d.dispatch or d.selection is None:
-                continue
-            dispatch = dispatch_for(
-                s.cohort, s.traces, s.features, s.prediction, d.recommendation, d.selection, now
-            )
+        )
+        if dispatch is not None and d.selection is not None:
             fx.dispatches.append(dispatch)
             self.in_flight[dispatch.cohort_id] = InFlight(
                 dispatch.cohort_id, d.selection, dispatch.predicted_lift, now
@@ -564,40 +753,38 @@ class Scorer:
         fx = Effects()
         for rec in records:
             if rec.topic == self.settings.topics.dlq:
-                self._release_rejected(rec)
+                # Never dead-letter a dead letter: at worst the lease frees the slot.
+                with contextlib.suppress(Exception):
+                    self._release_rejected(rec)
                 continue
             with self._timed("lift"):
-                try:
-                    lift = decode(rec.value, LiftResult)
-                except SchemaError as e:
-                    fx.dead_letters.append(dead_letter(rec, "lift", e.field, e.reason, now))
-                    self._emit(ev.TraceRejected("lift", e.field, e.reason, offset=rec.offset))
+                lift = decode_record(rec, LiftResult, "lift", now)
+                if isinstance(lift, Poison):
+                    self._poison(lift, rec, fx)
                     continue
                 try:
                     fx += self._learn(lift, now)
-                except ValueError as e:
+                except Exception as e:
                     # A label the predictor cannot use (a feature missing or
                     # not finite) is kept, not learned, and the slot freed.
-                    field_name = str(getattr(e, "field", "features"))
-                    reason = str(getattr(e, "reason", e))
-                    fx.dead_letters.append(dead_letter(rec, "lift", field_name, reason, now))
-                    self._emit(
-                        ev.TraceRejected("lift", field_name, reason, trace_id=lift.cohort_id)
-                    )
+                    stage = "lift" if isinstance(e, ValueError) else INTERNAL
+                    field_name = str(getattr(e, "field", "features" if stage == "lift" else "$"))
+                    reason = str(getattr(e, "reason", e if stage == "lift" else repr(e)))
+                    fx.dead_letters.append(dead_letter(rec, stage, field_name, reason, now))
+                    self._emit(ev.TraceRejected(stage, field_name, reason, trace_id=lift.cohort_id))
         return self._done(fx)
 
     def _release_rejected(self, rec: Record) -> None:
         # Never dead-letter a dead letter: anything unreadable here is not ours.
-        try:
-            letter = decode(rec.value, DeadLetter)
-        except SchemaError:
+        letter = decode_record(rec, DeadLetter)
+        if isinstance(letter, Poison) or letter.source_topic != self.settings.topics.dispatch:
             return
-        if letter.source_topic != self.settings.topics.dispatch:
+        rejected = decode_or_dead_letter(
+            original(letter), Dispatch, topic=letter.source_topic, partition=0, offset=0, ts=0.0
+        )
+        if isinstance(rejected, Poison):
             return
-        try:
-            cohort_id = decode(original(letter), Dispatch).cohort_id
-        except (SchemaError, ValueError):
-            return
+        cohort_id = rejected.cohort_id
         if self.in_flight.pop(cohort_id, None) is not None:
             self._emit(ev.DispatchReleased(cohort_id, "rejected", letter.reason))
 
@@ -619,21 +806,25 @@ class Scorer:
         selection = flight.selection if flight else lift.selection
         # Learned first: a label the predictor refuses (ValueError) is a dead
         # letter, and is not remembered as learned.
-        self.predictor.learn(dict(lift.features), lift.nll_lift, selection)
+        # The primary label: the lift on the cohort's target when the trainer
+        # measured one (LiftResult.label), else on the whole probe.
+        self.predictor.learn(dict(lift.features), lift.label, selection)
         self.learned[lift.cohort_id] = None
         while len(self.learned) > LEARNED_WINDOW:
             self.learned.popitem(last=False)
         if lift.policy_version_after:
             self.cohorts.set_policy_version(lift.policy_version_after)
         # The label goes out (tap.labels, and the shell's label store) in the
-        # same transaction as the snapshot that remembers it as learned.
+        # same transaction as the snapshot that remembers it as learned. It is
+        # a function of the lift alone (its ts too): every replica learns every
+        # lift and publishes the byte-identical label, compacted by cohort id.
         fx.labels.append(
             Label(
                 cohort_id=lift.cohort_id,
-                ts=now,
+                ts=lift.ts,
                 features=dict(lift.features),
                 feature_schema=lift.feature_schema,
-                realized_lift=lift.nll_lift,
+                realized_lift=lift.label,
                 predicted_lift=lift.predicted_lift,
                 selection=selection,
                 model_version=lift.model_version,
@@ -641,7 +832,7 @@ class Scorer:
         )
         self._emit(
             ev.LiftLearned(
-                lift.cohort_id, lift.model_version, lift.nll_lift, lift.predicted_lift, selection
+                lift.cohort_id, lift.model_version, lift.label, lift.predicted_lift, selection
             )
         )
         return fx
@@ -651,39 +842,91 @@ class Scorer:
     def snapshot(self) -> dict[str, Any]:
         return {
             "schema": SNAPSHOT_SCHEMA,
-            "cohorts": self.cohorts.snapshot(),
+            # Open and queued traces as their original messages and origins:
+            # a restore decodes them again, so nothing but the bytes is kept.
+            "cohorts": self.cohorts.snapshot(self._ref),
             "pending": [self._pending_json(c) for c in self.pending],
             "in_flight": [
                 [f.cohort_id, f.selection, f.predicted_lift, f.dispatched_ts]
                 for f in self.in_flight.values()
             ],
             "learned": list(self.learned),
-            "origins": {k: [o.topic, o.partition, o.offset] for k, o in self._origins.items()},
             "rng": _rng_state(self.rng),
         }
+
+    def _ref(self, trace: Trace) -> Any:
+        origin = self._origins.get(trace.trace_id)
+        if origin is None:  # never for a trace read from a log; kept restorable anyway
+            return trace.model_dump(mode="json", by_alias=True)
+        return origin.ref()
 
     def _pending_json(self, c: Cohort) -> dict[str, Any]:
         # Queued cohorts are immutable and re-snapshotted every batch until
         # scored: serialize each once.
         body = self._json_cache.get(c.cohort_id)
         if body is None:
-            body = self._json_cache[c.cohort_id] = _cohort_json(c)
+            body = self._json_cache[c.cohort_id] = _cohort_json(c, self._ref)
         return body
 
     def restore(self, snap: Mapping[str, Any]) -> None:
+        """Replace the state with a snapshot's.
+
+        A trace that no longer decodes (the schema became stricter since it
+        was stored) is not restored: it is dead-lettered, with its original
+        bytes, in the effects of the next call.
+        """
         if snap.get("schema") != SNAPSHOT_SCHEMA:
             raise ValueError(f"schema: expected {SNAPSHOT_SCHEMA!r}, got {snap.get('schema')!r}")
-        self.cohorts.restore(dict(snap["cohorts"]))
-        self.pending = deque(_cohort_from(c) for c in snap["pending"])
+        self._origins = {}
+        self._unrestored = []
+        # Snapshots written before originals were kept: origins without bytes.
+        legacy = {str(k): v for k, v in snap.get("origins", {}).items()}
+        restore = lambda ref: self._restore_trace(ref, legacy)  # noqa: E731
+        self.cohorts.restore(dict(snap["cohorts"]), restore)
+        self.pending = deque(
+            c for c in (_cohort_from(d, restore) for d in snap["pending"]) if c is not None
+        )
         self.in_flight = OrderedDict(
             (c, InFlight(c, s, float(p), float(t))) for c, s, p, t in snap["in_flight"]
         )
         self.learned = OrderedDict.fromkeys(snap["learned"])
-        self._origins = {
-            k: _Origin(v[0], int(v[1]), int(v[2])) for k, v in snap.get("origins", {}).items()
-        }
         if "rng" in snap:
             self.rng.setstate(_rng_from(snap["rng"]))
+
+    def _restore_trace(self, ref: Any, legacy: Mapping[str, Any]) -> Trace | None:
+        if isinstance(ref, list):  # [topic, partition, offset, original text]
+            rec = Record(str(ref[0]), int(ref[1]), int(ref[2]), None, str(ref[3]).encode(), 0)
+            got = decode_record(rec, Trace, "decode", 0.0)
+            if isinstance(got, Poison):
+                self._unrestored.append((rec, got.stage, got.field, got.reason))
+                return None
+            self._origins[got.trace_id] = _Origin(rec.topic, rec.partition, rec.offset, rec.value)
+            return got
+        try:
+            trace = Trace.model_validate(ref)
+        except Exception as e:
+            raw = json.dumps(ref, separators=(",", ":"), allow_nan=False).encode()
+            where = Record(self.settings.topics.traces, -1, -1, None, raw, 0)
+            self._unrestored.append((where, "decode", "$", f"not restorable: {e!r}"))
+            return None
+        o = legacy.get(trace.trace_id)
+        if o is not None:
+            try:
+                raw = encode(trace)
+            except Exception:
+                raw = json.dumps({"trace_id": trace.trace_id}).encode()
+            self._origins[trace.trace_id] = _Origin(str(o[0]), int(o[1]), int(o[2]), raw, False)
+        return trace
+
+    def _restored_letters(self, now: float) -> Effects:
+        """Dead letters for the traces a restore could not bring back (once)."""
+        fx = Effects()
+        if self._unrestored:
+            for rec, stage, field_name, reason in self._unrestored:
+                fx.dead_letters.append(dead_letter(rec, stage, field_name, reason, now))
+                self._emit(ev.TraceRejected(stage, field_name, reason, offset=rec.offset))
+            self._unrestored = []
+        return fx
 
     # --- events ----------------------------------------------------------------
 

@@ -29,6 +29,8 @@ PIPELINE_STAGES = (
     "decision",
     "dispatch",
     "lift",
+    # A failure nobody foresaw (a bug): still a dead letter and a metric.
+    "internal",
 )
 # The predictor's stages, in the order the router hands over between them.
 PREDICTOR_STAGES = ("heuristic", "river", "lightgbm")

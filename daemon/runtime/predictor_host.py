@@ -1,7 +1,8 @@
 """The shell around the pure predictor: snapshots on disk, refits on a worker thread.
 
 :class:`daemon.core.predictor.Predictor` only computes. This host owns what
-it must not do itself:
+it must not do itself, and is what the scorer calls its predictor (it keeps
+the ``predict`` / ``learn`` contract):
 
 * **Restore.** :meth:`PredictorHost.open` loads the latest snapshot from the
   :class:`~daemon.runtime.modelstore.ModelStore` and replays the labels the
@@ -9,21 +10,27 @@ it must not do itself:
 * **Checkpoints.** After each persisted batch (:meth:`after_batch`), a
   predictor whose version changed (a promotion) is snapshotted, with the
   sequence number of the last label it has learned.
-* **Refits.** A refit due by label count, drift, or time
-  (``predictor.refit_every_s`` since the last one, with new labels) runs as a
-  job on one worker thread; the loop thread applies the result at its next
-  batch. The job works on copies, so scoring never waits for LightGBM.
+* **Refits, the same on every replica.** A refit is due by label count or
+  by drift (both functions of the label sequence alone; no clock). It starts
+  as a job on one worker thread right after the label that made it due, on
+  a copy of the labels so far, and its result is applied at the latest just
+  before the next label is learned (waiting for the job if it is still
+  running). So the model that learns label ``n + 1`` is a function of labels
+  ``1..n`` only: replicas that learn the same label sequence (the lift topic,
+  one partition) hold the same model versions at every label count, while
+  scoring never waits for LightGBM between labels.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 from daemon.config import PredictorSettings
 from daemon.core.pipeline import Label
-from daemon.core.predictor import Predictor, RefitResult
+from daemon.core.predictor import Prediction, Predictor, RefitResult
 from daemon.runtime.logging import get_logger
 from daemon.runtime.modelstore import ModelStore
 
@@ -37,15 +44,12 @@ class PredictorHost:
         store: ModelStore | None,
         *,
         background: bool = True,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.predictor = predictor
         self.store = store
         self.background = background
-        self.clock = clock
         predictor.inline_refits = not background
         self._checkpointed_version = predictor.version
-        self._refit_at = clock()
         self._pool: ThreadPoolExecutor | None = None
         self._future: Future[RefitResult] | None = None
         self._started: float = 0.0
@@ -58,9 +62,12 @@ class PredictorHost:
         labels: Iterable[tuple[int, Label]],
         *,
         background: bool = True,
-        clock: Callable[[], float] = time.monotonic,
     ) -> PredictorHost:
-        """Resume from the latest snapshot and replay the stored labels after it."""
+        """Resume from the latest snapshot and replay the stored labels after it.
+
+        The replay refits inline: a refit applied at label ``n`` rather than
+        just before ``n + 1`` leaves the same model at every label boundary.
+        """
         predictor = Predictor(settings, inline_refits=True)
         snap = store.load() if store is not None else None
         if snap is not None:
@@ -72,7 +79,7 @@ class PredictorHost:
             predictor.learn(label.features, label.realized_lift, label.selection)
             predictor.label_seq = seq
             n += 1
-        host = cls(predictor, store, background=background, clock=clock)
+        host = cls(predictor, store, background=background)
         if n:
             host.checkpoint()
         log.info(
@@ -83,6 +90,56 @@ class PredictorHost:
             replayed=n,
         )
         return host
+
+    # --- the predictor contract (what the scorer calls) -----------------------
+
+    def predict(self, features: Mapping[str, float]) -> Prediction:
+        return self.predictor.predict(features)
+
+    def learn(
+        self, features: Mapping[str, float], realized_lift: float, selection: str = "exploit"
+    ) -> None:
+        # The refit started after the previous label is part of the model
+        # that learns this one, on every replica alike.
+        self.poll_refit(wait=True)
+        self.predictor.learn(features, realized_lift, selection)
+        if self.background and self.predictor.refit_due():
+            self.start_refit()
+
+    # What the metrics read (daemon.service.scorer.publish_predictor).
+    @property
+    def quality(self) -> Any:
+        return self.predictor.quality
+
+    @property
+    def n_labels(self) -> int:
+        return self.predictor.n_labels
+
+    @property
+    def version(self) -> int:
+        return self.predictor.version
+
+    @property
+    def model_version(self) -> str:
+        return self.predictor.model_version
+
+    @property
+    def stage(self) -> str:
+        return self.predictor.stage
+
+    @property
+    def drift_detected(self) -> int:
+        return self.predictor.drift_detected
+
+    @property
+    def refits(self) -> dict[str, int]:
+        return self.predictor.refits
+
+    @property
+    def refit_running(self) -> bool:
+        return self._future is not None
+
+    # --- the shell ------------------------------------------------------------
 
     def checkpoint(self) -> str | None:
         if self.store is None:
@@ -97,21 +154,13 @@ class PredictorHost:
         if label_seq is not None and label_seq > p.label_seq:
             p.label_seq = label_seq
         self.poll_refit()
-        if self.background:
-            now = self.clock()
-            timed = (
-                p.new_labels_since_refit > 0
-                and p.n_labels >= p.settings.lgbm_after
-                and now - self._refit_at >= p.settings.refit_every_s
-            )
-            if self._future is None and (p.refit_due() or timed):
-                self.start_refit()
-        if p.version != self._checkpointed_version:
+        # A snapshot never holds a refit in flight: restored, it could not
+        # finish it, and would diverge from the replicas that did.
+        if self._future is None and p.version != self._checkpointed_version:
             self.checkpoint()
 
     def start_refit(self) -> None:
         job = self.predictor.refit_job()
-        self._refit_at = self.clock()
         self._started = time.perf_counter()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tapd-refit")
@@ -136,14 +185,15 @@ class PredictorHost:
             else ("promoted" if applied.promoted else "rejected"),
             seconds=round(time.perf_counter() - self._started, 3),
             model_version=self.predictor.model_version,
+            labels=self.predictor.n_labels,
             **({} if applied is None else {"candidate_score": applied.candidate_score}),
         )
         return applied
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
         self.poll_refit(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         if self.predictor.version != self._checkpointed_version:
             self.checkpoint()

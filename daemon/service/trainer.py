@@ -1,8 +1,8 @@
 """``tapd trainer``: the GRPO trainer process, a thin I/O shell.
 
     dispatch topic ──► decode + validate ──► CohortTrainer.on_dispatch ──► lift topic
-                           │ (bad)                                    flush, then commit
-                           └──► dead-letter topic
+                           │ (bad)                    │ kept version      flush, then commit
+                           └──► dead-letter topic     └──► policies topic (flushed first)
 
 One cohort at a time (``max_records=1``): a cohort takes seconds to minutes,
 and a consumer that held a batch would outlive ``max_poll_interval_ms``. The
@@ -11,9 +11,20 @@ order per dispatch is: the ledger records the result (inside
 is the dispatch offset committed. A crash anywhere redelivers the dispatch,
 and the ledger turns the redelivery into a re-publication of the same result.
 
-A bad dispatch never stops the process: it goes to the dead-letter topic with
-the field and the reason, and ``tapd_trainer_dead_letters_total`` counts it.
-SIGTERM lets the cohort in hand finish, commits, and closes.
+A bad dispatch never stops the process: it is decoded by the one
+poison-message mechanism (:func:`streams.deadletter.decode_record`), so any
+failure, foreseen or not, goes to the dead-letter topic with the stage, field
+and reason (stage ``internal`` for a failure nobody foresaw), and
+``tapd_trainer_dead_letters_total`` counts it. SIGTERM lets the cohort in hand
+finish, commits, and closes.
+
+Policy versions travel as records: every kept version is announced on the
+policies topic (version, URI, SHA-256, size; compacted by version) and
+flushed before the lift that names it, so a scorer that learns the new
+version from the lift can already load it. The store keeps the newest
+``policy.keep_versions`` checkpoints (and the one in use); the announcement
+of the current version is repeated at start, and a redelivered dispatch
+re-announces its version byte for byte.
 """
 
 from __future__ import annotations
@@ -28,12 +39,13 @@ from types import FrameType
 from typing import Any
 
 from daemon.config import TapdSettings
+from daemon.policy.store import version_number
 from daemon.runtime.logging import bind_ids, get_logger
 from daemon.runtime.metrics import TrainerMetrics
 from daemon.trainer.cohort import CohortTrainer, Handled
 from daemon.trainer.probe import Probe, VerifierLookup
-from streams.deadletter import dead_letter
-from streams.schemas import Dispatch, LiftResult, SchemaError, decode, encode
+from streams.deadletter import INTERNAL, Poison, dead_letter, dead_letter_key, decode_record
+from streams.schemas import DeadLetter, Dispatch, LiftResult, encode
 from streams.transport import Record, Transport, next_offsets
 
 log = get_logger("tapd.trainer")
@@ -48,27 +60,30 @@ class Rejected:
     reason: str
 
 
-def validate(raw: bytes, verifiers: VerifierLookup) -> Dispatch | Rejected:
-    """Decode a dispatch and check that every item's verifier can judge its reference."""
-    try:
-        dispatch = decode(raw, Dispatch)
-    except SchemaError as e:
-        return Rejected("decode", e.field, e.reason)
+def check_verifiers(dispatch: Dispatch, verifiers: VerifierLookup) -> Rejected | None:
+    """Why some item's verifier cannot judge its reference, if one cannot.
+
+    A verifier raises on what the task got wrong (unknown name, bad
+    arguments, unusable reference): find out before training, not in the
+    middle of a GRPO step. Any exception counts, not only the foreseen ones.
+    """
     for i, it in enumerate(dispatch.items):
         try:
-            # A verifier raises on what the task got wrong (unknown name, bad
-            # arguments, unusable reference); find out before training, not
-            # in the middle of a GRPO step.
             verifiers(it.verifier, dict(it.verifier_args))("", it.reference)
         except ValueError as e:
             sub = getattr(e, "field", "verifier")
             return Rejected("verifier", f"items[{i}].{sub}", str(getattr(e, "reason", e)))
-    return dispatch
+        except Exception as e:
+            return Rejected("verifier", f"items[{i}].verifier", f"verifier failed: {e!r}")
+    return None
 
 
-def _version_number(name: str) -> float:
-    digits = name.lstrip("v")
-    return float(digits) if digits.isdigit() else 0.0
+def validate(raw: bytes, verifiers: VerifierLookup) -> Dispatch | Rejected:
+    """Decode a dispatch and check that every item's verifier can judge its reference."""
+    decoded = decode_record(Record("dispatch", 0, 0, None, raw, 0), Dispatch, "decode", 0.0)
+    if isinstance(decoded, Poison):
+        return Rejected(decoded.stage, decoded.field, decoded.reason)
+    return check_verifiers(decoded, verifiers) or decoded
 
 
 class TrainerService:
@@ -97,17 +112,28 @@ class TrainerService:
         """Poll and handle at most one dispatch; the number of records handled."""
         records = self.consumer.poll(self.settings.service.poll_timeout_s, max_records=1)
         for record in records:
-            self._handle(record)
+            try:
+                self._handle(record)
+            except Exception as e:
+                # Whatever this record did, it must not be redelivered into a
+                # crash loop: it is dead-lettered, and the next one handled.
+                log.exception("dispatch_failed", error=repr(e))
+                self._reject(record, Rejected(INTERNAL, "$", f"handling failed: {e!r}"))
             self.producer.flush()
             self.consumer.commit(next_offsets([record]))
         return len(records)
 
     def _handle(self, record: Record) -> None:
         topics = self.settings.topics
-        checked = validate(record.value, self.verifiers)
-        if isinstance(checked, Rejected):
-            self._reject(record, checked)
+        decoded = decode_record(record, Dispatch, "decode", self.clock())
+        if isinstance(decoded, Poison):
+            self._send_letter(record, decoded.letter)
             return
+        problem = check_verifiers(decoded, self.verifiers)
+        if problem is not None:
+            self._reject(record, problem)
+            return
+        checked = decoded
         with bind_ids(cohort_id=checked.cohort_id, model_version=checked.model_version):
             try:
                 handled = self.trainer.on_dispatch(checked, self.clock())
@@ -116,18 +142,39 @@ class TrainerService:
                 self.metrics.cohorts.labels(outcome="failed").inc()
                 self._reject(record, Rejected("lift", "$", f"training failed: {e!r}"))
                 return
+            r = handled.result
+            if r.policy_version_after != r.policy_version_before:
+                self._announce(r.policy_version_after, checked.policy_version)
             self.producer.send(topics.lift, encode(handled.result), key=checked.cohort_id.encode())
             self._observe(handled)
 
-    def _reject(self, record: Record, rejected: Rejected) -> None:
-        log.warning(
-            "dispatch_rejected",
-            stage=rejected.stage,
-            field=rejected.field,
-            reason=rejected.reason,
-            partition=record.partition,
-            offset=record.offset,
+    def _announce(self, version: str, in_use: str = "") -> None:
+        """Publish a kept version's record and flush it (before any lift names it),
+        then apply the retention; v0 (the configured base policy) has none."""
+        n = version_number(version)
+        store = self.trainer.policies
+        described = store.describe(n) if n else None
+        if described is None:
+            return
+        self.producer.send(
+            self.settings.topics.policies, described.encode(), key=described.version.encode()
         )
+        self.producer.flush()
+        log.info(
+            "policy_announced",
+            policy_version=described.version,
+            uri=described.uri,
+            sha256=described.sha256,
+            size_bytes=described.size_bytes,
+        )
+        protect = {m for m in (n, version_number(in_use), self.trainer.version) if m}
+        gone = store.prune(self.settings.policy.keep_versions, protect)
+        if gone:
+            log.info("policy_versions_pruned", versions=[f"v{g}" for g in gone])
+        self.metrics.policy_store_bytes.set(store.disk_bytes())
+        self.metrics.policy_versions_stored.set(len(store.versions()))
+
+    def _reject(self, record: Record, rejected: Rejected) -> None:
         letter = dead_letter(
             record.value,
             topic=record.topic,
@@ -138,7 +185,18 @@ class TrainerService:
             reason=rejected.reason,
             ts=self.clock(),
         )
-        self.producer.send(self.settings.topics.dlq, encode(letter), key=record.key)
+        self._send_letter(record, letter)
+
+    def _send_letter(self, record: Record, letter: DeadLetter) -> None:
+        log.warning(
+            "dispatch_rejected",
+            stage=letter.stage,
+            field=letter.field,
+            reason=letter.reason,
+            partition=record.partition,
+            offset=record.offset,
+        )
+        self.producer.send(self.settings.topics.dlq, encode(letter), key=dead_letter_key(letter))
         self.metrics.dead_letters.inc()
 
     def _observe(self, handled: Handled) -> None:
@@ -149,6 +207,7 @@ class TrainerService:
             "policy_version_after": r.policy_version_after,
             "nll_lift": round(r.nll_lift, 5),
             "acc_lift": round(r.acc_lift, 4),
+            "target": r.target,
         }
         if handled.duplicate:
             m.cohorts.labels(outcome="duplicate").inc()
@@ -160,6 +219,16 @@ class TrainerService:
         m.cohort_seconds.observe(r.duration_s)
         m.nll_lift.observe(r.nll_lift)
         m.accuracy_lift.set(r.acc_lift)
+        for part, pl in (
+            ("target", r.target_lift),
+            ("transfer", r.transfer_lift),
+            ("collateral", r.collateral_lift),
+        ):
+            if pl is not None:
+                m.part_nll_lift.labels(part=part).observe(pl.nll_lift)
+                m.part_accuracy_lift.labels(part=part).set(pl.acc_lift)
+                fields[f"{part}_nll_lift"] = round(pl.nll_lift, 5)
+                fields[f"{part}_acc_lift"] = round(pl.acc_lift, 4)
         m.train_reward.labels(phase="before").set(r.train_reward_before)
         m.train_reward.labels(phase="after").set(r.train_reward_after)
         # Probe figures of the policy now in use (the pre-update one after a
@@ -168,12 +237,13 @@ class TrainerService:
         m.probe_nll.set(r.nll_after if kept else r.nll_before)
         m.probe_accuracy.set(r.acc_after if kept else r.acc_before)
         p = r.plasticity
-        m.dormant_fraction.set(p.dormant_fraction)
-        m.effective_rank.set(p.effective_rank)
-        m.weight_norm.set(p.weight_norm)
-        m.grad_norm.set(p.grad_norm)
-        m.entropy.set(p.policy_entropy)
-        m.policy_version.set(_version_number(self.trainer.policy_version))
+        if p is not None:
+            m.dormant_fraction.set(p.dormant_fraction)
+            m.effective_rank.set(p.effective_rank)
+            m.weight_norm.set(p.weight_norm)
+            m.grad_norm.set(p.grad_norm)
+            m.entropy.set(p.policy_entropy)
+        m.policy_version.set(version_number(self.trainer.policy_version) or 0)
         log.info(
             "cohort_trained",
             mode=r.mode,
@@ -187,6 +257,9 @@ class TrainerService:
 
     def run(self) -> None:
         """Until :meth:`stop`: the cohort in hand always finishes and is committed."""
+        # The version in use, announced again: a scorer that starts on an
+        # empty disk finds it even if the topic was recreated.
+        self._announce(self.trainer.policy_version)
         log.info(
             "trainer_started",
             mode=self.trainer.mode,
@@ -218,13 +291,15 @@ def build_trainer(settings: TapdSettings, state_dir: Path | None = None) -> Coho
     from daemon.policy.store import PolicyStore, format_prompt, load_policy, resolve_device
     from daemon.trainer.backend import make_backend
     from daemon.verify.registry import get_verifier
+    from daemon.verify.settings import configure as configure_verifiers
     from streams.probes import read_probe_file
 
+    configure_verifiers(settings.verify)  # caps on verifier_args, the code sandbox
     p = settings.policy
     if p.probe_path is None:
         raise ValueError("policy.probe_path: the trainer needs a probe file to measure lift on")
     probe_items = read_probe_file(p.probe_path)
-    model, tok = load_policy(p.model_path, resolve_device(p.device))
+    model, tok = load_policy(p.model_path, resolve_device(p.device), cache_dir=p.cache_dir)
     probe = Probe(
         probe_items,
         get_verifier,
@@ -245,7 +320,10 @@ def build_trainer(settings: TapdSettings, state_dir: Path | None = None) -> Coho
         trainer_id=t.trainer_id,
         format_prompt=format_prompt,
         backend=make_backend(t.backend),
-        policies=PolicyStore(settings.policy_store_dir() if state_dir is None else state / "checkpoints"),
+        policies=PolicyStore(
+            settings.policy_store_dir() if state_dir is None else state / "checkpoints"
+        ),
+        foothold_probability=t.foothold_probability,
     )
 
 

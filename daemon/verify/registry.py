@@ -15,38 +15,58 @@ Adding a verifier is therefore one module plus one entry-point line.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from streams.rejection import Rejection
+from daemon.verify.code import (
+    ExpectedValues,
+    Suite,
+    SuiteError,
+    Verdict,
+    extract_code,
+    inert,
+    judge,
+    parse_tests,
+)
+from daemon.verify.errors import (
+    BadReference,
+    SandboxUnavailable,
+    UnknownVerifier,
+    VerifierArgsError,
+    VerifierError,
+)
+from daemon.verify.sandbox import SandboxLimits, isolation
+from daemon.verify.settings import configure, current
+
+__all__ = [
+    "Args",
+    "BadReference",
+    "CodeVerifier",
+    "ProbeBudget",
+    "ProbeSkipped",
+    "SandboxUnavailable",
+    "UnknownVerifier",
+    "Verifier",
+    "VerifierArgsError",
+    "VerifierError",
+    "configure",
+    "extract_code",
+    "get_verifier",
+    "known_verifiers",
+    "parse_number",
+    "probe_verifier",
+    "register",
+]
 
 Verifier = Callable[[str, str], float]
 Args = Mapping[str, Any]
 Factory = Callable[[Args], Verifier]
 
 _REGISTRY: dict[str, Factory] = {}
-
-
-class VerifierError(Rejection):
-    """A verifier that cannot be built or cannot judge a reference."""
-
-
-class UnknownVerifier(VerifierError):
-    def __init__(self, name: str) -> None:
-        super().__init__(
-            "verifier", f"unknown verifier {name!r} (known: {', '.join(known_verifiers())})"
-        )
-
-
-class VerifierArgsError(VerifierError):
-    pass
-
-
-class BadReference(VerifierError):
-    def __init__(self, verifier: str, reason: str) -> None:
-        super().__init__("reference", f"{verifier}: {reason}")
 
 
 def register(name: str) -> Callable[[Factory], Factory]:
@@ -90,7 +110,7 @@ def get_verifier(name: str, args: Args | None = None) -> Verifier:
         _load_plugins()
         factory = _REGISTRY.get(name)
     if factory is None:
-        raise UnknownVerifier(name)
+        raise UnknownVerifier(name, known_verifiers())
     if args is not None and not isinstance(args, Mapping):
         raise VerifierArgsError("verifier_args", f"must be a mapping, got {type(args).__name__}")
     return factory(dict(args or {}))
@@ -112,6 +132,17 @@ def _number_arg(name: str, args: Args, key: str, default: float) -> float:
             f"verifier_args.{key}", f"{name}: must be a finite number >= 0, got {v!r}"
         )
     return float(v)
+
+
+def _capped(name: str, args: Args, key: str, default: float, low: float, cap: float) -> float:
+    """A number argument from a trace, within [low, cap]; the cap comes from settings."""
+    v = _number_arg(name, args, key, default)
+    if v < low or v > cap:
+        raise VerifierArgsError(
+            f"verifier_args.{key}",
+            f"{name}: must be within {low:g}..{cap:g} (cap: verify.max_{key}), got {v:g}",
+        )
+    return v
 
 
 @register("exact")
@@ -198,54 +229,193 @@ def _mcq(args: Args) -> Verifier:
     return verify
 
 
+def _re2_options() -> Any:
+    import re2
+
+    o = re2.Options()
+    o.log_errors = False
+    o.max_mem = 8 << 20  # bounds the compiled automaton; bigger patterns are refused
+    return o
+
+
+@functools.lru_cache(maxsize=256)
+def _re2(pattern: str) -> Any:
+    import re2
+
+    return re2.compile(pattern, _re2_options())
+
+
 @register("regex")
 def _regex(args: Args) -> Verifier:
+    """Full match of the stripped completion; ``{ref}`` stands for the escaped reference.
+
+    Patterns run on RE2, whose matching time is linear in the input: a
+    trace-supplied ``(a+)+$`` cannot freeze the scorer. Its syntax has no
+    backreferences or lookaround; such patterns are refused with the reason.
+    """
+    import re2
+
+    s = current()
     _allow("regex", args, {"pattern"})
     pattern = args.get("pattern")
     if not isinstance(pattern, str) or not pattern:
         raise VerifierArgsError("verifier_args.pattern", "regex: a non-empty pattern is required")
+    if len(pattern) > s.max_pattern_chars:
+        raise VerifierArgsError(
+            "verifier_args.pattern",
+            f"regex: {len(pattern)} characters, over the cap of {s.max_pattern_chars} "
+            "(verify.max_pattern_chars)",
+        )
     try:
-        re.compile(pattern.replace("{ref}", ""))
-    except re.error as e:
-        raise VerifierArgsError("verifier_args.pattern", f"regex: does not compile: {e}") from None
+        _re2(pattern.replace("{ref}", ""))
+    except re2.error as e:
+        raise VerifierArgsError(
+            "verifier_args.pattern", f"regex: not accepted by the linear-time engine (RE2): {e}"
+        ) from None
 
     def verify(completion: str, reference: str) -> float:
-        rx = re.compile(pattern.replace("{ref}", re.escape(reference.strip())))
-        return float(rx.fullmatch(completion.strip()) is not None)
+        subject = completion.strip()
+        if len(subject) > s.max_subject_chars:
+            return 0.0
+        try:
+            rx = _re2(pattern.replace("{ref}", re2.escape(reference.strip())))
+        except re2.error as e:
+            raise BadReference("regex", f"the pattern with this reference fails: {e}") from None
+        return float(rx.fullmatch(subject) is not None)
 
     return verify
 
 
-_FENCE = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.DOTALL)
+class ProbeSkipped(Exception):
+    """A reward-trust probe not run: the cohort's sandbox budget is spent."""
 
 
-def extract_code(completion: str) -> str:
-    """The code of a completion, from its first markdown fence if it has one."""
-    m = _FENCE.search(completion)
-    return m.group(1) if m else completion
+class ProbeBudget:
+    """Sandbox runs one reward-trust computation may spend (``verify.probe_max_runs``)."""
+
+    def __init__(self, runs: int | None = None) -> None:
+        self.left = current().probe_max_runs if runs is None else runs
+        self._lock = threading.Lock()
+
+    def spend(self) -> None:
+        with self._lock:
+            if self.left <= 0:
+                raise ProbeSkipped
+            self.left -= 1
+
+
+class CodeVerifier:
+    """``code``: runs the completion against assert tests in the sandbox.
+
+    Arguments (each checked against ``TapdSettings.verify``): ``tests`` (a
+    list of assert/import lines; without it the reference holds them),
+    ``timeout_s`` (CPU seconds per run) and ``memory_mb``.
+    """
+
+    def __init__(self, args: Args, limits: SandboxLimits | None = None) -> None:
+        s = current()
+        _allow("code", args, {"tests", "timeout_s", "memory_mb"})
+        tests = args.get("tests")
+        if tests is not None and (
+            not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests)
+        ):
+            raise VerifierArgsError(
+                "verifier_args.tests", "code: must be a non-empty list of strings"
+            )
+        self.timeout_s = _capped(
+            "code", args, "timeout_s", s.default_timeout_s, 0.05, s.max_timeout_s
+        )
+        memory = _capped("code", args, "memory_mb", s.default_memory_mb, 64, s.max_memory_mb)
+        self.limits = limits or SandboxLimits.from_settings(
+            s, timeout_s=self.timeout_s, memory_mb=int(memory)
+        )
+        self.max_code_chars = s.max_code_chars
+        self._max = (s.max_tests, s.max_test_chars)
+        self._fixed: tuple[Suite, ExpectedValues] | None = None
+        self._by_reference: dict[str, tuple[Suite, ExpectedValues]] = {}
+        if tests is not None:
+            try:
+                self._fixed = self._suite("\n".join(tests))
+            except SuiteError as e:
+                raise VerifierArgsError("verifier_args.tests", f"code: {e}") from None
+        isolation(s)  # refuse here, naming the setting, if this host cannot isolate code
+
+    def _suite(self, text: str) -> tuple[Suite, ExpectedValues]:
+        suite = parse_tests(text, max_tests=self._max[0], max_chars=self._max[1])
+        return suite, ExpectedValues(suite, self.limits)
+
+    def suite_for(self, reference: str) -> tuple[Suite, ExpectedValues]:
+        if self._fixed is not None:
+            return self._fixed
+        if reference not in self._by_reference:
+            if "assert" not in reference:
+                raise BadReference("code", "no tests: give verifier_args.tests or assert lines")
+            try:
+                parsed = self._suite(reference)
+            except SuiteError as e:
+                raise BadReference("code", str(e)) from None
+            if len(self._by_reference) >= 64:
+                self._by_reference.pop(next(iter(self._by_reference)))
+            self._by_reference[reference] = parsed
+        return self._by_reference[reference]
+
+    def verdict(self, completion: str, reference: str) -> Verdict:
+        suite, expected = self.suite_for(reference)
+        code = extract_code(completion)
+        if len(code) > self.max_code_chars:
+            return Verdict(0, len(suite.checks), "code over verify.max_code_chars", None)
+        try:
+            return judge(code, suite, expected, self.limits)
+        except SuiteError as e:
+            field = "verifier_args.tests" if self._fixed is not None else "reference"
+            if field == "reference":
+                raise BadReference("code", str(e)) from None
+            raise VerifierArgsError(field, f"code: {e}") from None
+
+    def __call__(self, completion: str, reference: str) -> float:
+        return self.verdict(completion, reference).reward
+
+    def for_probe(self, budget: ProbeBudget) -> Verifier:
+        """This verifier with the probe's time limit, spending ``budget`` per sandbox run."""
+        s = current()
+        probe = CodeVerifier.__new__(CodeVerifier)
+        probe.__dict__.update(self.__dict__)
+        probe.limits = SandboxLimits.from_settings(
+            s,
+            timeout_s=min(self.timeout_s, s.probe_timeout_s),
+            memory_mb=self.limits.memory_mb,
+        )
+        probe._by_reference = {}
+        if self._fixed is not None:
+            probe._fixed = (self._fixed[0], ExpectedValues(self._fixed[0], probe.limits))
+
+        def verify(completion: str, reference: str) -> float:
+            _, expected = probe.suite_for(reference)
+            code = extract_code(completion)
+            if inert(code) or len(code) > self.max_code_chars:
+                return 0.0
+            if not expected.known:
+                budget.spend()  # the tests' own run
+            budget.spend()
+            return probe(completion, reference)
+
+        return verify
 
 
 @register("code")
 def _code(args: Args) -> Verifier:
-    from daemon.verify.sandbox import SandboxLimits, run_python
+    return CodeVerifier(args)
 
-    _allow("code", args, {"tests", "timeout_s", "memory_mb"})
-    tests = args.get("tests")
-    if tests is not None and (
-        not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests)
-    ):
-        raise VerifierArgsError("verifier_args.tests", "code: must be a non-empty list of strings")
-    timeout = _number_arg("code", args, "timeout_s", 2.0)
-    memory_mb = int(_number_arg("code", args, "memory_mb", 256))
-    if memory_mb < 64:
-        raise VerifierArgsError("verifier_args.memory_mb", "code: the interpreter needs >= 64")
-    limits = SandboxLimits(cpu_s=timeout, wall_s=timeout * 2 + 1, memory_mb=memory_mb)
 
-    def verify(completion: str, reference: str) -> float:
-        suite = "\n".join(tests) if tests is not None else reference
-        if "assert" not in suite:
-            raise BadReference("code", "no tests: give verifier_args.tests or assert lines")
-        program = extract_code(completion) + "\n\n" + suite + "\n"
-        return float(run_python(program, limits).ok)
+def probe_verifier(name: str, args: Args | None, budget: ProbeBudget) -> Verifier:
+    """The verifier as reward-trust probing should run it: sandboxed code runs are
+    capped in time (``verify.probe_timeout_s``) and number (``budget``);
+    past the budget a probe raises :class:`ProbeSkipped`."""
+    verifier = get_verifier(name, args)
+    if isinstance(verifier, CodeVerifier):
+        return verifier.for_probe(budget)
+    return verifier
 
-    return verify
+
+# Product verifiers that live in their own module (optional dependencies import on use).
+from daemon.verify import reasoning_gym as _reasoning_gym  # noqa: E402, F401

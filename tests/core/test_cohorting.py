@@ -15,6 +15,7 @@ from daemon.core.cohorting import (
     Closed,
     Cohort,
     CohortBuilder,
+    Conflict,
     Duplicate,
     Event,
     Rejected,
@@ -23,7 +24,7 @@ from daemon.core.cohorting import (
     slice_key_of,
     validate_slice_key,
 )
-from streams.schemas import Trace
+from streams.schemas import DISPATCH_ENVELOPE_BYTES, Trace, dispatch_item_bytes
 
 
 def _trace(
@@ -312,3 +313,103 @@ def test_every_trace_meets_one_fate_and_snapshots_change_nothing(
             fates[e.trace.trace_id] = fates.get(e.trace.trace_id, 0) + 1
     assert set(fates) == {f"t{tid}" for tid, _, _ in ops}
     assert all(n == 1 for n in fates.values())
+
+
+# --- issue 13: conflicting duplicates, dispatch bound, readmission ------------------
+
+
+def test_a_reused_trace_id_with_other_content_is_a_conflict_not_a_duplicate() -> None:
+    b = CohortBuilder(_settings(), "p1")
+    assert b.on_item(_trace("t0"), 0.0, digest="sha256:aaaa") == []
+    # The same bytes again (a redelivery): a duplicate, silently harmless.
+    assert b.on_item(_trace("t0"), 1.0, digest="sha256:aaaa") == [Duplicate("t0")]
+    other = _trace("t0", verifier="numeric")
+    [conflict] = b.on_item(other, 2.0, digest="sha256:bbbb")
+    assert isinstance(conflict, Conflict) and conflict.trace is other
+    assert "sha256:aaaa" in conflict.reason and "sha256:bbbb" in conflict.reason
+    # Without digests (a snapshot from before they were kept) it can only be a duplicate.
+    assert b.on_item(other, 3.0) == [Duplicate("t0")]
+    # After the first copy's cohort closed, the digest is still remembered.
+    for i in range(1, 4):
+        b.on_item(_trace(f"t{i}"), 4.0, digest=f"sha256:{i}")
+    assert b.n_open == 0
+    restored = CohortBuilder(_settings(), "p1")
+    restored.restore(json.loads(json.dumps(b.snapshot())))
+    [again] = restored.on_item(other, 5.0, digest="sha256:bbbb")
+    assert isinstance(again, Conflict) and again.first_digest == "sha256:aaaa"
+
+
+def _sized(tid: str, chars: int, task_type: str = "add") -> Trace:
+    return _trace(tid, task_type=task_type).model_copy(update={"prompt": "p" * chars})
+
+
+def test_a_cohort_never_outgrows_one_dispatch_message() -> None:
+    budget = 5_000
+    b = CohortBuilder(
+        _settings(max_groups=256), "p1", max_dispatch_bytes=DISPATCH_ENVELOPE_BYTES + budget
+    )
+    assert b.item_budget == budget
+    events: list[Event] = []
+    traces = [_sized(f"t{i}", 1_500) for i in range(10)]
+    for i, t in enumerate(traces):
+        events += b.on_item(t, float(i))
+    events += b.flush_all()
+    cohorts = _closed(events)
+    # ~1,550 bytes per item: three fit in 5,000, the fourth opens the next cohort.
+    assert [len(c.traces) for c in cohorts] == [3, 3, 3]
+    assert [c.cause for c in cohorts] == ["size", "size", "size"]
+    for c in cohorts:
+        assert sum(dispatch_item_bytes(t) for t in c.traces) <= budget
+    rejected = [e.trace.trace_id for e in events if isinstance(e, Rejected)]
+    members = [t.trace_id for c in cohorts for t in c.traces]
+    assert sorted(members + rejected) == sorted(t.trace_id for t in traces)  # one fate each
+
+
+def test_a_trace_too_big_for_any_dispatch_is_rejected_alone() -> None:
+    b = CohortBuilder(_settings(), "p1", max_dispatch_bytes=DISPATCH_ENVELOPE_BYTES + 2_000)
+    b.on_item(_sized("small", 10), 0.0)
+    [rej] = b.on_item(_sized("huge", 3_000), 1.0)
+    assert isinstance(rej, Rejected) and rej.field == "prompt"
+    assert "over the 2000 bytes" in rej.reason
+    assert b.n_open_traces == 1  # the small one is untouched
+    assert b.on_item(_sized("huge", 3_000), 2.0) == [Duplicate("huge")]
+
+
+def test_a_slice_key_too_long_for_a_dispatch_is_rejected() -> None:
+    b = CohortBuilder(_settings(), "p1")
+    t = _trace("t").model_copy(update={"subject": "s" * 128, "tags": {"task_type": "é" * 128}})
+    b2 = CohortBuilder(_settings(slice_key=("subject", *(f"tags.k{i}" for i in range(9)))), "p1")
+    long = t.model_copy(update={"tags": {f"k{i}": "x" * 128 for i in range(9)}})
+    [rej] = b2.on_item(long, 0.0)
+    assert isinstance(rej, Rejected) and rej.field == "tags"
+    assert b.on_item(t, 0.0) == []  # a long but acceptable key
+
+
+def test_readmitted_traces_are_open_again_and_meet_one_fate() -> None:
+    b = CohortBuilder(_settings(), "p1")
+    events: list[Event] = []
+    for i in range(4):
+        events += b.on_item(_trace(f"t{i}"), float(i), digest=f"d{i}")
+    [c] = _closed(events)
+    assert not b.holds("t1")
+    # Two members were rejected downstream; the other two are innocent.
+    assert b.readmit([c.traces[1], c.traces[3]], 5.0) == []
+    assert b.holds("t1") and b.holds("t3") and not b.holds("t0")
+    assert b.on_item(_trace("t1"), 6.0, digest="d1") == [Duplicate("t1")]
+    assert isinstance(b.on_item(_trace("t1"), 6.0, digest="x")[0], Conflict)
+    events = b.on_item(_trace("t4"), 7.0) + b.on_item(_trace("t5"), 7.0)
+    [again] = _closed(events)
+    assert sorted(t.trace_id for t in again.traces) == ["t1", "t3", "t4", "t5"]
+    assert again.cohort_id != c.cohort_id
+
+
+def test_snapshot_hooks_hold_traces_as_the_caller_wants() -> None:
+    b = CohortBuilder(_settings(), "p1")
+    b.on_item(_trace("keep"), 0.0, digest="d1")
+    b.on_item(_trace("gone"), 0.0, digest="d2")
+    snap = json.loads(json.dumps(b.snapshot(lambda t: ["ref", t.trace_id])))
+    assert snap["open"][0]["traces"] == [["ref", "keep"], ["ref", "gone"]]
+    restored = CohortBuilder(_settings(), "p1")
+    restored.restore(snap, lambda ref: _trace(ref[1]) if ref[1] == "keep" else None)
+    assert restored.holds("keep") and not restored.holds("gone")
+    assert isinstance(restored.on_item(_trace("keep"), 1.0, digest="zz")[0], Conflict)

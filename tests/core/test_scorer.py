@@ -7,6 +7,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from daemon.config import CohortingSettings, GRPOParams, TapdSettings, Thresholds
 from daemon.core.cohorting import CohortBuilder
 from daemon.core.decision import decide
@@ -19,10 +21,12 @@ from daemon.runtime.observe import observe
 from lab import tasks
 from streams.schemas import (
     LIFT_SCHEMA,
+    MAX_MESSAGE_BYTES,
     Attempt,
     DeadLetter,
     Dispatch,
     LiftResult,
+    SchemaError,
     Trace,
     decode,
     encode,
@@ -325,3 +329,323 @@ def test_an_overdue_dispatch_is_released_by_its_lease() -> None:
     # A late lift is still learned: the label is real, only the slot was reclaimed.
     fx = scorer.on_lift(_records([_lift(d, 0.2)]), 70.0)
     assert [lb.cohort_id for lb in fx.labels] == [d.cohort_id]
+
+
+# --- issue 13: hostile input never stops the pipeline, and harms no cohort-mate ---
+
+HUGE_INT = b"9" * 5_000  # over Python's 4,300-digit int-to-string limit
+
+
+def _raw(trace: Trace, **extra: Any) -> bytes:
+    d = json.loads(encode(trace))
+    d.update(extra)
+    return json.dumps(d).encode()
+
+
+def _fates(fxs: list[Effects]) -> tuple[dict[str, int], list[DeadLetter]]:
+    """How many decision records each trace id is in, and every dead letter."""
+    member: dict[str, int] = {}
+    letters: list[DeadLetter] = []
+    for fx in fxs:
+        for d in fx.decisions:
+            for tid in d.trace_ids:
+                member[tid] = member.get(tid, 0) + 1
+        letters += fx.dead_letters
+    return member, letters
+
+
+def test_a_poison_integer_on_every_topic_is_a_dead_letter_and_the_batch_goes_on() -> None:
+    settings = _settings()
+    metrics = ScorerMetrics()
+    scorer = _scorer(settings, metrics)
+    good = _traces("add", "2d_carry", 4, seed=1, passes=2)
+    poison_extra = _raw(good[0], trace_id="p1")[:-1] + b', "junk": ' + HUGE_INT + b"}"
+    poison_args = (
+        _raw(good[0], trace_id="p2")[:-1] + b', "verifier_args": {"n": ' + HUGE_INT + b"}}"
+    )
+    batch: list[Trace | bytes] = [good[0], poison_extra, good[1], poison_args, *good[2:]]
+    fx = scorer.on_traces(_records(batch), 1.0)
+    assert [(d.stage, d.field, d.offset) for d in fx.dead_letters] == [
+        ("decode", "junk", 1),
+        ("decode", "verifier_args.n", 3),
+    ]
+    assert [base64.b64decode(d.original_b64) for d in fx.dead_letters] == [
+        poison_extra,
+        poison_args,
+    ]
+    (d,) = scorer.step(2.0, 10).dispatches  # the valid traces after the poison are scored
+    assert sorted(i.trace_id for i in d.items) == sorted(t.trace_id for t in good)
+
+    # The lift topic: a dead letter; the dead-letter topic: ignored (never re-dead-lettered).
+    bad_lift = _lift(d, 0.1)[:-1] + b', "x": ' + HUGE_INT + b"}"
+    fx = scorer.on_lift(_records([bad_lift]), 3.0)
+    assert [(x.stage, x.field) for x in fx.dead_letters] == [("lift", "x")]
+    fx = scorer.on_lift(_dlq_records([b'{"schema":"tapd.dlq/1","n":' + HUGE_INT + b"}"]), 3.0)
+    assert not fx.dead_letters and d.cohort_id in scorer.in_flight
+    assert metrics.dead_letters.labels(stage="decode")._value.get() == 2
+    assert metrics.dead_letters.labels(stage="lift")._value.get() == 1
+    # The messages for all of it can be produced.
+    assert fx.messages(settings.topics) == []
+
+
+def _wide(traces: list[Trace], chars: int) -> list[Trace]:
+    """The traces with prompts and references of ``chars`` three-byte characters."""
+    return [
+        t.model_copy(update={"prompt": f"{t.prompt} " + "€" * chars, "reference": t.reference})
+        for t in traces
+    ]
+
+
+def test_a_cohort_too_big_for_one_dispatch_is_split_by_construction() -> None:
+    """Issue 13 item 3: traces with 32k-character prompts no longer vanish with their
+    cohort: ~97 kB per item, so 7 fit one dispatch and the 8th opens the next cohort."""
+    settings = _settings(max_in_flight=8)
+    settings = settings.model_copy(
+        update={"cohorting": CohortingSettings(max_groups=16, min_groups=2, max_age_s=60.0)}
+    )
+    scorer = _scorer(settings)
+    traces = _wide(_traces("add", "2d_carry", 14, seed=1, passes=2), 32_000)
+    fxs = [scorer.on_traces(_records(list(traces)), 1.0)]
+    assert len(scorer.pending) == 1  # closed by size at 7, before the 8th
+    fxs += [scorer.flush(2.0), scorer.step(3.0, 10)]
+    member, letters = _fates(fxs)
+    assert not letters
+    assert member == {t.trace_id: 1 for t in traces}  # every trace in exactly one cohort
+    dispatches = [d for fx in fxs for d in fx.dispatches]
+    assert [len(d.items) for d in dispatches] == [7, 7]
+    for d in dispatches:
+        assert len(encode(d)) <= MAX_MESSAGE_BYTES
+    assert set(scorer.in_flight) == {d.cohort_id for d in dispatches}
+    for fx in fxs:
+        fx.messages(settings.topics)  # all of it can be sent
+
+
+def test_a_dispatch_that_cannot_be_sent_is_refused_before_any_slot_is_taken() -> None:
+    """The last guard, should a cohort ever be built too big: its members are dead
+    letters with their original bytes, no slot is held, nothing raises."""
+    settings = _settings(max_in_flight=4)
+    settings = settings.model_copy(
+        update={"cohorting": CohortingSettings(max_groups=8, min_groups=2, max_age_s=60.0)}
+    )
+    scorer = _scorer(settings)
+    scorer.cohorts = CohortBuilder(settings.cohorting, "v0", max_dispatch_bytes=10**9)
+    traces = _wide(_traces("add", "2d_carry", 8, seed=1, passes=2), 32_000)
+    records = _records(list(traces))
+    scorer.on_traces(records, 1.0)
+    fx = scorer.step(2.0, 10)
+    assert not fx.dispatches and not fx.decisions and not scorer.in_flight
+    assert sorted(d.offset for d in fx.dead_letters) == list(range(8))
+    assert {(d.stage, d.field) for d in fx.dead_letters} == {("dispatch", "$")}
+    assert all("over the 700000-byte limit" in d.reason for d in fx.dead_letters)
+    by_offset = {d.offset: base64.b64decode(d.original_b64) for d in fx.dead_letters}
+    assert by_offset == {r.offset: r.value for r in records}
+    fx.messages(settings.topics)
+    assert scorer.accepting_traces()
+
+
+def test_a_valid_trace_whose_re_encoding_is_oversize_is_dead_lettered_whole() -> None:
+    """Issue 13 item 5: integer log-probs re-encode as floats, 1.7x bigger; the
+    dead letter carries the original, the snapshot too, and nothing raises."""
+    settings = _settings()
+    scorer = _scorer(settings)
+    (t,) = _traces("add", "2d_carry", 1, seed=1, passes=2)
+    d = json.loads(encode(t))
+    d["attempts"] = [
+        {"completion": "x", "reward": 0, "n_tokens": 8192, "token_logprobs": [-1] * 8192}
+        for _ in range(27)
+    ]
+    raw = json.dumps(d, separators=(",", ":")).encode()
+    assert len(raw) <= MAX_MESSAGE_BYTES
+    with pytest.raises(SchemaError, match="over the 700000-byte limit"):
+        encode(decode(raw, Trace))  # what the dead letter used to be built from
+    fx = scorer.on_traces(_records([raw], start=3), 1.0)
+    assert not fx.dead_letters and scorer.cohorts.n_open == 1
+    snap = json.loads(json.dumps(scorer.snapshot()))
+    again = _scorer(settings)
+    again.restore(snap)
+    fx = again.on_tick(1.0 + settings.cohorting.max_age_s)  # too small a cohort: dead letter
+    (letter,) = fx.dead_letters
+    assert (letter.stage, letter.offset) == ("cohorting", 3)
+    assert base64.b64decode(letter.original_b64) == raw
+    assert len(fx.messages(settings.topics)[0].value) < 990_000
+
+
+def _picky(bad: set[str], error: Exception) -> Callable[[Any], Any]:
+    """featurize, except that it fails whenever a trace in ``bad`` is in the cohort."""
+
+    def run(traces: Any) -> Any:
+        if any(t.trace_id in bad for t in traces):
+            raise error
+        return featurize(traces)
+
+    return run
+
+
+def test_a_trace_that_breaks_a_feature_is_dead_lettered_alone_and_the_cohort_goes_on() -> None:
+    """Issue 13 item 8: one poisoned trace no longer takes its cohort-mates with it."""
+    from daemon.core.features import FeatureError
+
+    settings = _settings()
+    metrics = ScorerMetrics()
+    scorer = _scorer(settings, metrics)
+    traces = _traces("add", "2d_carry", 4, seed=1, passes=2)
+    poisoned = traces[1].trace_id
+    scorer.featurize = _picky({poisoned}, FeatureError("features.mean_logprob", "computed -inf"))
+    records = _records(list(traces))
+    scorer.on_traces(records, 1.0)
+    fx = scorer.step(2.0, 10)
+    (letter,) = fx.dead_letters
+    assert (letter.stage, letter.field, letter.offset) == ("features", "features.mean_logprob", 1)
+    assert base64.b64decode(letter.original_b64) == records[1].value
+    (d,) = fx.dispatches
+    assert sorted(i.trace_id for i in d.items) == sorted(
+        t.trace_id for t in traces if t.trace_id != poisoned
+    )
+    assert metrics.dead_letters.labels(stage="features")._value.get() == 1
+
+
+def test_an_unforeseen_exception_is_an_internal_dead_letter_for_what_it_touched() -> None:
+    settings = _settings()
+    metrics = ScorerMetrics()
+    scorer = _scorer(settings, metrics)
+    traces = _traces("add", "2d_carry", 4, seed=1, passes=2)
+    scorer.featurize = _picky({traces[0].trace_id}, RuntimeError("a bug"))
+    scorer.on_traces(_records(list(traces)), 1.0)
+    fx = scorer.step(2.0, 10)
+    assert [(x.stage, x.field) for x in fx.dead_letters] == [("internal", "$")]
+    assert "a bug" in fx.dead_letters[0].reason and len(fx.dispatches) == 1
+    assert metrics.dead_letters.labels(stage="internal")._value.get() == 1
+
+    # A predictor that blows up takes only the cohort it was asked about.
+    class Broken:
+        def predict(self, features: Any) -> Any:
+            raise RuntimeError("predictor bug")
+
+    scorer.predictor = Broken()  # type: ignore[assignment]
+    more = _traces("sub", "2d_borrow", 4, seed=2, passes=1)
+    scorer.on_traces(_records(list(more), start=10), 3.0)
+    fx = scorer.step(4.0, 10)
+    assert sorted(x.offset for x in fx.dead_letters) == [10, 11, 12, 13]
+    assert {x.stage for x in fx.dead_letters} == {"internal"}
+    assert not fx.dispatches
+
+
+def test_rollouts_that_fail_for_one_trace_reject_only_that_trace() -> None:
+    settings = _settings()
+    scorer = _scorer(settings)
+    traces = _traces("add", "2d_carry", 4, seed=1, passes=2)
+    bad = traces[2].trace_id
+    fill = scorer.fill
+
+    def flaky(cohort: Any, seed: int) -> Any:
+        if any(t.trace_id == bad for t in cohort.traces):
+            raise MemoryError("rollout")
+        return fill(cohort, seed)
+
+    scorer.fill = flaky
+    scorer.on_traces(_records(list(traces)), 1.0)
+    fx = scorer.step(2.0, 10)
+    assert [(x.stage, x.offset) for x in fx.dead_letters] == [("internal", 2)]
+    (d,) = fx.dispatches
+    assert len(d.items) == 3
+
+
+def test_the_innocent_rest_of_a_cohort_under_min_groups_is_readmitted() -> None:
+    settings = _settings()
+    scorer = _scorer(settings)
+    first = _traces("add", "2d_carry", 2, seed=1, passes=2)
+    scorer.featurize = _picky({first[0].trace_id}, RuntimeError("poisoned"))
+    scorer.on_traces(_records(list(first)), 1.0)
+    scorer.flush(1.5)  # a cohort of 2 closes; one member is poisoned
+    fx = scorer.step(2.0, 10)
+    assert [x.offset for x in fx.dead_letters] == [0]  # the poisoned one only
+    assert not fx.decisions and scorer.cohorts.holds(first[1].trace_id)
+    later = _traces("add", "2d_carry", 3, seed=9, passes=2)
+    fxs = [scorer.on_traces(_records(list(later), start=2), 3.0), scorer.step(4.0, 10)]
+    member, letters = _fates(fxs)
+    assert not letters
+    assert member == {t.trace_id: 1 for t in [first[1], *later]}
+    # A snapshot in between keeps the readmitted trace's original bytes.
+    assert not scorer._origins
+
+
+def test_post_decode_dead_letters_keep_the_original_bytes() -> None:
+    """Issue 13 item 9: extra fields and integer numbers survive into the dead letter,
+    also when the trace waited in a snapshot first."""
+    settings = _settings()
+    scorer = _scorer(settings)
+    (t,) = _traces("mul", "2x1", 1, seed=3, passes=2)
+    d = json.loads(encode(t))
+    d["verifier_args"] = {"no_such_argument": 1}
+    d["from_a_newer_producer"] = {"kept": [1, 2]}
+    d["attempts"][0]["reward"] = 1  # an integer, re-encoded as 1.0
+    raw = json.dumps(d, indent=1).encode()  # and whitespace
+    mate = _traces("mul", "2x1", 3, seed=4, passes=1)
+    scorer.on_traces(_records([raw]), 1.0)
+    restored = _scorer(settings)
+    restored.restore(json.loads(json.dumps(scorer.snapshot())))
+    fx = restored.on_traces(_records(list(mate), start=1), 2.0)
+    fx = restored.step(3.0, 10)  # the verifier refuses its arguments at rollouts
+    (letter,) = fx.dead_letters
+    assert (letter.stage, letter.offset) == ("verifier", 0)
+    assert base64.b64decode(letter.original_b64) == raw
+    assert len(fx.dispatches) == 1 and len(fx.dispatches[0].items) == 3
+
+
+def test_a_conflicting_duplicate_is_dead_lettered_with_both_hashes() -> None:
+    """Issue 13 item 10: the same id with other content is kept, not dropped."""
+    from streams.deadletter import content_digest
+
+    settings = _settings()
+    metrics = ScorerMetrics()
+    scorer = _scorer(settings, metrics)
+    traces = _traces("add", "2d_carry", 4, seed=1, passes=2)
+    first = encode(traces[0])
+    other = _raw(traces[0], reference="999")
+    fx = scorer.on_traces(_records([first, other, first, *traces[1:]]), 1.0)
+    (letter,) = fx.dead_letters
+    assert (letter.stage, letter.field, letter.offset) == ("cohorting", "trace_id", 1)
+    assert content_digest(first) in letter.reason and content_digest(other) in letter.reason
+    assert base64.b64decode(letter.original_b64) == other
+    assert metrics.traces_duplicate._value.get() == 1  # the identical copy
+    (d,) = scorer.step(2.0, 10).dispatches
+    assert [i.reference for i in d.items if i.trace_id == traces[0].trace_id] == [
+        traces[0].reference
+    ]
+
+
+def test_a_snapshot_trace_that_no_longer_decodes_is_dead_lettered_on_restore() -> None:
+    settings = _settings()
+    scorer = _scorer(settings)
+    traces = _traces("add", "2d_carry", 2, seed=1, passes=2)
+    scorer.on_traces(_records(list(traces)), 1.0)
+    snap = json.loads(json.dumps(scorer.snapshot()))
+    # As if a stricter schema now refused what an older version accepted.
+    [group] = snap["cohorts"]["open"]
+    topic, part, off, text = group["traces"][0]
+    group["traces"][0] = [topic, part, off, text.replace('"ts":', '"ts":0,"was":')]
+    again = _scorer(settings)
+    again.restore(snap)
+    assert again.cohorts.n_open_traces == 1
+    fx = again.on_tick(2.0)
+    (letter,) = fx.dead_letters
+    assert (letter.stage, letter.field, letter.offset) == ("decode", "ts", 0)
+    assert not again.on_tick(3.0).dead_letters  # once
+
+
+def test_a_snapshot_from_before_originals_were_kept_still_restores() -> None:
+    settings = _settings()
+    scorer = _scorer(settings)
+    traces = _traces("add", "2d_carry", 3, seed=1, passes=2)
+    scorer.on_traces(_records(list(traces), start=5), 1.0)
+    snap = json.loads(json.dumps(scorer.snapshot()))
+    for g in snap["cohorts"]["open"]:
+        g["traces"] = [json.loads(encode(decode(x[3].encode(), Trace))) for x in g["traces"]]
+        del g["digests"]
+    snap["cohorts"]["decided"] = []
+    snap["origins"] = {t.trace_id: ["tap.traces", 0, 5 + i] for i, t in enumerate(traces)}
+    again = _scorer(settings)
+    again.restore(snap)
+    fx = again.on_tick(1.0 + settings.cohorting.max_age_s)
+    fx += again.step(100.0, 10)
+    assert [sorted(d.trace_ids) for d in fx.decisions] == [sorted(t.trace_id for t in traces)]

@@ -25,7 +25,7 @@ import pytest
 
 from lab import tasks
 from lab.demo import trainer_command
-from lab.localbroker import KCAT_ARGS
+from lab.localbroker import KAFKA09_API_VERSION, KCAT_ARGS
 from streams.schemas import Attempt, Dispatch, decode, encode
 
 REPO = Path(__file__).resolve().parents[2]
@@ -126,6 +126,7 @@ def test_closed_loop_on_kafka(
         "TAPD_STATE_DIR": str(tmp_path / "state"),
         "TAPD_TRANSPORT__KIND": "kafka",
         "TAPD_TRANSPORT__BOOTSTRAP_SERVERS": kafka_broker,
+        "TAPD_TRANSPORT__API_VERSION": KAFKA09_API_VERSION,
         "TAPD_TRANSPORT__SESSION_TIMEOUT_MS": "6000",
         **{f"TAPD_TOPICS__{k.upper()}": v for k, v in topics.items()},
         "TAPD_SERVICE__PORT": str(port),

@@ -9,6 +9,7 @@ import pytest
 
 from streams.deadletter import MAX_ORIGINAL_BYTES, dead_letter, original, route
 from streams.schemas import (
+    MAX_DEAD_LETTER_BYTES,
     MAX_MESSAGE_BYTES,
     DeadLetter,
     SchemaError,
@@ -72,7 +73,21 @@ def test_oversize_original_is_truncated_and_the_letter_still_fits() -> None:
     )
     assert original(letter) == raw[:MAX_ORIGINAL_BYTES]
     assert f"first {MAX_ORIGINAL_BYTES} of {len(raw)} bytes" in letter.reason
-    assert len(encode(letter)) <= MAX_MESSAGE_BYTES
+    assert len(encode(letter)) <= MAX_DEAD_LETTER_BYTES
+    # ...and any message tapd could accept is kept whole.
+    largest = b"y" * MAX_MESSAGE_BYTES
+    whole = dead_letter(
+        largest,
+        topic="t",
+        partition=0,
+        offset=0,
+        stage="s",
+        field="f" * 5000,
+        reason="\u0001" * 9000,
+    )
+    assert original(whole) == largest
+    assert len(encode(whole)) <= MAX_DEAD_LETTER_BYTES
+    assert decode(encode(whole), DeadLetter) == whole
 
 
 def test_long_reasons_are_clipped_not_rejected() -> None:
