@@ -369,21 +369,23 @@ class KafkaTransport:
         return self._reader
 
     def partitions(self, topic: str, timeout_s: float = 30.0) -> int:
-        client = self._read_client()._client
-        deadline = time.monotonic() + timeout_s
-        while True:
-            # A metadata request naming a missing topic auto-creates it where
-            # the broker allows; the partitions show once it has a leader.
-            future = client.add_topic(topic)
-            if future.is_done:
-                future = client.cluster.request_update()
-            client.poll(timeout_ms=500, future=future)
-            found = client.cluster.partitions_for_topic(topic)
-            if found:
-                return len(found)
-            if time.monotonic() > deadline:
-                raise KafkaTimeoutError(f"topic {topic!r}: no partitions after {timeout_s}s")
-            time.sleep(0.2)
+        # A producer's metadata wait names the topic (public API in kafka-python
+        # 2.x and 3.x alike): a missing topic is auto-created where the broker
+        # allows, and its partitions show once it has a leader.
+        producer = _KProducer(
+            **self._client_config(),
+            enable_idempotence=self.capabilities.idempotent_producer,
+            max_block_ms=int(timeout_s * 1000),
+        )
+        try:
+            found = producer.partitions_for(topic)
+        except KafkaTimeoutError:
+            found = None
+        finally:
+            producer.close()
+        if not found:
+            raise KafkaTimeoutError(f"topic {topic!r}: no partitions after {timeout_s}s")
+        return len(found)
 
     def end_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
         if not tps:
