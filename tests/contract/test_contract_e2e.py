@@ -128,6 +128,15 @@ def test_a_custom_trl_loop_closes_the_loop_through_the_client(
             time.sleep(1.0)
         else:
             pytest.fail(f"the loop did not close: {m}\n{logs()}")
+        # The custom loop stops first (it may have reported one more lift since);
+        # the scorer then learns every lift on the log before it stops.
+        procs["custom"].send_signal(signal.SIGTERM)
+        assert procs["custom"].wait(60) == 0, logs()
+        on_log = len({decode(v, LiftResult).cohort_id for v in _read_all(settings, "tap.lift")})
+        while (
+            time.monotonic() < deadline and _metrics(port).get("tapd_lift_labels_total", 0) < on_log
+        ):
+            time.sleep(0.5)
     finally:
         for p in procs.values():
             if p.poll() is None:
