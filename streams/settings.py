@@ -11,13 +11,19 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+# transport.kind -> "module:class"; a new transport is its module plus one line here.
+TRANSPORTS: dict[str, str] = {
+    "embedded": "streams.embedded:EmbeddedTransport",
+    "kafka": "streams.kafka:KafkaTransport",
+}
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class TransportSettings(_Frozen):
-    # A name in streams.factory.TRANSPORTS.
+    # A name in TRANSPORTS above.
     kind: str = "embedded"
     # Transport-specific options a new transport reads without new fields here.
     options: dict[str, str] = Field(default_factory=dict)
@@ -47,8 +53,6 @@ class TransportSettings(_Frozen):
     @field_validator("kind")
     @classmethod
     def _known_kind(cls, v: str) -> str:
-        from streams.factory import TRANSPORTS
-
         if v not in TRANSPORTS:
             raise ValueError(f"unknown transport {v!r} (known: {', '.join(sorted(TRANSPORTS))})")
         return v

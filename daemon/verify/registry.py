@@ -415,7 +415,3 @@ def probe_verifier(name: str, args: Args | None, budget: ProbeBudget) -> Verifie
     if isinstance(verifier, CodeVerifier):
         return verifier.for_probe(budget)
     return verifier
-
-
-# Product verifiers that live in their own module (optional dependencies import on use).
-from daemon.verify import reasoning_gym as _reasoning_gym  # noqa: E402, F401

@@ -51,6 +51,7 @@ def tapd_eval(out: Path, state: Path) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.science
 def test_quick_eval_reports_every_key_and_resumes(tmp_path: Path) -> None:
     out, state = tmp_path / "out", tmp_path / "state"
     s = tapd_eval(out, state)

@@ -88,6 +88,7 @@ def test_tiny_policy_size_and_loading(tiny_policy: Path) -> None:
         load_policy(None)
 
 
+@pytest.mark.science
 def test_competence_pattern_easy_frontier_hard(tiny_policy: Path) -> None:
     """GRPO needs the tiers: known, disagreeing, and out of reach.
 

@@ -119,7 +119,7 @@ from tqdm import tqdm
 for _ in tqdm(range(50)):
     pass
 print("a stray print to stderr", file=sys.stderr)
-own = logging.getLogger("some.library")
+own = logging.getLogger("some.dependency")
 own.propagate = False
 own.addHandler(logging.StreamHandler())  # its own handler, bound to the wrapped stderr
 own.warning("library text")

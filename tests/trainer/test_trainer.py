@@ -134,6 +134,7 @@ def _acc(r: LiftResult) -> float:
     return r.target_lift.acc_lift if r.target_lift is not None else 0.0
 
 
+@pytest.mark.science
 def test_no_foothold_cohort_leaves_the_policy_unchanged(
     lift_table: dict[str, list[LiftResult]],
 ) -> None:
@@ -143,6 +144,7 @@ def test_no_foothold_cohort_leaves_the_policy_unchanged(
         assert abs(r.nll_lift) < 1e-9 and abs(r.label) < 1e-9
 
 
+@pytest.mark.science
 def test_weak_verifier_reward_rises_while_true_accuracy_does_not(
     lift_table: dict[str, list[LiftResult]],
 ) -> None:
@@ -158,6 +160,7 @@ def test_weak_verifier_reward_rises_while_true_accuracy_does_not(
     assert acc_gain < 1 / (2 * PER_FAMILY)
 
 
+@pytest.mark.science
 def test_frontier_cohorts_lift_more_than_known_and_no_foothold(
     lift_table: dict[str, list[LiftResult]],
 ) -> None:
@@ -174,6 +177,7 @@ def test_frontier_cohorts_lift_more_than_known_and_no_foothold(
     assert statistics.mean(scrambled) < statistics.mean(frontier)
 
 
+@pytest.mark.science
 def test_a_cohort_teaches_its_own_subject_more_than_the_others(
     lift_table: dict[str, list[LiftResult]],
 ) -> None:
