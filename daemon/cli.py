@@ -1341,7 +1341,16 @@ def main() -> None:
             _err(f"tapd: {message or type(e).__name__} (tapd --help lists the commands)")
         raise SystemExit(int(getattr(e, "exit_code", 2))) from None
     except Exception as e:  # the last line of defence: one line, never a traceback
-        _err(f"tapd: {type(e).__name__}: {_one_line(str(e))[:1000]}")
+        from daemon.runtime.logging import JsonLines, get_logger
+
+        if isinstance(sys.stderr, JsonLines):
+            # A service: the one line is a JSON log line, with the traceback
+            # as a field of it, for whoever debugs the crash.
+            get_logger("tapd.cli").error(
+                "crashed", error=f"{type(e).__name__}: {_one_line(str(e))[:1000]}", exc_info=True
+            )
+        else:
+            _err(f"tapd: {type(e).__name__}: {_one_line(str(e))[:1000]}")
         raise SystemExit(1) from None
     raise SystemExit(rc if isinstance(rc, int) else 0)
 

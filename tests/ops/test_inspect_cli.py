@@ -236,6 +236,7 @@ def test_produce_checks_the_schema_against_the_topic_and_keys_letters_per_file(
         "dlq": "tap.dlq",
     }
     assert "line 2: schema: tapd.lift/1 does not belong on tap.traces" in out.stderr
+    # The line is named, with the field the decoder found it in.
     assert "line 3: x: an integer of 5000 digits" in out.stderr
     stack.tapd("produce", str(b), "-t", "tap.traces")
     letters = stack.jsonl("consume", "tap.dlq", "--offset", "0", "--meta")
@@ -243,6 +244,34 @@ def test_produce_checks_the_schema_against_the_topic_and_keys_letters_per_file(
     keys = [r["key"] for r in produced]
     assert len(produced) == 3 and len(set(keys)) == 3  # line 2 of a and of b: two keys
     assert all(k.startswith("tap.traces/produce/") for k in keys)
+
+
+def test_consume_validate_survives_poison(
+    stack: Stack, tmp_path: Path, trace_dict: dict[str, Any]
+) -> None:
+    topic = "test.poison"
+    good = json.dumps({**trace_dict, "trace_id": "consume-good"})
+    src = tmp_path / "mixed.jsonl"
+    src.write_text(
+        "\n".join(
+            [
+                '{"schema": "tapd.trace/1", "n": ' + "7" * 5000 + "}",
+                "[" * 5000 + "]" * 5000,
+                good,
+            ]
+        )
+        + "\n"
+    )
+    stack.tapd("produce", str(src), "-t", topic, "--no-validate")
+    out = stack.tapd("consume", topic, "--offset", "0", "--validate", "trace")
+    assert out.stdout.splitlines() == [good]
+    assert json.loads(out.stderr.splitlines()[-1]) == {"topic": topic, "consumed": 1, "rejected": 2}
+    letters = [
+        decode(r["value"], DeadLetter)
+        for r in stack.jsonl("consume", "tap.dlq", "--offset", "0", "--meta")
+        if decode(r["value"], DeadLetter).source_topic == topic
+    ]
+    assert len(letters) == 2 and {x.stage for x in letters} == {"consume"}
 
 
 def test_dlq_list_show_and_redrive_once(
