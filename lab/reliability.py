@@ -1370,7 +1370,8 @@ def hostile_run(
         for p in (scorer, trainer):
             if not p.alive():
                 rc = p.proc.returncode if p.proc else None
-                result.crashes.append(f"{p.log_path.stem} exited (rc={rc})")
+                why = _last_error(p)
+                result.crashes.append(f"{p.log_path.stem} exited (rc={rc}): {why}")
                 say(f"{p.log_path.stem} exited (rc={rc}); restarting")
                 p.start()
 
@@ -1434,6 +1435,18 @@ def hostile_run(
     result.canaries = sum(1 for _ in canaries.iterdir())
     result.seconds = time.monotonic() - t0
     return result
+
+
+def _last_error(proc: ServiceProcess) -> str:
+    """The last error a role logged before it exited (for the report)."""
+    for line in reversed(proc.logs().splitlines()[-200:]):
+        if '"level": "error"' in line or "Traceback" in line or "tapd:" in line:
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                return line[:300]
+            return str(obj.get("text") or obj.get("event"))[:300]
+    return "no error logged"
 
 
 def hostile_report(r: HostileResult) -> list[str]:
