@@ -219,26 +219,31 @@ def produce(
     Dead letters name the line (``offset`` is the line number, ``partition``
     -1: not on a log yet) and are keyed ``<topic>/produce/<source>:<line>``,
     where the source is the file's content hash, so letters from different
-    files never share a key.
+    files never share a key. Traces are keyed by their slice key (the producer
+    contract: every trace of a slice in one partition, so one scorer replica
+    owns the slice's cohorts).
     """
+    from daemon.core.cohorting import slice_key_of, validate_slice_key
     from streams.deadletter import dead_letter
     from streams.factory import open_transport
-    from streams.schemas import encode
+    from streams.schemas import Trace, encode
 
     settings = _transport_settings(ctx)
     if str(file) != "-" and not file.is_file():
         _fail(ctx, f"{file}: no such file", 2)
     expected = _schema_for_topic(settings, topic)
     source = _source_id(file)
+    fields = validate_slice_key(settings.cohorting.slice_key)
     transport = open_transport(settings.transport)
     producer: Producer = transport.producer()
     sent = rejected = 0
     fh: BinaryIO = sys.stdin.buffer if str(file) == "-" else file.open("rb")
     try:
         for n, line in _lines(fh):
+            message: Any = None
             if validate:
-                msg, problem = _decode(line)
-                got = getattr(msg, "schema_", None)
+                message, problem = _decode(line)
+                got = getattr(message, "schema_", None)
                 if problem is None and expected is not None and got != expected:
                     problem = ("schema", f"{got} does not belong on {topic} (it takes {expected})")
                 if problem is not None:
@@ -256,7 +261,13 @@ def produce(
                     rejected += 1
                     _err(f"line {n}: {problem[0]}: {problem[1]}")
                     continue
-            producer.send(topic, line)
+            else:
+                # Sent as is; a line that is no trace goes unkeyed (the scorer dead-letters it).
+                message, _ = _decode(line, Trace)
+            record_key = (
+                slice_key_of(message, fields).encode() if isinstance(message, Trace) else None
+            )
+            producer.send(topic, line, key=record_key)
             sent += 1
     finally:
         # What was read is sent even when reading stops early.
@@ -643,7 +654,7 @@ class Unreachable(Exception):
 class _Admin:
     url: str
     token: str | None
-    verify: str | bool
+    verify: Any  # True or an ssl.SSLContext trusting the scorer's certificate
     explicit: bool
 
     def call(self, method: str, path: str, **kw: Any) -> httpx.Response:
@@ -689,7 +700,15 @@ def _admin(ctx: typer.Context, url: str | None) -> _Admin:
         scheme = "https" if s.tls_certfile else "http"
         url = f"{scheme}://{host}:{s.port}"
     ca = os.environ.get("TAPD_ADMIN_CACERT") or (str(s.tls_certfile) if s.tls_certfile else None)
-    return _Admin(url.rstrip("/"), token, ca or True, explicit)
+    verify: Any = True
+    if ca:
+        import ssl
+
+        try:
+            verify = ssl.create_default_context(cafile=ca)
+        except (OSError, ssl.SSLError) as e:
+            _fail(ctx, f"TAPD_ADMIN_CACERT {ca}: {e}", 2)
+    return _Admin(url.rstrip("/"), token, verify, explicit)
 
 
 def _problem(r: httpx.Response) -> str:
@@ -785,6 +804,9 @@ def cohorts(
         bool, typer.Option("--in-flight", help="Dispatched, awaiting their lift.")
     ] = False,
     limit: Annotated[int, typer.Option("--limit", min=1)] = 1000,
+    ids: Annotated[
+        bool, typer.Option("--ids", help="Only the cohort ids, one per line (closed cohorts).")
+    ] = False,
     url: _Url = None,
     offline: _Offline = False,
 ) -> None:
@@ -800,7 +822,11 @@ def cohorts(
         ctx, url, offline, "/admin/cohorts", lambda i: i.cohorts(state, limit), params=params
     )
     for row in rows:
-        typer.echo(json.dumps(row))
+        if ids:
+            if row.get("cohort_id"):
+                typer.echo(row["cohort_id"])
+        else:
+            typer.echo(json.dumps(row))
 
 
 @app.command()
@@ -962,12 +988,19 @@ def dlq_list(
     last: Annotated[
         int | None, typer.Option("--last", min=1, help="Only the last N letters per partition.")
     ] = None,
+    ids: Annotated[
+        bool, typer.Option("--ids", help="Only PARTITION:OFFSET of each letter (for dlq show).")
+    ] = False,
 ) -> None:
     """One JSON line per dead letter: where it is, why it was refused, where it came from."""
     settings = _transport_settings(ctx)
     n = 0
     for d in _letters(ctx, settings, stage, since, source_topic, last):
         x = d.letter
+        n += 1
+        if ids:
+            typer.echo(f"{d.partition}:{d.offset}")
+            continue
         typer.echo(
             json.dumps(
                 {
@@ -984,7 +1017,6 @@ def dlq_list(
                 }
             )
         )
-        n += 1
     _err(json.dumps({"topic": settings.topics.dlq, "letters": n}))
 
 

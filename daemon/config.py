@@ -41,10 +41,16 @@ class Topics(_Frozen):
     dispatch: str = "tap.dispatch"
     lift: str = "tap.lift"
     dlq: str = "tap.dlq"
-    # Compacted by cohort id: the label history a new replica replays to
-    # rebuild the same predictor.
+    # Compacted by cohort id: the labels learned (one per lift, the same on
+    # every replica). The predictor's source is the lift topic itself.
     labels: str = "tap.labels"
     decisions: str = "tap.decisions"
+    # Compacted by version: every kept policy version (version, URI, checksum).
+    policies: str = "tap.policies"
+    # Compacted, one record per traces partition, in the partition of the same
+    # number: the open and queued cohorts (member offsets) of that partition,
+    # which the replica given the partition rebuilds from.
+    changelog: str = "tap.scorer-state"
 
 
 class CohortingSettings(_Frozen):
@@ -101,6 +107,17 @@ class GRPOParams(_Frozen):
     beta: float = Field(default=0.0, ge=0.0, description="KL penalty to the reference policy")
     max_prompts_per_step: int = Field(default=8, ge=1)
     seed: int = 0
+    # Trainer-side cost levers for a real model on CPU (off by default: the
+    # tiny policy trains fully, in float32). LoRA adapters (peft) are merged
+    # into the weights after each cohort, so versions, checkpoints, the probe
+    # and reverts see an ordinary full state dict.
+    lora_rank: int = Field(
+        default=0, ge=0, le=1024, description="0: full fine-tuning; >0: LoRA of this rank"
+    )
+    lora_alpha: int = Field(default=16, ge=1, description="LoRA scale numerator")
+    bf16_autocast: bool = Field(
+        default=False, description="bf16 autocast on CPU too (always on with a GPU)"
+    )
 
     def replace(self, **changes: Any) -> GRPOParams:
         return GRPOParams.model_validate({**self.model_dump(), **changes})
@@ -109,17 +126,27 @@ class GRPOParams(_Frozen):
 class PolicySettings(_Frozen):
     """The policy both roles use and the probe its lift is measured on."""
 
-    # A Hugging Face causal-LM directory: version v0. No default: the
-    # product never builds a policy behind the user's back.
+    # A Hugging Face causal-LM directory, or a GGUF file (dequantised once
+    # into ``cache_dir``): version v0. No default: the product never builds a
+    # policy behind the user's back.
     model_path: Path | None = None
+    # Where a GGUF policy's safetensors copy is cached, keyed by the file's
+    # checksum. Default: TAPD_POLICY_CACHE, else ~/.cache/tapd/policy.
+    cache_dir: Path | None = None
     # JSONL of probe items (target, prompt, reference, verifier, verifier_args):
     # the platform's own evaluation items per capability slice.
     probe_path: Path | None = None
     device: str = "auto"
     rollout_engine: Literal["hf", "vllm"] = "hf"
-    # Where kept policy versions are stored (checkpoints v1, v2, ...); both
-    # roles must reach it. Default: <state_dir>/trainer/checkpoints.
+    # Where the trainer stores kept policy versions (checkpoints v1, v2, ...).
+    # The scorer never derives paths: it loads the URI (and checks the
+    # checksum) that the policies topic announces, so the store must be
+    # reachable from both roles at that URI (a shared volume mounted at the
+    # same path today). Default: <state_dir>/trainer/checkpoints.
     store_path: Path | None = None
+    keep_versions: int = Field(
+        default=5, ge=2, description="kept policy versions the trainer retains on disk"
+    )
 
 
 class TrainerSettings(_Frozen):
@@ -127,6 +154,13 @@ class TrainerSettings(_Frozen):
     backend: str = Field(default="trl", description="daemon.trainer.backend.BACKENDS name")
     rollback_nll_worsening: float = Field(
         default=0.25, ge=0.0, description="nats of probe-NLL rise that roll back"
+    )
+    foothold_probability: float = Field(
+        default=1.0 / 64.0,
+        gt=0.0,
+        lt=1.0,
+        description="probe items the policy produces with less probability have no foothold "
+        "(their lift is reported as collateral, not as the target's)",
     )
     group: str = "tapd-trainer"
     trainer_id: str = "tapd-trainer"
@@ -166,7 +200,9 @@ class VerifySettings(_Frozen):
     disk_mb: int = Field(default=16, ge=1, le=4096, description="tmpfs quota for /work and /tmp")
     file_mb: int = Field(default=8, ge=1, le=4096)
     max_procs: int = Field(default=16, ge=1, le=4096)
-    max_output_kb: int = Field(default=256, ge=4, le=65_536)
+    max_output_kb: int = Field(
+        default=64, ge=4, le=65_536, description="result values and diagnostics read back"
+    )
     max_concurrent: int = Field(default=2, ge=1, le=256, description="sandboxes at once")
     # reward-trust probing runs trace-supplied code too: its own, smaller budget
     probe_timeout_s: float = Field(default=1.0, gt=0.0, le=60.0)
@@ -283,6 +319,13 @@ class ServiceSettings(_Frozen):
     # the host name (a pod's name in Kubernetes).
     replica: str | None = None
     group: str = "tapd-scorer"
+    # Records of a traces partition re-read before its state record's
+    # position when a replica takes the partition over, to rebuild the
+    # duplicate filter (bounded by cohorting.dedup_window too).
+    handoff_dedup_records: int = Field(default=20_000, ge=0)
+    # How long start-up waits to have read the lift and policy topics to their
+    # end (a new replica learns every label before it scores a trace).
+    catch_up_timeout_s: float = Field(default=300.0, gt=0.0)
     poll_timeout_s: float = Field(default=0.5, gt=0.0)
     max_poll_records: int = Field(default=500, ge=1)
     grace_period_s: float = Field(default=20.0, gt=0.0)

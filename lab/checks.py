@@ -15,7 +15,7 @@ import random
 from collections.abc import Callable, Iterator, Mapping
 
 from daemon.core.features import FeatureError
-from daemon.core.predictor import Prediction, PredictorStage
+from daemon.core.predictor import BATCH_KINDS, Prediction, PredictorStage
 
 
 def synthetic_features(rng: random.Random) -> dict[str, float]:
@@ -79,7 +79,7 @@ def check_prediction_shape(make: Callable[[], PredictorStage]) -> None:
     assert isinstance(p, Prediction), f"predict returned {type(p).__name__}, not Prediction"
     assert math.isfinite(p.lift), f"lift not finite: {p.lift}"
     assert math.isfinite(p.uncertainty) and p.uncertainty >= 0, f"bad uncertainty {p.uncertainty}"
-    assert p.stage in ("heuristic", "river", "lightgbm"), f"unknown stage {p.stage!r}"
+    assert p.stage in ("heuristic", "river", *BATCH_KINDS), f"unknown stage {p.stage!r}"
     assert p.model_version.startswith("v") and p.model_version[1:].isdigit(), (
         f"model_version {p.model_version!r} is not v<integer>"
     )

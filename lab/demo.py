@@ -59,12 +59,18 @@ class Slice:
     tasks: tuple[tasklib.Task, ...]
 
 
-def plan_slices(n_cohorts: int, groups: int, seed: int) -> list[Slice]:
+def plan_slices(n_cohorts: int, groups: int, seed: int, model: str = "tiny") -> list[Slice]:
     """The cohorts the stream will contain, deterministic for the seed."""
     rng = random.Random(f"tapd.demo|{seed}")
     out: list[Slice] = []
     for i in range(n_cohorts):
         variant = VARIANTS[i % len(VARIANTS)]
+        if model == "smollm2":
+            from lab import rg_tasks
+
+            real = rg_tasks.control_cohort(variant, groups, seed * 1000 + i)
+            out.append(Slice(variant, real[0].subject, tuple(real)))
+            continue
         subject = rng.choice(tasklib.SUBJECTS)
         # Mixed cohorts span difficulties; keep them one slice by difficulty tag.
         tasks = tasklib.control_cohort(variant, groups, seed * 1000 + i, subject=subject)
@@ -94,12 +100,33 @@ def production_traces(
         yield from filled.traces
 
 
+# GRPO on SmolLM2 on a CPU: LoRA, few prompts and samples, room for a short
+# prose answer (docs/REAL_MODEL.md has the measured cost).
+SMOLLM2_GRPO: dict[str, Any] = {
+    "num_generations": 4,
+    "steps": 2,
+    "max_completion_length": 32,
+    "max_prompts_per_step": 4,
+    "learning_rate": 1e-4,
+    "optimizer": "adamw_torch",
+    "lora_rank": 8,
+}
+
+
 def demo_settings(
-    out: Path, seed: int, groups: int, policy: Path | None = None, probe: Path | None = None
+    out: Path,
+    seed: int,
+    groups: int,
+    policy: Path | None = None,
+    probe: Path | None = None,
+    model: str = "tiny",
 ) -> TapdSettings:
-    """The demo's settings: the lab's tiny policy and arithmetic probe, passed in explicitly."""
+    """The demo's settings: the lab's policy and its probe, passed in explicitly."""
     base = load_settings()
     state = out / "state"
+    grpo = {**base.grpo.model_dump(), "num_generations": 6, "steps": 4}
+    if model == "smollm2":
+        grpo = {**base.grpo.model_dump(), **SMOLLM2_GRPO}
     return load_settings(
         state_dir=str(state),
         policy={
@@ -107,7 +134,7 @@ def demo_settings(
             "model_path": str(policy) if policy else None,
             "probe_path": str(probe) if probe else None,
         },
-        grpo={**base.grpo.model_dump(), "num_generations": 6, "steps": 4},
+        grpo=grpo,
         transport={"kind": "embedded", "embedded_path": str(state / "log.sqlite")},
         cohorting={
             **base.cohorting.model_dump(),
@@ -134,8 +161,9 @@ def _settings_env(settings: TapdSettings) -> dict[str, str]:
     env["TAPD_TRANSPORT__EMBEDDED_PATH"] = str(settings.transport.embedded_path)
     env["TAPD_POLICY__MODEL_PATH"] = str(settings.policy.model_path)
     env["TAPD_POLICY__PROBE_PATH"] = str(settings.policy.probe_path)
-    env["TAPD_GRPO__NUM_GENERATIONS"] = str(settings.grpo.num_generations)
-    env["TAPD_GRPO__STEPS"] = str(settings.grpo.steps)
+    # Every GRPO knob: the trainer must train with what the scorer sampled with.
+    for name, value in settings.grpo.model_dump().items():
+        env[f"TAPD_GRPO__{name.upper()}"] = str(value)
     env.setdefault("TAPD_TRAINER__METRICS_PORT", "0")
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
@@ -276,6 +304,7 @@ def run_demo(
     groups: int = 6,
     timeout_s: float = 280.0,
     progress: bool = True,
+    model: str = "tiny",
 ) -> dict[str, Any]:
     """Run the closed loop for ``cohorts`` cohorts; returns the summary (also written out)."""
     import torch
@@ -297,13 +326,22 @@ def run_demo(
         shutil.rmtree(out / "state")  # a demo is a fresh run, every time
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
-    policy = build_tiny_policy()  # once, cached: both processes load the same build
-    probe = write_probe(out / "probe.jsonl", DEMO_PROBE_SIZE, seed=0)
-    settings = demo_settings(out, seed, groups, policy, probe)
+    if model == "smollm2":
+        from lab import rg_tasks
+        from lab.smollm2 import prepare_smollm2
+
+        policy = prepare_smollm2()  # once, cached: both processes load the same copy
+        probe = rg_tasks.write_probe(
+            out / "probe.jsonl", [rg_tasks.get_slice(t) for t in rg_tasks.TIERS], 4, seed=0
+        )
+    else:
+        policy = build_tiny_policy()  # once, cached: both processes load the same build
+        probe = write_probe(out / "probe.jsonl", DEMO_PROBE_SIZE, seed=0)
+    settings = demo_settings(out, seed, groups, policy, probe, model)
     trainer = start_trainer(settings, out / "trainer.log")
     try:
         rollout = PolicyRollout(settings)
-        slices = plan_slices(cohorts, groups, seed)
+        slices = plan_slices(cohorts, groups, seed, model)
         transport = EmbeddedTransport(settings.transport.embedded_path)
         producer = transport.producer()
         n = 0
@@ -318,7 +356,7 @@ def run_demo(
         publish_thresholds(metrics, settings.thresholds)
         scorer = build_scorer(settings, lambda: holder.current, rollout)
         service = ScorerService(
-            settings, transport, scorer, metrics, holder, background_refits=False
+            settings, transport, scorer, metrics, holder, background_refits=False, rollout=rollout
         )
         bar = tqdm(
             total=cohorts, desc="cohorts", file=sys.stderr, disable=not progress, unit="cohort"

@@ -1,13 +1,16 @@
-"""``tapd eval``: build the battery, measure true lift, score the predictor, publish.
+"""``tapd eval``: build the battery, measure true lift, score every predictor, run the loop.
 
-The data flow, each stage cached in ``<state-dir>/eval/<config key>/results.jsonl``
-so that an interrupted run resumes where it stopped::
+The data flow, each unit of work cached in ``<state-dir>/eval/<key>/results.jsonl``
+(the key covers this config and the policy build), so that an interrupted run
+resumes where it stopped::
 
     control cohorts (subjects x variants) ──► K attempts from the tiny policy
-        ──► features ──► probe-and-revert GRPO per seed ──► true lift
-    table ──► leave-one-out / leave-one-subject-out predictions ──► metrics
-    closed loop: per step, score fresh candidates against the current model,
-        train the predictor's pick vs a random pick (continual), probe NLL
+        ──► features ──► probe-and-revert GRPO per seed ──► lift per probe part
+    labels (the lift on the cohort's own target) ──► held-out predictions:
+        leave-one-cell-out and leave-one-subject-out, one model kind per run
+    closed loop: a fixed target per run; per step, every arm scores fresh
+        candidates against its own current model and trains its pick
+        (continual); target NLL per step
     metrics ──► RESULTS.md + PNG plots + results.json
 
 The statistics are in :mod:`lab.evaluation`; this module only runs things.
@@ -35,6 +38,9 @@ import numpy as np
 from lab import evaluation as ev
 
 VARIANTS = ("easy", "frontier", "hard", "mixed", "scrambled", "weak_verifier")
+# The model kinds scored one at a time (a fixed kind per cross-validation run).
+KINDS = ("heuristic", "river", "ridge", "knn", "lightgbm")
+LOOP_ARMS = ("none", "random", "adv_std", "tapd", "oracle")
 
 
 @dataclass(frozen=True)
@@ -43,27 +49,30 @@ class EvalConfig:
 
     subjects: tuple[str, ...] = ("add", "sub", "mul", "compare", "digits")
     variants: tuple[str, ...] = VARIANTS
-    cohorts_per_cell: int = 3
+    cohorts_per_cell: int = 4
+    broken_cohorts_per_cell: int = 2  # scrambled and weak-verifier cells
     groups: int = 8  # prompts per cohort
     k: int = 8  # attempts per prompt, for the features and per GRPO group
     seeds: int = 3  # probe-and-revert GRPO runs per cohort
-    # The trainer's validated settings (docs/TRAINER.md): SGD, whose step
-    # scales with the learning signal, and a probe large enough to read
-    # lifts of a few hundredths of a nat.
-    grpo_steps: int = 8
+    # The trainer's settings (docs/TRAINER.md): SGD, whose step scales with
+    # the learning signal.
+    grpo_steps: int = 16
     learning_rate: float = 5e-3
     optimizer: str = "sgd"
     max_completion_length: int = 8
-    probe_size: int = 255
-    loop_steps: int = 8
-    loop_seeds: int = 3
-    loop_candidates: int = 4
+    probe_per_family: int = 48
+    loop_runs: int = 8
+    loop_steps: int = 4
+    loop_candidates: int = 8
     top_fraction: float = ev.TOP_FRACTION
     bootstrap: int = ev.DEFAULT_RESAMPLES
     policy_seed: int = 0
 
-    def key(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True)
+    def key(self, policy_key: str = "") -> str:
+        blob = json.dumps(
+            {**dataclasses.asdict(self), "policy": policy_key, "code": code_hash(MEASURED_BY)},
+            sort_keys=True,
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def validate(self) -> EvalConfig:
@@ -78,20 +87,50 @@ class EvalConfig:
         if len(self.subjects) < 2:
             raise ValueError("subjects: leave-one-subject-out needs at least 2")
         if self.seeds < 2:
-            raise ValueError("seeds: the seed cross-fit oracle needs at least 2")
-        if self.cohorts_per_cell < 1 or self.loop_candidates < 2:
-            raise ValueError("cohorts_per_cell >= 1 and loop_candidates >= 2 are required")
+            raise ValueError("seeds: test-retest reliability needs at least 2")
+        if self.cohorts_per_cell < 1 or self.broken_cohorts_per_cell < 1:
+            raise ValueError("cohorts_per_cell and broken_cohorts_per_cell must be >= 1")
+        if self.loop_runs and (self.loop_runs < 2 or self.loop_candidates < 4):
+            raise ValueError("loop_runs >= 2 (paired test) and loop_candidates >= 4 are required")
         return self
+
+
+# The code a cached measurement depends on: a change to any of these modules
+# makes a new cache (a stale number can never be published). The loop also
+# depends on the predictor and the decision policy.
+MEASURED_BY = (
+    "lab.tasks",
+    "lab.verifiers",
+    "daemon.core.features",
+    "daemon.trainer.probe",
+    "daemon.trainer.cohort",
+    "daemon.trainer.trl",
+    "daemon.verify.registry",
+)
+DECIDED_BY = ("daemon.core.predictor", "daemon.core.decision")
+
+
+def code_hash(modules: Sequence[str]) -> str:
+    import importlib
+    import inspect
+
+    h = hashlib.sha256()
+    for name in modules:
+        h.update(inspect.getsource(importlib.import_module(name)).encode())
+    return h.hexdigest()[:12]
 
 
 QUICK = EvalConfig(
     subjects=("add", "sub", "compare", "digits"),
     cohorts_per_cell=1,
+    broken_cohorts_per_cell=1,
     seeds=2,
-    probe_size=128,
-    loop_steps=3,
-    loop_seeds=2,
-    bootstrap=300,
+    grpo_steps=8,
+    probe_per_family=16,
+    loop_runs=2,
+    loop_steps=2,
+    loop_candidates=4,
+    bootstrap=200,
 )
 FULL = EvalConfig()
 
@@ -129,6 +168,20 @@ class ResultCache:
         return row
 
 
+class Clock:
+    """Wall and CPU seconds of the work done in this invocation."""
+
+    def __init__(self) -> None:
+        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
+
+    def lap(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall0, time.process_time() - self.cpu0
+
+    def seconds(self) -> dict[str, float]:
+        wall, cpu = self.lap()
+        return {"wall_s": wall, "cpu_s": cpu}
+
+
 # ---------------------------------------------------------------- the runtime
 
 
@@ -141,8 +194,11 @@ class Runtime:
     base_state: dict[str, Any]
     engine: Any
     probe: Any
-    probe_prompts: list[str]
+    items: list[Any]  # ProbeItem, in probe order
+    families: list[str]  # "subject/difficulty" of each probe item
+    probe_by_target: dict[str, tuple[str, ...]]
     thresholds: Any
+    policy_key: str
 
     @classmethod
     def load(cls, cfg: EvalConfig) -> Runtime:
@@ -155,27 +211,33 @@ class Runtime:
         from daemon.trainer.probe import Probe
         from daemon.verify.registry import get_verifier
         from lab import tasks
-        from lab.tiny_policy import build_tiny_policy
+        from lab.tiny_policy import build_info, build_tiny_policy
 
-        torch.set_num_threads(1)
+        torch.set_num_threads(1)  # CPU results depend on the thread count
         path = build_tiny_policy(seed=cfg.policy_seed)
-        model, tok = policy.load_policy(path)
-        probe_tasks = tasks.probe_set(cfg.probe_size, cfg.policy_seed)
+        model, tok = policy.load_policy(path, "cpu")
+        probe_tasks = [
+            t for t in tasks.target_probe(cfg.probe_per_family, 0) if t.subject in cfg.subjects
+        ]
+        items = tasks.probe_items(probe_tasks)
         probe = Probe(
-            tasks.probe_items(probe_tasks),
-            get_verifier,
-            policy.format_prompt,
-            max_new_tokens=cfg.max_completion_length,
+            items, get_verifier, policy.format_prompt, max_new_tokens=cfg.max_completion_length
         )
         engine = HFRolloutEngine(model, tok, format_prompt=lambda p: policy.format_prompt(tok, p))
+        by_target: dict[str, list[str]] = {}
+        for it in items:
+            by_target.setdefault(it.target, []).append(it.prompt)
         return cls(
             model=model,
             tok=tok,
             base_state=snapshot(model),
             engine=engine,
             probe=probe,
-            probe_prompts=[t.prompt for t in probe_tasks],
+            items=items,
+            families=[f"{t.subject}/{t.difficulty}" for t in probe_tasks],
+            probe_by_target={k: tuple(v) for k, v in by_target.items()},
             thresholds=Thresholds(),
+            policy_key=str(build_info(path)["weights_sha256"])[:12],
         )
 
     def reset(self) -> None:
@@ -183,12 +245,10 @@ class Runtime:
 
         restore(self.model, self.base_state)
 
-    def trainer(self, cfg: EvalConfig, seed: int, mode: str, state_dir: Path) -> Any:
+    def params(self, cfg: EvalConfig, seed: int) -> Any:
         from daemon.config import GRPOParams
-        from daemon.trainer.cohort import CohortTrainer
-        from daemon.verify.registry import get_verifier
 
-        params = GRPOParams(
+        return GRPOParams(
             steps=cfg.grpo_steps,
             num_generations=cfg.k,
             learning_rate=cfg.learning_rate,
@@ -196,17 +256,37 @@ class Runtime:
             max_completion_length=cfg.max_completion_length,
             seed=seed,
         )
+
+    def trainer(
+        self, cfg: EvalConfig, seed: int, mode: str, state_dir: Path, probe: Any = None
+    ) -> Any:
+        from daemon.trainer.cohort import CohortTrainer
+        from daemon.verify.registry import get_verifier
+
         return CohortTrainer(
             self.model,
             self.tok,
-            self.probe,
+            probe or self.probe,
             get_verifier,
-            params=params,
+            params=self.params(cfg, seed),
             mode=mode,  # type: ignore[arg-type]
             # The loop measures what selection does; a rollback would hide it.
             rollback_nll_worsening=math.inf,
             state_dir=state_dir,
             trainer_id="tapd-eval",
+        )
+
+    def target_probe(self, target: str, cfg: EvalConfig) -> Any:
+        """A probe of one target's items alone (cheap look-aheads)."""
+        from daemon.policy import store as policy
+        from daemon.trainer.probe import Probe
+        from daemon.verify.registry import get_verifier
+
+        return Probe(
+            [it for it in self.items if it.target == target],
+            get_verifier,
+            policy.format_prompt,
+            max_new_tokens=cfg.max_completion_length,
         )
 
 
@@ -218,15 +298,21 @@ class Candidate:
     cohort_id: str
     subject: str
     variant: str
+    families: tuple[str, ...]
     traces: tuple[Any, ...]  # streams.schemas.Trace, K attempts each
-    features: dict[str, float]
+    features: dict[str, float]  # target_similarity against the cohort's own target
+    similarity: dict[str, float]  # target_similarity against each target
+
+    def features_for(self, target: str) -> dict[str, float]:
+        """The features as a scorer whose target is ``target`` computes them."""
+        return {**self.features, "target_similarity": self.similarity[target]}
 
 
 def make_cohort(
     rt: Runtime, cfg: EvalConfig, cohort_id: str, subject: str, variant: str, seed: int
 ) -> Candidate:
     """A control cohort, its K attempts from the current weights, and its features."""
-    from daemon.core.features import featurize
+    from daemon.core.features import featurize, target_similarity
     from daemon.policy.rollout import fill_attempts
     from lab import tasks
 
@@ -241,11 +327,14 @@ def make_cohort(
     if filled.rejected:
         r = filled.rejected[0]
         raise ValueError(f"{r.field}: cohort {cohort_id} trace rejected: {r.reason}")
-    feats = featurize(filled.traces, probe_prompts=rt.probe_prompts)
-    return Candidate(cohort_id, subject, variant, tuple(filled.traces), feats)
+    feats = featurize(filled.traces, probe_prompts=rt.probe_by_target)
+    prompts = [t.prompt for t in batch]
+    sims = {t: target_similarity(prompts, ps) for t, ps in rt.probe_by_target.items()}
+    fams = tuple(dict.fromkeys(f"{t.subject}/{t.difficulty}" for t in batch))
+    return Candidate(cohort_id, subject, variant, fams, tuple(filled.traces), feats, sims)
 
 
-def dispatch_of(c: Candidate, predicted: float = 0.0) -> Any:
+def dispatch_of(c: Candidate, predicted: float = 0.0, target: str | None = None) -> Any:
     from daemon.core.features import FEATURE_SCHEMA
     from streams.schemas import DISPATCH_SCHEMA, Dispatch
 
@@ -255,11 +344,12 @@ def dispatch_of(c: Candidate, predicted: float = 0.0) -> Any:
             "cohort_id": c.cohort_id,
             "slice_key": f"{c.subject}|{c.variant}",
             "subject": c.subject,
+            "target": target,
             "ts": 0.0,
             "policy_version": "eval",
             "model_version": "eval",
             "feature_schema": FEATURE_SCHEMA,
-            "features": c.features,
+            "features": c.features if target is None else c.features_for(target),
             "predicted_lift": predicted,
             "uncertainty": 0.0,
             "selection": "exploit",
@@ -280,9 +370,58 @@ def dispatch_of(c: Candidate, predicted: float = 0.0) -> Any:
 def battery_specs(cfg: EvalConfig) -> Iterator[tuple[str, str, str, int]]:
     for si, subject in enumerate(cfg.subjects):
         for vi, variant in enumerate(cfg.variants):
-            for c in range(cfg.cohorts_per_cell):
+            n = (
+                cfg.broken_cohorts_per_cell
+                if variant in ev.BROKEN_VARIANTS
+                else cfg.cohorts_per_cell
+            )
+            for c in range(n):
                 seed = 10_000 * (c + 1) + 100 * si + vi
                 yield f"eval-{subject}-{variant}-{c}", subject, variant, seed
+
+
+def per_target_lifts(rt: Runtime, trainer: Any) -> dict[str, Any]:
+    """The last update's lift on every target's foothold items, per family and collateral."""
+    from daemon.trainer.probe import part_lift, probe_parts
+
+    before, after = trainer.last_measures
+    out: dict[str, Any] = {"by_target": {}, "by_family": {}}
+    for target in rt.probe_by_target:
+        parts = probe_parts(rt.items, before, target, trainer.foothold_probability)
+        pl = part_lift(before, after, parts.target)
+        if pl is not None:
+            out["by_target"][target] = _part_json(pl)
+    parts = probe_parts(rt.items, before, None, trainer.foothold_probability)
+    foothold = set(parts.transfer)
+    for fam in dict.fromkeys(rt.families):
+        idx = [i for i, f in enumerate(rt.families) if f == fam and i in foothold]
+        pl = part_lift(before, after, idx)
+        out["by_family"][fam] = None if pl is None else _part_json(pl)
+    return out
+
+
+def _part_json(p: Any) -> dict[str, float]:
+    return {"items": p.items, "nll_lift": p.nll_lift, "acc_lift": p.acc_lift}
+
+
+def _lift_row(res: Any) -> dict[str, Any]:
+    def part(p: Any) -> dict[str, float] | None:
+        return None if p is None else p.model_dump()
+
+    return {
+        "label": res.label,
+        "target": res.target,
+        "nll_lift": res.nll_lift,
+        "acc_lift": res.acc_lift,
+        "acc_before": res.acc_before,
+        "acc_after": res.acc_after,
+        "target_lift": part(res.target_lift),
+        "transfer_lift": part(res.transfer_lift),
+        "collateral_lift": part(res.collateral_lift),
+        "reward_before": res.train_reward_before,
+        "reward_after": res.train_reward_after,
+        "duration_s": res.duration_s,
+    }
 
 
 def measure_battery(
@@ -295,21 +434,23 @@ def measure_battery(
     try:
         for n, (cid, subject, variant, seed) in enumerate(specs, 1):
             row = cache.get("cohort", cid)
+            cand = None
             if row is None:
                 rt.reset()
-                c = make_cohort(rt, cfg, cid, subject, variant, seed)
+                clock = Clock()
+                cand = make_cohort(rt, cfg, cid, subject, variant, seed)
                 row = cache.put(
                     ("cohort", cid),
                     {
                         "cohort_id": cid,
                         "subject": subject,
                         "variant": variant,
-                        "features": c.features,
+                        "families": list(cand.families),
+                        "features": cand.features,
+                        "similarity": cand.similarity,
+                        **clock.seconds(),
                     },
                 )
-                cand = c
-            else:
-                cand = None
             lifts = []
             for s in range(cfg.seeds):
                 got = cache.get("lift", cid, str(s))
@@ -322,14 +463,19 @@ def measure_battery(
                         d = work / f"probe-revert-s{s}"
                         shutil.rmtree(d, ignore_errors=True)  # its ledger would replay old cohorts
                         trainers[s] = rt.trainer(cfg, s, "probe_revert", d)
+                    clock = Clock()
                     res = trainers[s].on_dispatch(dispatch_of(cand), time.time()).result
-                    got = cache.put(("lift", cid, str(s)), _lift_row(res))
+                    got = cache.put(
+                        ("lift", cid, str(s)),
+                        {
+                            **_lift_row(res),
+                            **per_target_lifts(rt, trainers[s]),
+                            **clock.seconds(),
+                        },
+                    )
                 lifts.append(got)
             rows.append({**row, "seeds": lifts})
-            log(
-                f"[{n}/{len(specs)}] {cid}: nll_lift "
-                + " ".join(f"{x['nll_lift']:+.3f}" for x in lifts)
-            )
+            log(f"[{n}/{len(specs)}] {cid}: label " + " ".join(f"{x['label']:+.4f}" for x in lifts))
     finally:
         for t in trainers.values():
             t.close()
@@ -337,34 +483,108 @@ def measure_battery(
     return rows
 
 
-def _lift_row(res: Any) -> dict[str, Any]:
-    return {
-        "nll_lift": res.nll_lift,
-        "acc_lift": res.acc_lift,
-        "nll_before": res.nll_before,
-        "nll_after": res.nll_after,
-        "acc_before": res.acc_before,
-        "acc_after": res.acc_after,
-        "reward_before": res.train_reward_before,
-        "reward_after": res.train_reward_after,
-        "duration_s": res.duration_s,
-    }
+def table_of(rows: Sequence[Mapping[str, Any]], target: str | None = None) -> list[ev.CohortResult]:
+    """The battery as labelled cohorts: the lift on their own target, or on ``target``."""
+    out = []
+    for r in rows:
+        t = target or r["subject"]
+        feats = (
+            dict(r["features"])
+            if target is None
+            else {
+                **r["features"],
+                "target_similarity": r["similarity"][t],
+            }
+        )
+        seeds = r["seeds"]
+        if target is None:
+            lifts = tuple(float(s["label"]) for s in seeds)
+            accs = tuple(
+                float(s["target_lift"]["acc_lift"]) if s["target_lift"] else 0.0 for s in seeds
+            )
+        else:
+            got = [s["by_target"].get(t) for s in seeds]
+            if any(g is None for g in got):
+                continue
+            lifts = tuple(float(g["nll_lift"]) for g in got)
+            accs = tuple(float(g["acc_lift"]) for g in got)
+        out.append(ev.CohortResult(r["cohort_id"], r["subject"], r["variant"], feats, lifts, accs))
+    return out
 
 
 # ----------------------------------------------------------------- predictors
 
 
-def predictor_fit_predict(seed: int = 0) -> ev.FitPredict:
-    """tapd's own predictor (heuristic -> River -> LightGBM), fed the training labels."""
-    from daemon.config import PredictorSettings
-    from daemon.core.predictor import Predictor
+def fit_predict_kind(kind: str, seed: int = 0) -> ev.FitPredict:
+    """One model kind of tapd's predictor, fitted on the training labels of a fold."""
+    from daemon.core.features import feature_vector
+    from daemon.core.predictor import AdvStdHeuristic, RiverStage, fit_batch
 
     def fit_predict(
         xs: Sequence[Mapping[str, float]], ys: Sequence[float], test: Sequence[Mapping[str, float]]
     ) -> list[float]:
-        p = Predictor(PredictorSettings(seed=seed))
-        # The refit holds out the most recent labels: feed them in a fixed
-        # shuffled order, not subject by subject.
+        if kind == "heuristic":
+            h = AdvStdHeuristic()
+            for x, y in zip(xs, ys, strict=True):
+                h.learn(x, y)
+            return [h.predict(x).lift for x in test]
+        if kind == "river":
+            r = RiverStage(seed=seed)
+            order = list(range(len(ys)))
+            random.Random(seed).shuffle(order)
+            for i in order:
+                r.learn(xs[i], ys[i])
+            return [r.predict(x).lift for x in test]
+        X = np.asarray([feature_vector(x) for x in xs])
+        stage = fit_batch(kind, X, np.asarray(ys, dtype=np.float64), seed=seed)
+        return [
+            float(v) for v in stage.predict_matrix(np.asarray([feature_vector(x) for x in test]))
+        ]
+
+    return fit_predict
+
+
+def plain_ridge(
+    xs: Sequence[Mapping[str, float]], ys: Sequence[float], test: Sequence[Mapping[str, float]]
+) -> list[float]:
+    """The baseline: ridge with a fixed penalty (1.0) on every standardized feature."""
+    from daemon.core.features import feature_vector
+
+    X = np.asarray([feature_vector(x) for x in xs])
+    T = np.asarray([feature_vector(x) for x in test])
+    mu, sd = X.mean(axis=0), X.std(axis=0)
+    sd = np.where(sd > 1e-12, sd, 1.0)
+    Z = (X - mu) / sd
+    y = np.asarray(ys, dtype=np.float64)
+    coef = np.linalg.solve(Z.T @ Z + np.eye(Z.shape[1]), Z.T @ (y - y.mean()))
+    return [float(v) for v in ((T - mu) / sd) @ coef + y.mean()]
+
+
+def router(seed: int = 0) -> Any:
+    """tapd's predictor as the product builds it (heuristic -> River -> refits)."""
+    from daemon.config import PredictorSettings
+    from daemon.core.predictor import Predictor
+
+    return Predictor(PredictorSettings(seed=seed))
+
+
+def served_kind(xs: Sequence[Mapping[str, float]], ys: Sequence[float], seed: int = 0) -> str:
+    """The stage tapd's router serves after learning these labels (in a shuffled order)."""
+    p = router(seed)
+    order = list(range(len(ys)))
+    random.Random(seed).shuffle(order)
+    for i in order:
+        p.learn(xs[i], ys[i])
+    return str(p.stage)
+
+
+def nested_router(seed: int = 0) -> ev.FitPredict:
+    """The router per fold, fed the fold's training labels: its kind may differ by fold."""
+
+    def fit_predict(
+        xs: Sequence[Mapping[str, float]], ys: Sequence[float], test: Sequence[Mapping[str, float]]
+    ) -> list[float]:
+        p = router(seed)
         order = list(range(len(ys)))
         random.Random(seed).shuffle(order)
         for i in order:
@@ -374,437 +594,817 @@ def predictor_fit_predict(seed: int = 0) -> ev.FitPredict:
     return fit_predict
 
 
-def table_of(rows: Sequence[Mapping[str, Any]]) -> list[ev.CohortResult]:
-    return [
-        ev.CohortResult(
-            r["cohort_id"],
-            r["subject"],
-            r["variant"],
-            r["features"],
-            tuple(float(s["nll_lift"]) for s in r["seeds"]),
-            tuple(float(s["acc_lift"]) for s in r["seeds"]),
-        )
-        for r in rows
+# ------------------------------------------------------------------ analysis
+
+
+def evaluate_battery(cfg: EvalConfig, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Every ranking number of the report, from the cached battery."""
+    full = table_of(rows)
+    honest = [c for c in full if not c.broken]
+    out: dict[str, Any] = {"n_cohorts": len(full), "n_honest": len(honest)}
+    rel = ev.label_reliability(ev.seed_matrix(honest))
+    rel_all = ev.label_reliability(ev.seed_matrix(full))
+    out["reliability"] = dataclasses.asdict(rel)
+    out["reliability_all"] = dataclasses.asdict(rel_all)
+    kind = served_kind([c.features for c in honest], [c.lift for c in honest])
+    out["served_kind"] = kind
+    kw = {"fraction": cfg.top_fraction, "n_resamples": cfg.bootstrap}
+
+    def est(e: ev.Estimate) -> dict[str, float]:
+        return {"value": e.value, "lo": e.lo, "hi": e.hi}
+
+    def report(table: Sequence[ev.CohortResult], score: np.ndarray) -> dict[str, Any]:
+        r = ev.score_report(table, score, **kw)  # type: ignore[arg-type]
+        return {
+            "spearman": est(r.spearman),
+            "pairwise": est(r.pairwise),
+            "gain_nats": est(r.gain_nats),
+            "gain_relative": r.gain_relative,
+        }
+
+    fitted: dict[str, ev.FitPredict] = {k: fit_predict_kind(k) for k in KINDS}
+    fitted["tapd"] = fit_predict_kind(kind)
+    fitted["tapd_nested"] = nested_router()
+    fitted["ridge_plain"] = plain_ridge
+    for name, table in (("honest", honest), ("all", full)):
+        sec: dict[str, Any] = {}
+        y = ev.actual_lifts(table)
+        for split, fn in (("loco", ev.leave_one_cell_out), ("loso", ev.leave_one_subject_out)):
+            sec[split] = {}
+            for m, fp in fitted.items():
+                pred = fn(table, fp)
+                sec[split][m] = report(table, pred)
+                if name == "honest" and split == "loco" and m == "tapd":
+                    out["loco_predictions"] = pred.tolist()
+            per_subject = {}
+            pred = fn(table, fitted["tapd"])
+            for s in cfg.subjects:
+                idx = [i for i, c in enumerate(table) if c.subject == s]
+                if len(idx) >= 3:
+                    per_subject[s] = {
+                        "n": len(idx),
+                        "spearman": ev.spearman(pred[idx], y[idx]),
+                        "gain_nats": ev.selection_gain(
+                            pred[idx], y[idx], cfg.top_fraction
+                        ).absolute,
+                    }
+            sec[split + "_per_subject"] = per_subject
+        sec["signals"] = {k: report(table, v) for k, v in ev.signal_scores(table).items()}
+        sec["random"] = {"spearman": 0.0, "gain_nats": 0.0}
+        seeds_matrix = ev.seed_matrix(table)
+        oracle = ev.oracle_crossfit_gain(seeds_matrix, cfg.top_fraction)
+        sec["oracle"] = {
+            "gain_nats": oracle.absolute,
+            "perfect_gain_nats": ev.selection_gain(y, y, cfg.top_fraction).absolute,
+        }
+        sec["mean_label"] = float(y.mean())
+        sec["savings"] = {
+            "tapd": ev.savings_curve(out["loco_predictions"] if name == "honest" else y, y)
+            if name == "honest"
+            else [],
+        }
+        out[name] = sec
+    out["by_variant"] = {
+        v: {
+            "n": sum(c.variant == v for c in full),
+            "label": float(np.mean([c.lift for c in full if c.variant == v])),
+            "acc_lift": float(np.mean([np.mean(c.accuracy_lifts) for c in full if c.variant == v])),
+            "pass_rate": float(np.mean([c.features["pass_rate"] for c in full if c.variant == v])),
+            "adv_std": float(np.mean([c.features["adv_std"] for c in full if c.variant == v])),
+            "transfer": _mean_part(rows, v, "transfer_lift"),
+            "collateral": _mean_part(rows, v, "collateral_lift"),
+            "pooled": float(
+                np.mean([s["nll_lift"] for r in rows if r["variant"] == v for s in r["seeds"]])
+            ),
+        }
+        for v in cfg.variants
+        if any(c.variant == v for c in full)
+    }
+    out["integrity"] = integrity(cfg, rows)
+    return out
+
+
+def _mean_part(rows: Sequence[Mapping[str, Any]], variant: str, part: str) -> float:
+    xs = [
+        s[part]["nll_lift"] for r in rows if r["variant"] == variant for s in r["seeds"] if s[part]
     ]
+    return float(np.mean(xs)) if xs else math.nan
 
 
-def integrity_cases(
-    rt: Runtime, rows: Sequence[Mapping[str, Any]], predicted: np.ndarray
-) -> list[ev.IntegrityCase]:
-    """The decision each cohort got before training, and what training then did (seed 0)."""
-    from daemon.core.decision import recommend
+def integrity(cfg: EvalConfig, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The gate on the battery: what it lets through, and what streaming the battery trains."""
+    from daemon.config import Thresholds
+    from daemon.core.decision import ScoredCohort, decide, recommend
     from daemon.core.predictor import Prediction
 
-    out = []
-    for r, p in zip(rows, predicted, strict=True):
-        rec, _, _ = recommend(
-            r["features"], Prediction(float(p), 0.0, "eval", "loo"), rt.thresholds
-        )
-        s0 = r["seeds"][0]
-        out.append(
-            ev.IntegrityCase(
-                r["cohort_id"],
-                r["variant"],
-                float(r["features"]["reward_trust"]),
-                rec,
-                s0["reward_before"],
-                s0["reward_after"],
-                s0["acc_before"],
-                s0["acc_after"],
-            )
-        )
-    return out
+    t = Thresholds()
+    broken = [r for r in rows if r["variant"] in ev.BROKEN_VARIANTS]
+    sound = [r for r in rows if r["variant"] not in ev.BROKEN_VARIANTS]
+    passing = [r for r in broken if r["features"]["reward_trust"] >= t.reward_trust_floor]
+    false_alarms = [r for r in sound if r["features"]["reward_trust"] < t.reward_trust_floor]
+    # Stream the battery through the decision policy in windows, exploration
+    # included: which broken-verifier cohorts would be dispatched for training?
+    order = list(rows)
+    random.Random(0).shuffle(order)
+    rng = random.Random(0)
+    trained = 0
+    for i in range(0, len(order), 8):
+        window = order[i : i + 8]
+        scored = [
+            ScoredCohort(r["cohort_id"], r["features"], Prediction(1.0, 1.0, "eval", "v0"))
+            for r in window
+        ]
+        for r, d in zip(window, decide(scored, t, 0, rng), strict=True):
+            trained += d.dispatch and r["variant"] in ev.BROKEN_VARIANTS
+    weak = [r for r in rows if r["variant"] == "weak_verifier"]
+
+    def change(rs: Sequence[Mapping[str, Any]], a: str, b: str) -> dict[str, float]:
+        e = ev.t_interval([s[b] - s[a] for r in rs for s in r["seeds"]])
+        return {"value": e.value, "lo": e.lo, "hi": e.hi}
+
+    return {
+        "floor": t.reward_trust_floor,
+        "n_broken": len(broken),
+        "broken_passing_gate": len(passing),
+        "broken_trained": trained,
+        "n_sound": len(sound),
+        "sound_flagged": len(false_alarms),
+        "max_broken_trust": max((r["features"]["reward_trust"] for r in broken), default=math.nan),
+        "fix_verifier": sum(
+            recommend(r["features"], Prediction(1.0, 1.0, "eval", "v0"), t)[0] == "fix_verifier"
+            for r in broken
+        ),
+        "weak_reward_change": change(weak, "reward_before", "reward_after"),
+        "weak_accuracy_change": change(weak, "acc_before", "acc_after"),
+        "sound_reward_change": change(sound, "reward_before", "reward_after"),
+    }
 
 
 # ---------------------------------------------------------------- closed loop
 
 
-def run_loop(
-    rt: Runtime, cfg: EvalConfig, cache: ResultCache, work: Path, log: Callable[[str], None]
-) -> dict[str, list[list[float]]]:
-    """Predictor-selected vs random training over cumulative steps; probe NLL per step.
+def loop_candidates(
+    cfg: EvalConfig, run: int, step: int, target: str
+) -> list[tuple[str, str, str, int]]:
+    """Stratified candidates: learnable and not, on the target and off it; honest verifiers."""
+    draw = random.Random(f"loop-draw|{run}|{step}")
+    others = [s for s in cfg.subjects if s != target]
+    spec = [(target, "frontier"), (target, "mixed"), (target, "easy"), (target, "hard")]
+    spec += [(draw.choice(others), "frontier") for _ in range(2)]
+    spec += [(draw.choice(others), draw.choice(("mixed", "easy", "frontier")))]
+    spec += [(draw.choice(others), "frontier")]
+    while len(spec) < cfg.loop_candidates:
+        spec.append((draw.choice(cfg.subjects), draw.choice(("frontier", "mixed", "easy", "hard"))))
+    spec = spec[: cfg.loop_candidates]
+    draw.shuffle(spec)
+    return [
+        (f"loop-r{run}-t{step}-{j}-{s}-{v}", s, v, draw.randrange(2**31))
+        for j, (s, v) in enumerate(spec)
+    ]
 
-    Both arms of a seed see the same candidate draws at each step (a paired
-    design), each against its own current model. The predictor arm starts
-    cold (adv_std heuristic) and learns every realized lift; its pick is the
-    decision policy's best ``train`` cohort, else (as exploration would) the
-    best one whose verifier is trusted; when every candidate's verifier is
-    untrusted it trains nothing that step, as tapd would. The random arm
-    picks uniformly.
+
+def warm_labels(
+    rows: Sequence[Mapping[str, Any]], target: str
+) -> tuple[list[dict[str, float]], list[float]]:
+    """Labels of a probe-and-revert battery that leaves the target subject out entirely.
+
+    Every honest cohort of another subject, labelled with its lift on every
+    other target (its own and the others'), its target_similarity computed
+    against that target: the predictor learns what on- and off-target look like.
     """
-    from daemon.config import PredictorSettings
-    from daemon.core.decision import recommend
-    from daemon.core.predictor import Predictor
+    xs: list[dict[str, float]] = []
+    ys: list[float] = []
+    for r in rows:
+        if r["subject"] == target or r["variant"] in ev.BROKEN_VARIANTS:
+            continue
+        for t in r["similarity"]:
+            if t == target:
+                continue
+            got = [s["by_target"].get(t) for s in r["seeds"]]
+            if any(g is None for g in got):
+                continue
+            xs.append({**r["features"], "target_similarity": r["similarity"][t]})
+            ys.append(float(np.mean([g["nll_lift"] for g in got])))
+    return xs, ys
 
-    curves: dict[str, list[list[float]]] = {"predictor": [], "random": []}
-    for seed in range(cfg.loop_seeds):
-        for arm in ("predictor", "random"):
-            got = cache.get("loop", arm, str(seed))
-            if got is None:
+
+def run_loop(
+    rt: Runtime,
+    cfg: EvalConfig,
+    rows: Sequence[Mapping[str, Any]],
+    cache: ResultCache,
+    work: Path,
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """The closed loop: per run a fixed target, per step each arm trains its pick.
+
+    Arms: ``none`` (no training), ``random`` (a uniform pick), ``adv_std``
+    (the highest adv_std among the candidates the decision policy would
+    train), ``tapd`` (the decision policy and its predictor, warm-started on
+    the battery without the target subject and learning every realized
+    label), ``oracle`` (probe-and-revert every candidate, train the best if it
+    helps). Every arm starts from the base policy and sees the same candidate
+    cohorts, rolled out against its own current weights.
+    """
+    from daemon.core.decision import recommend
+    from daemon.core.predictor import Prediction
+
+    runs = []
+    decided_by = code_hash(DECIDED_BY)
+    for run in range(cfg.loop_runs):
+        target = cfg.subjects[run % len(cfg.subjects)]
+        got = cache.get("loop", str(run), decided_by)
+        if got is None:
+            clock = Clock()
+            arms: dict[str, Any] = {}
+            xs, ys = warm_labels(rows, target)
+            for arm in LOOP_ARMS:
                 rt.reset()
-                d = work / f"loop-{arm}-s{seed}"
-                shutil.rmtree(d, ignore_errors=True)
-                trainer = rt.trainer(cfg, 1000 + seed, "continual", d)
-                predictor = Predictor(PredictorSettings(seed=seed))
-                pick_rng = random.Random(f"loop|{seed}")
-                nll = [rt.probe.nll(rt.model, rt.tok)]
-                picks = []
-                try:
-                    for step in range(cfg.loop_steps):
-                        draw = random.Random(f"loop-draw|{seed}|{step}")
-                        cands = []
-                        for j in range(cfg.loop_candidates):
-                            subject = draw.choice(cfg.subjects)
-                            variant = draw.choice(cfg.variants)
-                            cid = f"loop-s{seed}-t{step}-{j}-{subject}-{variant}"
-                            cands.append(
-                                make_cohort(rt, cfg, cid, subject, variant, draw.randrange(2**31))
-                            )
-                        preds = [predictor.predict(c.features) for c in cands]
-                        if arm == "random":
-                            i = pick_rng.randrange(len(cands))
-                        else:
-                            recs = [
-                                recommend(c.features, p, rt.thresholds)[0]
-                                for c, p in zip(cands, preds, strict=True)
-                            ]
-                            pool = [i for i, r in enumerate(recs) if r == "train"] or [
-                                i for i, r in enumerate(recs) if r != "fix_verifier"
-                            ]
-                            if not pool:
-                                nll.append(nll[-1])
-                                picks.append("none")
-                                continue
-                            i = max(pool, key=lambda i: preds[i].lift)
-                        res = trainer.on_dispatch(
-                            dispatch_of(cands[i], preds[i].lift), time.time()
-                        ).result
-                        predictor.learn(cands[i].features, res.nll_lift)
-                        nll.append(res.nll_after)
-                        picks.append(cands[i].variant)
-                finally:
-                    trainer.close()
-                got = cache.put(("loop", arm, str(seed)), {"nll": nll, "picks": picks})
-                log(f"loop {arm} seed {seed}: NLL {nll[0]:.3f} -> {nll[-1]:.3f} picks {picks}")
-            curves[arm].append(list(got["nll"]))
+                arms[arm] = _loop_arm(
+                    rt, cfg, run, target, arm, xs, ys, work, recommend, Prediction
+                )
+                log(
+                    f"loop run {run} ({target}) {arm}: target NLL "
+                    + " ".join(f"{v:.4f}" for v in arms[arm]["target_nll"])
+                    + f" picks {arms[arm]['picks']}"
+                )
+            got = cache.put(
+                ("loop", str(run), decided_by),
+                {"run": run, "target": target, "arms": arms, **clock.seconds()},
+            )
+        runs.append(got)
     rt.reset()
-    return curves
+    return runs
+
+
+def _loop_arm(
+    rt: Runtime,
+    cfg: EvalConfig,
+    run: int,
+    target: str,
+    arm: str,
+    xs: Sequence[Mapping[str, float]],
+    ys: Sequence[float],
+    work: Path,
+    recommend: Any,
+    Prediction: Any,
+) -> dict[str, Any]:
+    from daemon.trainer.probe import part_lift, probe_parts
+
+    base = rt.probe.measure(rt.model, rt.tok)
+    # The items the curve follows: the target's items with a foothold at the start.
+    parts = probe_parts(rt.items, base, target)
+    fixed_target = parts.target
+
+    def target_nll(report: Any) -> float:
+        pl = part_lift(base, report, fixed_target)
+        return pl.nll_after if pl is not None else math.nan
+
+    curve = [target_nll(base)]
+    picks: list[str] = []
+    if arm == "none":
+        return {
+            "target_nll": curve * (cfg.loop_steps + 1),
+            "picks": ["none"] * cfg.loop_steps,
+            "transfer_change": 0.0,
+            "collateral_change": 0.0,
+            "predicted": [],
+            "realized": [],
+        }
+    d = work / f"loop-{run}-{arm}"
+    shutil.rmtree(d, ignore_errors=True)
+    trainer = rt.trainer(cfg, 1000 + run, "continual", d)
+    predictor = None
+    if arm == "tapd":
+        predictor = router(seed=run)
+        order = list(range(len(ys)))
+        random.Random(run).shuffle(order)
+        for i in order:
+            predictor.learn(xs[i], ys[i])
+    pick_rng = random.Random(f"loop-pick|{run}")
+    predicted: list[float] = []
+    realized: list[float] = []
+    last = base
+    try:
+        for step in range(cfg.loop_steps):
+            cands = [
+                make_cohort(rt, cfg, cid, s, v, seed)
+                for cid, s, v, seed in loop_candidates(cfg, run, step, target)
+            ]
+            feats = [c.features_for(target) for c in cands]
+            choice: int | None
+            if arm == "random":
+                choice = pick_rng.randrange(len(cands))
+            elif arm == "adv_std":
+                pool = [
+                    i
+                    for i, f in enumerate(feats)
+                    if recommend(
+                        f, Prediction(f["adv_std"], 0.0, "heuristic", "v0"), rt.thresholds
+                    )[0]
+                    == "train"
+                ]
+                choice = max(pool, key=lambda i: feats[i]["adv_std"]) if pool else None
+            elif arm == "tapd":
+                assert predictor is not None
+                preds = [predictor.predict(f) for f in feats]
+                pool = [
+                    i
+                    for i, (f, p) in enumerate(zip(feats, preds, strict=True))
+                    if recommend(f, p, rt.thresholds)[0] == "train"
+                ]
+                choice = max(pool, key=lambda i: preds[i].lift) if pool else None
+                if choice is not None:
+                    predicted.append(preds[choice].lift)
+            else:  # oracle: look ahead at every candidate, train the best
+                look = rt.trainer(
+                    cfg,
+                    1000 + run,
+                    "probe_revert",
+                    d / f"look-{step}",
+                    rt.target_probe(target, cfg),
+                )
+                gains = [
+                    look.on_dispatch(dispatch_of(c, target=target), 0.0).result.label for c in cands
+                ]
+                look.close()
+                best = int(np.argmax(gains))
+                choice = best if gains[best] > 0 else None
+            if choice is None:
+                picks.append("none")
+                curve.append(curve[-1])
+                continue
+            c = cands[choice]
+            res = trainer.on_dispatch(dispatch_of(c, target=target), 0.0).result
+            last = trainer.last_measures[1]
+            realized.append(res.label)
+            if predictor is not None:
+                predictor.learn(feats[choice], res.label)
+            picks.append(f"{c.subject}/{c.variant}")
+            curve.append(target_nll(last))
+    finally:
+        trainer.close()
+    transfer = part_lift(base, last, parts.transfer)
+    collateral = part_lift(base, last, parts.collateral)
+    return {
+        "target_nll": curve,
+        "picks": picks,
+        # NLL *change* (after - before; lower is better) off the target.
+        "transfer_change": -transfer.nll_lift if transfer is not None else 0.0,
+        "collateral_change": -collateral.nll_lift if collateral is not None else 0.0,
+        "predicted": predicted,
+        "realized": realized,
+    }
+
+
+def evaluate_loop(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    if not runs:
+        return None
+    auc = {a: [ev.loop_auc(r["arms"][a]["target_nll"]) for r in runs] for a in LOOP_ARMS}
+    out: dict[str, Any] = {"runs": len(runs), "auc": auc}
+
+    def pc(arm: str, other: str) -> dict[str, Any]:
+        c = ev.paired(auc, arm, other)
+        return {
+            "mean": {"value": c.mean.value, "lo": c.mean.lo, "hi": c.mean.hi},
+            "wins": c.wins,
+            "n": c.n,
+            "p_value": c.p_value,
+            "p_wilcoxon": c.p_wilcoxon,
+        }
+
+    out["tapd_vs"] = {o: pc("tapd", o) for o in ("random", "adv_std", "none", "oracle")}
+    out["oracle_vs_random"] = pc("oracle", "random")
+    out["adv_std_vs_random"] = pc("adv_std", "random")
+    out["mean_auc"] = {a: float(np.mean(v)) for a, v in auc.items()}
+    out["transfer_change"] = {
+        a: float(np.mean([r["arms"][a]["transfer_change"] for r in runs])) for a in LOOP_ARMS
+    }
+    out["collateral_change"] = {
+        a: float(np.mean([r["arms"][a]["collateral_change"] for r in runs])) for a in LOOP_ARMS
+    }
+    out["trained_steps"] = {
+        a: int(sum(p != "none" for r in runs for p in r["arms"][a]["picks"])) for a in LOOP_ARMS
+    }
+    out["on_target_picks"] = {
+        a: int(
+            sum(
+                p.split("/")[0] == r["target"]
+                for r in runs
+                for p in r["arms"][a]["picks"]
+                if p != "none"
+            )
+        )
+        for a in LOOP_ARMS
+    }
+    pr = [
+        (p, y)
+        for r in runs
+        for p, y in zip(r["arms"]["tapd"]["predicted"], r["arms"]["tapd"]["realized"], strict=False)
+    ]
+    out["tapd_online_spearman"] = (
+        ev.spearman([p for p, _ in pr], [y for _, y in pr]) if len(pr) >= 3 else math.nan
+    )
+    out["per_step"] = {
+        a: [
+            float(
+                np.mean(
+                    [r["arms"][a]["target_nll"][j] - r["arms"][a]["target_nll"][0] for r in runs]
+                )
+            )
+            for j in range(len(runs[0]["arms"][a]["target_nll"]))
+        ]
+        for a in LOOP_ARMS
+    }
+    return out
 
 
 # ------------------------------------------------------------------ the report
 
 
-def evaluate_rows(
-    cfg: EvalConfig, rows: Sequence[Mapping[str, Any]], fit_predict: ev.FitPredict
-) -> tuple[
-    list[ev.CohortResult], np.ndarray, ev.RankingReport, list[ev.SubjectResult], ev.RankingReport
-]:
-    from daemon.config import Thresholds
-
-    table = table_of(rows)
-    loo = ev.loo_predictions(table, fit_predict)
-    loso, loso_pred = ev.leave_one_subject_out(table, fit_predict, cfg.top_fraction)
-    # What tapd's decision policy would train at all: never a verifier under
-    # the reward-trust floor (checked before training, from features alone).
-    floor = Thresholds().reward_trust_floor
-    trainable = np.array([c.features["reward_trust"] >= floor for c in table])
-    kw = {"fraction": cfg.top_fraction, "n_resamples": cfg.bootstrap}
-    return (
-        table,
-        loo,
-        ev.ranking_report(
-            table,
-            loo,
-            tapd=ev.gated_scores(table, trainable, fit_predict),
-            **kw,  # type: ignore[arg-type]
-        ),
-        loso,
-        ev.ranking_report(table, loso_pred, **kw),  # type: ignore[arg-type]
-    )
-
-
-def _pct(e: ev.Estimate) -> str:
-    return f"{e.value * 100:+.0f} % [{e.lo * 100:+.0f}, {e.hi * 100:+.0f}]"
-
-
-def _num(e: ev.Estimate, d: int = 2) -> str:
-    return f"{e.value:.{d}f} [{e.lo:.{d}f}, {e.hi:.{d}f}]"
-
-
-def _signed(e: ev.Estimate, d: int = 3) -> str:
-    return f"{e.value:+.{d}f} [{e.lo:+.{d}f}, {e.hi:+.{d}f}]"
+def headline(battery: Mapping[str, Any], loop: Mapping[str, Any] | None) -> dict[str, float]:
+    """The keys issue readers and CI look for, each a number (NaN where not measured)."""
+    h = battery["honest"]
+    loco, loso = h["loco"], h["loso"]
+    baselines_loco = {
+        **{k: loco[k]["spearman"]["value"] for k in ("ridge_plain", "knn")},
+        **{k: v["spearman"]["value"] for k, v in h["signals"].items()},
+        "random": 0.0,
+    }
+    signal_gain = {k: v["gain_nats"]["value"] for k, v in h["signals"].items()}
+    signal_gain["random"] = 0.0
+    it = battery["integrity"]
+    out = {
+        "label_reliability": battery["reliability"]["reliability"],
+        "label_noise_ceiling": battery["reliability"]["ceiling"],
+        "loco_spearman": loco["tapd"]["spearman"]["value"],
+        "loso_spearman": loso["tapd"]["spearman"]["value"],
+        "loco_spearman_best_baseline": max(baselines_loco.values()),
+        "top10_gain_nats": loco["tapd"]["gain_nats"]["value"],
+        "top10_gain_nats_best_baseline": max(signal_gain.values()),
+        "top10_gain_nats_oracle": h["oracle"]["gain_nats"],
+        "broken_verifier_cohorts_trained": float(it["broken_trained"]),
+        "broken_verifier_cohorts_passing_gate": float(it["broken_passing_gate"]),
+        "loop_paired_runs": float(loop["runs"]) if loop else 0.0,
+        "loop_advantage_vs_random": loop["tapd_vs"]["random"]["mean"]["value"]
+        if loop
+        else math.nan,
+        "loop_p_value_vs_random": loop["tapd_vs"]["random"]["p_value"] if loop else math.nan,
+        "loop_advantage_vs_adv_std": loop["tapd_vs"]["adv_std"]["mean"]["value"]
+        if loop
+        else math.nan,
+        "loop_p_value_vs_adv_std": loop["tapd_vs"]["adv_std"]["p_value"] if loop else math.nan,
+    }
+    return {k: float(v) for k, v in out.items()}
 
 
-def summary_json(
-    cfg: EvalConfig,
-    table: Sequence[ev.CohortResult],
-    loo: ev.RankingReport,
-    loso: Sequence[ev.SubjectResult],
-    loso_pooled: ev.RankingReport,
-    loop: ev.LoopSummary | None,
-    integrity: ev.IntegritySummary,
-    runtime_s: float,
-) -> dict[str, Any]:
-    def est(e: ev.Estimate) -> dict[str, float]:
-        return {"value": e.value, "lo": e.lo, "hi": e.hi}
+def best_name(d: Mapping[str, float]) -> str:
+    return max(d, key=lambda k: d[k])
 
+
+TARGETS = (
+    ("loco_spearman", ">= 0.80 and above the best baseline"),
+    ("top10_gain_nats", ">= 70 % of the oracle's and >= 1.5x the best single signal's"),
+    ("loop_p_value_vs_random", "< 0.05 over >= 8 paired runs, and tapd beats adv_std + gate"),
+    ("broken_verifier_cohorts_passing_gate", "0 (and 0 trained)"),
+)
+
+
+def targets_met(h: Mapping[str, float]) -> dict[str, bool]:
     return {
-        "config": dataclasses.asdict(cfg),
-        "config_key": cfg.key(),
-        "n_cohorts": len(table),
-        "runtime_s": runtime_s,
-        "loo": {
-            "spearman": est(loo.spearman),
-            "pearson": est(loo.pearson),
-            "pairwise_accuracy": est(loo.pairwise),
-            "selection_gain": {k: est(v) for k, v in loo.gain.items()},
-            "selection_gain_abs": loo.gain_abs,
-            "selection_gain_abs_ci": {k: est(v) for k, v in loo.gain_abs_ci.items()},
-            "oracle_gain": loo.oracle_gain.relative,
-            "oracle_gain_abs": loo.oracle_gain.absolute,
-            "oracle_spearman": loo.oracle_spearman,
-            "share_of_oracle": loo.share_of_oracle,
-            "savings_curve": loo.curves,
-        },
-        "loso": {
-            "per_subject": [
-                {
-                    "subject": r.subject,
-                    "n": r.n,
-                    "spearman": r.spearman,
-                    "gain": r.gain.relative,
-                    "gain_abs": r.gain.absolute,
-                }
-                for r in loso
-            ],
-            "pooled_spearman": est(loso_pooled.spearman),
-            "pooled_gain": est(loso_pooled.gain["predictor"]),
-        },
-        "loop": None
-        if loop is None
-        else {
-            "steps": loop.steps,
-            "final_change": {k: est(v) for k, v in loop.final_change.items()},
-            "advantage": est(loop.advantage),
-            "per_step": {k: [est(e) for e in v] for k, v in loop.per_step.items()},
-        },
-        "integrity": {
-            "floor": integrity.floor,
-            "n_weak": integrity.n_weak,
-            "n_weak_flagged": integrity.n_weak_flagged,
-            "n_sound": integrity.n_sound,
-            "n_sound_flagged": integrity.n_sound_flagged,
-            "weak_reward_change": est(integrity.weak_reward_change),
-            "weak_accuracy_change": est(integrity.weak_accuracy_change),
-            "sound_reward_change": est(integrity.sound_reward_change),
-            "sound_accuracy_change": est(integrity.sound_accuracy_change),
-        },
-        "by_variant": {
-            v: {
-                "n": sum(c.variant == v for c in table),
-                "mean_lift": float(np.mean([c.lift for c in table if c.variant == v])),
-                "mean_acc_lift": float(
-                    np.mean([np.mean(c.accuracy_lifts) for c in table if c.variant == v])
-                ),
-                "mean_adv_std": float(
-                    np.mean([c.features["adv_std"] for c in table if c.variant == v])
-                ),
-            }
-            for v in cfg.variants
-            if any(c.variant == v for c in table)
-        },
+        "loco_spearman": h["loco_spearman"] >= 0.80
+        and h["loco_spearman"] > h["loco_spearman_best_baseline"],
+        "top10_gain_nats": h["top10_gain_nats"] >= 0.7 * h["top10_gain_nats_oracle"]
+        and h["top10_gain_nats"] >= 1.5 * h["top10_gain_nats_best_baseline"],
+        "loop_p_value_vs_random": h["loop_paired_runs"] >= 8
+        and h["loop_p_value_vs_random"] < 0.05
+        and h["loop_advantage_vs_adv_std"] > 0.0,
+        "broken_verifier_cohorts_passing_gate": h["broken_verifier_cohorts_passing_gate"] == 0
+        and h["broken_verifier_cohorts_trained"] == 0,
     }
 
 
-def findings(s: Mapping[str, Any]) -> list[tuple[str, bool]]:
-    """Whether each of the seeds' findings holds in this run, in direction only."""
-    loo, it, lp = s["loo"], s["integrity"], s["loop"]
-    gain = loo["selection_gain_abs"]
-    out = [
-        ("tapd's top pick (predictor + reward-trust gate) beats random", gain["tapd"] > 0.0),
-        ("the ungated predictor's top pick beats random selection", gain["predictor"] > 0.0),
-        ("predictor beats `adv_std` alone", gain["predictor"] > gain["adv_std"]),
-        (
-            "predicted and actual lift are positively rank-correlated",
-            loo["spearman"]["value"] > 0.0,
-        ),
-        (
-            "every weak-verifier cohort is flagged `fix_verifier` before training",
-            it["n_weak"] > 0 and it["n_weak_flagged"] == it["n_weak"],
-        ),
-        (
-            "on weak-verifier cohorts training reward rises while probe accuracy falls",
-            it["weak_reward_change"]["value"] > 0.0 > it["weak_accuracy_change"]["value"],
-        ),
-    ]
-    if lp is not None:
+def why_missed(s: Mapping[str, Any]) -> list[str]:
+    """For each missed target, what the same run measured that explains it."""
+    h, b, lp = s["headline"], s["battery"], s["loop"]
+    met = targets_met(h)
+    rel = b["reliability"]
+    hon = b["honest"]
+    out: list[str] = []
+    if not met["loco_spearman"]:
+        kinds = {k: hon["loco"][k]["spearman"]["value"] for k in (*KINDS, "ridge_plain")}
+        best = best_name(kinds)
         out.append(
-            (
-                "closed loop: predictor-selected training ends with lower probe NLL than random",
-                lp["advantage"]["value"] > 0.0,
-            )
+            f"* **`loco_spearman` missed.** tapd ({b['served_kind']}) reaches "
+            f"{h['loco_spearman']:.2f} against a noise ceiling of {rel['ceiling']:.2f} "
+            f"(label reliability {rel['reliability']:.2f}), so the labels are not what limits it; "
+            f"the best fixed kind on these folds is {best} ({kinds[best]:.2f}) and the best "
+            f"baseline {h['loco_spearman_best_baseline']:.2f}. Leave-one-cell-out removes every "
+            "cohort of the held-out (subject, variant) cell, so the model must rank a cell it has "
+            "never seen from the other cells of its subject and of its variant."
         )
-    return out
+    if not met["top10_gain_nats"]:
+        o, bl = h["top10_gain_nats_oracle"], h["top10_gain_nats_best_baseline"]
+        share = h["top10_gain_nats"] / o if o > 0 else math.nan
+        out.append(
+            f"* **Top-10 % gain missed.** tapd {h['top10_gain_nats']:+.4f} nats = "
+            f"{share * 100:.0f} % of the seed cross-fit oracle's {o:+.4f} and "
+            f"{h['top10_gain_nats'] / bl if bl > 0 else math.nan:.2f}x the best single signal's "
+            f"{bl:+.4f}. With {b['n_honest']} honest cohorts the top 10 % is "
+            f"{ev.top_k(b['n_honest'], s['config']['top_fraction'])} cohorts: one cell of "
+            "frontier cohorts decides it, and the CIs in the table show how wide that is."
+        )
+    if not met["loop_p_value_vs_random"] and lp is not None:
+        out.append(
+            f"* **Loop target missed.** Over {lp['runs']} paired runs tapd's advantage over random "
+            f"is {h['loop_advantage_vs_random']:+.4f} nats (p = {h['loop_p_value_vs_random']:.3f}) "
+            f"and over `adv_std` + gate {h['loop_advantage_vs_adv_std']:+.4f}; the look-ahead "
+            f"oracle's advantage over random is {lp['oracle_vs_random']['mean']['value']:+.4f} "
+            f"(p = {lp['oracle_vs_random']['p_value']:.3f}), the room any selector has here."
+        )
+    if not met["broken_verifier_cohorts_passing_gate"]:
+        it = b["integrity"]
+        out.append(
+            f"* **Gate target missed.** {it['broken_passing_gate']} broken-verifier cohorts have "
+            f"reward_trust >= {it['floor']:.2f} (highest {it['max_broken_trust']:.2f}); "
+            f"{it['broken_trained']} were dispatched."
+        )
+    return out or ["Every target is met in this run."]
+
+
+def _e(d: Mapping[str, float], digits: int = 2, signed: bool = False) -> str:
+    f = f"+.{digits}f" if signed else f".{digits}f"
+    return f"{d['value']:{f}} [{d['lo']:{f}}, {d['hi']:{f}}]"
 
 
 def render_markdown(s: Mapping[str, Any], command: str, img: str) -> str:
-    cfg = s["config"]
-    loo = s["loo"]
-    g = loo["selection_gain"]
-
-    def e(d: Mapping[str, float], pct: bool = False, signed: bool = False) -> str:
-        x = ev.Estimate(d["value"], d["lo"], d["hi"])
-        return _pct(x) if pct else _signed(x) if signed else _num(x)
-
-    names = {
-        "tapd": "tapd: predictor + reward-trust gate (what it would train)",
-        "predictor": "predictor alone, ungated (leave-one-out)",
-        "adv_std": "`adv_std` alone",
-        "frac_nondegenerate": "`frac_nondegenerate` alone",
-        "dapo_filter": "DAPO filter (drop all-same groups, random among the rest)",
-        "pass_rate_middle": "pass rate in the middle, p(1-p)",
-    }
+    cfg, b, lp, h = s["config"], s["battery"], s["loop"], s["headline"]
+    hon, full = b["honest"], b["all"]
+    met = targets_met(h)
+    rel = b["reliability"]
     lines = [
         "# Evaluation results",
         "",
-        f"Generated by `{command}` on {dt.date.today().isoformat()} "
-        f"({s['n_cohorts']} cohorts; the first, uncached run took "
-        f"{s.get('first_run_s', s['runtime_s']) / 60:.1f} min on a shared {platform.machine()} "
-        f"CPU box, {s.get('grpo_probe_revert_s', 0.0) / 60:.1f} min of it probe-and-revert "
-        f"GRPO; this invocation {s['runtime_s'] / 60:.1f} min; config key `{s['config_key']}`). "
-        "Every number below comes from that run; rerun the command to reproduce it "
-        "(results are cached per config under the state dir, so a rerun resumes).",
+        f"Generated by `{command}` on {dt.date.today().isoformat()} ({b['n_cohorts']} battery "
+        f"cohorts, {b['n_honest']} with honest verifiers; {cfg['seeds']} probe-and-revert GRPO "
+        f"seeds each; {lp['runs'] if lp else 0} paired closed-loop runs). The measurement took "
+        f"{s['cpu_s'] / 60:.1f} CPU-minutes ({s['wall_s'] / 60:.1f} min wall, single-threaded "
+        f"torch, on a shared 2-core {platform.machine()} box); this invocation "
+        f"{s['invocation_wall_s'] / 60:.1f} min. Config key `{s['config_key']}`, policy "
+        f"`{s['policy_key']}`. Every number below comes from that run; rerun the command to "
+        "reproduce it (results are cached per config under the state dir, so a rerun resumes).",
         "",
-        "Definitions are in `lab/evaluation.py`. Lift = probe NLL-lift (nats, positive = better), "
-        f"mean over {cfg['seeds']} probe-and-revert GRPO seeds. CIs: 95 % percentile bootstrap over "
-        f"cohorts ({cfg['bootstrap']} resamples) or Student-t over seeds (loop, integrity).",
+        "Definitions are in `lab/evaluation.py`. **Label** = the NLL-lift (nats per answer token, "
+        "positive = better) on the held-out probe items of the cohort's own target (its subject) "
+        "on which the policy had a foothold, mean over seeds (`LiftResult.target_lift`). CIs: 95 % "
+        f"cluster bootstrap over (subject, variant) cells ({cfg['bootstrap']} resamples); the loop's "
+        "are Student-t over paired runs.",
         "",
-        "## The seeds' findings in this run (direction only)",
+        "## Targets",
         "",
-        "| finding | holds here |",
-        "|---|---|",
-        *(f"| {what} | {'yes' if ok else '**no**'} |" for what, ok in findings(s)),
-        "",
-        "Relative gains (%) divide by the mean lift of all cohorts, which is near zero here: "
-        "read the absolute column (nats).",
-        "",
-        "## Predicted vs actual lift",
-        "",
-        "| metric | tapd | seeds' reference |",
+        "| target | measured | met |",
         "|---|---|---|",
-        f"| Spearman ρ (leave-one-out) | {e(loo['spearman'])} | 0.78 |",
-        f"| Pearson r (leave-one-out) | {e(loo['pearson'])} | 0.72 |",
-        f"| pairwise ranking accuracy | {e(loo['pairwise_accuracy'])} | 0.78 |",
-        f"| noise ceiling: seed cross-fit Spearman | {loo['oracle_spearman']:.2f} | ≈0.80 |",
+        f"| `loco_spearman` >= 0.80 and above the best baseline | {h['loco_spearman']:.2f} "
+        f"(best baseline {h['loco_spearman_best_baseline']:.2f}) | "
+        f"{'yes' if met['loco_spearman'] else '**no**'} |",
+        f"| top-10 % gain >= 70 % of the oracle's and >= 1.5x the best single signal's | "
+        f"{h['top10_gain_nats']:+.4f} nats (oracle {h['top10_gain_nats_oracle']:+.4f}, best "
+        f"signal {h['top10_gain_nats_best_baseline']:+.4f}) | "
+        f"{'yes' if met['top10_gain_nats'] else '**no**'} |",
+        f"| loop beats random, p < 0.05 over >= 8 paired runs, and beats `adv_std` + gate | "
+        f"{h['loop_advantage_vs_random']:+.4f} nats, p = {h['loop_p_value_vs_random']:.3f}, "
+        f"{h['loop_paired_runs']:.0f} runs; vs `adv_std` {h['loop_advantage_vs_adv_std']:+.4f} | "
+        f"{'yes' if met['loop_p_value_vs_random'] else '**no**'} |",
+        f"| 0 broken-verifier cohorts pass the gate or get trained | "
+        f"{h['broken_verifier_cohorts_passing_gate']:.0f} pass, "
+        f"{h['broken_verifier_cohorts_trained']:.0f} trained | "
+        f"{'yes' if met['broken_verifier_cohorts_passing_gate'] else '**no**'} |",
         "",
-        f"## Top-{cfg['top_fraction'] * 100:.0f} % selection gain over random",
+        *why_missed(s),
         "",
-        "| selector | gain over random [95 % CI] | absolute, nats [95 % CI] |",
-        "|---|---|---|",
+        "## Label reliability",
+        "",
+        f"Single-seed test-retest Spearman (mean over seed pairs, honest cohorts): "
+        f"{rel['test_retest']:.3f}; Spearman-Brown reliability of the {rel['seeds']}-seed mean: "
+        f"**{rel['reliability']:.3f}**; noise ceiling of any predictor's Spearman "
+        f"(its square root): {rel['ceiling']:.3f}. With broken-verifier cohorts: "
+        f"{b['reliability_all']['reliability']:.3f}.",
+        "",
+        "## Predicted vs actual label, held out",
+        "",
+        f"tapd's router, fed the honest labels as the product learns them, serves the "
+        f"**{b['served_kind']}** stage; `tapd` below is that kind, fixed for every fold. "
+        "`tapd (router per fold)` runs the router inside each fold (the kind may differ by fold). "
+        "Each other row is one fixed model kind or baseline on the same folds.",
+        "",
     ]
-    for k, name in names.items():
-        lines.append(
-            f"| {name} | {e(g[k], pct=True)} | {e(loo['selection_gain_abs_ci'][k], signed=True)} |"
-        )
+    for sec, caption in (
+        (hon, "honest-verifier cohorts (the headline)"),
+        (full, "all cohorts, broken verifiers included"),
+    ):
+        lines += [
+            f"### {caption}",
+            "",
+            "| scorer | LOCO Spearman | LOSO Spearman | LOCO pairwise | LOCO top-10 % gain, nats | LOSO top-10 % gain, nats |",
+            "|---|---|---|---|---|---|",
+        ]
+        names = {
+            "tapd": f"**tapd** ({b['served_kind']})",
+            "tapd_nested": "tapd (router per fold)",
+            "heuristic": "stage: heuristic (adv_std)",
+            "river": "stage: River",
+            "ridge": "stage: ridge",
+            "knn": "stage / baseline: 3-NN",
+            "lightgbm": "stage: LightGBM",
+            "ridge_plain": "baseline: plain ridge",
+        }
+        for k, label in names.items():
+            lo, ls = sec["loco"][k], sec["loso"][k]
+            lines.append(
+                f"| {label} | {_e(lo['spearman'])} | {_e(ls['spearman'])} | {_e(lo['pairwise'])} | "
+                f"{_e(lo['gain_nats'], 4, True)} | {_e(ls['gain_nats'], 4, True)} |"
+            )
+        for k, v in sec["signals"].items():
+            lines.append(
+                f"| signal: `{k}` | {_e(v['spearman'])} | (same) | {_e(v['pairwise'])} | "
+                f"{_e(v['gain_nats'], 4, True)} | (same) |"
+            )
+        lines += [
+            "| random | 0 | 0 | 0.50 | 0 | 0 |",
+            f"| oracle (seed cross-fit) | (ceiling {rel['ceiling']:.2f}) | | | "
+            f"{sec['oracle']['gain_nats']:+.4f} | |",
+            f"| perfect ranking of the seed-mean labels | 1 | 1 | 1 | "
+            f"{sec['oracle']['perfect_gain_nats']:+.4f} | |",
+            "",
+            f"Mean label {sec['mean_label']:+.4f} nats"
+            + (
+                f"; tapd's LOCO top-10 % gain is {sec['loco']['tapd']['gain_relative'] * 100:+.0f} % "
+                "of it."
+                if sec["loco"]["tapd"]["gain_relative"] is not None
+                else " (its CI includes zero, so no relative gain is given)."
+            ),
+            "",
+        ]
     lines += [
-        f"| oracle (seed cross-fit) | {loo['oracle_gain'] * 100:+.0f} % | {loo['oracle_gain_abs']:+.4f} |",
-        "",
-        f"Share of the oracle's gain reached by the predictor: {loo['share_of_oracle'] * 100:.0f} % "
-        "(seeds: ≈70 %). Seeds' reference: +68 % over random.",
-        "",
         f"![predicted vs actual]({img}/scatter.png) ![selection gain]({img}/selection.png)",
         "",
-        "## Leave-one-subject-out",
+        "### Per held-out subject (tapd, honest cohorts)",
         "",
-        "| held-out subject | cohorts | Spearman | top selection gain over random |",
-        "|---|---|---|---|",
+        "| subject | cohorts | LOCO Spearman | LOSO Spearman | LOSO top-10 % gain, nats |",
+        "|---|---|---|---|---|",
     ]
-    for r in s["loso"]["per_subject"]:
+    for subj, r in hon["loso_per_subject"].items():
+        lc = hon["loco_per_subject"].get(subj, {"spearman": math.nan})
         lines.append(
-            f"| {r['subject']} | {r['n']} | {r['spearman']:.2f} | {r['gain'] * 100:+.0f} % ({r['gain_abs']:+.4f} nats) |"
+            f"| {subj} | {r['n']} | {lc['spearman']:.2f} | {r['spearman']:.2f} | {r['gain_nats']:+.4f} |"
         )
-    lines += [
-        f"| pooled | {s['n_cohorts']} | {e(s['loso']['pooled_spearman'])} | {e(s['loso']['pooled_gain'], pct=True)} |",
-        "",
-        "Seeds' reference: +118 % over random on an unseen subject.",
-        "",
-        "## Compute savings",
-        "",
-    ]
-    curves = loo["savings_curve"]
-    maybe = {k: ev.kept_share([(p[0], p[1]) for p in c]) for k, c in curves.items()}
-    shares = {k: v for k, v in maybe.items() if v is not None}
-    if len(shares) == len(maybe):
-        lines += [
-            "Share of the train-on-everything total lift kept when training only the top x % by a score:",
-            "",
-        ]
-        shown, fmt = shares, (lambda y: f"{y * 100:.0f} %")
-    else:
-        lines += [
-            "Training on every cohort lowers the probe NLL in total by nothing or less (total lift "
-            f"{curves['predictor'][-1][1]:+.4f} nats), so shares are undefined; the table gives the "
-            "total lift (nats) of the top x % by each score:",
-            "",
-        ]
-        shown, fmt = curves, (lambda y: f"{y:+.4f}")
-    lines += ["| x | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]
-    xs = [p[0] for p in next(iter(curves.values()))]
-    for j, x in enumerate(xs):
-        lines.append(
-            f"| {x * 100:.0f} % | " + " | ".join(fmt(c[j][1]) for c in shown.values()) + " |"
-        )
-    lines += ["", f"![compute savings]({img}/savings.png)", "", "## Closed loop", ""]
-    if s["loop"] is None:
+    lines += ["", "## Closed loop", ""]
+    if lp is None:
         lines.append("Not run.")
     else:
-        lp = s["loop"]
         lines += [
-            f"{lp['steps']} cumulative continual GRPO steps x {cfg['loop_seeds']} seeds; each step scores "
-            f"{cfg['loop_candidates']} fresh cohorts against the current model.",
+            f"{lp['runs']} paired runs; run r targets subject r mod {len(cfg['subjects'])}; "
+            f"{cfg['loop_steps']} cumulative continual GRPO steps per run; each step every arm "
+            f"scores {cfg['loop_candidates']} fresh candidate cohorts (stratified: the target's "
+            "frontier, mixed, easy and hard cohorts and other subjects' frontier ones; honest "
+            "verifiers) against its own current weights. tapd's predictor is warm-started on the "
+            "battery without the target subject (cohorts x other targets), then learns every "
+            "realized label. Outcome: the area between the start and the target-NLL curve, per "
+            "step (nats, positive = better), on the target's items with a foothold at the start.",
             "",
-            "| arm | probe NLL change after the last step [95 % CI] | seeds' reference |",
-            "|---|---|---|",
-            f"| predictor-selected | {e(lp['final_change']['predictor'], signed=True)} | −0.539 |",
-            f"| random | {e(lp['final_change']['random'], signed=True)} | +0.331 |",
-            f"| advantage (random − predictor) | {e(lp['advantage'], signed=True)} | +0.869 |",
+            "| arm | mean AUC, nats | steps trained | on-target picks | off-target NLL change | collateral NLL change |",
+            "|---|---|---|---|---|---|",
+        ]
+        for a in LOOP_ARMS:
+            lines.append(
+                f"| {a} | {lp['mean_auc'][a]:+.4f} | {lp['trained_steps'][a]} | "
+                f"{lp['on_target_picks'][a]} | {lp['transfer_change'][a]:+.4f} | "
+                f"{lp['collateral_change'][a]:+.4f} |"
+            )
+        lines += [
+            "",
+            "| paired comparison | mean AUC difference [95 % CI] | wins | p (t, one-sided) | p (Wilcoxon) |",
+            "|---|---|---|---|---|",
+        ]
+        for o, c in lp["tapd_vs"].items():
+            lines.append(
+                f"| tapd - {o} | {_e(c['mean'], 4, True)} | {c['wins']}/{c['n']} | "
+                f"{c['p_value']:.3f} | {c['p_wilcoxon']:.3f} |"
+            )
+        for name, key in (
+            ("oracle - random", "oracle_vs_random"),
+            ("adv_std - random", "adv_std_vs_random"),
+        ):
+            c = lp[key]
+            lines.append(
+                f"| {name} | {_e(c['mean'], 4, True)} | {c['wins']}/{c['n']} | "
+                f"{c['p_value']:.3f} | {c['p_wilcoxon']:.3f} |"
+            )
+        lines += [
+            "",
+            f"tapd's online predictions vs realized labels in the loop: Spearman "
+            f"{lp['tapd_online_spearman']:.2f}.",
             "",
             f"![closed loop]({img}/loop.png)",
         ]
-    it = s["integrity"]
+    it = b["integrity"]
     lines += [
         "",
         "## Reward integrity",
         "",
-        f"Weak-verifier cohorts flagged before training (reward_trust < {it['floor']:.2f} and decision "
-        f"`fix_verifier`): **{it['n_weak_flagged']} of {it['n_weak']}**; false alarms on the cohorts with an honest "
-        f"verifier (all but weak-verifier and scrambled-reward): {it['n_sound_flagged']} of {it['n_sound']}.",
+        f"Broken-verifier cohorts (scrambled and weak): {it['n_broken']}; passing the gate "
+        f"(reward_trust >= {it['floor']:.2f}): **{it['broken_passing_gate']}** (highest trust "
+        f"{it['max_broken_trust']:.2f}); dispatched when the battery is streamed through the "
+        f"decision policy in windows of 8, exploration included: **{it['broken_trained']}**. "
+        f"False alarms on honest cohorts: {it['sound_flagged']} of {it['n_sound']}.",
         "",
-        "| cohorts | training reward change | probe accuracy change |",
+        "| cohorts | training reward change | probe accuracy change (all items) |",
         "|---|---|---|",
-        f"| weak verifier | {e(it['weak_reward_change'], signed=True)} | {e(it['weak_accuracy_change'], signed=True)} |",
-        f"| honest verifiers | {e(it['sound_reward_change'], signed=True)} | {e(it['sound_accuracy_change'], signed=True)} |",
+        f"| weak verifier | {_e(it['weak_reward_change'], 3, True)} | "
+        f"{_e(it['weak_accuracy_change'], 3, True)} |",
+        f"| honest verifiers | {_e(it['sound_reward_change'], 3, True)} | |",
         "",
-        "## Lift by control variant",
+        "## The label by control variant",
         "",
-        "| variant | cohorts | mean NLL-lift | mean accuracy lift | mean adv_std |",
-        "|---|---|---|---|---|",
+        "| variant | cohorts | pass rate | adv_std | label (target) | accuracy lift (target) | transfer | collateral | whole probe |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for v, d in s["by_variant"].items():
+    for v, d in b["by_variant"].items():
         lines.append(
-            f"| {v} | {d['n']} | {d['mean_lift']:+.4f} | {d['mean_acc_lift']:+.4f} | {d['mean_adv_std']:.3f} |"
+            f"| {v} | {d['n']} | {d['pass_rate']:.2f} | {d['adv_std']:.2f} | {d['label']:+.4f} | "
+            f"{d['acc_lift']:+.3f} | {d['transfer']:+.4f} | {d['collateral']:+.4f} | {d['pooled']:+.4f} |"
         )
     lines += ["", "## Configuration", "", "```json", json.dumps(cfg, indent=2), "```", ""]
     return "\n".join(lines)
 
 
-def plot(
-    s: Mapping[str, Any],
-    table: Sequence[ev.CohortResult],
-    predicted: np.ndarray,
-    loop: ev.LoopSummary | None,
-    img_dir: Path,
-) -> list[Path]:
+README_BEGIN = "<!-- results table: generated by tapd eval, do not edit -->"
+README_END = "<!-- end of results table -->"
+
+
+def readme_table(s: Mapping[str, Any], command: str) -> str:
+    """The README's results table, from the same run as RESULTS.md."""
+    h, b, lp = s["headline"], s["battery"], s["loop"]
+    hon = b["honest"]
+    met = targets_met(h)
+    rel = b["reliability"]
+
+    def yes(k: str) -> str:
+        return "met" if met[k] else "**missed**"
+
+    rows = [
+        "| what | tapd | target / seeds | |",
+        "|---|---|---|---|",
+        f"| label reliability (Spearman-Brown, {rel['seeds']} seeds) | {rel['reliability']:.3f} "
+        f"(noise ceiling {rel['ceiling']:.3f}) | seeds: ≈0.80 ceiling | |",
+        f"| Spearman, leave-one-cell-out ({b['n_honest']} honest cohorts, {b['served_kind']}) | "
+        f"{_e(hon['loco']['tapd']['spearman'])} | >= 0.80 and > best baseline "
+        f"{h['loco_spearman_best_baseline']:.2f} | {yes('loco_spearman')} |",
+        f"| Spearman, leave-one-subject-out | {_e(hon['loso']['tapd']['spearman'])} | seeds: "
+        "≈ no drop | |",
+        f"| top-10 % pick minus mean label, nats | {_e(hon['loco']['tapd']['gain_nats'], 4, True)} "
+        f"| >= 70 % of oracle {h['top10_gain_nats_oracle']:+.4f}, >= 1.5x best signal "
+        f"{h['top10_gain_nats_best_baseline']:+.4f} | {yes('top10_gain_nats')} |",
+    ]
+    if lp is not None:
+        c = lp["tapd_vs"]["random"]
+        rows.append(
+            f"| closed loop, target-NLL AUC vs random ({lp['runs']} paired runs) | "
+            f"{_e(c['mean'], 4, True)} nats, p = {c['p_value']:.3f}; vs adv_std + gate "
+            f"{h['loop_advantage_vs_adv_std']:+.4f} | p < 0.05, beat adv_std | "
+            f"{yes('loop_p_value_vs_random')} |"
+        )
+    it = b["integrity"]
+    rows.append(
+        f"| broken-verifier cohorts passing the gate / trained | {it['broken_passing_gate']} / "
+        f"{it['broken_trained']} of {it['n_broken']} (false alarms {it['sound_flagged']} of "
+        f"{it['n_sound']}) | 0 | {yes('broken_verifier_cohorts_passing_gate')} |"
+    )
+    return "\n".join(
+        [
+            README_BEGIN,
+            "",
+            f"From `{command}` ([RESULTS](docs/RESULTS.md)):",
+            "",
+            *rows,
+            "",
+            README_END,
+        ]
+    )
+
+
+def update_readme(path: Path, table: str) -> bool:
+    """Replace the generated block of ``path``; False when it has no markers."""
+    text = path.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    path.write_text(head + table + tail)
+    return True
+
+
+def plot(s: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], img_dir: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -812,62 +1412,56 @@ def plot(
 
     img_dir.mkdir(parents=True, exist_ok=True)
     out = []
-
+    b = s["battery"]
+    honest = [c for c in table_of(rows) if not c.broken]
+    pred = np.asarray(b["loco_predictions"])
+    actual = ev.actual_lifts(honest)
     fig, ax = plt.subplots(figsize=(5, 4))
-    actual = ev.actual_lifts(table)
-    for v in dict.fromkeys(c.variant for c in table):
-        m = [c.variant == v for c in table]
-        ax.scatter(predicted[m], actual[m], label=v, s=18)
-    lo, hi = float(min(predicted.min(), actual.min())), float(max(predicted.max(), actual.max()))
+    for v in dict.fromkeys(c.variant for c in honest):
+        m = np.array([c.variant == v for c in honest])
+        ax.scatter(pred[m], actual[m], label=v, s=18)
+    lo, hi = float(min(pred.min(), actual.min())), float(max(pred.max(), actual.max()))
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-    ax.set_xlabel("predicted lift (leave-one-out), nats")
-    ax.set_ylabel("actual NLL-lift, nats")
-    ax.set_title(f"Spearman {s['loo']['spearman']['value']:.2f}")
+    ax.set_xlabel(f"predicted label (leave-one-cell-out, {b['served_kind']}), nats")
+    ax.set_ylabel("actual target NLL-lift, nats")
+    ax.set_title(f"Spearman {b['honest']['loco']['tapd']['spearman']['value']:.2f}")
     ax.legend(fontsize=7)
     out.append(_save(fig, img_dir / "scatter.png"))
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    g = s["loo"]["selection_gain_abs_ci"]
-    names = [*g, "oracle"]
-    vals = [g[k]["value"] for k in g] + [s["loo"]["oracle_gain_abs"]]
-    err = [
-        [g[k]["value"] - g[k]["lo"] for k in g] + [0.0],
-        [g[k]["hi"] - g[k]["value"] for k in g] + [0.0],
-    ]
-    ax.bar(names, vals, yerr=err, color=["C0"] + ["C7"] * (len(g) - 1) + ["C2"])
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    h = b["honest"]
+    names = ["tapd", "ridge_plain", "knn", *h["signals"], "oracle"]
+    vals, lows, highs = [], [], []
+    for n in names:
+        if n == "oracle":
+            vals.append(h["oracle"]["gain_nats"])
+            lows.append(0.0)
+            highs.append(0.0)
+            continue
+        g = h["loco"][n]["gain_nats"] if n in h["loco"] else h["signals"][n]["gain_nats"]
+        vals.append(g["value"])
+        lows.append(g["value"] - g["lo"])
+        highs.append(g["hi"] - g["value"])
+    ax.bar(names, vals, yerr=[lows, highs], color=["C0"] + ["C7"] * (len(names) - 2) + ["C2"])
     ax.axhline(0, color="k", lw=0.8)
-    ax.set_ylabel("top-10 % mean lift - random, nats")
+    ax.set_ylabel("top-10 % mean label - mean, nats")
     ax.tick_params(axis="x", labelrotation=25, labelsize=7)
     out.append(_save(fig, img_dir / "selection.png"))
 
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for name, curve in s["loo"]["savings_curve"].items():
-        ax.plot(
-            [p[0] * 100 for p in curve], [p[1] * 100 for p in curve], marker="o", ms=3, label=name
-        )
-    ax.set_xlabel("cohorts trained (top x % by score)")
-    ax.set_ylabel("share of total lift kept, %")
-    ax.legend(fontsize=7)
-    out.append(_save(fig, img_dir / "savings.png"))
-
-    if loop is not None:
+    lp = s["loop"]
+    if lp is not None:
         fig, ax = plt.subplots(figsize=(5, 4))
-        for arm, per in loop.per_step.items():
-            x = list(range(len(per)))
-            ax.plot(x, [e.value for e in per], marker="o", label=arm)
-            ax.fill_between(x, [e.lo for e in per], [e.hi for e in per], alpha=0.2)
+        for arm, per in lp["per_step"].items():
+            ax.plot(range(len(per)), per, marker="o", label=arm)
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xlabel("cumulative GRPO step")
-        ax.set_ylabel("probe NLL change, nats (lower is better)")
+        ax.set_ylabel("target NLL change, nats (lower is better)")
         ax.legend()
         out.append(_save(fig, img_dir / "loop.png"))
 
     fig, ax = plt.subplots(figsize=(5, 3))
-    per = s["loso"]["per_subject"]
-    ax.bar(
-        [r["subject"] for r in per],
-        [r["spearman"] if math.isfinite(r["spearman"]) else 0 for r in per],
-    )
+    per = b["honest"]["loso_per_subject"]
+    ax.bar(list(per), [r["spearman"] if math.isfinite(r["spearman"]) else 0 for r in per.values()])
     ax.set_ylabel("Spearman on the held-out subject")
     out.append(_save(fig, img_dir / "loso.png"))
     return out
@@ -893,42 +1487,59 @@ def run(
     command: str,
     loop: bool = True,
     log: Callable[[str], None] = print,
+    readme: Path | None = None,
 ) -> dict[str, Any]:
-    """Measure (resuming from the cache), evaluate, and write RESULTS.md, results.json, plots."""
+    """Measure (resuming from the cache), evaluate, and write RESULTS.md, results.json, plots.
+
+    With ``readme``, the results table between its markers is regenerated too.
+    """
     cfg.validate()
-    t0 = time.perf_counter()
-    work = state_dir / "eval" / cfg.key()
-    cache = ResultCache(work / "results.jsonl")
-    log(f"eval: config {cfg.key()}, cache {cache.path} ({len(cache.rows)} rows cached)")
+    clock = Clock()
     rt = Runtime.load(cfg)
+    key = cfg.key(rt.policy_key)
+    work = state_dir / "eval" / key
+    cache = ResultCache(work / "results.jsonl")
+    log(f"eval: config {key}, cache {cache.path} ({len(cache.rows)} rows cached)")
     rows = measure_battery(rt, cfg, cache, work, log)
-    table, predicted, loo, loso, loso_pooled = evaluate_rows(cfg, rows, predictor_fit_predict())
-    integrity = ev.integrity_summary(
-        integrity_cases(rt, rows, predicted), rt.thresholds.reward_trust_floor
-    )
-    loop_summary = ev.loop_summary(run_loop(rt, cfg, cache, work, log)) if loop else None
-    runtime_s = time.perf_counter() - t0  # this invocation; cached work is not re-counted
-    # The first complete run's wall time is what a fresh reproduction costs.
-    first = cache.get("timing", "first_complete_run") or cache.put(
-        ("timing", "first_complete_run"), {"wall_s": runtime_s, "loop": loop}
-    )
-    summary = summary_json(cfg, table, loo, loso, loso_pooled, loop_summary, integrity, runtime_s)
-    summary["first_run_s"] = float(first["wall_s"])
-    summary["grpo_probe_revert_s"] = sum(float(s["duration_s"]) for r in rows for s in r["seeds"])
+    runs = run_loop(rt, cfg, rows, cache, work, log) if loop and cfg.loop_runs else []
+    battery = evaluate_battery(cfg, rows)
+    loop_summary = evaluate_loop(runs)
+    # The cost of a fresh reproduction: the seconds of every unit this report uses.
+    units = [*rows, *(s for r in rows for s in r["seeds"]), *runs]
+    cpu_s = sum(float(u.get("cpu_s", 0.0)) for u in units)
+    unit_wall_s = sum(float(u.get("wall_s", 0.0)) for u in units)
+    wall, _ = clock.lap()
+    summary: dict[str, Any] = {
+        "config": dataclasses.asdict(cfg),
+        "config_key": key,
+        "policy_key": rt.policy_key,
+        "cpu_s": cpu_s,
+        "wall_s": unit_wall_s,
+        "invocation_wall_s": wall,
+        "battery": battery,
+        "loop": loop_summary,
+    }
+    summary["headline"] = headline(battery, loop_summary)
+    summary.update(summary["headline"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    img = out_dir / "img"
-    plot(summary, table, predicted, loop_summary, img)
+    plot(summary, rows, out_dir / "img")
     (out_dir / "results.json").write_text(json.dumps(summary, indent=2, default=float))
     (out_dir / "RESULTS.md").write_text(render_markdown(summary, command, "img"))
-    log(f"eval: wrote {out_dir / 'RESULTS.md'} in {runtime_s / 60:.1f} min")
+    if readme is not None and not update_readme(readme, readme_table(summary, command)):
+        log(f"eval: {readme} has no results-table markers; left as is")
+    log(f"eval: wrote {out_dir / 'RESULTS.md'} in {wall / 60:.1f} min")
     return summary
 
 
-def config_for(quick: bool, seeds: int | None, cohorts_per_cell: int | None) -> EvalConfig:
+def config_for(
+    quick: bool, seeds: int | None, cohorts_per_cell: int | None, loop_runs: int | None = None
+) -> EvalConfig:
     cfg = QUICK if quick else FULL
     changes: dict[str, Any] = {}
     if seeds is not None:
         changes["seeds"] = seeds
     if cohorts_per_cell is not None:
         changes["cohorts_per_cell"] = cohorts_per_cell
+    if loop_runs is not None:
+        changes["loop_runs"] = loop_runs
     return dataclasses.replace(cfg, **changes).validate() if changes else cfg.validate()

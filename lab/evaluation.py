@@ -1,43 +1,48 @@
-"""The statistics of the evaluation benchmark (SPEC part 11), pure and I/O-free.
+"""The statistics of the evaluation benchmark, pure and I/O-free.
 
 Input: a table of cohorts, each with its features, subject, control variant
-and the lift measured by probe-and-revert GRPO under several seeds. Output:
-the numbers the seeds report, each with a percentile-bootstrap confidence
-interval over cohorts (fixed seed, so a rerun prints the same table).
+and the lift on its own target measured by probe-and-revert GRPO under
+several seeds. Output: the numbers ``docs/RESULTS.md`` reports, with
+confidence intervals from a *cluster* bootstrap over cells (a cell is a
+(subject, variant) pair: cohorts of one cell are alike, so resampling cohorts
+would overstate the precision).
 
 Definitions (the ones ``docs/RESULTS.md`` quotes):
 
-* **actual lift** of a cohort: the mean of its per-seed NLL-lifts.
-* **pairwise accuracy**: among cohort pairs whose actual lifts differ, the
-  share the score orders the same way; a tied score counts one half.
-* **top-q selection gain** of a score: ``S`` = the expected mean actual lift of
-  the ``k = ceil(q * n)`` cohorts with the highest score, ties at the cut
-  broken uniformly at random (computed exactly, not sampled); ``R`` = the
-  mean actual lift of all cohorts, which is what a random pick of ``k``
-  gets in expectation. Gain = ``(S - R) / |R|`` ("+68 % over random"), and
-  the absolute ``S - R`` in nats alongside, because the ratio is unstable
-  when ``R`` is near zero.
-* **baselines** users run today, each a single-signal score: ``adv_std``;
-  ``frac_nondegenerate``; **DAPO filter** (drop cohorts in which every prompt
-  group is all-correct or all-wrong, pick at random among the rest: score =
-  1 if ``frac_nondegenerate > 0`` else 0, random tie-break); **pass-rate
-  middle** ``p(1-p)`` with ``p = pass_rate``.
-* **oracle** (seed cross-fit): rank by the mean lift of all seeds but one,
-  score the pick on the held-out seed's lift, average over held-out seeds.
-  It is the best a ranking can do when the label carries this much seed
-  noise; with noise-free labels it equals the perfect ranking.
-* **compute-savings curve**: for training only the top ``x`` of cohorts by
-  a score, the total lift of the selected cohorts (lifts taken as additive);
-  as a share of the train-on-everything total when that total is positive.
-  A share above ``x`` means the score saves compute; above 1 means the
-  dropped cohorts were harmful.
+* **label** of a cohort: the mean over seeds of its NLL-lift on its target's
+  items with a foothold (``LiftResult.target_lift``), nats per answer token.
+* **label reliability**: the mean Spearman between single-seed labels over
+  every pair of seeds (test-retest, ``r1``), stepped up to the ``k``-seed
+  mean by Spearman-Brown: ``k r1 / (1 + (k - 1) r1)``. The **noise ceiling**
+  of any predictor's Spearman against those labels is its square root.
+* **held-out predictions**: leave-one-cell-out (every cohort predicted by a
+  model fit on the other cells) and leave-one-subject-out; within one run
+  the model kind is fixed, so the pooled predictions share one scale.
+* **top-q gain** of a score: ``S - R`` in nats, ``S`` the expected mean label
+  of the ``k = ceil(q n)`` cohorts with the highest score (ties at the cut
+  broken uniformly at random, computed exactly), ``R`` the mean label of all
+  cohorts (what a random pick of ``k`` gets in expectation). The relative
+  gain ``(S - R) / |R|`` is only reported where ``R`` is well away from zero.
+* **baselines**, single signals users rank by today: ``adv_std``; the
+  un-normalised advantage spread ``adv_raw_std`` (the spread of ``r - group
+  mean``; with binary rewards it is ``sqrt(m - m^2 - s^2)`` from the group
+  pass rates' mean ``m`` and spread ``s``, whereas ``adv_std`` carries only
+  ``frac_nondegenerate``); ``frac_nondegenerate``; pass rate in the middle
+  ``p(1 - p)``; the **DAPO filter** (drop cohorts whose groups all agree,
+  random among the rest); **random** (gain 0, Spearman 0 in expectation).
+  Fitted baselines (plain ridge, 3-nearest-neighbours) are scored on the
+  same folds as tapd's predictor.
+* **oracle** (seed cross-fit): rank by the mean label of all seeds but one,
+  score the pick on the held-out seed, average over held-out seeds: the
+  best a ranking can do with labels this noisy.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -55,7 +60,10 @@ FitPredict = Callable[
 DEFAULT_RESAMPLES = 1000
 DEFAULT_LEVEL = 0.95
 TOP_FRACTION = 0.10
-BASELINES = ("adv_std", "frac_nondegenerate", "dapo_filter", "pass_rate_middle")
+BROKEN_VARIANTS = ("scrambled", "weak_verifier")
+SIGNALS = ("adv_std", "adv_raw_std", "frac_nondegenerate", "pass_rate_middle", "dapo_filter")
+
+__all__ = ["pairwise_accuracy", "spearman"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +74,7 @@ class CohortResult:
     subject: str
     variant: str
     features: Mapping[str, float]
-    lifts: tuple[float, ...]  # NLL-lift per seed, nats (positive = the probe got easier)
+    lifts: tuple[float, ...]  # label per seed: target NLL-lift, nats (positive = better)
     accuracy_lifts: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
@@ -79,17 +87,20 @@ class CohortResult:
     def lift(self) -> float:
         return float(np.mean(self.lifts))
 
+    @property
+    def cell(self) -> str:
+        return f"{self.subject}|{self.variant}"
+
+    @property
+    def broken(self) -> bool:
+        return self.variant in BROKEN_VARIANTS
+
 
 @dataclass(frozen=True, slots=True)
 class Estimate:
     value: float
     lo: float
     hi: float
-
-    def fmt(self, digits: int = 2, percent: bool = False) -> str:
-        if percent:
-            return f"{self.value * 100:+.{max(digits - 2, 0)}f} % [{self.lo * 100:+.0f}, {self.hi * 100:+.0f}]"
-        return f"{self.value:.{digits}f} [{self.lo:.{digits}f}, {self.hi:.{digits}f}]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +137,7 @@ def actual_lifts(table: Sequence[CohortResult]) -> Array:
 
 
 def seed_matrix(table: Sequence[CohortResult]) -> Array:
-    """Lifts as cohorts x seeds; every cohort must have the same seed count."""
+    """Labels as cohorts x seeds; every cohort must have the same seed count."""
     counts = {len(c.lifts) for c in table}
     if len(counts) != 1:
         raise ValueError(f"lifts: cohorts have different seed counts {sorted(counts)}")
@@ -147,11 +158,6 @@ def top_k(n: int, fraction: float) -> int:
     return max(1, math.ceil(fraction * n - 1e-9))
 
 
-def top_mean(score: ArrayLike, values: ArrayLike, fraction: float) -> float:
-    """Expected mean of ``values`` over the top ``fraction`` by ``score``, ties broken at random."""
-    return top_sum(score, values, fraction) / top_k(len(_as_array(values)), fraction)
-
-
 def top_sum(score: ArrayLike, values: ArrayLike, fraction: float) -> float:
     """Expected sum of ``values`` over the top ``fraction`` by ``score``, ties broken at random."""
     s, v = _as_array(score), _as_array(values)
@@ -166,40 +172,18 @@ def top_sum(score: ArrayLike, values: ArrayLike, fraction: float) -> float:
     return float(v[above].sum() + share * v[tied].sum())
 
 
+def top_mean(score: ArrayLike, values: ArrayLike, fraction: float) -> float:
+    """Expected mean of ``values`` over the top ``fraction`` by ``score``, ties broken at random."""
+    return top_sum(score, values, fraction) / top_k(len(_as_array(values)), fraction)
+
+
 def selection_gain(score: ArrayLike, values: ArrayLike, fraction: float = TOP_FRACTION) -> Gain:
     v = _as_array(values)
     return Gain(top_mean(score, v, fraction), float(v.mean()), fraction)
 
 
-def bootstrap(
-    statistic: Callable[..., float],
-    *arrays: ArrayLike,
-    n_resamples: int = DEFAULT_RESAMPLES,
-    seed: int = 0,
-    level: float = DEFAULT_LEVEL,
-) -> Estimate:
-    """Statistic on the data, with a percentile-bootstrap CI over rows (cohorts)."""
-    cols = [np.asarray(a, dtype=np.float64) for a in arrays]
-    n = len(cols[0])
-    if any(len(c) != n for c in cols):
-        raise ValueError("bootstrap: arrays must have the same number of rows")
-    value = statistic(*cols)
-    rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(n_resamples):
-        idx = rng.integers(0, n, size=n)
-        d = statistic(*(c[idx] for c in cols))
-        if math.isfinite(d):
-            draws.append(d)
-    if not draws:
-        return Estimate(value, math.nan, math.nan)
-    alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(draws, [alpha, 1.0 - alpha])
-    return Estimate(float(value), float(lo), float(hi))
-
-
 def t_interval(samples: ArrayLike, level: float = DEFAULT_LEVEL) -> Estimate:
-    """Mean with a Student-t CI: for a handful of seeds, where a bootstrap is meaningless."""
+    """Mean with a Student-t CI: for a handful of runs, where a bootstrap is meaningless."""
     x = _as_array(samples)
     m = float(x.mean())
     if len(x) < 2:
@@ -208,85 +192,112 @@ def t_interval(samples: ArrayLike, level: float = DEFAULT_LEVEL) -> Estimate:
     return Estimate(m, m - half, m + half)
 
 
-# ----------------------------------------------------------- cross-validation
+def cluster_bootstrap(
+    statistic: Callable[..., float],
+    clusters: Sequence[str],
+    *arrays: ArrayLike,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    level: float = DEFAULT_LEVEL,
+) -> Estimate:
+    """Statistic on the data, with a percentile CI from resampling whole clusters (cells)."""
+    cols = [np.asarray(a, dtype=np.float64) for a in arrays]
+    n = len(clusters)
+    if any(len(c) != n for c in cols):
+        raise ValueError("cluster_bootstrap: arrays must have one row per cluster label")
+    value = statistic(*cols)
+    names = sorted(set(clusters))
+    members = {c: np.flatnonzero(np.asarray(clusters) == c) for c in names}
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_resamples):
+        picked = rng.integers(0, len(names), size=len(names))
+        idx = np.concatenate([members[names[i]] for i in picked])
+        d = statistic(*(c[idx] for c in cols))
+        if math.isfinite(d):
+            draws.append(d)
+    if not draws:
+        return Estimate(float(value), math.nan, math.nan)
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(draws, [alpha, 1.0 - alpha])
+    return Estimate(float(value), float(lo), float(hi))
 
 
-def loo_predictions(table: Sequence[CohortResult], fit_predict: FitPredict) -> Array:
-    """Leave-one-cohort-out: each cohort predicted by a model fit on the other n-1 labels."""
-    feats = [c.features for c in table]
-    lifts = [c.lift for c in table]
-    out = np.empty(len(table), dtype=np.float64)
-    for i in range(len(table)):
-        train_x = feats[:i] + feats[i + 1 :]
-        train_y = lifts[:i] + lifts[i + 1 :]
-        (out[i],) = fit_predict(train_x, train_y, [feats[i]])
-    return out
+# ------------------------------------------------------------ label noise
 
 
 @dataclass(frozen=True, slots=True)
-class SubjectResult:
-    subject: str
-    n: int
-    spearman: float
-    gain: Gain
+class Reliability:
+    seeds: int
+    test_retest: float  # mean Spearman between single-seed labels, over seed pairs
+    reliability: float  # Spearman-Brown for the mean of ``seeds`` seeds
+    ceiling: float  # sqrt(reliability): the Spearman a perfect predictor can reach
 
 
-def leave_one_subject_out(
-    table: Sequence[CohortResult], fit_predict: FitPredict, fraction: float = TOP_FRACTION
-) -> tuple[list[SubjectResult], Array]:
-    """Fit on the other subjects, predict the held-out one; per-subject results and all predictions."""
-    subjects = sorted({c.subject for c in table})
-    if len(subjects) < 2:
-        raise ValueError(f"subject: leave-one-subject-out needs >= 2 subjects, got {subjects}")
-    preds = np.empty(len(table), dtype=np.float64)
-    results = []
-    for s in subjects:
-        test = [i for i, c in enumerate(table) if c.subject == s]
-        train = [i for i, c in enumerate(table) if c.subject != s]
-        p = np.asarray(
-            fit_predict(
-                [table[i].features for i in train],
-                [table[i].lift for i in train],
-                [table[i].features for i in test],
-            ),
-            dtype=np.float64,
+def spearman_brown(r1: float, k: int) -> float:
+    """Reliability of the mean of ``k`` measurements whose single-measurement reliability is r1."""
+    if k < 1:
+        raise ValueError(f"k: must be >= 1, got {k}")
+    return k * r1 / (1.0 + (k - 1) * r1)
+
+
+def label_reliability(lifts: ArrayLike) -> Reliability:
+    """Test-retest of single-seed labels, stepped up to the seed mean (Spearman-Brown)."""
+    m = np.asarray(lifts, dtype=np.float64)
+    if m.ndim != 2 or m.shape[1] < 2:
+        raise ValueError(f"lifts: test-retest needs cohorts x >= 2 seeds, got {m.shape}")
+    rhos = [spearman(m[:, a], m[:, b]) for a, b in itertools.combinations(range(m.shape[1]), 2)]
+    r1 = float(np.nanmean(rhos))
+    rel = spearman_brown(r1, m.shape[1])
+    return Reliability(m.shape[1], r1, rel, math.sqrt(rel) if rel > 0 else math.nan)
+
+
+# ----------------------------------------------------------- cross-validation
+
+
+def grouped_predictions(
+    table: Sequence[CohortResult], fit_predict: FitPredict, group: Callable[[CohortResult], str]
+) -> Array:
+    """Every cohort predicted by a model fit on the cohorts of every *other* group."""
+    groups = [group(c) for c in table]
+    out = np.empty(len(table), dtype=np.float64)
+    for g in sorted(set(groups)):
+        test = [i for i, x in enumerate(groups) if x == g]
+        train = [i for i, x in enumerate(groups) if x != g]
+        if len(train) < 4:
+            raise ValueError(f"group {g!r}: fewer than 4 cohorts left to fit on")
+        p = fit_predict(
+            [table[i].features for i in train],
+            [table[i].lift for i in train],
+            [table[i].features for i in test],
         )
-        preds[test] = p
-        actual = np.array([table[i].lift for i in test])
-        results.append(
-            SubjectResult(s, len(test), spearman(p, actual), selection_gain(p, actual, fraction))
-        )
-    return results, preds
+        out[test] = np.asarray(p, dtype=np.float64)
+    return out
+
+
+def leave_one_cell_out(table: Sequence[CohortResult], fit_predict: FitPredict) -> Array:
+    return grouped_predictions(table, fit_predict, lambda c: c.cell)
+
+
+def leave_one_subject_out(table: Sequence[CohortResult], fit_predict: FitPredict) -> Array:
+    return grouped_predictions(table, fit_predict, lambda c: c.subject)
 
 
 # ------------------------------------------------------------ scores compared
 
 
-def gated_scores(
-    table: Sequence[CohortResult], trainable: ArrayLike, fit_predict: FitPredict
-) -> Array:
-    """What tapd ranks by: leave-one-out predictions among the cohorts it would train.
+def adv_raw_std(features: Mapping[str, float]) -> float:
+    """Spread of the un-normalised advantages ``r - group mean`` (binary rewards).
 
-    The decision policy never trains a cohort whose verifier is under the
-    reward-trust floor, so in production the predictor never learns from
-    such a cohort either; it is fit and scored here on the trainable cohorts
-    alone, and the gated ones rank last.
+    Over K attempts a group with pass rate ``p`` has within-group variance
+    ``p (1 - p)``; pooled over groups (mean zero) the variance is
+    ``mean(p) - mean(p^2) = m - m^2 - s^2``.
     """
-    mask = np.asarray(trainable, dtype=bool)
-    if len(mask) != len(table):
-        raise ValueError(f"trainable: {len(mask)} flags for {len(table)} cohorts")
-    out = np.full(len(table), -np.inf)
-    idx = np.flatnonzero(mask)
-    if len(idx) >= 2:
-        out[idx] = loo_predictions([table[int(i)] for i in idx], fit_predict)
-    elif len(idx) == 1:
-        out[idx] = 0.0
-    finite = out[np.isfinite(out)]
-    floor = (float(finite.min()) - 1.0 - float(np.abs(finite).max())) if len(finite) else 0.0
-    return np.where(np.isfinite(out), out, floor)
+    m, s = float(features["group_passrate_mean"]), float(features["group_passrate_std"])
+    return math.sqrt(max(0.0, m - m * m - s * s))
 
 
-def baseline_scores(table: Sequence[CohortResult]) -> dict[str, Array]:
+def signal_scores(table: Sequence[CohortResult]) -> dict[str, Array]:
     """The single-signal scores users rank by today (see the module docstring)."""
 
     def feat(name: str) -> Array:
@@ -296,16 +307,19 @@ def baseline_scores(table: Sequence[CohortResult]) -> dict[str, Array]:
             raise ValueError(f"features.{name}: missing, the baselines need it") from None
 
     p = feat("pass_rate")
+    feat("group_passrate_mean")
+    feat("group_passrate_std")
     return {
         "adv_std": feat("adv_std"),
+        "adv_raw_std": np.array([adv_raw_std(c.features) for c in table], dtype=np.float64),
         "frac_nondegenerate": feat("frac_nondegenerate"),
-        "dapo_filter": (feat("frac_nondegenerate") > 0.0).astype(np.float64),
         "pass_rate_middle": p * (1.0 - p),
+        "dapo_filter": (feat("frac_nondegenerate") > 0.0).astype(np.float64),
     }
 
 
 def oracle_crossfit_gain(lifts: ArrayLike, fraction: float = TOP_FRACTION) -> Gain:
-    """Seed cross-fit oracle: rank by the other seeds' mean lift, score on the held-out seed."""
+    """Seed cross-fit oracle: rank by the other seeds' mean label, score on the held-out seed."""
     m = np.asarray(lifts, dtype=np.float64)
     if m.ndim != 2 or m.shape[1] < 2:
         raise ValueError(f"lifts: the cross-fit oracle needs cohorts x >= 2 seeds, got {m.shape}")
@@ -320,119 +334,53 @@ def oracle_crossfit_gain(lifts: ArrayLike, fraction: float = TOP_FRACTION) -> Ga
     )
 
 
-def oracle_crossfit_spearman(lifts: ArrayLike) -> float:
-    """The Spearman a noise-limited ranking reaches: other seeds' mean vs the held-out seed."""
-    m = np.asarray(lifts, dtype=np.float64)
-    if m.ndim != 2 or m.shape[1] < 2:
-        raise ValueError(f"lifts: the cross-fit oracle needs cohorts x >= 2 seeds, got {m.shape}")
-    rhos = [spearman(np.delete(m, b, axis=1).mean(axis=1), m[:, b]) for b in range(m.shape[1])]
-    return float(np.nanmean(rhos)) if any(math.isfinite(r) for r in rhos) else math.nan
-
-
 def savings_curve(
     score: ArrayLike, values: ArrayLike, fractions: Sequence[float] = tuple(np.arange(1, 11) / 10)
 ) -> list[tuple[float, float]]:
-    """(x, total lift of the top x by ``score``), nats; x = 1 is train-on-everything.
-
-    Divide by the last point for the share kept; that share is only meaningful
-    when training on everything helps (a positive total), see :func:`kept_share`.
-    """
+    """(x, total label of the top x by ``score``), nats; x = 1 is train-on-everything."""
     v = _as_array(values)
     return [(float(x), top_sum(score, v, x)) for x in fractions]
-
-
-def kept_share(curve: Sequence[tuple[float, float]]) -> list[tuple[float, float]] | None:
-    """The curve as shares of the train-on-everything total; None unless that total is > 0."""
-    total = curve[-1][1]
-    if curve[-1][0] != 1.0 or not total > 0.0:
-        return None
-    return [(x, y / total) for x, y in curve]
 
 
 # ---------------------------------------------------------------- the report
 
 
 @dataclass(frozen=True, slots=True)
-class RankingReport:
-    n: int
+class ScoreReport:
+    """How one score ranks the cohorts' labels, with cluster-bootstrap CIs."""
+
     spearman: Estimate
-    pearson: Estimate
     pairwise: Estimate
-    gain: dict[str, Estimate]  # score name -> relative top-q gain over random, with CI
-    gain_abs: dict[str, float]  # score name -> absolute gain, nats
-    gain_abs_ci: dict[str, Estimate]  # the same with its bootstrap CI
-    oracle_gain: Gain
-    oracle_spearman: float
-    curves: dict[str, list[tuple[float, float]]]
-    fraction: float
-
-    @property
-    def share_of_oracle(self) -> float:
-        o = self.oracle_gain.absolute
-        return self.gain_abs["predictor"] / o if o > 0 else math.nan
+    gain_nats: Estimate  # top-q mean label minus the mean label
+    gain_relative: float | None  # (S - R) / |R|, only when R's CI excludes zero
 
 
-def ranking_report(
+def score_report(
     table: Sequence[CohortResult],
-    predicted: ArrayLike,
+    score: ArrayLike,
+    *,
     fraction: float = TOP_FRACTION,
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
-    tapd: ArrayLike | None = None,
-) -> RankingReport:
-    """Every ranking metric of the predictor's (held-out) predictions, vs baselines and oracle.
+) -> ScoreReport:
+    s = _as_array(score)
+    y = actual_lifts(table)
+    if len(s) != len(y):
+        raise ValueError(f"score: {len(s)} values for {len(y)} cohorts")
+    cells = [c.cell for c in table]
 
-    ``tapd`` adds the score tapd's decision policy acts on (see
-    :func:`gated_scores`). The raw predictor and the baselines stay ungated,
-    as users run them today.
-    """
-    pred = _as_array(predicted)
-    actual = actual_lifts(table)
-    if len(pred) != len(actual):
-        raise ValueError(f"predicted: {len(pred)} predictions for {len(actual)} cohorts")
-    scores = {"predictor": pred}
-    if tapd is not None:
-        gated = _as_array(tapd)
-        if len(gated) != len(pred):
-            raise ValueError(f"tapd: {len(gated)} scores for {len(pred)} cohorts")
-        scores["tapd"] = gated
-    scores.update(baseline_scores(table))
+    def gain(a: Array, b: Array) -> float:
+        return selection_gain(a, b, fraction).absolute
 
-    def rel_gain(s: Array, a: Array) -> float:
-        return selection_gain(s, a, fraction).relative
-
-    def abs_gain(s: Array, a: Array) -> float:
-        return selection_gain(s, a, fraction).absolute
-
-    def boot(stat: Callable[..., float], *xs: Array) -> Estimate:
-        return bootstrap(stat, *xs, n_resamples=n_resamples, seed=seed)
-
-    matrix = seed_matrix(table)
-    fractions = tuple(np.arange(1, 11) / 10)
-    return RankingReport(
-        n=len(table),
-        spearman=boot(spearman, pred, actual),
-        pearson=boot(pearson, pred, actual),
-        pairwise=boot(pairwise_accuracy, pred, actual),
-        gain={k: boot(rel_gain, s, actual) for k, s in scores.items()},
-        gain_abs={k: selection_gain(s, actual, fraction).absolute for k, s in scores.items()},
-        gain_abs_ci={k: boot(abs_gain, s, actual) for k, s in scores.items()},
-        oracle_gain=oracle_crossfit_gain(matrix, fraction)
-        if matrix.shape[1] >= 2
-        else selection_gain(actual, actual, fraction),
-        oracle_spearman=oracle_crossfit_spearman(matrix) if matrix.shape[1] >= 2 else math.nan,
-        curves={
-            "predictor": savings_curve(pred, actual, fractions),
-            **(
-                {"tapd": savings_curve(scores["tapd"], actual, fractions)}
-                if "tapd" in scores
-                else {}
-            ),
-            "adv_std": savings_curve(scores["adv_std"], actual, fractions),
-            "oracle (actual lift)": savings_curve(actual, actual, fractions),
-            "random": [(float(x), float(x) * float(actual.sum())) for x in fractions],
-        },
-        fraction=fraction,
+    boot = {"n_resamples": n_resamples, "seed": seed}
+    g = cluster_bootstrap(gain, cells, s, y, **boot)
+    mean = cluster_bootstrap(lambda v: float(v.mean()), cells, y, **boot)
+    away = mean.lo > 0.0 or mean.hi < 0.0
+    return ScoreReport(
+        spearman=cluster_bootstrap(spearman, cells, s, y, **boot),
+        pairwise=cluster_bootstrap(pairwise_accuracy, cells, s, y, **boot),
+        gain_nats=g,
+        gain_relative=g.value / abs(mean.value) if away else None,
     )
 
 
@@ -440,115 +388,40 @@ def ranking_report(
 
 
 @dataclass(frozen=True, slots=True)
-class LoopSummary:
-    """Probe NLL per cumulative step, per arm: mean and t-CI over seeds."""
+class PairedComparison:
+    """Per-run differences of an outcome between two arms (``arm - other``)."""
 
-    steps: int
-    per_step: dict[str, list[Estimate]]  # arm -> NLL change from step 0, steps 0..n
-    final_change: dict[str, Estimate]  # arm -> NLL(final) - NLL(step 0)
-    advantage: Estimate  # random final change - predictor final change (> 0: predictor wins)
-
-
-def loop_summary(
-    curves: Mapping[str, Sequence[Sequence[float]]],
-    arm: str = "predictor",
-    baseline: str = "random",
-) -> LoopSummary:
-    """``curves[arm][seed]`` = probe NLL at steps 0 (before training) .. n."""
-    for name in (arm, baseline):
-        if name not in curves or not curves[name]:
-            raise ValueError(f"curves.{name}: missing")
-    lengths = {len(c) for runs in curves.values() for c in runs}
-    if len(lengths) != 1 or min(lengths) < 2:
-        raise ValueError(
-            f"curves: every run needs the same >= 2 points, got lengths {sorted(lengths)}"
-        )
-    steps = lengths.pop() - 1
-    deltas = {
-        k: np.array(v, dtype=np.float64) - np.array(v, dtype=np.float64)[:, :1]
-        for k, v in curves.items()
-    }
-    per_step = {k: [t_interval(d[:, j]) for j in range(steps + 1)] for k, d in deltas.items()}
-    final = {k: t_interval(d[:, -1]) for k, d in deltas.items()}
-    n = min(len(deltas[arm]), len(deltas[baseline]))
-    adv = t_interval(deltas[baseline][:n, -1] - deltas[arm][:n, -1])
-    return LoopSummary(steps, per_step, final, adv)
+    arm: str
+    other: str
+    n: int
+    mean: Estimate  # with a Student-t CI over runs
+    wins: int  # runs where the arm did strictly better
+    p_value: float  # one-sided paired t-test (arm better)
+    p_wilcoxon: float  # one-sided Wilcoxon signed-rank (arm better)
 
 
-# ----------------------------------------------------------- reward integrity
+def loop_auc(curve: Sequence[float]) -> float:
+    """Mean target-NLL improvement over the steps of one run (nats, positive = better).
 
-
-@dataclass(frozen=True, slots=True)
-class IntegrityCase:
-    """A cohort checked before training (trust, decision) and measured after."""
-
-    cohort_id: str
-    variant: str
-    reward_trust: float
-    decision: str
-    reward_before: float
-    reward_after: float
-    accuracy_before: float
-    accuracy_after: float
-
-
-@dataclass(frozen=True, slots=True)
-class IntegritySummary:
-    floor: float
-    n_weak: int
-    n_weak_flagged: int  # weak-verifier cohorts with trust under the floor AND fix_verifier
-    n_sound_flagged: int  # false alarms among sound cohorts
-    n_sound: int
-    weak_reward_change: Estimate
-    weak_accuracy_change: Estimate
-    sound_reward_change: Estimate
-    sound_accuracy_change: Estimate
-
-
-def integrity_summary(
-    cases: Sequence[IntegrityCase],
-    floor: float,
-    weak_variant: str = "weak_verifier",
-    broken_variants: Sequence[str] = ("scrambled",),
-) -> IntegritySummary:
-    """The weak-verifier cohorts against the sound ones.
-
-    Scrambled-reward cohorts (reward independent of correctness) have a
-    broken verifier too: flagging them is right, so they are neither weak
-    (the seeds' gameable case) nor counted as sound (a false alarm).
+    ``curve[t]`` is the target NLL after ``t`` steps; the area between the
+    starting level and the curve, per step.
     """
-
-    def flagged(c: IntegrityCase) -> bool:
-        return c.reward_trust < floor and c.decision == "fix_verifier"
-
-    weak = [c for c in cases if c.variant == weak_variant]
-    sound = [c for c in cases if c.variant != weak_variant and c.variant not in broken_variants]
-
-    def change(cs: Sequence[IntegrityCase], before: str, after: str) -> Estimate:
-        if not cs:
-            return Estimate(math.nan, math.nan, math.nan)
-        return t_interval([getattr(c, after) - getattr(c, before) for c in cs])
-
-    return IntegritySummary(
-        floor=floor,
-        n_weak=len(weak),
-        n_weak_flagged=sum(flagged(c) for c in weak),
-        n_sound_flagged=sum(flagged(c) for c in sound),
-        n_sound=len(sound),
-        weak_reward_change=change(weak, "reward_before", "reward_after"),
-        weak_accuracy_change=change(weak, "accuracy_before", "accuracy_after"),
-        sound_reward_change=change(sound, "reward_before", "reward_after"),
-        sound_accuracy_change=change(sound, "accuracy_before", "accuracy_after"),
-    )
+    c = _as_array(curve)
+    if len(c) < 2:
+        raise ValueError("curve: needs the start and at least one step")
+    return float(np.mean(c[0] - c[1:]))
 
 
-@dataclass(frozen=True, slots=True)
-class Report:
-    """Everything ``tapd eval`` publishes; rendered by :mod:`lab.eval_run`."""
-
-    loo: RankingReport
-    loso: list[SubjectResult]
-    loso_pooled: RankingReport
-    loop: LoopSummary | None
-    integrity: IntegritySummary | None
-    config: Mapping[str, object] = field(default_factory=dict)
+def paired(
+    outcome: Mapping[str, Sequence[float]], arm: str, other: str, level: float = DEFAULT_LEVEL
+) -> PairedComparison:
+    a, b = _as_array(outcome[arm]), _as_array(outcome[other])
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"{arm}/{other}: needs >= 2 paired runs, got {len(a)} and {len(b)}")
+    d = a - b
+    if np.all(d == 0):
+        p_t = p_w = 1.0
+    else:
+        p_t = float(stats.ttest_rel(a, b, alternative="greater").pvalue)
+        p_w = float(stats.wilcoxon(d, alternative="greater", zero_method="zsplit").pvalue)
+    return PairedComparison(arm, other, len(d), t_interval(d, level), int((d > 0).sum()), p_t, p_w)

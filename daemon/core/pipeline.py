@@ -806,7 +806,9 @@ class Scorer:
         selection = flight.selection if flight else lift.selection
         # Learned first: a label the predictor refuses (ValueError) is a dead
         # letter, and is not remembered as learned.
-        self.predictor.learn(dict(lift.features), lift.nll_lift, selection)
+        # The primary label: the lift on the cohort's target when the trainer
+        # measured one (LiftResult.label), else on the whole probe.
+        self.predictor.learn(dict(lift.features), lift.label, selection)
         self.learned[lift.cohort_id] = None
         while len(self.learned) > LEARNED_WINDOW:
             self.learned.popitem(last=False)
@@ -822,7 +824,7 @@ class Scorer:
                 ts=lift.ts,
                 features=dict(lift.features),
                 feature_schema=lift.feature_schema,
-                realized_lift=lift.nll_lift,
+                realized_lift=lift.label,
                 predicted_lift=lift.predicted_lift,
                 selection=selection,
                 model_version=lift.model_version,
@@ -830,7 +832,7 @@ class Scorer:
         )
         self._emit(
             ev.LiftLearned(
-                lift.cohort_id, lift.model_version, lift.nll_lift, lift.predicted_lift, selection
+                lift.cohort_id, lift.model_version, lift.label, lift.predicted_lift, selection
             )
         )
         return fx

@@ -24,6 +24,7 @@ Residual drift (ADWIN on |realized - predicted|, rises only) requests a refit.
 
 from __future__ import annotations
 
+import itertools
 import math
 import pickle
 import statistics
@@ -297,6 +298,155 @@ class LightGBMStage:
         self.model_version = state["model_version"]
 
 
+class _Standardizer:
+    """Column means and spreads of a training matrix (constant columns get spread 1)."""
+
+    def __init__(self, X: np.ndarray) -> None:
+        self.mean = X.mean(axis=0)
+        sd = X.std(axis=0)
+        self.sd = np.where(sd > 1e-12, sd, 1.0)
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        return (X - self.mean) / self.sd
+
+
+def _check_rows(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    X = np.asarray(X, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if len(X) != len(y) or len(y) < 4:
+        raise ValueError(f"labels: need at least 4 rows with matching targets, got {len(y)}")
+    return X, y
+
+
+class RidgeStage:
+    """Ridge regression on standardized features, its penalty chosen by leave-one-out.
+
+    Ridge's leave-one-out residuals have a closed form (through the hat
+    matrix), so the penalty is picked from :data:`ALPHAS` at the cost of one
+    SVD. Uncertainty: the leave-one-out residual spread. ``learn`` is a no-op:
+    the stage is refit on the label history, like LightGBM.
+    """
+
+    stage = "ridge"
+    ALPHAS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
+
+    def __init__(
+        self,
+        scaler: _Standardizer,
+        coef: np.ndarray,
+        intercept: float,
+        residual_sd: float,
+        alpha: float,
+        model_version: str = "v2",
+    ) -> None:
+        self._scaler = scaler
+        self._coef = coef
+        self._intercept = intercept
+        self.residual_sd = residual_sd
+        self.alpha = alpha
+        self.model_version = model_version
+
+    @classmethod
+    def fit(cls, X: np.ndarray, y: np.ndarray, *, model_version: str = "v2") -> RidgeStage:
+        X, y = _check_rows(X, y)
+        scaler = _Standardizer(X)
+        Z = scaler(X)
+        y_mean = float(y.mean())
+        yc = y - y_mean
+        U, sv, Vt = np.linalg.svd(Z, full_matrices=False)
+        uty = U.T @ yc
+        best: tuple[float, float, np.ndarray] | None = None
+        for alpha in cls.ALPHAS:
+            shrink = sv**2 / (sv**2 + alpha)
+            fitted = U @ (shrink * uty)
+            # The hat matrix's diagonal; the fitted intercept adds 1/n to each.
+            hat = (U**2) @ shrink + 1.0 / len(y)
+            loo = (yc - fitted) / np.maximum(1.0 - hat, 1e-9)
+            err = float(np.mean(loo**2))
+            if best is None or err < best[0]:
+                best = (err, alpha, Vt.T @ (sv / (sv**2 + alpha) * uty))
+        assert best is not None
+        err, alpha, coef = best
+        return cls(scaler, coef, y_mean, math.sqrt(err), alpha, model_version)
+
+    def predict_matrix(self, X: np.ndarray) -> np.ndarray:
+        return np.asarray(
+            self._scaler(np.asarray(X, dtype=np.float64)) @ self._coef + self._intercept
+        )
+
+    def predict(self, features: Mapping[str, float]) -> Prediction:
+        lift = float(self.predict_matrix(np.asarray([feature_vector(features)]))[0])
+        return Prediction(lift, self.residual_sd, self.stage, self.model_version)
+
+    def learn(self, features: Mapping[str, float], realized_lift: float) -> None:
+        feature_vector(features)
+        _check_label(realized_lift)
+
+
+class KNNStage:
+    """The k nearest labelled cohorts in standardized feature space; lift = their mean.
+
+    Uncertainty: the spread of the neighbours' lifts. ``learn`` is a no-op:
+    the stage is refit on the label history.
+    """
+
+    stage = "knn"
+    K = 3
+
+    def __init__(
+        self, scaler: _Standardizer, Z: np.ndarray, y: np.ndarray, k: int, model_version: str
+    ) -> None:
+        self._scaler = scaler
+        self._Z = Z
+        self._y = y
+        self.k = k
+        self.model_version = model_version
+
+    @classmethod
+    def fit(
+        cls, X: np.ndarray, y: np.ndarray, *, k: int = K, model_version: str = "v2"
+    ) -> KNNStage:
+        X, y = _check_rows(X, y)
+        scaler = _Standardizer(X)
+        return cls(scaler, scaler(X), y.copy(), min(k, len(y)), model_version)
+
+    def _neighbours(self, X: np.ndarray) -> np.ndarray:
+        Z = self._scaler(np.asarray(X, dtype=np.float64))
+        d = ((Z[:, None, :] - self._Z[None, :, :]) ** 2).sum(axis=2)
+        # A stable sort: ties go to the earlier label, so a refit is deterministic.
+        return np.argsort(d, axis=1, kind="stable")[:, : self.k]
+
+    def predict_matrix(self, X: np.ndarray) -> np.ndarray:
+        return np.asarray(self._y[self._neighbours(X)].mean(axis=1))
+
+    def predict(self, features: Mapping[str, float]) -> Prediction:
+        ys = self._y[self._neighbours(np.asarray([feature_vector(features)]))[0]]
+        return Prediction(float(ys.mean()), float(ys.std()), self.stage, self.model_version)
+
+    def learn(self, features: Mapping[str, float], realized_lift: float) -> None:
+        feature_vector(features)
+        _check_label(realized_lift)
+
+
+BatchStage = RidgeStage | KNNStage | LightGBMStage
+# The model kinds a refit chooses between; the chosen one is promoted only when
+# it ranks the newest (held-out) labels better than what was served for them.
+BATCH_KINDS: tuple[str, ...] = ("ridge", "knn", "lightgbm")
+
+
+def fit_batch(
+    kind: str, X: np.ndarray, y: np.ndarray, *, seed: int = 0, model_version: str = "v2"
+) -> BatchStage:
+    """One batch model kind fitted on a label history."""
+    if kind == "ridge":
+        return RidgeStage.fit(X, y, model_version=model_version)
+    if kind == "knn":
+        return KNNStage.fit(X, y, model_version=model_version)
+    if kind == "lightgbm":
+        return LightGBMStage.fit(X, y, seed=seed, model_version=model_version)
+    raise ValueError(f"kind: unknown batch model {kind!r} (known: {', '.join(BATCH_KINDS)})")
+
+
 # --- quality ------------------------------------------------------------------
 
 
@@ -383,7 +533,42 @@ class RefitResult:
     n_train: int
     n_holdout: int
     n_labels: int
-    stage: LightGBMStage | None  # refit on every label; set only when promoted
+    stage: BatchStage | None  # refit on every label; set only when promoted
+    kind: str = "lightgbm"  # the model kind chosen on the older labels
+    kind_scores: dict[str, float] = field(default_factory=dict)
+
+
+# Model selection looks at no more than this many of the older labels, so a
+# refit's cost does not grow with the whole history.
+SELECTION_WINDOW = 2000
+SELECTION_FOLDS = 5
+
+
+def cv_spearman(kind: str, X: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
+    """Out-of-fold Spearman of one model kind over contiguous (time-ordered) folds."""
+    n = len(y)
+    folds = min(SELECTION_FOLDS, n // 4)
+    if folds < 2:
+        return math.nan
+    pred = np.empty(n)
+    bounds = np.linspace(0, n, folds + 1).astype(int)
+    for lo, hi in itertools.pairwise(bounds):
+        train = np.r_[0:lo, hi:n]
+        if len(train) < 4:
+            return math.nan
+        pred[lo:hi] = fit_batch(kind, X[train], y[train], seed=seed).predict_matrix(X[lo:hi])
+    return spearman(pred.tolist(), y.tolist())
+
+
+def choose_kind(
+    X: np.ndarray, y: np.ndarray, *, seed: int = 0, kinds: Sequence[str] = BATCH_KINDS
+) -> tuple[str, dict[str, float]]:
+    """The batch model kind whose out-of-fold ranking of these labels is best, and every score."""
+    X, y = X[-SELECTION_WINDOW:], y[-SELECTION_WINDOW:]
+    scores = {k: cv_spearman(k, X, y, seed) for k in kinds}
+    finite = {k: v for k, v in scores.items() if not math.isnan(v)}
+    best = max(finite, key=lambda k: finite[k]) if finite else kinds[-1]
+    return best, scores
 
 
 def run_refit(
@@ -394,22 +579,26 @@ def run_refit(
     holdout_fraction: float,
     seed: int,
     model_version: str,
+    kinds: Sequence[str] = BATCH_KINDS,
 ) -> RefitResult:
-    """Fit a candidate on the older labels, score it on the newest ones, refit if it wins.
+    """Choose a model kind on the older labels, score it on the newest, refit if it wins.
 
-    The holdout is time-ordered (the most recent ``holdout_fraction``); the
-    incumbent's score is that of the predictions actually *served* for those
-    labels before they were learned, so both sides are out of sample.
+    The holdout is time-ordered (the most recent ``holdout_fraction``). The
+    kind (ridge, kNN, LightGBM) is chosen by out-of-fold ranking of the older
+    labels alone, so the holdout judges one candidate, not the best of several.
+    The incumbent's score is that of the predictions actually *served* for
+    the holdout labels before they were learned: both sides are out of sample.
     """
     n = len(y)
     n_hold = max(3, round(n * holdout_fraction))
     n_train = n - n_hold
-    cand = LightGBMStage.fit(X[:n_train], y[:n_train], seed=seed, model_version=model_version)
+    kind, scores = choose_kind(X[:n_train], y[:n_train], seed=seed, kinds=kinds)
+    cand = fit_batch(kind, X[:n_train], y[:n_train], seed=seed, model_version=model_version)
     c_score = spearman(cand.predict_matrix(X[n_train:]).tolist(), y[n_train:].tolist())
     i_score = spearman(served[n_train:].tolist(), y[n_train:].tolist())
     promoted = should_promote(c_score, i_score)
-    final = LightGBMStage.fit(X, y, seed=seed, model_version=model_version) if promoted else None
-    return RefitResult(promoted, c_score, i_score, n_train, n_hold, n, final)
+    final = fit_batch(kind, X, y, seed=seed, model_version=model_version) if promoted else None
+    return RefitResult(promoted, c_score, i_score, n_train, n_hold, n, final, kind, scores)
 
 
 def should_promote(candidate_score: float, incumbent_score: float) -> bool:
@@ -462,7 +651,7 @@ class Predictor:
         self.label_seq = 0
         self.heuristic = AdvStdHeuristic("v0")
         self.river = RiverStage(seed=self.settings.seed, model_version="v0")
-        self.lgbm: LightGBMStage | None = None
+        self.batch: BatchStage | None = None  # the promoted refit (ridge, kNN or LightGBM)
         self.active: str = "heuristic"
         self.quality = OnlineQuality(quality_window)
         self.drift = ResidualDrift(drift_delta)
@@ -490,8 +679,8 @@ class Predictor:
         return len(self._history.y)
 
     def _active_stage(self) -> PredictorStage:
-        if self.active == "lightgbm" and self.lgbm is not None:
-            return self.lgbm
+        if self.active in BATCH_KINDS and self.batch is not None:
+            return self.batch
         return self.river if self.active == "river" else self.heuristic
 
     def predict(self, features: Mapping[str, float]) -> Prediction:
@@ -612,10 +801,10 @@ class Predictor:
         self.last_refit = result
         if result.promoted and result.stage is not None:
             self.refits["promoted"] += 1
-            self.lgbm = result.stage
+            self.batch = result.stage
             self.holdout_score = result.candidate_score
-            self._promote("lightgbm")
-            self.lgbm.model_version = self.model_version
+            self._promote(result.stage.stage)
+            self.batch.model_version = self.model_version
         else:
             self.refits["rejected"] += 1
         return result
@@ -646,7 +835,12 @@ class Predictor:
             feature_schema=FEATURE_SCHEMA,
             created_ts=created_ts,
         )
-        models = tuple(self.lgbm.to_strings()) if self.lgbm is not None else ()
+        # LightGBM models travel as text model strings; ridge and kNN are
+        # plain arrays inside the state pickle.
+        lgbm = self.batch if isinstance(self.batch, LightGBMStage) else None
+        if self.batch is not None and lgbm is None:
+            state["batch"] = self.batch
+        models = tuple(lgbm.to_strings()) if lgbm is not None else ()
         return Snapshot(manifest, pickle.dumps(state, protocol=5), models)
 
     def restore(self, snap: Snapshot) -> None:
@@ -671,10 +865,10 @@ class Predictor:
         self._refit_running = False
         self.holdout_score = state["holdout_score"]
         self.label_seq = m.label_seq
-        self.lgbm = (
+        self.batch = (
             LightGBMStage.from_strings(snap.lgbm_models, f"v{m.version}")
             if snap.lgbm_models
-            else None
+            else state.get("batch")
         )
 
     def __getstate__(self) -> dict[str, Any]:

@@ -77,7 +77,7 @@ def make_rollout_engine(policy: PolicySettings, model_path: str | None = None) -
     """The engine ``policy.rollout_engine`` names, on ``model_path`` (default: the base policy)."""
     import importlib
 
-    from daemon.policy.store import load_policy, resolve_device
+    from daemon.policy.store import load_policy, resolve_device, resolve_policy_path
 
     name = policy.rollout_engine
     if name not in ENGINES:
@@ -89,9 +89,11 @@ def make_rollout_engine(policy: PolicySettings, model_path: str | None = None) -
     if name == "vllm":
         if path is None:
             raise ValueError("policy.model_path: the vllm engine needs a model directory")
-        engine: RolloutEngine = cls(path, device=device)
+        # vLLM reads the safetensors copy: its own GGUF path is slower and partial.
+        hf_dir = resolve_policy_path(path, policy.cache_dir)
+        engine: RolloutEngine = cls(str(hf_dir), device=device)
         return engine
-    model, tokenizer = load_policy(path, device)
+    model, tokenizer = load_policy(path, device, cache_dir=policy.cache_dir)
     engine = cls(model, tokenizer, device=device)
     return engine
 

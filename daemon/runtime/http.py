@@ -324,7 +324,8 @@ class AdminApi:
         self, request: Request, outcome: str, status: int, error: str, principal: Principal | None
     ) -> JSONResponse:
         self._log(request, outcome, status, principal, error=error)
-        return JSONResponse({"error": error}, status_code=status)
+        # The body (if any) was not read: close rather than wait for it.
+        return JSONResponse({"error": error}, status_code=status, headers={"Connection": "close"})
 
     def _invalid(
         self, request: Request, principal: Principal | None, field: str, reason: str

@@ -99,7 +99,6 @@ def preinit(metric: Any, label: str, values: Iterable[str]) -> None:
     for v in values:
         metric.labels(**{label: v})
 
-
 class ScorerMetrics:
     """Metrics of the scorer role (``tapd run``)."""
 
@@ -147,6 +146,29 @@ class ScorerMetrics:
         )
         # Cohorts and decisions
         self.cohorts_open = Gauge("tapd_cohorts_open", "Open (not yet closed) cohorts.", registry=r)
+        # Replicas: partitions owned, how they changed hands, the policy in use
+        self.partitions_owned = Gauge(
+            "tapd_partitions_owned",
+            "Traces partitions this replica owns (their cohorts are its to decide).",
+            registry=r,
+        )
+        self.partition_handoffs = Counter(
+            "tapd_partition_handoffs",
+            "Traces partitions taken on, by how their state came back "
+            "(kept: this replica's own; rebuilt: from the changelog; fresh: none).",
+            ["how"],
+            registry=r,
+        )
+        self.rollout_policy_version = Gauge(
+            "tapd_rollout_policy_version",
+            "Version number of the policy the rollout engine samples from.",
+            registry=r,
+        )
+        self.policy_version_announced = Gauge(
+            "tapd_policy_version_announced",
+            "Newest policy version the trainer has announced on the policies topic.",
+            registry=r,
+        )
         self.cohorts_closed = Counter(
             "tapd_cohorts_closed",
             "Cohorts closed, by cause (size, age, evicted).",
@@ -317,6 +339,23 @@ class TrainerMetrics:
             "Probe accuracy lift of the last cohort.",
             registry=r,
         )
+        # The lift per part of the probe: the target's is the label the
+        # predictor learns; transfer and collateral are what an alert on
+        # harm elsewhere watches.
+        self.part_nll_lift = Histogram(
+            "tapd_trainer_part_nll_lift_nats",
+            "Measured NLL-lift per cohort on a part of the probe: the cohort's target, "
+            "other targets (transfer), items without a foothold (collateral).",
+            ["part"],
+            buckets=LIFT_BUCKETS,
+            registry=r,
+        )
+        self.part_accuracy_lift = Gauge(
+            "tapd_trainer_part_accuracy_lift_ratio",
+            "Greedy accuracy lift of the last cohort on a part of the probe.",
+            ["part"],
+            registry=r,
+        )
         self.train_reward = Gauge(
             "tapd_trainer_train_reward",
             "Mean training reward of the last cohort, before and after its GRPO steps.",
@@ -361,6 +400,16 @@ class TrainerMetrics:
         self.dead_letters = Counter(
             "tapd_trainer_dead_letters",
             "Dispatch messages the trainer sent to the dead-letter topic.",
+            registry=r,
+        )
+        self.policy_store_bytes = Gauge(
+            "tapd_policy_store_bytes",
+            "Bytes the kept policy checkpoints take in the policy store.",
+            registry=r,
+        )
+        self.policy_versions_stored = Gauge(
+            "tapd_policy_versions_stored",
+            "Policy versions whose checkpoint the store still holds (retention: the newest N).",
             registry=r,
         )
         preinit(self.cohorts, "outcome", TRAINER_OUTCOMES)

@@ -16,11 +16,21 @@ then commits the offsets to the broker. A crash before the transaction
 re-reads the batch against the old snapshot; a crash after it re-sends the
 outbox (same keys and cohort ids, so consumers drop the copies) and skips
 records below the stored offsets. Nothing is lost, nothing is counted twice.
+
+The file is a cache of what the log holds, not the only copy: everything in
+it can be rebuilt from Kafka (docs/ARCHITECTURE.md, "State: owners and
+rebuild"). Its *incarnation* (a random id made with the file) names this
+state's life: the scorer's own consumer groups for the lift, dead-letter and
+policy topics carry it, so a replica whose disk is new reads those topics
+from their beginning and rebuilds every label. An outbox row remembers which
+traces partition it belongs to (``owner``), so that rows of a partition that
+another replica has taken over meanwhile are dropped, not sent twice.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +45,7 @@ from streams.transport import OutMessage, TopicPartition
 class Outboxed:
     seq: int
     message: OutMessage
+    owner: str | None = None  # the traces partition ("topic/partition") it belongs to
 
 
 _SCHEMA = """
@@ -46,7 +57,10 @@ CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, key BLOB, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS labels (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, cohort_id TEXT NOT NULL UNIQUE, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# Columns added after the first release: a file from before gets them on open.
+_OUTBOX_COLUMNS = {"dest_part": "INTEGER", "owner": "TEXT"}
 
 
 class StateStore:
@@ -56,6 +70,20 @@ class StateStore:
         self.path = path
         self._db = connect_durable(path)
         self._db.executescript(_SCHEMA)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
+        for name, kind in _OUTBOX_COLUMNS.items():
+            if name not in have:
+                self._db.execute(f"ALTER TABLE outbox ADD COLUMN {name} {kind}")
+        self._db.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('incarnation', ?)",
+            (uuid.uuid4().hex[:12],),
+        )
+
+    @property
+    def incarnation(self) -> str:
+        """This state's life: made with the file, gone with it."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'incarnation'").fetchone()
+        return str(row[0])
 
     def load_snapshot(self) -> dict[str, Any] | None:
         row = self._db.execute("SELECT body FROM snapshot WHERE id = 0").fetchone()
@@ -66,8 +94,21 @@ class StateStore:
         return {TopicPartition(t, int(p)): int(o) for t, p, o in rows}
 
     def outbox(self) -> list[Outboxed]:
-        rows = self._db.execute("SELECT seq, topic, key, value FROM outbox ORDER BY seq").fetchall()
-        return [Outboxed(int(s), OutMessage(t, k, bytes(v))) for s, t, k, v in rows]
+        rows = self._db.execute(
+            "SELECT seq, topic, key, value, dest_part, owner FROM outbox ORDER BY seq"
+        ).fetchall()
+        return [
+            Outboxed(int(s), OutMessage(t, k, bytes(v), None if d is None else int(d)), o)
+            for s, t, k, v, d, o in rows
+        ]
+
+    def drop_owned(self, owners: Iterable[str]) -> int:
+        """Forget the owed rows of partitions this replica no longer owns."""
+        keys = list(owners)
+        if not keys:
+            return 0
+        cur = self._db.executemany("DELETE FROM outbox WHERE owner = ?", [(k,) for k in keys])
+        return int(cur.rowcount)
 
     def labels_since(self, seq: int) -> Iterator[tuple[int, Label]]:
         """Stored labels with a sequence number above ``seq``, oldest first."""
@@ -86,9 +127,15 @@ class StateStore:
         offsets: Mapping[TopicPartition, int],
         messages: Iterable[OutMessage],
         labels: Sequence[Label] = (),
+        owners: Sequence[str | None] | None = None,
     ) -> int:
-        """One transaction: the new snapshot, the advanced offsets, the owed messages and
-        the learned labels; returns the sequence number of the last stored label."""
+        """One transaction: the new snapshot, the advanced offsets, the owed messages
+        (``owners``: the traces partition each belongs to) and the learned labels;
+        returns the sequence number of the last stored label."""
+        messages = list(messages)
+        tags = list(owners) if owners is not None else [None] * len(messages)
+        if len(tags) != len(messages):
+            raise ValueError(f"owners: {len(tags)} for {len(messages)} messages")
         cur = self._db.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
@@ -107,8 +154,11 @@ class StateStore:
                 [(tp.topic, tp.partition, o) for tp, o in offsets.items()],
             )
             cur.executemany(
-                "INSERT INTO outbox (topic, key, value) VALUES (?, ?, ?)",
-                [(m.topic, m.key, m.value) for m in messages],
+                "INSERT INTO outbox (topic, key, value, dest_part, owner) VALUES (?, ?, ?, ?, ?)",
+                [
+                    (m.topic, m.key, m.value, m.partition, o)
+                    for m, o in zip(messages, tags, strict=True)
+                ],
             )
             seq = cur.execute("SELECT MAX(seq) FROM labels").fetchone()[0]
             cur.execute("COMMIT")

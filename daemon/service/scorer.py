@@ -1,31 +1,48 @@
 """``tapd run``: the scorer's long-running I/O shell around :class:`daemon.core.pipeline.Scorer`.
 
+A scorer is one replica of a consumer group on the traces topic. Producers
+key traces by slice key, so a slice lives in one partition and the replica
+that the group assigns a partition owns that partition's cohorts
+(:class:`daemon.runtime.partitions.PartitionedCohorts`: a cohort never mixes
+partitions). Every replica also reads the lift, dead-letter and policy
+topics whole, in consumer groups of its own: every replica learns every
+label in the lift topic's one order (one predictor, the same everywhere);
+the replica that holds a dispatch in flight frees its slot when the lift (or
+the trainer's dead letter) arrives; every replica knows every kept policy
+version.
+
 One loop iteration:
 
 1. apply backpressure: pause the traces consumer while the scorer is not
-   accepting traces (in-flight cap reached); the lift consumer, a separate
-   consumer in its own group, keeps reading, which is what frees slots;
-2. poll traces and lift results (bounded batches), feed them to the scorer,
-   tick its clock, and score at most ``cohorts_per_poll`` queued cohorts (the
-   slow part: rollouts), so that a poll is never further away than one
-   cohort's scoring time from the last;
-3. persist, in one SQLite transaction, the scorer snapshot (open cohorts
-   included), the consumed offsets and the outbox of messages owed;
-4. send the outbox, flush, mark it sent, and only then commit the offsets
-   to the broker.
+   accepting traces (in-flight cap reached); the lift consumer keeps
+   reading, which is what frees slots;
+2. poll traces, policy announcements and lift results (bounded batches),
+   feed them to the scorer (traces partition by partition), tick its clock,
+   and score queued cohorts for at most ``score_budget_s``;
+3. persist, in one SQLite transaction, the scorer snapshot, the consumed
+   offsets, the outbox of messages owed, the labels learned and, for every
+   partition whose state changed, its *state record*: the open and queued
+   cohorts as member offsets and the position (``daemon.runtime.partitions``);
+4. send the owed decisions, dispatches and dead letters, flush; then the
+   state records (to the compacted changelog, partition p for traces
+   partition p), flush; only then commit each traces partition up to its
+   oldest trace still held undecided (never below the group's committed
+   offset: no rewind), and the other topics' offsets.
 
-Why the snapshot rather than committing only up to the oldest open cohort:
-re-reading the traces of open cohorts after a crash would rebuild them under
-a different clock (age closes) and a different partition interleaving, so a
-re-formed cohort could differ from one already dispatched, and a trace would
-end up in two cohorts. A snapshot replays nothing that was decided. Records
-below the stored offsets are skipped after a restart (the broker commit can
-lag the state by one batch); the outbox is re-sent, which is harmless because
-every message carries its idempotency key (cohort id, trace origin).
+Partitions change hands (a scale event, a rolling restart, a replaced pod):
+on revocation the replica writes what it owes and the partition's final
+state record, commits, and sets the state aside; on assignment it takes the
+state back from its own copy if no other replica has written the partition
+since, else rebuilds it from the newest state record (re-reading the member
+traces and the recent traces of the partition for the duplicate filter), and
+seeks to the record's position. The state directory is a cache: a replica
+whose disk is new gets a new incarnation, reads the lift and policy topics
+from their beginning (learning every label before it joins the traces group)
+and rebuilds its partitions from the changelog. docs/ARCHITECTURE.md ("State:
+owners and rebuild") has the table.
 
-SIGTERM stops consuming, persists the work in hand (open and queued cohorts go
-into the snapshot: handed back to the next incarnation), commits and exits
-within ``ServiceSettings.grace_period_s``. SIGHUP reloads the thresholds file.
+SIGTERM stops consuming, hands every partition back as above and exits within
+``ServiceSettings.grace_period_s``. SIGHUP reloads the thresholds file.
 """
 
 from __future__ import annotations
@@ -43,14 +60,36 @@ from typing import Any
 from daemon.config import TapdSettings, Thresholds
 from daemon.core.pipeline import Effects, Scorer
 from daemon.core.vocabulary import PREDICTOR_STAGES, SELECTIONS
+from daemon.policy.store import PolicyVersion, version_number
 from daemon.runtime.http import audit, publish_thresholds
 from daemon.runtime.logging import get_logger
 from daemon.runtime.metrics import ScorerMetrics
 from daemon.runtime.modelstore import ModelStore
 from daemon.runtime.observe import observe
+from daemon.runtime.partitions import (
+    Detached,
+    PartitionedCohorts,
+    PartitionState,
+    Token,
+    describe,
+    fresh,
+    join,
+    migrate,
+    part_key,
+    part_of,
+    rebuild,
+    split,
+)
 from daemon.runtime.predictor_host import PredictorHost
-from daemon.runtime.state import StateStore
-from streams.transport import Consumer, Producer, Record, TopicPartition, Transport
+from daemon.runtime.state import Outboxed, StateStore
+from streams.transport import (
+    Consumer,
+    OutMessage,
+    Producer,
+    Record,
+    TopicPartition,
+    Transport,
+)
 
 log = get_logger("tapd.service")
 
@@ -135,16 +174,23 @@ class ScorerService:
         cohorts_per_poll: int = 1,
         score_budget_s: float = 0.5,
         background_refits: bool = True,
+        rollout: PolicyRollout | None = None,
     ) -> None:
+        if not isinstance(scorer.cohorts, PartitionedCohorts):
+            raise TypeError("the service needs build_scorer's partitioned cohort builder")
         self.settings = settings
         self.transport = transport
         self.scorer = scorer
+        self.cohorts: PartitionedCohorts = scorer.cohorts
         self.metrics = metrics
         self.holder = thresholds_holder
         self.on_batch = on_batch
         self.cohorts_per_poll = cohorts_per_poll
         self.score_budget_s = score_budget_s
+        self.rollout = rollout
         self.store = StateStore(Path(settings.state_dir) / "scorer-state.sqlite")
+        self.incarnation = self.store.incarnation
+        self.replica = settings.service.replica_name()
         self.background_refits = background_refits
         self.predictor: PredictorHost | None = None
         self.stop_event = threading.Event()
@@ -156,7 +202,16 @@ class ScorerService:
         self._traces: Consumer | None = None
         self._lift: Consumer | None = None
         self._dlq: Consumer | None = None
+        self._policies: Consumer | None = None
+        # Offsets done of the lift, dead-letter and policy topics (traces
+        # partitions keep theirs in their part of the cohort builder).
         self._done: dict[TopicPartition, int] = {}
+        # Traces partitions given up (revoked) with their state, kept in case
+        # they come back unchanged.
+        self._suspended: dict[TopicPartition, Detached] = {}
+        self._written: dict[TopicPartition, str] = {}  # content of the last state record
+        self._committed: dict[TopicPartition, int] = {}  # traces offsets: never below
+        self._seq = 0
         self._seen_counts: dict[str, float] = {}
         self.loaded = False
         metrics.watch(scorer)
@@ -176,7 +231,11 @@ class ScorerService:
         signal.signal(signal.SIGHUP, _hup)
 
     def start(self) -> None:
-        """Restore the durable state, re-send what the last incarnation owed, open consumers."""
+        """Restore what the disk holds, fence off what another replica took over, send
+        what is owed, learn every label up to the end of the lift topic, then join the
+        traces group."""
+        topics = self.settings.topics
+        group = self.settings.service.group
         # The predictor: its latest snapshot plus the labels stored after it.
         self.predictor = PredictorHost.open(
             self.settings.predictor,
@@ -184,47 +243,262 @@ class ScorerService:
             self.store.labels_since(0),
             background=self.background_refits,
         )
-        self.scorer.predictor = self.predictor.predictor
+        self.scorer.predictor = self.predictor
+        self._check_topics()
+        offsets = self.store.offsets()
         snap = self.store.load_snapshot()
         if snap is not None:
+            snap = migrate(snap, {tp: o for tp, o in offsets.items() if tp.topic == topics.traces})
             self.scorer.restore(snap)
-            log.info(
-                "state_restored",
-                open_cohorts=self.scorer.cohorts.n_open,
-                pending=len(self.scorer.pending),
-                in_flight=len(self.scorer.in_flight),
-            )
-        self._done = self.store.offsets()
-        self._producer = self.transport.producer()
-        self._send_outbox()
-        topics = self.settings.topics
-        group = self.settings.service.group
-        self._traces = self.transport.consumer([topics.traces], group, on_revoked=self._revoked)
-        self._lift = self.transport.consumer(
-            [topics.lift], f"{group}.lift", on_revoked=self._revoked
+        self._done = {
+            tp: o for tp, o in offsets.items() if tp.topic not in (topics.traces, topics.policies)
+        }
+        self._seq = max(
+            [p.token.seq for p in self.cohorts.parts.values() if p.token is not None], default=0
         )
-        # A dispatch the trainer rejected frees its in-flight slot as a lift
-        # would; its own consumer and group, so the lift consumer's
-        # assignment never waits on a second topic.
-        self._dlq = self.transport.consumer([topics.dlq], f"{group}.dlq", on_revoked=self._revoked)
-        # Commit what the state already holds, so that lag reads true at once.
-        self._commit(self._done)
+        self._producer = self.transport.producer()
+        self._fence_and_suspend()
+        self._send_outbox()
+        # Every replica reads the lift, dead-letter and policy topics whole,
+        # in groups of its own: every label reaches every predictor, and a
+        # release reaches the replica that holds the slot. The incarnation in
+        # the name makes a replica with a new disk read them from the start.
+        own = f"{group}.{self.incarnation}"
+        # The policy catalog is memory only: read whole at every start.
+        self._policy_at: dict[TopicPartition, int] = {}
+        self._policies = self.transport.consumer(
+            [topics.policies], f"{own}.policies", on_assigned=self._policies_from_start
+        )
+        self._lift = self.transport.consumer([topics.lift], f"{own}.lift")
+        # A new incarnation holds no dispatch: old dead letters release nothing.
+        self._dlq = self.transport.consumer([topics.dlq], f"{own}.dlq", from_beginning=False)
+        self._catch_up()
+        self._traces = self.transport.consumer(
+            [topics.traces], group, on_revoked=self._revoked, on_assigned=self._assigned
+        )
         self.loaded = True
-        log.info("scorer_started", group=group, traces=topics.traces, lift=topics.lift)
+        log.info(
+            "scorer_started",
+            group=group,
+            replica=self.replica,
+            incarnation=self.incarnation,
+            traces=topics.traces,
+            lift=topics.lift,
+            labels=self.predictor.n_labels,
+            model_version=self.predictor.model_version,
+            in_flight=len(self.scorer.in_flight),
+        )
+
+    def _check_topics(self) -> None:
+        """The changelog must have a partition for every traces partition."""
+        topics = self.settings.topics
+        n_traces = self.transport.partitions(topics.traces)
+        n_log = self.transport.partitions(topics.changelog)
+        if n_log < n_traces:
+            raise ValueError(
+                f"topics.changelog: {topics.changelog!r} has {n_log} partitions, "
+                f"{topics.traces!r} has {n_traces}: the changelog needs one per traces partition"
+            )
+        n_lift = self.transport.partitions(topics.lift)
+        if n_lift > 1:
+            # One partition is the one order in which every replica learns the
+            # labels; several interleave differently per replica.
+            log.warning(
+                "lift_topic_partitioned",
+                topic=topics.lift,
+                partitions=n_lift,
+                consequence="replicas may learn labels in different orders and hold different models",
+            )
+
+    def _latest(self, tp: TopicPartition) -> PartitionState | None:
+        """The newest state record of traces partition ``tp`` (the last record of the
+        changelog partition of the same number)."""
+        ctp = TopicPartition(self.settings.topics.changelog, tp.partition)
+        end = self.transport.end_offsets([ctp]).get(ctp, 0)
+        if end <= 0:
+            return None
+        for rec in self.transport.read(ctp, end - 1, end):
+            try:
+                state = PartitionState.decode(rec.value)
+            except (ValueError, KeyError, TypeError) as e:
+                log.error("partition_state_unreadable", partition=tp.partition, reason=str(e))
+                return None
+            if state.tp == tp:
+                return state
+        return None
+
+    def _mine(self, latest: PartitionState | None) -> bool:
+        """No other incarnation has written the partition's state since this one did."""
+        return latest is None or latest.token.incarnation == self.incarnation
+
+    def _fence_and_suspend(self) -> None:
+        """At start: the partitions the disk holds are this replica's to hand back only
+        if no other replica has written their state since (else the disk's copy and
+        the messages it still owes for them are stale: dropped). What is kept is set
+        aside until the group assigns the partition."""
+        stale = []
+        for tp in list(self.cohorts.parts):
+            if not self._mine(self._latest(tp)):
+                stale.append(tp)
+        if stale:
+            dropped = self.store.drop_owned(part_key(tp) for tp in stale)
+            log.warning(
+                "partition_state_superseded",
+                partitions=[tp.partition for tp in stale],
+                outbox_rows_dropped=dropped,
+            )
+        taken = self._take(list(self.cohorts.parts))
+        for tp, detached in taken.items():
+            if tp not in stale:
+                self._suspended[tp] = detached
+
+    def _catch_up(self) -> None:
+        """Read the policy, lift and dead-letter topics up to where they end now."""
+        topics = self.settings.topics
+        targets: dict[TopicPartition, int] = {}
+        for topic in (topics.policies, topics.lift):
+            tps = [TopicPartition(topic, p) for p in range(self.transport.partitions(topic))]
+            targets.update(self.transport.end_offsets(tps))
+        deadline = time.monotonic() + self.settings.service.catch_up_timeout_s
+
+        def done(tp: TopicPartition) -> int:
+            return (self._policy_at if tp.topic == topics.policies else self._done).get(tp, 0)
+
+        behind = {tp: end for tp, end in targets.items() if done(tp) < end}
+        while behind and time.monotonic() < deadline and not self.stop_event.is_set():
+            self._consume_side_topics(wait=0.5)
+            behind = {tp: end for tp, end in behind.items() if done(tp) < end}
+        if behind:
+            log.warning(
+                "catch_up_incomplete",
+                behind={part_key(tp): end - done(tp) for tp, end in behind.items()},
+            )
+        else:
+            assert self.predictor is not None
+            log.info("caught_up", labels=self.predictor.n_labels)
+
+    def _consume_side_topics(self, wait: float) -> int:
+        """One poll of the policy, lift and dead-letter consumers, persisted."""
+        assert self._lift is not None and self._dlq is not None and self._policies is not None
+        s = self.settings.service
+        self._apply_policies(self._policies.poll(0.0, s.max_poll_records))
+        lifts = self._fresh(self._lift.poll(wait, s.max_poll_records))
+        lifts += self._fresh(self._dlq.poll(0.0, s.max_poll_records))
+        fx = self._learn(lifts, time.time()) if lifts else Effects()
+        if lifts or fx:
+            self._persist_and_send([], lifts, fx)
+        return len(lifts)
+
+    # --- partitions change hands --------------------------------------------------
+
+    def _take(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, Detached]:
+        """Remove the state of ``tps`` from the scorer; what was removed."""
+        if not tps:
+            return {}
+        snap = self.scorer.snapshot()
+        out = {}
+        for tp in tps:
+            snap, taken = split(snap, tp)
+            if taken is not None:
+                out[tp] = taken
+        self.scorer.restore(snap)
+        for tp in tps:
+            self._written.pop(tp, None)
+        self.metrics.partitions_owned.set(len(self.cohorts.parts))
+        return out
+
+    def _put(self, parts: Mapping[TopicPartition, Detached]) -> None:
+        if not parts:
+            return
+        snap = self.scorer.snapshot()
+        for tp, detached in parts.items():
+            snap = join(snap, tp, detached)
+        self.scorer.restore(snap)
+        self.metrics.partitions_owned.set(len(self.cohorts.parts))
 
     def _revoked(self, tps: list[TopicPartition]) -> None:
-        # Everything read is already in the state store; commit it while we still own it.
-        done = {tp: o for tp, o in self._done.items() if tp in set(tps)}
-        if done:
-            topics = self.settings.topics
-            consumer = {topics.traces: self._traces, topics.dlq: self._dlq}.get(
-                tps[0].topic if tps else "", self._lift
+        """Before a rebalance takes ``tps``: their state record and offsets go out
+        (after every decision owed), and their state is set aside."""
+        mine = [tp for tp in tps if tp in self.cohorts.parts]
+        if not mine or not self.loaded:
+            return
+        try:
+            self._persist_and_send([], [], Effects())
+        except Exception as e:
+            # Kept in the outbox: sent later only if no one else has taken over.
+            log.error(
+                "handoff_flush_failed", partitions=[tp.partition for tp in mine], reason=str(e)
             )
-            if consumer is not None:
-                try:
-                    consumer.commit(done)
-                except Exception as e:
-                    log.warning("commit_on_revoke_failed", reason=str(e))
+        self._suspended.update(self._take(mine))
+        log.info("partitions_revoked", partitions=sorted(tp.partition for tp in mine))
+
+    def _assigned(self, tps: list[TopicPartition]) -> None:
+        """A rebalance gave ``tps``: take each one's state back, from this replica's
+        own copy if no one wrote it since, else from its state record on the
+        changelog (its member traces re-read), else fresh; resume reading there."""
+        assert self._traces is not None
+        parts: dict[TopicPartition, Detached] = {}
+        seeks: dict[TopicPartition, int] = {}
+        hows: dict[str, list[int]] = {"kept": [], "rebuilt": [], "fresh": []}
+        for tp in tps:
+            if tp.topic != self.settings.topics.traces or tp in self.cohorts.parts:
+                continue
+            latest = self._latest(tp)
+            mine = self._suspended.pop(tp, None)
+            if mine is not None and self._mine(latest):
+                parts[tp], how = mine, "kept"
+                self._written[tp] = "" if latest is None else latest.content()
+            elif latest is not None:
+                parts[tp], how = self._rebuild(latest), "rebuilt"
+                self._written[tp] = latest.content()
+            else:
+                parts[tp], how = Detached(fresh(self.cohorts.versions)), "fresh"
+            position = parts[tp].part.get("position")
+            if position is not None:
+                seeks[tp] = int(position)
+            hows[how].append(tp.partition)
+            self.metrics.partition_handoffs.labels(how=how).inc()
+        self._put(parts)
+        for tp, position in seeks.items():
+            self._traces.seek(tp, position)
+        for tp in parts:
+            try:
+                floor = self._traces.committed(tp)
+            except Exception:  # the floor only guards commits; unknown: none
+                floor = None
+            self._committed[tp] = max(self._committed.get(tp, 0), floor or 0)
+        if parts:
+            log.info("partitions_assigned", **{k: sorted(v) for k, v in hows.items() if v})
+
+    def _rebuild(self, state: PartitionState) -> Detached:
+        tp = state.tp
+        window = min(
+            self.settings.cohorting.dedup_window, self.settings.service.handoff_dedup_records
+        )
+        start = max(0, min([*state.held(), state.position - window]))
+        t0 = time.monotonic()
+        records = self.transport.read(tp, start, state.position) if start < state.position else []
+        detached, missing = rebuild(state, records, self.cohorts.versions, window)
+        if missing:
+            log.error(
+                "partition_state_incomplete",
+                partition=tp.partition,
+                missing_offsets=missing[:20],
+                n_missing=len(missing),
+            )
+        log.info(
+            "partition_rebuilt",
+            partition=tp.partition,
+            from_replica=state.replica,
+            position=state.position,
+            open=len(state.open),
+            pending=len(state.pending),
+            records_read=len(records),
+            seconds=round(time.monotonic() - t0, 3),
+        )
+        return detached
+
+    # --- the loop -------------------------------------------------------------------
 
     def run(
         self,
@@ -259,14 +533,15 @@ class ScorerService:
             self.shutdown()
 
     def shutdown(self) -> None:
-        """Stop consuming, persist the work in hand, commit, close."""
+        """Stop consuming, hand back every partition (state record, offsets), close."""
         t0 = time.monotonic()
         if self._traces is not None:
             self._traces.pause()
         if self.loaded:
-            # Whatever is queued stays in the snapshot: the next incarnation scores it.
+            # Whatever is open or queued goes out in the partitions' state
+            # records: the next owner (maybe this replica again) scores it.
             self._persist_and_send([], [], Effects())
-        for c in (self._traces, self._lift, self._dlq):
+        for c in (self._traces, self._lift, self._dlq, self._policies):
             if c is not None:
                 c.close()
         if self._producer is not None:
@@ -276,14 +551,13 @@ class ScorerService:
             self.predictor = None
         self.store.close()
         self.loaded = False
-        self._traces = self._lift = self._dlq = None
+        self._traces = self._lift = self._dlq = self._policies = None
         self._producer = None
         log.info("scorer_stopped", seconds=round(time.monotonic() - t0, 3))
 
-    # --- one iteration -----------------------------------------------------------
-
     def iterate(self) -> LoopStats:
         assert self._traces is not None and self._lift is not None and self._dlq is not None
+        assert self._policies is not None
         s = self.settings.service
         accepting = self.scorer.accepting_traces()
         if accepting and self._traces.paused():
@@ -299,15 +573,25 @@ class ScorerService:
         self.metrics.consumption_paused.set(0 if accepting else 1)
         busy = self.scorer.has_work
         wait = 0.0 if busy else s.poll_timeout_s / 2
-        traces = self._fresh(self._traces.poll(wait, s.max_poll_records))
+        traces = self._owned(self._traces.poll(wait, s.max_poll_records))
+        self._apply_policies(self._policies.poll(0.0, s.max_poll_records))
         lifts = self._fresh(self._lift.poll(0.0 if traces or busy else wait, s.max_poll_records))
         lifts += self._fresh(self._dlq.poll(0.0 if traces or busy else 0.05, s.max_poll_records))
+        if lifts:
+            # A kept version is announced (and flushed) before the lift that
+            # names it: read it now, before a rollout asks for it.
+            self._apply_policies(self._policies.poll(0.05, s.max_poll_records))
         now = time.time()
         fx = Effects()
         if lifts:
-            fx += self.scorer.on_lift(lifts, now)
-        if traces:
-            fx += self.scorer.on_traces(traces, now)
+            fx += self._learn(lifts, now)
+        by_tp: dict[TopicPartition, list[Record]] = {}
+        for r in traces:
+            by_tp.setdefault(r.tp, []).append(r)
+        for tp, records in by_tp.items():
+            with self.cohorts.feeding(tp) as part:
+                fx += self.scorer.on_traces(records, now)
+                part.position = records[-1].offset + 1
         fx += self.scorer.on_tick(now)
         worked = self.scorer.has_work
         # Score for at most score_budget_s (at least one window): the next poll
@@ -323,6 +607,37 @@ class ScorerService:
         self._publish_quality()
         return LoopStats(len(traces), len(lifts), sent)
 
+    def _learn(self, records: Sequence[Record], now: float) -> Effects:
+        """Lifts and dead letters: every replica learns each lift; the one holding the
+        dispatch frees its slot (logged, so an audit can time it)."""
+        held = set(self.scorer.in_flight)
+        fx = self.scorer.on_lift(records, now)
+        for cohort_id in held - set(self.scorer.in_flight):
+            log.info("slot_freed", cohort_id=cohort_id, in_flight=len(self.scorer.in_flight))
+        return fx
+
+    def _policies_from_start(self, tps: list[TopicPartition]) -> None:
+        assert self._policies is not None
+        for tp in tps:
+            self._policies.seek(tp, 0)
+            self._policy_at[tp] = 0
+
+    def _apply_policies(self, records: Sequence[Record]) -> None:
+        for rec in records:
+            if rec.offset < self._policy_at.get(rec.tp, 0):
+                continue
+            self._policy_at[rec.tp] = rec.offset + 1
+            try:
+                announced = PolicyVersion.decode(rec.value)
+            except ValueError as e:
+                log.warning("policy_record_rejected", offset=rec.offset, reason=str(e))
+                continue
+            n = version_number(announced.version) or 0
+            if n > self.metrics.policy_version_announced._value.get():
+                self.metrics.policy_version_announced.set(n)
+            if self.rollout is not None:
+                self.rollout.announce(announced)
+
     def end_of_stream(self) -> None:
         """Close every open cohort now (a finite stream: replay, demo, benchmarks).
 
@@ -330,59 +645,175 @@ class ScorerService:
         """
         self._persist_and_send([], [], self.scorer.flush(time.time()))
 
+    def _owned(self, records: Sequence[Record]) -> list[Record]:
+        # Records of a partition this replica does not hold (a rebalance in
+        # between) or below its position (already read) are not its to feed.
+        out = []
+        for r in records:
+            part = self.cohorts.parts.get(r.tp)
+            if part is not None and (part.position is None or r.offset >= part.position):
+                out.append(r)
+        return out
+
     def _fresh(self, records: Sequence[Record]) -> list[Record]:
         # Records below the stored offsets were processed by a previous
         # incarnation whose broker commit did not happen.
         return [r for r in records if r.offset >= self._done.get(r.tp, 0)]
 
     def _persist_and_send(
-        self, traces: Sequence[Record], lifts: Sequence[Record], fx: Effects
+        self,
+        traces: Sequence[Record],
+        others: Sequence[Record],
+        fx: Effects,
     ) -> int:
+        """One transaction for the batch (snapshot, offsets, owed messages, labels,
+        changed partition state records), then send, flush, commit."""
         assert self._producer is not None
-        offsets: dict[TopicPartition, int] = {}
-        for r in (*traces, *lifts):
-            if offsets.get(r.tp, -1) < r.offset + 1:
-                offsets[r.tp] = r.offset + 1
         observe(fx.events, self.metrics)
         messages = fx.messages(self.settings.topics)
-        label_seq = self.store.save(self.scorer.snapshot(), offsets, messages, fx.labels)
+        owners = self._owners(messages)
+        # Cohorts scored (or rejected) in this batch no longer belong to their
+        # partition's state.
+        queued = {c.cohort_id for c in self.scorer.pending}
+        for cohort_id in [c for c in self.cohorts.closed if c not in queued]:
+            self.cohorts.forget(cohort_id)
+        snap = self.scorer.snapshot()
+        states = self._states(snap)
+        for st in states:
+            owners.append(part_key(st.tp))
+            messages.append(
+                OutMessage(
+                    self.settings.topics.changelog,
+                    part_key(st.tp).encode(),
+                    st.encode(),
+                    st.partition,
+                )
+            )
+        offsets: dict[TopicPartition, int] = {}
+        for r in others:
+            if offsets.get(r.tp, -1) < r.offset + 1:
+                offsets[r.tp] = r.offset + 1
+        label_seq = self.store.save(snap, offsets, messages, fx.labels, owners)
         self._done.update(offsets)
+        for st in states:
+            self._written[st.tp] = st.content()
         if self.predictor is not None:
             self.predictor.after_batch(label_seq)
         sent = self._send_outbox()
-        self._commit(offsets)
+        self._commit_traces(states)
+        self._commit_side(offsets)
         if self.on_batch is not None and fx:
             self.on_batch(fx)
         return sent
 
+    def _owners(self, messages: Sequence[OutMessage]) -> list[str | None]:
+        """The traces partition each message belongs to (decisions, dispatches and dead
+        letters of its traces); labels and lift rejections belong to none."""
+        topics = self.settings.topics
+        out: list[str | None] = []
+        for m in messages:
+            owner = None
+            if m.topic in (topics.decisions, topics.dispatch) and m.key is not None:
+                tp = self.cohorts.partition_of(m.key.decode())
+                owner = None if tp is None else part_key(tp)
+            elif m.topic == topics.dlq and m.key is not None:
+                source, _, rest = m.key.decode().partition("/")
+                if source == topics.traces:
+                    owner = f"{source}/{rest.partition('/')[0]}"
+            out.append(owner)
+        return out
+
+    def _states(self, snap: Mapping[str, Any]) -> list[PartitionState]:
+        """The state records of the partitions whose state changed since the last one
+        written, each with a new token (an unchanged partition's record is on the log)."""
+        out = []
+        now = time.time()
+        for tp, part in self.cohorts.parts.items():
+            if part.position is None:
+                continue  # nothing read yet: nothing held
+            token = Token(self.incarnation, self._seq + 1)
+            st = describe(snap, tp, part.position, token, self.replica, now)
+            content = st.content()
+            if content == self._written.get(tp):
+                continue
+            if st.missing:
+                log.error("partition_state_members_unknown", partition=tp.partition, n=st.missing)
+            self._seq += 1
+            part.token = token
+            snap["cohorts"]["parts"][part_key(tp)]["token"] = token.to_json()
+            out.append(st)
+        return out
+
     def _send_outbox(self) -> int:
+        """Send what is owed: decisions, dispatches and dead letters first, flushed,
+        then the partition state records that count them as done, flushed."""
         assert self._producer is not None
         owed = self.store.outbox()
         if not owed:
             return 0
+        owed = self._fence(owed)
+        changelog = self.settings.topics.changelog
         with self.metrics.processing_seconds.labels(stage="dispatch").time():
-            for item in owed:
-                self._producer.send(item.message.topic, item.message.value, key=item.message.key)
-            self._producer.flush(self.settings.service.grace_period_s)
-        self.store.sent(owed[-1].seq)
+            for phase in (False, True):
+                batch = [o for o in owed if (o.message.topic == changelog) == phase]
+                for item in batch:
+                    m = item.message
+                    self._producer.send(m.topic, m.value, key=m.key, partition=m.partition)
+                if batch:
+                    self._producer.flush(self.settings.service.grace_period_s)
+        if owed:
+            self.store.sent(owed[-1].seq)
         return len(owed)
 
-    def _commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+    def _fence(self, owed: list[Outboxed]) -> list[Outboxed]:
+        """Rows of a partition this replica does not hold now are sent only if no other
+        replica has written that partition's state since (a failed hand-back, a
+        restart): else that replica has redone their work, and they are dropped."""
+        held = {part_key(tp) for tp in self.cohorts.parts}
+        check = {o.owner for o in owed if o.owner is not None and o.owner not in held}
+        stale = {k for k in check if not self._mine(self._latest(part_of(k)))}
+        if not stale:
+            return owed
+        self.store.drop_owned(stale)
+        log.warning("outbox_rows_superseded", partitions=sorted(stale))
+        return [o for o in owed if o.owner not in stale]
+
+    def _commit_traces(self, states: Sequence[PartitionState]) -> None:
+        """Commit each partition up to its oldest trace still held undecided, never
+        below what the group had committed (no rewind)."""
+        if self._traces is None:
+            return
+        offsets = {}
+        for st in states:
+            c = st.commit_offset
+            if c > self._committed.get(st.tp, 0):
+                offsets[st.tp] = c
+        if not offsets:
+            return
+        try:
+            self._traces.commit(offsets)
+        except Exception as e:
+            # The state records hold the positions; a failed commit only
+            # means a new owner re-reads (and skips) a little more.
+            log.warning("commit_failed", topics=[self.settings.topics.traces], reason=str(e))
+            return
+        self._committed.update(offsets)
+
+    def _commit_side(self, offsets: Mapping[TopicPartition, int]) -> None:
         topics = self.settings.topics
         owners = (
-            (self._traces, (topics.traces,)),
-            (self._lift, (topics.lift,)),
-            (self._dlq, (topics.dlq,)),
+            (self._lift, topics.lift),
+            (self._dlq, topics.dlq),
         )
-        for consumer, owned in owners:
-            mine = {tp: o for tp, o in offsets.items() if tp.topic in owned}
+        for consumer, topic in owners:
+            mine = {tp: o for tp, o in offsets.items() if tp.topic == topic}
             if consumer is not None and mine:
                 try:
                     consumer.commit(mine)
                 except Exception as e:
                     # The state store holds these offsets; a failed broker
                     # commit only means a redelivery that _fresh() drops.
-                    log.warning("commit_failed", topics=list(owned), reason=str(e))
+                    log.warning("commit_failed", topics=[topic], reason=str(e))
 
     # --- metrics -------------------------------------------------------------------
 
@@ -403,6 +834,8 @@ class ScorerService:
 
     def _publish_quality(self) -> None:
         publish_predictor(self.metrics, self.scorer.predictor, self._seen_counts)
+        if self.rollout is not None:
+            self.metrics.rollout_policy_version.set(version_number(self.rollout.version) or 0)
 
 
 def publish_predictor(metrics: ScorerMetrics, predictor: Any, seen: dict[str, float]) -> None:
@@ -449,20 +882,24 @@ class PolicyRollout:
 
     The policy loads on the first sample, not at start: traffic that carries
     its K attempts never needs it, and readiness must not wait on a load.
-    Kept versions come from the :class:`~daemon.policy.store.PolicyStore`
-    the trainer writes; when a cohort closes under a newer version than the
-    one loaded, its weights are loaded before sampling (an engine without
-    in-place weights, such as vLLM, keeps sampling from the base policy).
+    Kept versions are known from the policies topic (:meth:`announce`: the
+    service feeds every record to it). A sample comes from the newest kept
+    version known: the cohort's own (the one it closed under) or a newer one
+    announced since, whose weights are loaded from the announced URI,
+    checksum checked, first; re-probing a stale cohort with the policy the
+    trainer now holds is the point of re-probing. A version not (yet)
+    announced, or whose bytes do not match, is not loaded: the engine keeps
+    the weights it has and says so (an engine without in-place weights, such
+    as vLLM, keeps sampling from the base policy).
     """
 
     def __init__(self, settings: TapdSettings) -> None:
-        from daemon.policy.store import PolicyStore
-
         self.settings = settings
-        self.policies = PolicyStore(settings.policy_store_dir())
+        self.catalog: dict[str, PolicyVersion] = {}
         self.version = "v0"
         self._wanted = "v0"
         self._engine: Any = None
+        self._missing: str | None = None
 
     @property
     def engine(self) -> Any:
@@ -470,11 +907,28 @@ class PolicyRollout:
             from daemon.policy.rollout import make_rollout_engine
 
             self._engine = make_rollout_engine(self.settings.policy)
-        self._load(self._wanted)
+        self._load(self.target)
         return self._engine
 
+    @property
+    def target(self) -> str:
+        """The version to sample from: the newest of the cohort's and those announced."""
+        known = [self._wanted, *self.catalog]
+        return max(known, key=lambda v: version_number(v) or 0)
+
+    def announce(self, announced: PolicyVersion) -> None:
+        """A kept version from the policies topic (the newest record per version wins)."""
+        self.catalog[announced.version] = announced
+
     def sample(self, prompts: Sequence[str], k: int, **kw: Any) -> Any:
-        return self.engine.sample(prompts, k, **kw)
+        engine = self.engine
+        log.info(
+            "rollout_sampled",
+            policy_version=self.version,
+            target=self.target,
+            prompts=len(prompts),
+        )
+        return engine.sample(prompts, k, **kw)
 
     def sync(self, version: str) -> None:
         """Sample from ``version`` from now on (applied at the next sample)."""
@@ -482,16 +936,35 @@ class PolicyRollout:
             self._wanted = version
 
     def _load(self, version: str) -> None:
+        from daemon.policy.store import ChecksumMismatch, load_uri
+
         model = getattr(self._engine, "model", None)
         if version == self.version or model is None:
             return
-        state = self.policies.load(version, map_location=self._engine.device)
-        if state is None:
+        announced = self.catalog.get(version)
+        if announced is None:
+            if self._missing != version:
+                self._missing = version
+                log.warning("policy_not_announced", policy_version=version, loaded=self.version)
+            return
+        try:
+            state = load_uri(announced.uri, announced.sha256, map_location=self._engine.device)
+        except (OSError, ChecksumMismatch, RuntimeError, ValueError) as e:
+            if self._missing != version:
+                self._missing = version
+                log.error(
+                    "policy_load_failed",
+                    policy_version=version,
+                    uri=announced.uri,
+                    reason=str(e),
+                    loaded=self.version,
+                )
             return
         model.load_state_dict(state, strict=False)
         model.eval()
         self.version = version
-        log.info("policy_synced", policy_version=version)
+        self._missing = None
+        log.info("policy_synced", policy_version=version, uri=announced.uri)
 
 
 def build_scorer(
@@ -505,17 +978,25 @@ def build_scorer(
     the one restored from the model store and the stored labels.
     """
     from daemon.core import decision
-    from daemon.core.cohorting import CohortBuilder
     from daemon.core.features import featurize
     from daemon.core.predictor import Predictor
     from daemon.policy.rollout import fill_attempts
-    from streams.probes import read_probe_file
+    from daemon.verify.settings import configure as configure_verifiers
+    from streams.probes import read_probe_file, targets
 
+    configure_verifiers(settings.verify)  # caps on verifier_args, the code sandbox
     predictor = Predictor(settings.predictor)
     engine = rollout or PolicyRollout(settings)
     probe_path = settings.policy.probe_path
+    # Per target: a cohort's target_similarity is measured against its own
+    # target's probe items (the ones its lift is measured on).
     probe_prompts = (
-        tuple(it.prompt for it in read_probe_file(probe_path)) if probe_path is not None else None
+        {
+            t: tuple(it.prompt for it in items)
+            for t, items in targets(read_probe_file(probe_path)).items()
+        }
+        if probe_path is not None
+        else None
     )
     grpo = settings.grpo
 
@@ -536,7 +1017,7 @@ def build_scorer(
 
     return Scorer(
         settings,
-        CohortBuilder(settings.cohorting, engine.version),
+        PartitionedCohorts(settings.cohorting, engine.version),
         predictor,
         decision.decide,
         fill,
@@ -652,7 +1133,9 @@ def run_scorer(settings: TapdSettings, transport: Transport | None = None) -> st
             live.remember(fx.decisions)
             trips.observe(fx)
 
-        service = ScorerService(settings, transport, scorer, metrics, holder, on_batch=on_batch)
+        service = ScorerService(
+            settings, transport, scorer, metrics, holder, on_batch=on_batch, rollout=rollout
+        )
         service.install_signal_handlers()
         service.run()
     finally:
@@ -730,7 +1213,13 @@ def replay_file(settings: TapdSettings, path: Path, out: Any) -> int:
                 )
 
         service = ScorerService(
-            settings, transport, scorer, metrics, holder, on_batch=show, cohorts_per_poll=4,
+            settings,
+            transport,
+            scorer,
+            metrics,
+            holder,
+            on_batch=show,
+            cohorts_per_poll=4,
             background_refits=False,
         )
         flushed = False

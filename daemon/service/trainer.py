@@ -1,8 +1,8 @@
 """``tapd trainer``: the GRPO trainer process, a thin I/O shell.
 
     dispatch topic ──► decode + validate ──► CohortTrainer.on_dispatch ──► lift topic
-                           │ (bad)                                    flush, then commit
-                           └──► dead-letter topic
+                           │ (bad)                    │ kept version      flush, then commit
+                           └──► dead-letter topic     └──► policies topic (flushed first)
 
 One cohort at a time (``max_records=1``): a cohort takes seconds to minutes,
 and a consumer that held a batch would outlive ``max_poll_interval_ms``. The
@@ -17,6 +17,14 @@ failure, foreseen or not, goes to the dead-letter topic with the stage, field
 and reason (stage ``internal`` for a failure nobody foresaw), and
 ``tapd_trainer_dead_letters_total`` counts it. SIGTERM lets the cohort in hand
 finish, commits, and closes.
+
+Policy versions travel as records: every kept version is announced on the
+policies topic (version, URI, SHA-256, size; compacted by version) and
+flushed before the lift that names it, so a scorer that learns the new
+version from the lift can already load it. The store keeps the newest
+``policy.keep_versions`` checkpoints (and the one in use); the announcement
+of the current version is repeated at start, and a redelivered dispatch
+re-announces its version byte for byte.
 """
 
 from __future__ import annotations
@@ -134,8 +142,37 @@ class TrainerService:
                 self.metrics.cohorts.labels(outcome="failed").inc()
                 self._reject(record, Rejected("lift", "$", f"training failed: {e!r}"))
                 return
+            r = handled.result
+            if r.policy_version_after != r.policy_version_before:
+                self._announce(r.policy_version_after, checked.policy_version)
             self.producer.send(topics.lift, encode(handled.result), key=checked.cohort_id.encode())
             self._observe(handled)
+
+    def _announce(self, version: str, in_use: str = "") -> None:
+        """Publish a kept version's record and flush it (before any lift names it),
+        then apply the retention; v0 (the configured base policy) has none."""
+        n = version_number(version)
+        store = self.trainer.policies
+        described = store.describe(n) if n else None
+        if described is None:
+            return
+        self.producer.send(
+            self.settings.topics.policies, described.encode(), key=described.version.encode()
+        )
+        self.producer.flush()
+        log.info(
+            "policy_announced",
+            policy_version=described.version,
+            uri=described.uri,
+            sha256=described.sha256,
+            size_bytes=described.size_bytes,
+        )
+        protect = {m for m in (n, version_number(in_use), self.trainer.version) if m}
+        gone = store.prune(self.settings.policy.keep_versions, protect)
+        if gone:
+            log.info("policy_versions_pruned", versions=[f"v{g}" for g in gone])
+        self.metrics.policy_store_bytes.set(store.disk_bytes())
+        self.metrics.policy_versions_stored.set(len(store.versions()))
 
     def _reject(self, record: Record, rejected: Rejected) -> None:
         letter = dead_letter(
@@ -170,6 +207,7 @@ class TrainerService:
             "policy_version_after": r.policy_version_after,
             "nll_lift": round(r.nll_lift, 5),
             "acc_lift": round(r.acc_lift, 4),
+            "target": r.target,
         }
         if handled.duplicate:
             m.cohorts.labels(outcome="duplicate").inc()
@@ -181,6 +219,16 @@ class TrainerService:
         m.cohort_seconds.observe(r.duration_s)
         m.nll_lift.observe(r.nll_lift)
         m.accuracy_lift.set(r.acc_lift)
+        for part, pl in (
+            ("target", r.target_lift),
+            ("transfer", r.transfer_lift),
+            ("collateral", r.collateral_lift),
+        ):
+            if pl is not None:
+                m.part_nll_lift.labels(part=part).observe(pl.nll_lift)
+                m.part_accuracy_lift.labels(part=part).set(pl.acc_lift)
+                fields[f"{part}_nll_lift"] = round(pl.nll_lift, 5)
+                fields[f"{part}_acc_lift"] = round(pl.acc_lift, 4)
         m.train_reward.labels(phase="before").set(r.train_reward_before)
         m.train_reward.labels(phase="after").set(r.train_reward_after)
         # Probe figures of the policy now in use (the pre-update one after a
@@ -189,11 +237,12 @@ class TrainerService:
         m.probe_nll.set(r.nll_after if kept else r.nll_before)
         m.probe_accuracy.set(r.acc_after if kept else r.acc_before)
         p = r.plasticity
-        m.dormant_fraction.set(p.dormant_fraction)
-        m.effective_rank.set(p.effective_rank)
-        m.weight_norm.set(p.weight_norm)
-        m.grad_norm.set(p.grad_norm)
-        m.entropy.set(p.policy_entropy)
+        if p is not None:
+            m.dormant_fraction.set(p.dormant_fraction)
+            m.effective_rank.set(p.effective_rank)
+            m.weight_norm.set(p.weight_norm)
+            m.grad_norm.set(p.grad_norm)
+            m.entropy.set(p.policy_entropy)
         m.policy_version.set(version_number(self.trainer.policy_version) or 0)
         log.info(
             "cohort_trained",
@@ -208,6 +257,9 @@ class TrainerService:
 
     def run(self) -> None:
         """Until :meth:`stop`: the cohort in hand always finishes and is committed."""
+        # The version in use, announced again: a scorer that starts on an
+        # empty disk finds it even if the topic was recreated.
+        self._announce(self.trainer.policy_version)
         log.info(
             "trainer_started",
             mode=self.trainer.mode,
@@ -239,13 +291,15 @@ def build_trainer(settings: TapdSettings, state_dir: Path | None = None) -> Coho
     from daemon.policy.store import PolicyStore, format_prompt, load_policy, resolve_device
     from daemon.trainer.backend import make_backend
     from daemon.verify.registry import get_verifier
+    from daemon.verify.settings import configure as configure_verifiers
     from streams.probes import read_probe_file
 
+    configure_verifiers(settings.verify)  # caps on verifier_args, the code sandbox
     p = settings.policy
     if p.probe_path is None:
         raise ValueError("policy.probe_path: the trainer needs a probe file to measure lift on")
     probe_items = read_probe_file(p.probe_path)
-    model, tok = load_policy(p.model_path, resolve_device(p.device))
+    model, tok = load_policy(p.model_path, resolve_device(p.device), cache_dir=p.cache_dir)
     probe = Probe(
         probe_items,
         get_verifier,
@@ -269,6 +323,7 @@ def build_trainer(settings: TapdSettings, state_dir: Path | None = None) -> Coho
         policies=PolicyStore(
             settings.policy_store_dir() if state_dir is None else state / "checkpoints"
         ),
+        foothold_probability=t.foothold_probability,
     )
 
 

@@ -37,8 +37,19 @@ from daemon.config import GRPOParams
 from daemon.policy.store import PolicyStore, restore, snapshot, version_name
 from daemon.trainer import plasticity
 from daemon.trainer.backend import TrainerBackend, make_backend
-from daemon.trainer.probe import Probe, ProbeReport, PromptFormat, Verifier, VerifierLookup
+from daemon.trainer.probe import (
+    DEFAULT_FOOTHOLD_PROBABILITY,
+    PartLift,
+    Probe,
+    ProbeReport,
+    PromptFormat,
+    Verifier,
+    VerifierLookup,
+    part_lift,
+    probe_parts,
+)
 from streams.durable import connect_durable
+from streams.probes import cohort_target
 from streams.rejection import Rejection
 from streams.schemas import LIFT_SCHEMA, Dispatch, LiftResult, Plasticity
 
@@ -136,6 +147,21 @@ class CohortReward:
         ]
 
 
+def _lift_json(part: PartLift | None) -> dict[str, float] | None:
+    if part is None:
+        return None
+    return {
+        "items": part.items,
+        "tokens": part.tokens,
+        "nll_before": part.nll_before,
+        "nll_after": part.nll_after,
+        "nll_lift": part.nll_lift,
+        "acc_before": part.acc_before,
+        "acc_after": part.acc_after,
+        "acc_lift": part.acc_lift,
+    }
+
+
 def same_weights(a: StateDict, b: StateDict) -> bool:
     """Bit-identical (not merely close)."""
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -219,7 +245,11 @@ class CohortTrainer:
         format_prompt: PromptFormat | None = None,
         backend: TrainerBackend | None = None,
         policies: PolicyStore | None = None,
+        foothold_probability: float = DEFAULT_FOOTHOLD_PROBABILITY,
     ) -> None:
+        if not 0.0 < foothold_probability < 1.0:
+            raise ValueError(f"foothold_probability: must be in (0, 1), got {foothold_probability}")
+        self.foothold_probability = foothold_probability
         self.model = model
         self.backend = backend or make_backend("trl")
         self.tok = tok
@@ -243,6 +273,9 @@ class CohortTrainer:
             restore(self.model, torch.load(current[1], map_location="cpu", weights_only=True))
         self.model.eval()
         self._probe_before: ProbeReport | None = None
+        # The probe before and after the last trained cohort, item by item:
+        # for analyses that split the probe further than the lift message does.
+        self.last_measures: tuple[ProbeReport, ProbeReport] | None = None
 
     @property
     def policy_version(self) -> str:
@@ -263,6 +296,10 @@ class CohortTrainer:
         check_fits(rows, self.tok, context_length(self.model), self.params.max_completion_length)
         return rows
 
+    def target_of(self, dispatch: Dispatch) -> str | None:
+        """The probe target the cohort's lift is measured on (see :func:`cohort_target`)."""
+        return cohort_target(dispatch.subject, dispatch.target, self.probe.targets)
+
     def on_dispatch(self, dispatch: Dispatch, now: float) -> Handled:
         stored = self.ledger.result(dispatch.cohort_id)
         if stored is not None:
@@ -275,6 +312,7 @@ class CohortTrainer:
         params = self.params.replace(seed=cohort_seed(self.params.seed, dispatch.cohort_id))
         outcome = self.backend.train(self.model, self.tok, rows, self.reward, params)
         after = self.probe.measure(self.model, self.tok)
+        self.last_measures = (before, after)
         w_norm = plasticity.weight_norm(self.model.parameters())
 
         rolled_back = False
@@ -288,6 +326,9 @@ class CohortTrainer:
             n = self.version + 1
             path = self.policies.save(n, snapshot(self.model))
             new_version = (n, path)
+
+        target = self.target_of(dispatch)
+        parts = probe_parts(self.probe.items, before, target, self.foothold_probability)
 
         result = LiftResult.model_validate(
             {
@@ -324,6 +365,10 @@ class CohortTrainer:
                     policy_entropy=after.entropy,
                     probe_nll=after.nll,
                 ),
+                "target": target,
+                "target_lift": _lift_json(part_lift(before, after, parts.target)),
+                "transfer_lift": _lift_json(part_lift(before, after, parts.transfer)),
+                "collateral_lift": _lift_json(part_lift(before, after, parts.collateral)),
             }
         )
         self.ledger.record(result, new_version)

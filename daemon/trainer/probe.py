@@ -15,6 +15,7 @@ figures that need activations (dormant units, effective rank, entropy).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,13 +36,20 @@ CORRECT_AT = 0.5
 
 @dataclass(frozen=True)
 class ProbeReport:
-    """What one measurement of the policy on the probe found."""
+    """What one measurement of the policy on the probe found.
+
+    ``nll`` and ``accuracy`` pool every item; the per-item arrays (in probe
+    order) let :func:`part_lift` measure any subset, e.g. one target's items.
+    """
 
     nll: float
     accuracy: float
     entropy: float
     dormant_fraction: float
     effective_rank: float
+    item_nll: tuple[float, ...] = ()  # summed token NLL of each item's answer + eos, nats
+    item_tokens: tuple[int, ...] = ()  # answer tokens + eos of each item
+    item_correct: tuple[bool, ...] = ()  # greedy completion judged right by its verifier
 
 
 def _identity_format(_tok: PreTrainedTokenizerBase, prompt: str) -> str:
@@ -69,6 +77,12 @@ class Probe:
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.tau = tau
+        self._last_items: tuple[tuple[float, ...], tuple[int, ...]] = ((), ())
+
+    @property
+    def targets(self) -> frozenset[str]:
+        """The targets (capability slices) the probe has items for."""
+        return frozenset(it.target for it in self.items if it.target)
 
     def _batches(self) -> list[list[int]]:
         idx = list(range(len(self.items)))
@@ -80,10 +94,20 @@ class Probe:
         model.eval()
         try:
             nll, entropy, dormant, erank = self._teacher_forced(model, tok)
-            accuracy = self._accuracy(model, tok)
+            correct = self._correct(model, tok)
         finally:
             model.train(was_training)
-        return ProbeReport(nll, accuracy, entropy, dormant, erank)
+        sums, counts = self._last_items
+        return ProbeReport(
+            nll,
+            sum(correct) / len(self.items),
+            entropy,
+            dormant,
+            erank,
+            item_nll=sums,
+            item_tokens=counts,
+            item_correct=correct,
+        )
 
     def nll(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> float:
         """Mean token NLL of the reference answers alone (cheaper than :meth:`measure`)."""
@@ -133,6 +157,8 @@ class Probe:
         ent_sum = 0.0
         masks: list[torch.Tensor] = []
         last_hidden: list[torch.Tensor] = []
+        item_sums: list[float] = []
+        item_counts: list[int] = []
         with plasticity.ActivationCapture(model) as capture:
             for idx in self._batches():
                 ids, attn, target = self._encode(tok, idx, device)
@@ -142,6 +168,9 @@ class Probe:
                 predicts_answer = target[:, 1:]
                 logp = torch.log_softmax(logits, dim=-1)
                 tok_lp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+                per_item = -(tok_lp * predicts_answer).sum(dim=1)
+                item_sums.extend(float(x) for x in per_item)
+                item_counts.extend(int(x) for x in predicts_answer.sum(dim=1))
                 nll_sum += float(-(tok_lp[predicts_answer]).sum())
                 k = int(predicts_answer.sum())
                 n_tokens += k
@@ -149,6 +178,7 @@ class Probe:
                 masks.append(attn.bool())
                 last_hidden.append(out.hidden_states[-1][attn.bool()])
             layers = capture.layers(masks)
+        self._last_items = (tuple(item_sums), tuple(item_counts))
         nll = nll_sum / max(n_tokens, 1)
         entropy = ent_sum / max(n_tokens, 1)
         if not plasticity_figures:
@@ -158,9 +188,10 @@ class Probe:
         erank = plasticity.effective_rank(torch.cat(last_hidden, dim=0))
         return nll, entropy, dormant, erank
 
-    def _accuracy(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> float:
+    def _correct(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> tuple[bool, ...]:
+        """Whether each item's greedy completion is judged right by its own verifier."""
         device = next(model.parameters()).device
-        correct = 0
+        correct: list[bool] = []
         side = tok.padding_side
         tok.padding_side = "left"
         try:
@@ -179,8 +210,96 @@ class Probe:
                     out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
                 )
                 for i, c in zip(idx, completions, strict=True):
-                    if self._verifiers[i](c, self.items[i].reference) >= CORRECT_AT:
-                        correct += 1
+                    correct.append(self._verifiers[i](c, self.items[i].reference) >= CORRECT_AT)
         finally:
             tok.padding_side = side
-        return correct / len(self.items)
+        return tuple(correct)
+
+
+# --- lift per part of the probe ------------------------------------------------------
+
+# An item has a foothold when the policy would produce its reference (answer and
+# end of sequence) with at least this probability: below it, K = 8 samples all
+# miss the item 88 % of the time, so GRPO has nothing there to reinforce.
+DEFAULT_FOOTHOLD_PROBABILITY = 1.0 / 64.0
+
+
+@dataclass(frozen=True)
+class PartLift:
+    """NLL and accuracy before and after one update, over one subset of probe items."""
+
+    items: int
+    tokens: int
+    nll_before: float
+    nll_after: float
+    acc_before: float
+    acc_after: float
+
+    @property
+    def nll_lift(self) -> float:
+        return self.nll_before - self.nll_after
+
+    @property
+    def acc_lift(self) -> float:
+        return self.acc_after - self.acc_before
+
+
+@dataclass(frozen=True)
+class ProbeParts:
+    """Item indices of the three parts of the probe, relative to one cohort's target.
+
+    * ``target``: items of the cohort's target on which the policy had a foothold
+      before the update (what the cohort is meant to teach: the primary label);
+    * ``transfer``: items of every other target with a foothold;
+    * ``collateral``: items without a foothold, whatever their target (the
+      policy could not produce them; an update can only make them worse or
+      leave them, and their NLL of many nats would swamp the other parts).
+    """
+
+    target: tuple[int, ...]
+    transfer: tuple[int, ...]
+    collateral: tuple[int, ...]
+
+
+def has_foothold(item_nll: float, min_probability: float) -> bool:
+    return item_nll <= -math.log(min_probability)
+
+
+def probe_parts(
+    items: Sequence[ProbeItem],
+    before: ProbeReport,
+    target: str | None,
+    min_probability: float = DEFAULT_FOOTHOLD_PROBABILITY,
+) -> ProbeParts:
+    """Split the probe by the cohort's ``target`` and by foothold under the pre-update policy."""
+    if len(before.item_nll) != len(items):
+        raise ValueError(
+            f"before: {len(before.item_nll)} item measurements for a probe of {len(items)} items"
+        )
+    tgt: list[int] = []
+    other: list[int] = []
+    none: list[int] = []
+    for i, (it, nll) in enumerate(zip(items, before.item_nll, strict=True)):
+        if not has_foothold(nll, min_probability):
+            none.append(i)
+        elif target is not None and it.target == target:
+            tgt.append(i)
+        else:
+            other.append(i)
+    return ProbeParts(tuple(tgt), tuple(other), tuple(none))
+
+
+def part_lift(before: ProbeReport, after: ProbeReport, idx: Sequence[int]) -> PartLift | None:
+    """Token-pooled NLL and accuracy over the items ``idx``; None when there are none."""
+    if not idx:
+        return None
+    tokens = sum(before.item_tokens[i] for i in idx)
+    denom = max(tokens, 1)
+    return PartLift(
+        items=len(idx),
+        tokens=tokens,
+        nll_before=sum(before.item_nll[i] for i in idx) / denom,
+        nll_after=sum(after.item_nll[i] for i in idx) / denom,
+        acc_before=sum(before.item_correct[i] for i in idx) / len(idx),
+        acc_after=sum(after.item_correct[i] for i in idx) / len(idx),
+    )

@@ -41,7 +41,7 @@ _MAX_DEPTH = 48
 _BUILTIN_NAMES = frozenset(dir(builtins))
 
 
-class TestsError(ValueError):
+class SuiteError(ValueError):
     """Tests this verifier cannot run; the caller names the field (tests or reference)."""
 
 
@@ -232,6 +232,11 @@ def _evaluate(node: ast.expr, values: Mapping[int, Any]) -> Any:
         kwargs = {k.arg: _evaluate(k.value, values) for k in node.keywords if k.arg}
         if fn is str and args and isinstance(args[0], int) and abs(args[0]).bit_length() > 14000:
             raise ValueError("integer too large to format")
+        if fn is round:
+            # round(n, -10**9) would compute 10**(10**9) in the parent.
+            digits = args[1] if len(args) > 1 else kwargs.get("ndigits", 0)
+            if not isinstance(digits, int) or abs(digits) > 64:
+                raise ValueError("ndigits out of range")
         assert fn is not None
         out = fn(*args, **kwargs)
         # Iterators (zip, enumerate, reversed) are consumed by an enclosing call.
@@ -358,22 +363,22 @@ class Suite:
 
 
 def parse_tests(text: str, *, max_tests: int, max_chars: int) -> Suite:
-    """Split test source into checks and holes; :class:`TestsError` says what is wrong."""
+    """Split test source into checks and holes; :class:`SuiteError` says what is wrong."""
     if len(text) > max_chars:
-        raise TestsError(f"{len(text)} characters of tests, over the cap of {max_chars}")
+        raise SuiteError(f"{len(text)} characters of tests, over the cap of {max_chars}")
     try:
         module = ast.parse(text)
     except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
-        raise TestsError(f"tests do not parse: {e}") from None
+        raise SuiteError(f"tests do not parse: {e}") from None
     if _depth(module) > _MAX_DEPTH:
-        raise TestsError(f"tests nest deeper than {_MAX_DEPTH}")
+        raise SuiteError(f"tests nest deeper than {_MAX_DEPTH}")
     imports: list[str] = []
     asserts: list[ast.expr] = []
     imported: set[str] = set()
     for stmt in module.body:
         if isinstance(stmt, ast.Import | ast.ImportFrom):
             if any(a.name == "*" for a in stmt.names):
-                raise TestsError(f"line {stmt.lineno}: `import *` hides which names are imported")
+                raise SuiteError(f"line {stmt.lineno}: `import *` hides which names are imported")
             imported |= {(a.asname or a.name).split(".")[0] for a in stmt.names}
             imports.append(ast.unparse(stmt))
         elif isinstance(stmt, ast.Assert):
@@ -383,14 +388,14 @@ def parse_tests(text: str, *, max_tests: int, max_chars: int) -> Suite:
         ):
             continue
         else:
-            raise TestsError(
+            raise SuiteError(
                 f"line {stmt.lineno}: only assert statements and imports can be tests "
                 f"(got {type(stmt).__name__}; helpers would run beside the candidate's code)"
             )
     if not asserts:
-        raise TestsError("no assert statements")
+        raise SuiteError("no assert statements")
     if len(asserts) > max_tests:
-        raise TestsError(f"{len(asserts)} assertions, over the cap of {max_tests}")
+        raise SuiteError(f"{len(asserts)} assertions, over the cap of {max_tests}")
 
     holes: list[str] = []
     index: dict[str, int] = {}
@@ -417,7 +422,7 @@ def parse_tests(text: str, *, max_tests: int, max_chars: int) -> Suite:
 
     checks = tuple(mark(a) for a in asserts)
     if not candidate:
-        raise TestsError(
+        raise SuiteError(
             "no assertion uses the candidate's code (every expression uses only builtins "
             "and imports), so any completion would pass"
         )
@@ -463,39 +468,56 @@ class Verdict:
         return 1.0 if self.total and self.passed == self.total else 0.0
 
 
-def inert(source: str) -> bool:
-    """Whether the code cannot define anything (so every candidate hole raises NameError).
+_BINDING = (
+    ast.FunctionDef,
+    ast.AsyncFunctionDef,
+    ast.ClassDef,
+    ast.Import,
+    ast.ImportFrom,
+    ast.Assign,
+    ast.AugAssign,
+    ast.AnnAssign,
+    ast.For,
+    ast.AsyncFor,
+    ast.With,
+    ast.AsyncWith,
+    ast.Try,
+    ast.TryStar,
+    ast.ExceptHandler,
+    ast.Global,
+    ast.Nonlocal,
+    ast.Delete,
+    ast.NamedExpr,
+    ast.Lambda,
+    ast.comprehension,
+    ast.Match,
+)
 
-    Most known-bad answers in reward-trust probing ("", "B", "not 82") are
-    this, or do not parse: they need no sandbox run to fail.
+
+def inert(source: str) -> bool:
+    """Whether the code cannot define anything, so every candidate hole fails.
+
+    True when it does not parse, or binds no name (no def, class, import,
+    assignment, loop target, ...) and calls nothing but unbound non-builtin
+    names, which raise NameError before their arguments are evaluated (so
+    ``exec``/``globals()`` cannot sneak a definition in). Most known-bad
+    answers in reward-trust probing ("", "B", "not 82", "assert f() == 8")
+    are inert: they fail without a sandbox run.
     """
     try:
         module = ast.parse(source)
     except (SyntaxError, ValueError, MemoryError, RecursionError):
         return True
-    pure = (
-        ast.Expr,
-        ast.Constant,
-        ast.Name,
-        ast.Load,
-        ast.BinOp,
-        ast.UnaryOp,
-        ast.BoolOp,
-        ast.Compare,
-        ast.Tuple,
-        ast.List,
-        ast.Set,
-        ast.Dict,
-        ast.operator,
-        ast.unaryop,
-        ast.boolop,
-        ast.cmpop,
-        ast.expr_context,
-    )
-    return all(
-        isinstance(stmt, ast.Expr) and all(isinstance(n, pure) for n in ast.walk(stmt))
-        for stmt in module.body
-    )
+    for node in ast.walk(module):
+        if isinstance(node, _BINDING):
+            return False
+        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            return False
+        if isinstance(node, ast.Call) and not (
+            isinstance(node.func, ast.Name) and node.func.id not in _BUILTIN_NAMES
+        ):
+            return False
+    return True
 
 
 class ExpectedValues:
@@ -527,7 +549,7 @@ class ExpectedValues:
                             if run.timed_out
                             else run.load_error or run.errors.get(j) or "not a plain value"
                         )
-                        raise TestsError(f"the tests' expression {holes[j]!r} failed: {why}")
+                        raise SuiteError(f"the tests' expression {holes[j]!r} failed: {why}")
             self._values = values
         return self._values
 

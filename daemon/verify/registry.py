@@ -25,7 +25,7 @@ from typing import Any
 from daemon.verify.code import (
     ExpectedValues,
     Suite,
-    TestsError,
+    SuiteError,
     Verdict,
     extract_code,
     inert,
@@ -336,7 +336,7 @@ class CodeVerifier:
         if tests is not None:
             try:
                 self._fixed = self._suite("\n".join(tests))
-            except TestsError as e:
+            except SuiteError as e:
                 raise VerifierArgsError("verifier_args.tests", f"code: {e}") from None
         isolation(s)  # refuse here, naming the setting, if this host cannot isolate code
 
@@ -352,7 +352,7 @@ class CodeVerifier:
                 raise BadReference("code", "no tests: give verifier_args.tests or assert lines")
             try:
                 parsed = self._suite(reference)
-            except TestsError as e:
+            except SuiteError as e:
                 raise BadReference("code", str(e)) from None
             if len(self._by_reference) >= 64:
                 self._by_reference.pop(next(iter(self._by_reference)))
@@ -366,7 +366,7 @@ class CodeVerifier:
             return Verdict(0, len(suite.checks), "code over verify.max_code_chars", None)
         try:
             return judge(code, suite, expected, self.limits)
-        except TestsError as e:
+        except SuiteError as e:
             field = "verifier_args.tests" if self._fixed is not None else "reference"
             if field == "reference":
                 raise BadReference("code", str(e)) from None
@@ -415,3 +415,7 @@ def probe_verifier(name: str, args: Args | None, budget: ProbeBudget) -> Verifie
     if isinstance(verifier, CodeVerifier):
         return verifier.for_probe(budget)
     return verifier
+
+
+# Product verifiers that live in their own module (optional dependencies import on use).
+from daemon.verify import reasoning_gym as _reasoning_gym  # noqa: E402, F401

@@ -46,7 +46,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -130,7 +129,7 @@ class SandboxLimits:
     max_procs: int = 16
     file_mb: int = 8
     disk_mb: int = 16
-    output_bytes: int = 256 * 1024
+    output_bytes: int = 64 * 1024
     open_files: int = 64
 
     @classmethod
@@ -218,7 +217,8 @@ def _bpf(for_code: bool) -> bytes:
     else:
         # glibc falls back to clone(2), whose flags can be filtered; clone3's cannot.
         f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
-    with tempfile.TemporaryFile() as t:
+    # In memory: the sandbox needs no writable directory on the host.
+    with os.fdopen(os.memfd_create("tapd-seccomp", os.MFD_CLOEXEC), "w+b") as t:
         f.export_bpf(t)
         t.seek(0)
         return t.read()

@@ -21,11 +21,16 @@ from daemon.config import PredictorSettings
 from daemon.core.features import FEATURE_SCHEMA, FeatureError, feature_vector
 from daemon.core.pipeline import Label
 from daemon.core.predictor import (
+    BATCH_KINDS,
     AdvStdHeuristic,
+    KNNStage,
     LightGBMStage,
     OnlineQuality,
     Predictor,
+    RidgeStage,
     RiverStage,
+    choose_kind,
+    cv_spearman,
     run_refit,
 )
 from daemon.core.ranking import pairwise_accuracy, spearman
@@ -43,11 +48,21 @@ def take(
     return [next(stream) for _ in range(n)]
 
 
+def _xy(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    data = take(synthetic_stream(seed), n)
+    return np.asarray([feature_vector(x) for x, _ in data]), np.asarray([y for _, y in data])
+
+
 def _fitted_lgbm() -> LightGBMStage:
-    data = take(synthetic_stream(11), 80)
-    X = np.asarray([feature_vector(x) for x, _ in data])
-    y = np.asarray([y for _, y in data])
-    return LightGBMStage.fit(X, y, seed=0)
+    return LightGBMStage.fit(*_xy(11, 80), seed=0)
+
+
+def _fitted_ridge() -> RidgeStage:
+    return RidgeStage.fit(*_xy(11, 80))
+
+
+def _fitted_knn() -> KNNStage:
+    return KNNStage.fit(*_xy(11, 80))
 
 
 @pytest.mark.parametrize(
@@ -56,9 +71,11 @@ def _fitted_lgbm() -> LightGBMStage:
         AdvStdHeuristic,
         RiverStage,
         _fitted_lgbm,
+        _fitted_ridge,
+        _fitted_knn,
         lambda: Predictor(PredictorSettings(river_after=5, lgbm_after=10)),
     ],
-    ids=["heuristic", "river", "lightgbm", "predictor"],
+    ids=["heuristic", "river", "lightgbm", "ridge", "knn", "predictor"],
 )
 def test_every_stage_meets_the_scorer_contract(make) -> None:
     check_stage(make)
@@ -90,13 +107,14 @@ def test_learning_curve_and_stage_handover() -> None:
     end = _holdout_spearman(p, holdout)
     assert stages[: settings.river_after - 1] == ["heuristic"] * (settings.river_after - 1)
     assert stages[settings.river_after - 1] == "river"
-    first_lgbm = stages.index("lightgbm") + 1  # label count at which LightGBM took over
-    assert first_lgbm >= settings.lgbm_after
-    assert (first_lgbm - settings.lgbm_after) % settings.refit_every_labels == 0
-    assert stages[-1] == "lightgbm"
+    # The label count at which a batch refit (ridge, kNN or LightGBM) took over.
+    first_batch = next(i for i, s in enumerate(stages) if s in BATCH_KINDS) + 1
+    assert first_batch >= settings.lgbm_after
+    assert (first_batch - settings.lgbm_after) % settings.refit_every_labels == 0
+    assert stages[-1] in BATCH_KINDS
     assert end >= 0.85, f"held-out Spearman {end:.3f}"
     assert end > start + 0.05, f"no improvement over the cold start ({start:.3f} -> {end:.3f})"
-    # Every promotion is a new version: online handovers and LightGBM refits.
+    # Every promotion is a new version: online handovers and batch refits.
     online = sum(
         a != b and b in ("heuristic", "river")
         for a, b in zip(["heuristic", *stages], stages, strict=False)
@@ -125,6 +143,25 @@ def test_refit_promoted_only_when_it_beats_the_served_model() -> None:
     worse = run_refit(X, y, truth, holdout_fraction=0.25, seed=0, model_version="v5")
     assert not worse.promoted and worse.stage is None
     assert worse.candidate_score <= worse.incumbent_score
+
+
+def test_refit_chooses_the_model_kind_that_ranks_held_out_labels_best() -> None:
+    """The router serves what ranks best: ridge on a linear law, LightGBM or kNN on a step."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(160, len(feature_vector(synthetic_features(random.Random(0))))))
+    linear = X[:, 0] - 0.5 * X[:, 3] + rng.normal(scale=0.3, size=160)
+    kind, scores = choose_kind(X, linear)
+    assert kind == "ridge", scores
+    assert set(scores) == set(BATCH_KINDS)
+    # A threshold on one feature among many irrelevant ones: no linear model fits it.
+    step = (X[:, 2] > 0.5).astype(float) + rng.normal(scale=0.05, size=160)
+    kind, scores = choose_kind(X, step)
+    assert kind == "lightgbm", scores
+    # The score is out of fold: pure noise gets no credit.
+    assert abs(cv_spearman("ridge", X, rng.normal(size=160))) < 0.25
+    # The promoted stage is the chosen kind, refit on every label.
+    r = run_refit(X, linear, np.zeros(160), holdout_fraction=0.25, seed=0, model_version="v3")
+    assert r.promoted and r.kind == "ridge" and isinstance(r.stage, RidgeStage)
 
 
 def test_rejected_refit_keeps_the_served_model() -> None:
@@ -156,7 +193,7 @@ def test_background_refit_does_not_block_and_is_applied_on_poll() -> None:
     result = host.poll_refit(wait=True)
     host.close()
     assert result is not None and result.n_labels == 40
-    assert host.stage == ("lightgbm" if result.promoted else host.predictor.active)
+    assert host.stage == (result.kind if result.promoted else host.predictor.active)
 
 
 def test_background_refits_give_every_replica_the_same_model_at_every_label() -> None:

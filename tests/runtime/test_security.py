@@ -63,7 +63,11 @@ def test_admin_endpoint_refuses_missing_and_wrong_tokens_and_leaks_no_secret(
         assert r.status_code == 401, (headers, r.text)
         r = httpx.post(f"{url}/admin/thresholds/reload", headers=headers, timeout=10)
         assert r.status_code == 401
-    assert httpx.get(f"{url}/admin/thresholds", timeout=10).json()["max_in_flight"] != 7
+    # Reading needs the token too.
+    assert httpx.get(f"{url}/admin/thresholds", timeout=10).status_code == 401
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    got = httpx.get(f"{url}/admin/thresholds", headers=auth, timeout=10).json()
+    assert got["effective"]["max_in_flight"] != 7
     ok = httpx.patch(
         f"{url}/admin/thresholds",
         json=change,
@@ -72,9 +76,9 @@ def test_admin_endpoint_refuses_missing_and_wrong_tokens_and_leaks_no_secret(
     )
     assert ok.status_code == 200 and ok.json()["thresholds"]["max_in_flight"] == 7
     metrics = httpx.get(f"{url}/metrics", timeout=10).text
-    assert 'tapd_admin_requests_total{outcome="unauthorized"} 12.0' in metrics
-    assert 'tapd_admin_requests_total{outcome="ok"} 1.0' in metrics
-    responses = ok.text + httpx.get(f"{url}/admin/thresholds", timeout=10).text
+    assert 'tapd_admin_requests_total{outcome="unauthorized"} 13.0' in metrics
+    assert 'tapd_admin_requests_total{outcome="ok"} 2.0' in metrics
+    responses = ok.text + httpx.get(f"{url}/admin/thresholds", headers=auth, timeout=10).text
     logs = proc.logs()
     assert '"thresholds_changed"' in logs and '"oncall"' in logs  # the audit line is there
     for secret in (ADMIN_TOKEN, SASL_PASSWORD):
@@ -83,7 +87,9 @@ def test_admin_endpoint_refuses_missing_and_wrong_tokens_and_leaks_no_secret(
             assert secret[:12] not in text, f"a prefix of a secret leaked in {where}"
 
 
-def test_changes_are_refused_when_no_token_is_configured(tmp_path: Path) -> None:
+def test_without_a_configured_token_one_is_generated_and_required(tmp_path: Path) -> None:
+    # No default token exists: the scorer writes a random one (mode 0600) to its
+    # state directory, and every admin request needs it.
     port = free_port()
     env = {
         "TAPD_STATE_DIR": str(tmp_path / "state"),
@@ -96,13 +102,19 @@ def test_changes_are_refused_when_no_token_is_configured(tmp_path: Path) -> None
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(url, proc)
+        token_file = tmp_path / "state" / "admin-token"
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        token = token_file.read_text().strip()
+        assert len(token) >= 32
         for headers in ({}, {"Authorization": "Bearer anything"}, {"Authorization": "Bearer"}):
             r = httpx.patch(
                 f"{url}/admin/thresholds", json={"shadow_mode": True}, headers=headers, timeout=10
             )
-            assert r.status_code == 403, r.text
-            assert "no admin token is configured" in r.json()["error"]
-        assert httpx.get(f"{url}/admin/thresholds", timeout=10).json()["shadow_mode"] is False
+            assert r.status_code == 401, r.text
+        auth = {"Authorization": f"Bearer {token}"}
+        got = httpx.get(f"{url}/admin/thresholds", headers=auth, timeout=10).json()
+        assert got["effective"]["shadow_mode"] is False
+        assert token not in proc.logs()
     finally:
         proc.kill()
 

@@ -25,7 +25,7 @@ import pytest
 
 from lab import tasks
 from lab.demo import trainer_command
-from lab.localbroker import KCAT_ARGS
+from lab.localbroker import KAFKA09_API_VERSION, KCAT_ARGS
 from streams.schemas import Attempt, Dispatch, decode, encode
 
 REPO = Path(__file__).resolve().parents[2]
@@ -126,6 +126,7 @@ def test_closed_loop_on_kafka(
         "TAPD_STATE_DIR": str(tmp_path / "state"),
         "TAPD_TRANSPORT__KIND": "kafka",
         "TAPD_TRANSPORT__BOOTSTRAP_SERVERS": kafka_broker,
+        "TAPD_TRANSPORT__API_VERSION": KAFKA09_API_VERSION,
         "TAPD_TRANSPORT__SESSION_TIMEOUT_MS": "6000",
         **{f"TAPD_TOPICS__{k.upper()}": v for k, v in topics.items()},
         "TAPD_SERVICE__PORT": str(port),
@@ -234,3 +235,10 @@ def test_closed_loop_on_kafka(
             except subprocess.TimeoutExpired:
                 p.kill()
                 raise
+    # One logging pipeline: every line either role printed (kafka-python,
+    # transformers, TRL, uvicorn included) is a JSON object with its role.
+    for name in procs:
+        for line in (tmp_path / f"{name}.log").read_text().splitlines():
+            if line.strip():
+                obj = json.loads(line)
+                assert obj["role"] in ("scorer", "trainer") and "event" in obj, line[:200]

@@ -85,6 +85,7 @@ class Log:
             "TAPD_TRANSPORT__EMBEDDED_PATH": str(s.embedded_path),
             "TAPD_TRANSPORT__EMBEDDED_PARTITIONS": str(s.embedded_partitions),
             "TAPD_TRANSPORT__BOOTSTRAP_SERVERS": s.bootstrap_servers,
+            "TAPD_TRANSPORT__API_VERSION": s.api_version,
             "TAPD_TRANSPORT__SESSION_TIMEOUT_MS": str(s.session_timeout_ms),
             "TAPD_SERVICE__GROUP": f"scorer-{self.topics.traces}",
             **{f"TAPD_TOPICS__{k.upper()}": v for k, v in self.topics.model_dump().items()},

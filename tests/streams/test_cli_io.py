@@ -14,6 +14,7 @@ from daemon.config import TransportSettings
 from streams.deadletter import original
 from streams.factory import open_transport
 from streams.schemas import MAX_MESSAGE_BYTES, DeadLetter, Trace, decode
+from streams.transport import TopicPartition
 
 
 def _tapd(args: list[str], env: dict[str, str]) -> Any:
@@ -189,6 +190,37 @@ def test_produce_no_validate_sends_raw(tmp_path: Path, topic: str) -> None:
     assert json.loads(result.stdout)["sent"] == 2
     result = _tapd(["consume", topic, "--from-beginning", "--timeout", "0.5"], env)
     assert result.stdout_bytes == b"{not json}\n\xff\xfe\n"
+
+
+def test_produce_keys_traces_by_slice_key(
+    tmp_path: Path, topic: str, trace_dict: dict[str, Any]
+) -> None:
+    """The producer contract: every trace of a slice in one partition, whatever its id."""
+    from daemon.config import CohortingSettings
+    from daemon.core.cohorting import slice_key_of, validate_slice_key
+    from streams.embedded import EmbeddedTransport
+
+    ops = ["add", "sub", "mul", "div", "mod", "pow"]
+    lines = [
+        json.dumps({**trace_dict, "trace_id": f"t{i}", "tags": {"operation": ops[i % 6]}})
+        for i in range(60)
+    ]
+    path = tmp_path / "traces.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    env = {**_embedded_env(tmp_path), "TAPD_TRANSPORT__EMBEDDED_PARTITIONS": "4"}
+    result = _tapd(["produce", str(path), "--topic", topic], env)
+    assert json.loads(result.stdout)["sent"] == 60
+    transport = EmbeddedTransport(tmp_path / "log.sqlite", partitions=4)
+    fields = validate_slice_key(CohortingSettings().slice_key)
+    partitions_of: dict[str, set[int]] = {}
+    for p in range(transport.partitions(topic)):
+        for r in transport.read(TopicPartition(topic, p), 0, 1_000):
+            key = slice_key_of(decode(r.value, Trace), fields)
+            assert r.key == key.encode()
+            partitions_of.setdefault(key, set()).add(p)
+    transport.close()
+    assert len(partitions_of) == 6 and all(len(ps) == 1 for ps in partitions_of.values())
+    assert len(set().union(*partitions_of.values())) > 1  # slices spread over partitions
 
 
 def test_consume_group_commits_and_resumes(

@@ -1,6 +1,7 @@
-"""The transport contract, checked on both transports against real things:
-the embedded SQLite log and a real Kafka 0.9.0.1 broker (plus kcat, an
-independent client). Crash tests kill real subprocesses with SIGKILL."""
+"""The transport contract, checked against real things: the embedded SQLite
+log and two real Kafka-protocol brokers, Apache Kafka 0.9.0.1 (the 2015
+protocol, durable) and tansu (the modern protocol), plus kcat, an independent
+client, against both. Crash tests kill real subprocesses with SIGKILL."""
 
 from __future__ import annotations
 
@@ -11,21 +12,35 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from daemon.config import TransportSettings
-from lab.localbroker import KCAT_ARGS, LocalBroker
+from lab.localbroker import Endpoint, LocalBroker, kafka09_endpoint
 from streams.deadletter import route
 from streams.factory import open_transport
-from streams.kafka import KafkaTransport, client_config
+from streams.kafka import KafkaProducer, KafkaTransport, client_config
 from streams.schemas import Dispatch, LiftResult, Trace, decode, encode
 from streams.transport import Consumer, Record, TopicPartition, Transport, next_offsets
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(
+    params=[
+        "embedded",
+        pytest.param("kafka09", marks=pytest.mark.kafka),
+        pytest.param("tansu", marks=pytest.mark.kafka),
+    ]
+)
+def transport_settings(
+    request: pytest.FixtureRequest, settings_for: Callable[[str], TransportSettings]
+) -> TransportSettings:
+    """The contract runs on the embedded log and on both real brokers."""
+    return settings_for(request.param)
 
 
 @pytest.fixture
@@ -154,7 +169,11 @@ def test_new_group_from_the_end(transport: Transport, topic: str) -> None:
     producer.send(topic, b"old")
     producer.flush()
     consumer = transport.consumer([topic], "tail", from_beginning=False)
-    assert consumer.poll(1.5, 10) == []  # also completes the Kafka group join
+    # Poll until the group join completed (seconds on Kafka: about half the
+    # session timeout on tansu): only then is the start position fixed.
+    deadline = time.monotonic() + 30
+    while not consumer.lag() and time.monotonic() < deadline:
+        assert consumer.poll(0.2, 10) == []
     producer.send(topic, b"new")
     producer.flush()
     assert [r.value for r in drain(consumer, 1)] == [b"new"]
@@ -164,44 +183,115 @@ def test_new_group_from_the_end(transport: Transport, topic: str) -> None:
 # --- kcat, an independent client, against the real broker --------------------
 
 
-@pytest.mark.kafka
 def test_traces_produced_by_kcat_are_consumed_and_validated(
-    kafka_broker: str, kcat: str, topic: str, trace_dict: dict[str, Any]
+    broker: Endpoint,
+    kcat: str,
+    kcat_env: dict[str, str],
+    topic: str,
+    trace_dict: dict[str, Any],
 ) -> None:
     lines = _traces(trace_dict, 25, prefix="kcat")
     subprocess.run(
-        [kcat, "-b", kafka_broker, *KCAT_ARGS, "-P", "-t", topic],
+        [kcat, "-b", broker.bootstrap, *broker.kcat_args, "-P", "-t", topic],
         input=b"\n".join(lines) + b"\n",
+        env=kcat_env,
         check=True,
         timeout=30,
     )
-    transport = open_transport(TransportSettings(kind="kafka", bootstrap_servers=kafka_broker))
+    transport = open_transport(broker.settings())
     consumer = transport.consumer([topic], "kcat-reader")
     got = drain(consumer, 25)
     consumer.close()
+    transport.close()
     oks, errs = route(got, Trace)
     assert errs == []
     assert sorted(m.trace_id for _, m in oks) == sorted(f"kcat-{i}" for i in range(25))
 
 
-@pytest.mark.kafka
 def test_tapd_producer_output_is_read_by_kcat(
-    kafka_broker: str, kcat: str, topic: str, trace_dict: dict[str, Any]
+    broker: Endpoint,
+    kcat: str,
+    kcat_env: dict[str, str],
+    topic: str,
+    trace_dict: dict[str, Any],
 ) -> None:
-    transport = open_transport(TransportSettings(kind="kafka", bootstrap_servers=kafka_broker))
+    transport = open_transport(broker.settings())
     producer = transport.producer()
     for line in _traces(trace_dict, 5, prefix="tapd"):
-        producer.send(topic, line)
+        producer.send(topic, line, key=b"k")
     producer.flush()
     producer.close()
+    transport.close()
     out = subprocess.run(
-        [kcat, "-b", kafka_broker, *KCAT_ARGS, "-C", "-t", topic, "-o", "beginning", "-e", "-q"],
+        [
+            kcat,
+            "-b",
+            broker.bootstrap,
+            *broker.kcat_args,
+            "-C",
+            "-t",
+            topic,
+            "-o",
+            "beginning",
+            "-e",
+            "-q",
+            "-f",
+            "%k %o %s\\n",
+        ],
         capture_output=True,
+        env=kcat_env,
         check=True,
         timeout=30,
     ).stdout
-    ids = sorted(decode(line, Trace).trace_id for line in out.splitlines() if line)
-    assert ids == [f"tapd-{i}" for i in range(5)]
+    rows = [line.split(b" ", 2) for line in out.splitlines() if line]
+    # one key, one partition, dense offsets in send order, seen by another client
+    assert [(k, int(o)) for k, o, _ in rows] == [(b"k", i) for i in range(5)]
+    assert [decode(v, Trace).trace_id for _, _, v in rows] == [f"tapd-{i}" for i in range(5)]
+
+
+# --- capabilities: modern features where the broker has them -----------------
+
+
+def test_idempotent_producer_where_the_broker_supports_it(broker: Endpoint, topic: str) -> None:
+    transport = KafkaTransport(broker.settings())
+    modern = broker.name == "tansu"
+    assert transport.capabilities.idempotent_producer is modern
+    assert transport.capabilities.record_headers is modern
+    producer = transport.producer()
+    assert isinstance(producer, KafkaProducer)
+    assert producer.idempotent is modern
+    for i in range(20):
+        producer.send(topic, b"%d" % i, key=b"one")
+    producer.flush()
+    producer.close()
+    consumer = transport.consumer([topic], "idem")
+    got = drain(consumer, 20)
+    got += consumer.poll(0.5, 100)  # a retried batch would show up twice
+    consumer.close()
+    transport.close()
+    assert [r.value for r in got] == [b"%d" % i for i in range(20)]
+
+
+def test_lag_comes_from_the_fetch_high_watermark(broker: Endpoint, topic: str) -> None:
+    """Records sent in batches (tansu 0.6 answers ListOffsets(latest) with the
+    last batch's base offset + 1 then): lag counts every unread record."""
+    transport = open_transport(broker.settings(session_timeout_ms=6_000))
+    producer = transport.producer()
+    for i in range(30):
+        producer.send(topic, b"%d" % i, key=b"k%d" % (i % 3))
+    producer.flush()  # one flush: a few large batches
+    consumer = transport.consumer([topic], "watermark")
+    got = drain(consumer, 12)
+    assert len(got) == 12
+    assert sum(consumer.lag().values()) == 30 - 12  # unread, by position
+    consumer.commit(next_offsets(got))
+    rest = drain(consumer, 18)
+    assert sum(consumer.lag().values()) == 18  # read but uncommitted, by the commit
+    consumer.commit(next_offsets(rest))
+    assert sum(consumer.lag().values()) == 0
+    consumer.close()
+    producer.close()
+    transport.close()
 
 
 # --- crashes: real subprocesses, SIGKILL -------------------------------------
@@ -371,9 +461,7 @@ def test_broker_restart_loses_no_flushed_record() -> None:
     """A hard broker kill and restart (same port, same data): the clients
     reconnect and every flushed record is still there."""
     with LocalBroker(partitions=2) as broker:
-        settings = TransportSettings(
-            kind="kafka", bootstrap_servers=broker.bootstrap, session_timeout_ms=6_000
-        )
+        settings = kafka09_endpoint(broker.bootstrap).settings(session_timeout_ms=6_000)
         transport = open_transport(settings)
         producer = transport.producer()
         for i in range(20):
@@ -465,12 +553,11 @@ def test_password_never_shows_in_repr_or_logs(
     assert SECRET not in caplog.text
 
 
-@pytest.mark.kafka
-def test_a_topic_created_after_the_group_joined_is_consumed(kafka_broker: str, topic: str) -> None:
+def test_a_topic_created_after_the_group_joined_is_consumed(broker: Endpoint, topic: str) -> None:
     """One group over two topics, the second created later (as the lift topic
     is, on the trainer's first publish): its records arrive within seconds,
     not at the default 5-minute metadata refresh."""
-    transport = open_transport(TransportSettings(kind="kafka", bootstrap_servers=kafka_broker))
+    transport = open_transport(broker.settings())
     early, late = f"{topic}.early", f"{topic}.late"
     try:
         producer = transport.producer()

@@ -28,8 +28,8 @@ pytestmark = pytest.mark.slow
 
 SEEDS = (0, 1, 2, 3, 4)
 VARIANTS = ("easy", "frontier", "hard", "scrambled", "weak_verifier")
-PARAMS = GRPOParams(steps=8, learning_rate=5e-3, optimizer="sgd", max_completion_length=8)
-PROBE_SIZE = 255  # 15 held-out items per family
+PARAMS = GRPOParams(steps=16, learning_rate=5e-3, optimizer="sgd", max_completion_length=8)
+PER_FAMILY = 48  # held-out probe items per family; a subject is a target
 
 
 def make_dispatch(variant: str, seed: int, subject: str, n: int = 8) -> Any:
@@ -75,9 +75,9 @@ def policy_pair(tiny_policy: Path) -> Iterator[tuple[PreTrainedModel, PreTrained
 
 @pytest.fixture(scope="module")
 def probe() -> Probe:
-    # Held-out items of every subject's easy, frontier and hard skills.
+    # Held-out items of every subject's easy, frontier and hard skills, per subject.
     return Probe(
-        tasks.probe_items(tasks.probe_set(PROBE_SIZE, 0)),
+        tasks.probe_items(tasks.target_probe(PER_FAMILY, 0)),
         get_verifier,
         policy.format_prompt,
         max_new_tokens=8,
@@ -107,16 +107,31 @@ def lift_table(
         for v in VARIANTS:
             table[v].append(t.on_dispatch(make_dispatch(v, seed, subject), 0.0).result)
         t.close()
-    print("\nvariant        nll_lift (mean ± sd)   acc_lift   train reward before -> after")
+    print(
+        "\nvariant        target nll_lift (mean ± sd)  transfer   collateral  whole probe"
+        "  target acc_lift  train reward before -> after"
+    )
     for v, rs in table.items():
-        nl = [r.nll_lift for r in rs]
+        nl = [r.label for r in rs]
         print(
             f"{v:14s} {statistics.mean(nl):+.4f} ± {statistics.stdev(nl):.4f}"
-            f"      {statistics.mean(r.acc_lift for r in rs):+.3f}"
-            f"     {statistics.mean(r.train_reward_before for r in rs):.2f} -> "
+            f"          {statistics.mean(_part(r, 'transfer') for r in rs):+.4f}"
+            f"    {statistics.mean(_part(r, 'collateral') for r in rs):+.4f}"
+            f"     {statistics.mean(r.nll_lift for r in rs):+.4f}"
+            f"      {statistics.mean(_acc(r) for r in rs):+.3f}"
+            f"           {statistics.mean(r.train_reward_before for r in rs):.2f} -> "
             f"{statistics.mean(r.train_reward_after for r in rs):.2f}"
         )
     return table
+
+
+def _part(r: LiftResult, part: str) -> float:
+    p = getattr(r, f"{part}_lift")
+    return p.nll_lift if p is not None else 0.0
+
+
+def _acc(r: LiftResult) -> float:
+    return r.target_lift.acc_lift if r.target_lift is not None else 0.0
 
 
 def test_no_foothold_cohort_leaves_the_policy_unchanged(
@@ -125,7 +140,7 @@ def test_no_foothold_cohort_leaves_the_policy_unchanged(
     # All-wrong groups have zero advantage, hence zero gradient: nothing to learn.
     for r in lift_table["hard"]:
         assert r.train_reward_before == 0.0
-        assert abs(r.nll_lift) < 0.01
+        assert abs(r.nll_lift) < 1e-9 and abs(r.label) < 1e-9
 
 
 def test_weak_verifier_reward_rises_while_true_accuracy_does_not(
@@ -136,25 +151,37 @@ def test_weak_verifier_reward_rises_while_true_accuracy_does_not(
     before = [r.train_reward_before for r in weak]
     after = [r.train_reward_after for r in weak]
     reward_gain = statistics.mean(after) - statistics.mean(before)
-    acc_gain = statistics.mean(r.acc_lift for r in weak)
-    print(f"\nweak verifier: train reward {reward_gain:+.3f}, probe accuracy {acc_gain:+.3f}")
+    acc_gain = statistics.mean(_acc(r) for r in weak)
+    print(f"\nweak verifier: train reward {reward_gain:+.3f}, target accuracy {acc_gain:+.3f}")
     assert reward_gain > 0.03
-    # "does not rise": by less than one probe item
-    assert acc_gain < 1 / PROBE_SIZE
+    # "does not rise": by less than one item of the target's foothold items
+    assert acc_gain < 1 / (2 * PER_FAMILY)
 
 
 def test_frontier_cohorts_lift_more_than_known_and_no_foothold(
     lift_table: dict[str, list[LiftResult]],
 ) -> None:
-    """The seeds' worked example, over SEEDS: one-sided Welch t-tests at p < 0.05."""
-    frontier = [r.nll_lift for r in lift_table["frontier"]]
+    """The seeds' worked example on the target's lift, over SEEDS: one-sided Welch t-tests."""
+    frontier = [r.label for r in lift_table["frontier"]]
     for other in ("easy", "hard"):
-        xs = [r.nll_lift for r in lift_table[other]]
+        xs = [r.label for r in lift_table[other]]
         p = stats.ttest_ind(frontier, xs, equal_var=False, alternative="greater").pvalue
         print(f"\nfrontier > {other}: one-sided Welch p = {p:.4f}")
         assert p < 0.05, f"frontier vs {other}: p = {p:.3f}"
-    scrambled = [r.nll_lift for r in lift_table["scrambled"]]
-    assert abs(statistics.mean(scrambled)) < 2 * statistics.stdev(scrambled)
+    assert all(x > 0 for x in frontier), frontier
+    # The same frontier tasks under a scrambled reward teach less.
+    scrambled = [r.label for r in lift_table["scrambled"]]
+    assert statistics.mean(scrambled) < statistics.mean(frontier)
+
+
+def test_a_cohort_teaches_its_own_subject_more_than_the_others(
+    lift_table: dict[str, list[LiftResult]],
+) -> None:
+    """Each subject has its own error mode, so the lift lands on the cohort's target."""
+    for r in lift_table["frontier"]:
+        assert r.target == r.cohort_id.split("-")[1]
+        assert r.target_lift is not None and r.transfer_lift is not None
+        assert r.target_lift.nll_lift > r.transfer_lift.nll_lift, r
 
 
 def test_probe_revert_restores_bit_identical_weights_and_trains_once(

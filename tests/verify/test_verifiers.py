@@ -1,15 +1,24 @@
 from __future__ import annotations
 
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+
 import pytest
 
+from daemon.config import VerifySettings
 from daemon.verify.registry import (
     BadReference,
+    CodeVerifier,
     UnknownVerifier,
     VerifierArgsError,
+    configure,
     get_verifier,
     known_verifiers,
     register,
 )
+from daemon.verify.settings import current
 
 
 def test_registry_lists_builtins() -> None:
@@ -160,3 +169,110 @@ def test_scrambled_is_independent_of_correctness() -> None:
     assert rewards == [v(c, c) for c in completions]
     other = get_verifier("scrambled", {"seed": 8})
     assert rewards != [other(c, c) for c in completions]
+
+
+# --- caps from configuration on what a trace may ask -----------------------------
+
+
+@pytest.fixture
+def caps() -> Iterator[None]:
+    before = current()
+    yield
+    configure(before)
+
+
+def test_trace_supplied_limits_over_the_caps_are_refused_by_field(caps: None) -> None:
+    with pytest.raises(VerifierArgsError) as e:
+        get_verifier("code", {"tests": ["assert f() == 1"], "timeout_s": 100000})
+    assert e.value.field == "verifier_args.timeout_s"
+    assert "verify.max_timeout_s" in e.value.reason and "100000" in e.value.reason
+    with pytest.raises(VerifierArgsError) as e:
+        get_verifier("code", {"tests": ["assert f() == 1"], "memory_mb": 1 << 20})
+    assert e.value.field == "verifier_args.memory_mb"
+    for bad in (True, "2", float("nan"), -1, 0):
+        with pytest.raises(VerifierArgsError) as e:
+            get_verifier("code", {"tests": ["assert f() == 1"], "timeout_s": bad})
+        assert e.value.field == "verifier_args.timeout_s"
+    with pytest.raises(VerifierArgsError) as e:
+        get_verifier("code", {"tests": ["assert f() == 1"] * 100})
+    assert e.value.field == "verifier_args.tests" and "cap" in e.value.reason
+    with pytest.raises(VerifierArgsError) as e:
+        get_verifier("code", {"tests": ["x = 1", "assert f() == x"]})
+    assert e.value.field == "verifier_args.tests"
+    # The caps are configuration: a deployment may lower (or raise) them.
+    configure(VerifySettings(max_timeout_s=3.0))
+    with pytest.raises(VerifierArgsError, match="3"):
+        get_verifier("code", {"tests": ["assert f() == 1"], "timeout_s": 5})
+    assert isinstance(
+        get_verifier("code", {"tests": ["assert f() == 1"], "timeout_s": 3}), CodeVerifier
+    )
+
+
+def test_unknown_verifier_is_rejected_under_its_own_field() -> None:
+    with pytest.raises(UnknownVerifier) as e:
+        get_verifier("no_such_verifier", {"timeout_s": 1})
+    assert e.value.field == "verifier"
+
+
+# --- regexes: linear time, whatever the pattern -----------------------------------
+
+EVIL = [
+    r"(a+)+$",
+    r"(a|aa)+$",
+    r"(a|a?)+$",
+    r"(\w+\s?)*$",
+    r"^(([a-z])+.)+[A-Z]([a-z])+$",
+    r"(x+x+)+y",
+    r"(.*a){25}",
+]
+
+
+def test_catastrophic_patterns_answer_within_a_bound() -> None:
+    for pattern in EVIL:
+        v = get_verifier("regex", {"pattern": pattern})
+        for n in (30, 1000, 100_000):
+            t0 = time.monotonic()
+            assert v("a" * n + "!", "") == 0.0
+            assert time.monotonic() - t0 < 0.5, (pattern, n)
+
+
+def test_a_redos_pattern_does_not_hold_the_callers_other_threads() -> None:
+    beats: list[float] = []
+    stop = threading.Event()
+
+    def heartbeat() -> None:
+        while not stop.is_set():
+            beats.append(time.monotonic())
+            time.sleep(0.005)
+
+    t = threading.Thread(target=heartbeat)
+    t.start()
+    slowest = 0.0
+    calls = 0
+    try:
+        v = get_verifier("regex", {"pattern": r"(a+)+$"})
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            n = 20 + calls % 40  # each character would double a backtracking engine's time
+            t0 = time.monotonic()
+            v("a" * n + "b", "")
+            slowest = max(slowest, time.monotonic() - t0)
+            calls += 1
+    finally:
+        stop.set()
+        t.join()
+    assert calls > 50 and slowest < 0.25
+    assert len(beats) > 10 and max(b - a for a, b in itertools.pairwise(beats)) < 0.5
+
+
+def test_patterns_outside_the_linear_engine_or_caps_are_refused(caps: None) -> None:
+    for pattern in (r"(a)\1", r"(?<=a)b", r"(?=a)a", "a{1000}{1000}"):
+        with pytest.raises(VerifierArgsError) as e:
+            get_verifier("regex", {"pattern": pattern})
+        assert e.value.field == "verifier_args.pattern"
+        assert "RE2" in e.value.reason
+    with pytest.raises(VerifierArgsError, match=r"verify\.max_pattern_chars"):
+        get_verifier("regex", {"pattern": "a" * 5000})
+    configure(VerifySettings(max_subject_chars=10))
+    v = get_verifier("regex", {"pattern": "a+"})
+    assert v("a" * 10, "") == 1.0 and v("a" * 11, "") == 0.0

@@ -1,0 +1,271 @@
+"""Scorer replicas: does a second replica double the drain rate of a slice-keyed topic?
+
+    .venv/bin/python -m bench.bench_replicas [--traces 30000] [--slices 48] [--partitions 4]
+
+On the local Kafka 0.9 broker (``lab.localbroker``), the same slice-keyed
+trace stream (keyed as ``tapd produce`` keys it; K=8 attempts per trace, so
+no rollouts: the pipeline, not the policy) is drained twice, by one and then
+by two ``tapd run`` processes (real deployment units, shadow mode), each time
+from a topic of its own. The topic is filled first; the replicas start
+together, and the measured window opens once every replica owns partitions
+(the rebalance settled) and closes when the group has consumed the whole
+stream. Figures: traces/s in the window, CPU-seconds per trace of the
+replica processes in the window (``/proc``), and their ratios, printed and
+written as JSON (``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bench.common import production_trace
+from streams.schemas import encode
+
+ROOT = Path(__file__).resolve().parent.parent
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (``/proc/<pid>/stat``)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+@dataclass
+class Phase:
+    replicas: int
+    traces: int
+    window_traces: int
+    seconds: float
+    cpu_seconds: float
+    settle_seconds: float
+
+    @property
+    def per_s(self) -> float:
+        return self.window_traces / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def cpu_per_trace_ms(self) -> float:
+        return 1e3 * self.cpu_seconds / max(self.window_traces, 1)
+
+
+def scrape(port: int) -> dict[str, float]:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2.0) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                out[name] = float(value)
+    return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def drain(
+    broker: object,
+    n_replicas: int,
+    traces: list[bytes],
+    keys: list[bytes],
+    workdir: Path,
+    partitions: int,
+) -> Phase:
+    from lab.localbroker import LocalBroker
+    from streams.kafka import KafkaProducer, client_config
+    from streams.settings import TransportSettings
+
+    assert isinstance(broker, LocalBroker)
+    run = f"bench{uuid.uuid4().hex[:6]}"
+    topics = {
+        "TRACES": f"{run}.traces",
+        "CHANGELOG": f"{run}.state",
+        "LIFT": f"{run}.lift",
+        "POLICIES": f"{run}.policies",
+        "DISPATCH": f"{run}.dispatch",
+        "DLQ": f"{run}.dlq",
+        "DECISIONS": f"{run}.decisions",
+        "LABELS": f"{run}.labels",
+    }
+    compact = {"cleanup.policy": "compact"}
+    broker.create_topics(
+        {
+            topics["TRACES"]: (partitions, {}),
+            topics["CHANGELOG"]: (partitions, compact),
+            topics["LIFT"]: (1, compact),
+            topics["POLICIES"]: (1, compact),
+        }
+    )
+    producer = KafkaProducer(
+        client_config(TransportSettings(kind="kafka", bootstrap_servers=broker.bootstrap))
+        | {"api_version": (0, 9)}
+    )
+    for value, key in zip(traces, keys, strict=True):
+        producer.send(topics["TRACES"], value, key=key)
+    producer.flush(120.0)
+    producer.close()
+
+    env = {
+        **os.environ,
+        "TAPD_TRANSPORT__KIND": "kafka",
+        "TAPD_TRANSPORT__BOOTSTRAP_SERVERS": broker.bootstrap,
+        "TAPD_TRANSPORT__SESSION_TIMEOUT_MS": "10000",
+        "TAPD_SERVICE__GROUP": f"{run}-scorer",
+        "TAPD_THRESHOLDS__SHADOW_MODE": "true",
+        "TAPD_COHORTING__MAX_GROUPS": "8",
+        "TAPD_LOG_LEVEL": "warning",
+        "OMP_NUM_THREADS": "1",
+        **{f"TAPD_TOPICS__{k}": v for k, v in topics.items()},
+    }
+    procs = []
+    for i in range(n_replicas):
+        port = free_port()
+        log = (workdir / f"{run}-r{i}.log").open("wb")
+        procs.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, "-m", "daemon.cli", "run"],
+                    cwd=ROOT,
+                    env={
+                        **env,
+                        "TAPD_STATE_DIR": str(workdir / run / f"r{i}"),
+                        "TAPD_SERVICE__PORT": str(port),
+                        "TAPD_SERVICE__REPLICA": f"r{i}",
+                    },
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                ),
+                port,
+            )
+        )
+    t_start = time.monotonic()
+    try:
+        # The window opens when every replica owns partitions of the topic.
+        while True:
+            ms = [scrape(port) for _, port in procs]
+            owned = [m.get("tapd_partitions_owned", 0.0) for m in ms]
+            if all(o > 0 for o in owned) and sum(owned) == partitions:
+                break
+            for p, _ in procs:
+                if p.poll() is not None:
+                    raise RuntimeError(f"a replica exited with {p.returncode}")
+            if time.monotonic() - t_start > 600:
+                raise RuntimeError(f"replicas never settled: partitions owned {owned}")
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        c0 = sum(m.get("tapd_traces_consumed_total", 0.0) for m in ms)
+        cpu0 = sum(cpu_seconds(p.pid) for p, _ in procs)
+        while True:
+            consumed = sum(scrape(port).get("tapd_traces_consumed_total", 0.0) for _, port in procs)
+            if consumed >= len(traces):
+                break
+            if time.monotonic() - t0 > 1200:
+                raise RuntimeError(f"not drained: {consumed} of {len(traces)}")
+            time.sleep(0.1)
+        t1 = time.monotonic()
+        cpu1 = sum(cpu_seconds(p.pid) for p, _ in procs)
+    finally:
+        for p, _ in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p, _ in procs:
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    return Phase(n_replicas, len(traces), int(len(traces) - c0), t1 - t0, cpu1 - cpu0, t0 - t_start)
+
+
+def main() -> None:
+    from daemon.config import CohortingSettings
+    from daemon.core.cohorting import slice_key_of, validate_slice_key
+    from lab.localbroker import LocalBroker
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--traces", type=int, default=30_000)
+    ap.add_argument("--slices", type=int, default=48)
+    ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = ap.parse_args()
+    fields = validate_slice_key(CohortingSettings().slice_key)
+    now = time.time()
+    batch = [
+        production_trace(i, slice_id=i % args.slices, attempts=8, ts=now)
+        for i in range(args.traces)
+    ]
+    traces = [encode(t) for t in batch]
+    keys = [slice_key_of(t, fields).encode() for t in batch]
+    workdir = Path(tempfile.mkdtemp(prefix="tapd-bench-replicas-"))
+    try:
+        (workdir / "broker").mkdir()
+        with LocalBroker(partitions=args.partitions, workdir=workdir / "broker") as broker:
+            one = drain(broker, 1, traces, keys, workdir, args.partitions)
+            two = drain(broker, 2, traces, keys, workdir, args.partitions)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    speedup = two.per_s / one.per_s
+    cpu_ratio = two.cpu_per_trace_ms / one.cpu_per_trace_ms
+    load = os.getloadavg()
+    print(
+        f"{args.traces:,} traces (8 attempts each) over {args.slices} slices keyed by slice key, "
+        f"{args.partitions} partitions, Kafka 0.9 local broker, {os.cpu_count()} CPU cores "
+        f"(load average {load[0]:.1f} at the end)"
+    )
+    for ph in (one, two):
+        print(
+            f"{ph.replicas} replica{'s' if ph.replicas > 1 else ' '}  {ph.per_s:>8,.0f} traces/s  "
+            f"{ph.cpu_per_trace_ms:6.3f} CPU-ms/trace  ({ph.window_traces:,} traces in the "
+            f"{ph.seconds:.1f} s window, opened {ph.settle_seconds:.1f} s after start)"
+        )
+    print(f"speed-up 2 vs 1 replica  {speedup:.2f}x   CPU per trace 2 vs 1  {cpu_ratio:.2f}x")
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "traces": args.traces,
+                    "slices": args.slices,
+                    "partitions": args.partitions,
+                    "cpu_cores": os.cpu_count(),
+                    "load_average_end": load[0],
+                    "phases": [
+                        {**asdict(ph), "per_s": ph.per_s, "cpu_per_trace_ms": ph.cpu_per_trace_ms}
+                        for ph in (one, two)
+                    ],
+                    "speedup": speedup,
+                    "cpu_per_trace_ratio": cpu_ratio,
+                },
+                indent=1,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Partitioned cohorts and their hand-over, pure: a partition's state leaves one scorer
+as a state record (member offsets) and is rebuilt in another from the traces topic."""
+
+from __future__ import annotations
+
+import json
+
+from daemon.config import CohortingSettings, GRPOParams, TapdSettings, Thresholds
+from daemon.core.decision import decide
+from daemon.core.features import featurize
+from daemon.core.pipeline import Scorer
+from daemon.core.predictor import Predictor
+from daemon.policy.rollout import fill_attempts
+from daemon.runtime.partitions import (
+    PartitionedCohorts,
+    PartitionState,
+    Token,
+    describe,
+    join,
+    migrate,
+    part_key,
+    rebuild,
+    split,
+)
+from lab import tasks
+from streams.schemas import Attempt, Trace, encode
+from streams.transport import Record, TopicPartition
+
+K = 4
+T0, T1 = TopicPartition("tap.traces", 0), TopicPartition("tap.traces", 1)
+
+
+def _settings() -> TapdSettings:
+    return TapdSettings(
+        cohorting=CohortingSettings(max_groups=4, min_groups=2, max_age_s=60.0),
+        grpo=GRPOParams(num_generations=K),
+        thresholds=Thresholds(
+            redundancy_ceiling=0.95,
+            max_in_flight=4,
+            min_predicted_lift=-10.0,
+            exploration_share=0.0,
+        ),
+    )
+
+
+def _scorer(settings: TapdSettings) -> Scorer:
+    return Scorer(
+        settings,
+        PartitionedCohorts(settings.cohorting, "v0"),
+        Predictor(settings.predictor),
+        decide,
+        lambda cohort, seed: fill_attempts(cohort.traces, None, K, seed),  # type: ignore[arg-type,unused-ignore]
+        lambda traces: featurize(traces),
+        lambda: settings.thresholds,
+    )
+
+
+def _traces(subject: str, difficulty: str, n: int, seed: int) -> list[Trace]:
+    out = []
+    for i, task in enumerate(tasks.make_tasks(subject, difficulty, n, seed)):
+        attempts = [
+            Attempt(
+                completion=task.reference if j < 2 else "x",
+                reward=1.0 if j < 2 else 0.0,
+                n_tokens=2,
+                token_logprobs=[-0.5, -0.4],
+            )
+            for j in range(K)
+        ]
+        out.append(tasks.to_trace(task, policy_version="v0", attempts=attempts, key=f"{seed}-{i}"))
+    return out
+
+
+class Log:
+    """A traces topic: records per partition, appended in order."""
+
+    def __init__(self) -> None:
+        self.records: dict[TopicPartition, list[Record]] = {T0: [], T1: []}
+
+    def append(self, tp: TopicPartition, values: list[bytes]) -> list[Record]:
+        out = []
+        for v in values:
+            r = Record(tp.topic, tp.partition, len(self.records[tp]), None, v, 0)
+            self.records[tp].append(r)
+            out.append(r)
+        return out
+
+
+def feed(scorer: Scorer, tp: TopicPartition, records: list[Record], now: float) -> list[str]:
+    """Feed one partition's records; the ids of the cohorts decided meanwhile."""
+    cohorts = scorer.cohorts
+    assert isinstance(cohorts, PartitionedCohorts)
+    with cohorts.feeding(tp) as part:
+        fx = scorer.on_traces(records, now)
+        part.position = records[-1].offset + 1
+    while scorer.pending:
+        fx += scorer.step(now, 4)
+    return [d.cohort_id for d in fx.decisions]
+
+
+def test_a_cohort_never_mixes_partitions_and_each_partition_keeps_its_position() -> None:
+    scorer = _scorer(_settings())
+    log = Log()
+    same_slice = _traces("add", "2d_carry", 6, 1)
+    # Three traces of one slice in each partition: neither reaches max_groups=4.
+    feed(scorer, T0, log.append(T0, [encode(t) for t in same_slice[:3]]), 1.0)
+    feed(scorer, T1, log.append(T1, [encode(t) for t in same_slice[3:]]), 1.0)
+    cohorts = scorer.cohorts
+    assert isinstance(cohorts, PartitionedCohorts)
+    assert cohorts.n_open == 2 and cohorts.n_open_traces == 6
+    assert {tp: p.position for tp, p in cohorts.parts.items()} == {T0: 3, T1: 3}
+    # A policy version reaches every partition.
+    cohorts.set_policy_version("v1")
+    assert all(p.builder.policy_version == "v1" for p in cohorts.parts.values())
+
+
+def test_a_partition_moves_to_another_scorer_without_loss_or_second_decision() -> None:
+    settings = _settings()
+    a, b = _scorer(settings), _scorer(settings)
+    log = Log()
+    adds = _traces("add", "2d_carry", 6, 2)  # one cohort of 4 closes, 2 stay open
+    subs = _traces("sub", "2d_borrow", 3, 3)  # stays open
+    decided_a = feed(a, T0, log.append(T0, [encode(t) for t in adds + subs]), 5.0)
+    feed(a, T1, log.append(T1, [encode(t) for t in _traces("mul", "2x1", 2, 4)]), 5.0)
+    assert len(decided_a) == 1
+
+    # A hands T0 back: its state record holds offsets only.
+    snap = a.snapshot()
+    cohorts = a.cohorts
+    assert isinstance(cohorts, PartitionedCohorts)
+    state = describe(snap, T0, cohorts.parts[T0].position or 0, Token("inc-a", 7), "a", 9.0)
+    assert state.missing == 0
+    assert sorted(state.held()) == [4, 5, 6, 7, 8]
+    assert state.commit_offset == 4  # never past a trace still open
+    wire = PartitionState.decode(state.encode())
+    assert wire == state and len(state.encode()) < 2_000  # offsets, not traces
+    rest, taken = split(snap, T0)
+    assert taken is not None
+    a.restore(rest)
+    assert set(cohorts.parts) == {T1} and cohorts.n_open == 1
+
+    # B rebuilds T0 from the record and the topic, then reads on.
+    detached, missing = rebuild(wire, log.records[T0], ["v0"], dedup_window=100)
+    assert missing == []
+    b.restore(join(b.snapshot(), T0, detached))
+    b_cohorts = b.cohorts
+    assert isinstance(b_cohorts, PartitionedCohorts)
+    assert b_cohorts.n_open_traces == 5 and b_cohorts.parts[T0].position == 9
+    # A redelivered copy of a decided trace is a duplicate in B too; the open
+    # slices fill up and close with the members A had.
+    more = [encode(adds[0]), *[encode(t) for t in _traces("add", "2d_carry", 8, 2)[6:8]]]
+    assert adds[0].trace_id in detached.part["cohorts"]["decided"]
+    assert adds[4].trace_id not in detached.part["cohorts"]["decided"]  # open: known as open
+    decided_b = feed(b, T0, log.append(T0, more), 6.0)
+    assert len(decided_b) == 1 and decided_b[0] not in decided_a
+    decisions = b.flush(7.0)
+    while b.pending:
+        decisions += b.step(7.0, 4)
+    members = {t.trace_id for t in adds + subs} | {
+        t.trace_id for t in _traces("add", "2d_carry", 8, 2)[6:8]
+    }
+    snap_b = b.snapshot()
+    assert json.dumps(snap_b)  # still plain JSON
+    decided_ids = {tid for d in decisions.decisions for tid in d.trace_ids}
+    assert adds[0].trace_id not in decided_ids  # not cohorted twice
+    assert decided_ids <= members
+
+
+def test_a_snapshot_from_before_partitions_is_split_by_where_members_were_read() -> None:
+    settings = _settings()
+    scorer = _scorer(settings)
+    log = Log()
+    feed(scorer, T0, log.append(T0, [encode(t) for t in _traces("add", "2d_carry", 3, 5)]), 1.0)
+    feed(scorer, T1, log.append(T1, [encode(t) for t in _traces("sub", "2d_borrow", 2, 6)]), 1.0)
+    snap = scorer.snapshot()
+    # The single-builder form the state store held before.
+    legacy_open = [g for p in snap["cohorts"]["parts"].values() for g in p["cohorts"]["open"]]
+    legacy = {
+        **snap,
+        "cohorts": {
+            "schema": "tapd.cohorting/1",
+            "versions": ["v0"],
+            "now": 1.0,
+            "open": legacy_open,
+            "decided": [],
+        },
+    }
+    migrated = migrate(legacy, {T0: 3, T1: 2})
+    again = _scorer(settings)
+    again.restore(migrated)
+    cohorts = again.cohorts
+    assert isinstance(cohorts, PartitionedCohorts)
+    assert {tp: (p.builder.n_open_traces, p.position) for tp, p in cohorts.parts.items()} == {
+        T0: (3, 3),
+        T1: (2, 2),
+    }
+    assert part_key(T1) == "tap.traces/1"
+
+
+def test_members_of_a_queued_cohort_stay_duplicates_after_the_move() -> None:
+    """A cohort closed but not yet scored moves with its partition; a resent copy
+    of one of its members must not start a second cohort in the new owner."""
+    settings = _settings()
+    a, b = _scorer(settings), _scorer(settings)
+    log = Log()
+    adds = _traces("add", "2d_carry", 4, 7)
+    cohorts = a.cohorts
+    assert isinstance(cohorts, PartitionedCohorts)
+    with cohorts.feeding(T0) as part:
+        a.on_traces(log.append(T0, [encode(t) for t in adds]), 1.0)  # closes at 4: queued
+        part.position = 4
+    assert len(a.pending) == 1
+    state = describe(a.snapshot(), T0, 4, Token("inc-a", 1), "a", 2.0)
+    assert len(state.pending) == 1 and state.open == ()
+    detached, missing = rebuild(state, log.records[T0], ["v0"], dedup_window=100)
+    assert missing == []
+    b.restore(join(b.snapshot(), T0, detached))
+    assert [c.cohort_id for c in b.pending] == [c.cohort_id for c in a.pending]
+    again = log.append(T0, [encode(adds[1])])
+    with b.cohorts.feeding(T0) as part:  # type: ignore[attr-defined]
+        fx = b.on_traces(again, 3.0)
+    assert b.cohorts.n_open == 0  # a duplicate, not a new cohort
+    while b.pending:
+        fx += b.step(3.0, 4)
+    assert [len(d.trace_ids) for d in fx.decisions] == [4]

@@ -1,0 +1,68 @@
+"""The ``reasoning_gym`` verifier: each family's own scorer behind tapd's registry."""
+
+from __future__ import annotations
+
+import pytest
+
+from daemon.verify.registry import VerifierArgsError, get_verifier, known_verifiers
+
+pytest.importorskip("reasoning_gym", reason="optional dependency: pip install 'tapd[reasoning-gym]'")
+
+
+def test_registered_with_the_product_verifiers() -> None:
+    assert "reasoning_gym" in known_verifiers()
+
+
+def test_the_familys_own_scorer_judges_the_answer() -> None:
+    import reasoning_gym
+
+    ds = reasoning_gym.create_dataset("chain_sum", size=5, seed=3)
+    v = get_verifier("reasoning_gym", {"task": "chain_sum"})
+    for entry in ds:
+        assert v(entry["answer"], entry["answer"]) == 1.0
+        assert v(str(int(entry["answer"]) + 1), entry["answer"]) == 0.0
+    # reasoning-gym's default scorer gives partial credit to an answer that
+    # contains the reference: the family's rule, not tapd's.
+    partial = get_verifier("reasoning_gym", {"task": "gcd"})("the gcd is 8", "8")
+    assert 0.0 < partial < 1.0
+
+
+def test_extraction_rules() -> None:
+    last = get_verifier("reasoning_gym", {"task": "basic_arithmetic", "extract": "last_number"})
+    assert last("3 + 5 = 8", "8") == 1.0
+    assert last("The answer is 1,234.", "1234") == 1.0
+    assert last("8 or maybe 9", "8") == 0.0  # the last number counts
+    assert last("no digits here", "8") == 0.0
+    tag = get_verifier("reasoning_gym", {"task": "basic_arithmetic", "extract": "answer_tag"})
+    assert tag("work... <answer>8</answer>", "8") == 1.0
+    assert tag("8", "8") == 0.0  # no tag, no answer
+
+
+def test_metadata_reaches_families_that_need_it() -> None:
+    import reasoning_gym
+
+    entry = reasoning_gym.create_dataset("word_sorting", size=1, seed=0)[0]
+    v = get_verifier("reasoning_gym", {"task": "word_sorting", "metadata": entry["metadata"]})
+    assert v(entry["answer"], entry["answer"]) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        ({}, "verifier_args.task"),
+        ({"task": "no_such_family"}, "verifier_args.task"),
+        ({"task": "gcd", "extract": "first"}, "verifier_args.extract"),
+        ({"task": "gcd", "metadata": [1]}, "verifier_args.metadata"),
+        ({"task": "gcd", "other": 1}, "verifier_args.other"),
+    ],
+)
+def test_bad_arguments_name_the_field(args: dict[str, object], field: str) -> None:
+    with pytest.raises(VerifierArgsError) as e:
+        get_verifier("reasoning_gym", args)
+    assert e.value.field == field
+
+
+def test_never_raises_on_a_completion() -> None:
+    v = get_verifier("reasoning_gym", {"task": "decimal_arithmetic"})
+    for junk in ("", "   ", "nan", "1e999999", "\x00", "x" * 10_000):
+        assert 0.0 <= v(junk, "1.5") <= 1.0
