@@ -537,15 +537,21 @@ def generate(
         for t in traces:
             typer.echo(json.dumps(t, separators=(",", ":")))
         return
+    from daemon.core.cohorting import slice_key_of, validate_slice_key
     from streams.factory import open_transport
+    from streams.schemas import Trace
 
     settings = _transport_settings(ctx)
+    fields = validate_slice_key(settings.cohorting.slice_key)
     transport = open_transport(settings.transport)
     producer = transport.producer()
     sent = 0
     try:
         for t in traces:
-            producer.send(topic, json.dumps(t, separators=(",", ":")).encode())
+            # Keyed by slice key, as every producer of traces must (one
+            # partition per slice: one scorer replica owns its cohorts).
+            key = slice_key_of(Trace.model_validate(t), fields).encode()
+            producer.send(topic, json.dumps(t, separators=(",", ":")).encode(), key=key)
             sent += 1
         producer.flush()
     finally:
@@ -1303,7 +1309,9 @@ def _add_plugin_commands() -> None:
         try:
             register = ep.load()
         except ImportError as e:
-            _err(f"tapd: commands from {ep.value!r} unavailable: {e}")
+            # An installation without the lab (a service image) simply has no lab commands.
+            if getattr(e, "name", None) != ep.value.partition(".")[0]:
+                _err(f"tapd: commands from {ep.value!r} unavailable: {e}")
             continue
         register(app)
 

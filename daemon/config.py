@@ -55,7 +55,9 @@ class Topics(_Frozen):
 
 class CohortingSettings(_Frozen):
     # The capability-slice key: which trace fields (or ``tags.<name>``) a
-    # cohort's members share.
+    # cohort's members share. Tenants are pooled by default: a capability is
+    # the policy's, whoever asked, and pooling fills cohorts sooner. Add
+    # "tenant" to make cohorts (and so training and its lift) per tenant.
     slice_key: tuple[str, ...] = ("subject", "tags.task_type", "tags.operation", "verifier")
     max_groups: int = Field(
         default=8, ge=1, le=256, description="prompt groups that close a cohort"

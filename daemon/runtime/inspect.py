@@ -142,7 +142,7 @@ class ScorerInspector:
                 ),
             },
             "cohorts": {
-                "open": len(cohorts.get("open", [])),
+                "open": len(_open_groups(cohorts)),
                 "pending": len(snap.get("pending", [])),
                 "in_flight": len(in_flight),
                 "max_in_flight": thresholds.get("max_in_flight"),
@@ -254,17 +254,18 @@ class ScorerInspector:
         now = self.clock()
         out: list[dict[str, Any]] = []
         if state in (None, "open"):
-            for g in snap.get("cohorts", {}).get("open", []):
+            for part, g in _open_groups(snap.get("cohorts", {})):
                 traces = g.get("traces", [])
                 out.append(
                     {
                         "state": "open",
                         "cohort_id": None,  # assigned when the cohort closes
+                        "partition": part,
                         "slice_key": g.get("slice_key"),
                         "n_groups": len(traces),
                         "opened_ts": g.get("opened_ts"),
                         "age_s": round(now - float(g.get("opened_ts", now)), 1),
-                        "trace_ids": [t.get("trace_id") for t in traces][:16],
+                        "trace_ids": [_trace_id(t) for t in traces[:16]],
                     }
                 )
         if state in (None, "pending"):
@@ -306,7 +307,7 @@ class ScorerInspector:
             if c.get("cohort_id") == cohort_id:
                 out["state"] = "pending"
                 out["slice_key"] = c.get("slice_key")
-                out["trace_ids"] = [t.get("trace_id") for t in c.get("traces", [])]
+                out["trace_ids"] = [_trace_id(t) for t in c.get("traces", [])]
         for cid, selection, predicted, ts in snap.get("in_flight", []):
             if cid == cohort_id:
                 out["state"] = "in_flight"
@@ -457,6 +458,34 @@ class ScorerInspector:
             )
         current = version_name(max(produced)) if produced else None
         return {"store": str(store.root), "current": current, "versions": versions}
+
+
+def _open_groups(cohorts: Mapping[str, Any]) -> list[tuple[str | None, dict[str, Any]]]:
+    """Open cohorts of a snapshot's cohort builder, with the traces partition that
+    holds each (a partitioned builder keeps one builder per partition)."""
+    if "parts" in cohorts:
+        return [
+            (key, dict(g))
+            for key, part in sorted(cohorts["parts"].items())
+            for g in part.get("cohorts", {}).get("open", [])
+        ]
+    return [(None, dict(g)) for g in cohorts.get("open", [])]
+
+
+def _trace_id(held: Any) -> str | None:
+    """The id of a trace as a snapshot holds it: its fields, or a reference to
+    its original message (``[topic, partition, offset, text]``)."""
+    if isinstance(held, Mapping):
+        tid = held.get("trace_id")
+        return str(tid) if tid is not None else None
+    if isinstance(held, list | tuple) and len(held) == 4 and isinstance(held[3], str):
+        try:
+            body = json.loads(held[3])
+        except ValueError:
+            return None
+        tid = body.get("trace_id") if isinstance(body, dict) else None
+        return str(tid) if tid is not None else None
+    return None
 
 
 def _manifest(path: Path) -> dict[str, Any]:

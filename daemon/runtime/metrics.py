@@ -99,6 +99,7 @@ def preinit(metric: Any, label: str, values: Iterable[str]) -> None:
     for v in values:
         metric.labels(**{label: v})
 
+
 class ScorerMetrics:
     """Metrics of the scorer role (``tapd run``)."""
 
