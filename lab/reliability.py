@@ -1272,10 +1272,13 @@ class HostileConfig:
 
 @dataclass
 class HealthLog:
-    """Every ``/healthz`` probe of the scorer: (monotonic time, seconds, answered)."""
+    """Every ``/healthz`` probe of the scorer: (monotonic time, seconds, answered),
+    the wall-clock time of each (to find it in the logs), and the host's load."""
 
     probes: list[tuple[float, float, bool]] = field(default_factory=list)
     down: list[tuple[float, float]] = field(default_factory=list)  # the process was not alive
+    wall: dict[float, float] = field(default_factory=dict)  # monotonic -> unix time
+    load: list[float] = field(default_factory=list)  # 1-minute load average, each second
 
     def slow(self, limit: float) -> list[tuple[float, float, bool]]:
         """Probes unanswered, or answered later than ``limit``, while the process lived."""
@@ -1304,6 +1307,7 @@ class HealthProber:
 
         while not self._stop.is_set():
             t0 = time.monotonic()
+            wall = time.time()
             alive = self.proc.alive()
             ok = False
             try:
@@ -1314,6 +1318,10 @@ class HealthProber:
             took = time.monotonic() - t0
             if alive and self.proc.alive():
                 self.log.probes.append((t0, took, ok))
+                if not ok or took > 1.0:
+                    self.log.wall[t0] = wall
+                if not self.log.load or len(self.log.probes) % 4 == 0:
+                    self.log.load.append(os.getloadavg()[0])
             else:
                 self.log.down.append((t0, t0 + took))
             self._stop.wait(max(0.0, self.every_s - took))
@@ -1337,6 +1345,7 @@ class HostileResult:
     crashes: list[str] = field(default_factory=list)
     canaries: int = 0  # files the hostile code managed to write outside its sandbox
     events: list[str] = field(default_factory=list)
+    corpus_problems: list[str] = field(default_factory=list)  # lab.hostile.check_plan
 
     @property
     def frozen(self) -> int:
@@ -1344,7 +1353,13 @@ class HostileResult:
 
     @property
     def ok(self) -> bool:
-        return self.audit.ok and not self.crashes and not self.frozen and not self.canaries
+        return (
+            self.audit.ok
+            and not self.crashes
+            and not self.frozen
+            and not self.canaries
+            and not self.corpus_problems
+        )
 
 
 def hostile_run(
@@ -1354,7 +1369,13 @@ def hostile_run(
     processes on the broker, ``/healthz`` probed throughout, then the audit."""
     from daemon.config import Topics as TopicNames
     from daemon.config import TransportSettings
-    from lab.hostile import HostileAudit, HostileContext, audit_hostile, plan_hostile
+    from lab.hostile import (
+        HostileAudit,
+        HostileContext,
+        audit_hostile,
+        check_plan,
+        plan_hostile,
+    )
     from streams.factory import open_transport
 
     t0 = time.monotonic()
@@ -1405,6 +1426,9 @@ def hostile_run(
     scorer = ServiceProcess(tapd_argv("run"), env, workdir / "scorer.log")
     trainer = ServiceProcess(tapd_argv("trainer"), env, workdir / "trainer.log")
     result = HostileResult(cfg, plan, HostileAudit())
+    # The corpus's expectations against the schemas alone: a wrong expectation
+    # is the corpus's fault, and must not read as tapd's.
+    result.corpus_problems = check_plan(plan)
 
     def say(message: str) -> None:
         result.events.append(f"{time.monotonic() - t0:7.1f}s {message}")
@@ -1481,6 +1505,12 @@ def hostile_run(
     return result
 
 
+def _utc(t: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%H:%M:%S.%f")[:-3]
+
+
 def _last_error(proc: ServiceProcess) -> str:
     """The last error a role logged before it exited (for the report)."""
     for line in reversed(proc.logs().splitlines()[-200:]):
@@ -1543,6 +1573,12 @@ def hostile_report(r: HostileResult) -> list[str]:
         f"{MAX_MESSAGE_BYTES} bytes | {a.truncated_oversize} |",
         f"| dead letters neither | {len(a.not_identical)} |",
         f"| canary files written by sandboxed code | {r.canaries} |",
+        f"| corpus expectations the schemas disagree with | {len(r.corpus_problems)} |",
+        "",
+        f"Host load (1-minute load average on {os.cpu_count()} CPUs, shared with other work) "
+        f"during the probes: {min(r.health.load, default=0):.1f} to "
+        f"{max(r.health.load, default=0):.1f}, median "
+        f"{sorted(r.health.load)[len(r.health.load) // 2] if r.health.load else 0:.1f}.",
         "",
         "Dead letters by stage: "
         + ", ".join(f"{k} {v}" for k, v in sorted(a.by_stage.items()))
@@ -1551,8 +1587,15 @@ def hostile_report(r: HostileResult) -> list[str]:
         f"Result: **{'PASS' if r.ok else 'FAIL'}**; problems: {a.problems()}"
         + (f"; crashes: {r.crashes}" if r.crashes else "")
         + (
-            f"; slowest probes: {sorted((round(p[1], 2), p[2]) for p in slow)[-5:]}" if slow else ""
-        ),
+            "; slow probes (UTC, seconds, answered): "
+            + ", ".join(
+                f"{_utc(r.health.wall.get(p[0], 0.0))} {p[1]:.2f} {p[2]}"
+                for p in sorted(slow, key=lambda p: -p[1])[:5]
+            )
+            if slow
+            else ""
+        )
+        + (f"; corpus: {r.corpus_problems[:3]}" if r.corpus_problems else ""),
         "",
     ]
     return lines
