@@ -285,13 +285,26 @@ def reliability(
     workdir: Annotated[Path, typer.Option(help="logs, state and broker data")] = Path(
         "out/reliability"
     ),
+    only: Annotated[
+        str | None,
+        typer.Option(
+            "--only",
+            help="run only this part ('hostile') and replace its section of the report",
+        ),
+    ] = None,
 ) -> None:
-    """Chaos run (SIGKILLs, broker restart), audit of every topic, figures to RELIABILITY.md."""
-    from lab.reliability import run_suite
+    """Chaos, load, fuzz and hostile-input runs, audit of every topic, figures to RELIABILITY.md."""
+    from lab.reliability import run_hostile_only, run_suite
 
-    ok = run_suite(
-        short, out, workdir, "tapd " + " ".join(sys.argv[1:]), lambda m: typer.echo(m, err=True)
-    )
+    command = "tapd " + " ".join(sys.argv[1:])
+    say = lambda m: typer.echo(m, err=True)  # noqa: E731
+    if only not in (None, "hostile"):
+        typer.echo(f"--only: 'hostile' is the part that runs alone, not {only!r}", err=True)
+        raise typer.Exit(2)
+    if only == "hostile":
+        ok = run_hostile_only(short, out, workdir, command, say)
+    else:
+        ok = run_suite(short, out, workdir, command, say)
     typer.echo(f"figures written to {out}")
     if not ok:
         raise typer.Exit(1)

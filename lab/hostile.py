@@ -127,8 +127,29 @@ def _with_literal(obj: Any, path: Path, literal: bytes) -> bytes:
     return _dumps(_set(obj, path, marker)).replace(f'"{marker}"'.encode(), literal, 1)
 
 
-# Fields whose null is valid (optional); every other null is a type error.
-_NULLABLE = frozenset({"stats", "token_logprobs", "token_entropies", "entropy_mean"})
+def _nullable_fields() -> frozenset[str]:
+    """Names of the message fields whose declared type admits null (from the
+    schemas' declarations, not from decoding): null is a type error elsewhere."""
+    import types
+    import typing
+
+    from pydantic import BaseModel
+
+    import streams.schemas as schemas
+
+    out: set[str] = set()
+    for model in vars(schemas).values():
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            for name, f in model.model_fields.items():
+                ann = f.annotation
+                if typing.get_origin(ann) in (typing.Union, types.UnionType) and type(
+                    None
+                ) in typing.get_args(ann):
+                    out.update({name, f.alias or name})
+    return frozenset(out)
+
+
+_NULLABLE = _nullable_fields()
 
 
 def _wrong_values(value: Any, name: str | int) -> list[Any]:

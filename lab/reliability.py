@@ -1290,10 +1290,13 @@ class HostileConfig:
 
 @dataclass
 class HealthLog:
-    """Every ``/healthz`` probe of the scorer: (monotonic time, seconds, answered)."""
+    """Every ``/healthz`` probe of the scorer: (monotonic time, seconds, answered),
+    the wall-clock time of each (to find it in the logs), and the host's load."""
 
     probes: list[tuple[float, float, bool]] = field(default_factory=list)
     down: list[tuple[float, float]] = field(default_factory=list)  # the process was not alive
+    wall: dict[float, float] = field(default_factory=dict)  # monotonic -> unix time
+    load: list[float] = field(default_factory=list)  # 1-minute load average, each second
 
     def slow(self, limit: float) -> list[tuple[float, float, bool]]:
         """Probes unanswered, or answered later than ``limit``, while the process lived."""
@@ -1322,6 +1325,7 @@ class HealthProber:
 
         while not self._stop.is_set():
             t0 = time.monotonic()
+            wall = time.time()
             alive = self.proc.alive()
             ok = False
             try:
@@ -1332,6 +1336,10 @@ class HealthProber:
             took = time.monotonic() - t0
             if alive and self.proc.alive():
                 self.log.probes.append((t0, took, ok))
+                if not ok or took > 1.0:
+                    self.log.wall[t0] = wall
+                if not self.log.load or len(self.log.probes) % 4 == 0:
+                    self.log.load.append(os.getloadavg()[0])
             else:
                 self.log.down.append((t0, t0 + took))
             self._stop.wait(max(0.0, self.every_s - took))
@@ -1355,6 +1363,7 @@ class HostileResult:
     crashes: list[str] = field(default_factory=list)
     canaries: int = 0  # files the hostile code managed to write outside its sandbox
     events: list[str] = field(default_factory=list)
+    corpus_problems: list[str] = field(default_factory=list)  # lab.hostile.check_plan
 
     @property
     def frozen(self) -> int:
@@ -1362,7 +1371,13 @@ class HostileResult:
 
     @property
     def ok(self) -> bool:
-        return self.audit.ok and not self.crashes and not self.frozen and not self.canaries
+        return (
+            self.audit.ok
+            and not self.crashes
+            and not self.frozen
+            and not self.canaries
+            and not self.corpus_problems
+        )
 
 
 def hostile_run(
@@ -1372,7 +1387,13 @@ def hostile_run(
     processes on the broker, ``/healthz`` probed throughout, then the audit."""
     from daemon.config import Topics as TopicNames
     from daemon.config import TransportSettings
-    from lab.hostile import HostileAudit, HostileContext, audit_hostile, plan_hostile
+    from lab.hostile import (
+        HostileAudit,
+        HostileContext,
+        audit_hostile,
+        check_plan,
+        plan_hostile,
+    )
     from streams.factory import open_transport
 
     t0 = time.monotonic()
@@ -1392,7 +1413,12 @@ def hostile_run(
     run_cfg = RunConfig(transport=cfg.transport, max_groups=cfg.max_groups, max_in_flight=2)
     env = service_env(run_cfg, state, port, bootstrap)
     ts = (
-        TransportSettings(kind="kafka", bootstrap_servers=bootstrap, session_timeout_ms=6_000)
+        TransportSettings(
+            kind="kafka",
+            bootstrap_servers=bootstrap,
+            api_version=KAFKA09_API_VERSION,
+            session_timeout_ms=6_000,
+        )
         if bootstrap
         else TransportSettings(
             kind="embedded", embedded_path=state / "log.sqlite", embedded_partitions=2
@@ -1418,6 +1444,9 @@ def hostile_run(
     scorer = ServiceProcess(tapd_argv("run"), env, workdir / "scorer.log")
     trainer = ServiceProcess(tapd_argv("trainer"), env, workdir / "trainer.log")
     result = HostileResult(cfg, plan, HostileAudit())
+    # The corpus's expectations against the schemas alone: a wrong expectation
+    # is the corpus's fault, and must not read as tapd's.
+    result.corpus_problems = check_plan(plan)
 
     def say(message: str) -> None:
         result.events.append(f"{time.monotonic() - t0:7.1f}s {message}")
@@ -1427,7 +1456,8 @@ def hostile_run(
         for p in (scorer, trainer):
             if not p.alive():
                 rc = p.proc.returncode if p.proc else None
-                result.crashes.append(f"{p.log_path.stem} exited (rc={rc})")
+                why = _last_error(p)
+                result.crashes.append(f"{p.log_path.stem} exited (rc={rc}): {why}")
                 say(f"{p.log_path.stem} exited (rc={rc}); restarting")
                 p.start()
 
@@ -1493,6 +1523,24 @@ def hostile_run(
     return result
 
 
+def _utc(t: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%H:%M:%S.%f")[:-3]
+
+
+def _last_error(proc: ServiceProcess) -> str:
+    """The last error a role logged before it exited (for the report)."""
+    for line in reversed(proc.logs().splitlines()[-200:]):
+        if '"level": "error"' in line or "Traceback" in line or "tapd:" in line:
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                return line[:300]
+            return str(obj.get("text") or obj.get("event"))[:300]
+    return "no error logged"
+
+
 def hostile_report(r: HostileResult) -> list[str]:
     """The hostile-input section of docs/RELIABILITY.md."""
     a = r.audit
@@ -1543,6 +1591,12 @@ def hostile_report(r: HostileResult) -> list[str]:
         f"{MAX_MESSAGE_BYTES} bytes | {a.truncated_oversize} |",
         f"| dead letters neither | {len(a.not_identical)} |",
         f"| canary files written by sandboxed code | {r.canaries} |",
+        f"| corpus expectations the schemas disagree with | {len(r.corpus_problems)} |",
+        "",
+        f"Host load (1-minute load average on {os.cpu_count()} CPUs, shared with other work) "
+        f"during the probes: {min(r.health.load, default=0):.1f} to "
+        f"{max(r.health.load, default=0):.1f}, median "
+        f"{sorted(r.health.load)[len(r.health.load) // 2] if r.health.load else 0:.1f}.",
         "",
         "Dead letters by stage: "
         + ", ".join(f"{k} {v}" for k, v in sorted(a.by_stage.items()))
@@ -1551,8 +1605,15 @@ def hostile_report(r: HostileResult) -> list[str]:
         f"Result: **{'PASS' if r.ok else 'FAIL'}**; problems: {a.problems()}"
         + (f"; crashes: {r.crashes}" if r.crashes else "")
         + (
-            f"; slowest probes: {sorted((round(p[1], 2), p[2]) for p in slow)[-5:]}" if slow else ""
-        ),
+            "; slow probes (UTC, seconds, answered): "
+            + ", ".join(
+                f"{_utc(r.health.wall.get(p[0], 0.0))} {p[1]:.2f} {p[2]}"
+                for p in sorted(slow, key=lambda p: -p[1])[:5]
+            )
+            if slow
+            else ""
+        )
+        + (f"; corpus: {r.corpus_problems[:3]}" if r.corpus_problems else ""),
         "",
     ]
     return lines
@@ -1676,6 +1737,37 @@ def report(
     if hostile is not None:
         lines += hostile_report(hostile)
     return "\n".join(lines) + "\n"
+
+
+HOSTILE_SECTION = "## hostile input:"
+
+
+def with_hostile_section(report_text: str, hostile: HostileResult, command: str) -> str:
+    """``report_text`` with its hostile-input section replaced by a new one
+    (``tapd reliability --only hostile``: the other runs' figures are kept)."""
+    lines = report_text.splitlines()
+    start = next((i for i, x in enumerate(lines) if x.startswith(HOSTILE_SECTION)), len(lines))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    section = hostile_report(hostile)
+    section[1:1] = ["", f"This section generated by `{command}`; do not edit by hand."]
+    out = lines[:start] + section + lines[end:]
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def run_hostile_only(
+    short: bool, out: Path, workdir: Path, command: str, log: Callable[[str], None]
+) -> bool:
+    """``tapd reliability --only hostile``: the hostile-input run alone, its
+    section of ``out`` replaced and the rest of the report kept as it was."""
+    hcfg = hostile_config(short)
+    log(f"hostile: {hcfg}")
+    hostile_dir = workdir / f"hostile-{hcfg.transport}"
+    shutil.rmtree(hostile_dir, ignore_errors=True)
+    hostile = hostile_run(hcfg, hostile_dir, log)
+    before = out.read_text() if out.exists() else report([], None, command)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(with_hostile_section(before, hostile, command))
+    return hostile.ok
 
 
 def run_suite(

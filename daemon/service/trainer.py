@@ -120,7 +120,14 @@ class TrainerService:
                 log.exception("dispatch_failed", error=repr(e))
                 self._reject(record, Rejected(INTERNAL, "$", f"handling failed: {e!r}"))
             self.producer.flush()
-            self.consumer.commit(next_offsets([record]))
+            try:
+                self.consumer.commit(next_offsets([record]))
+            except Exception as e:
+                # A rebalance took the partition (a slow cohort, a starved
+                # heartbeat): the dispatch comes back to whoever owns it now,
+                # and the ledger turns it into a re-publication. Exiting here
+                # would only make a slow record a crash loop.
+                log.warning("commit_failed", offset=record.offset, reason=str(e))
         return len(records)
 
     def _handle(self, record: Record) -> None:
