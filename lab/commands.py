@@ -121,13 +121,29 @@ def reliability(
     workdir: Annotated[Path, typer.Option(help="logs, state and broker data")] = Path(
         "out/reliability"
     ),
+    replicas: Annotated[
+        bool,
+        typer.Option(
+            "--replicas",
+            help="only the replicas run (scorer replicas, a scale event with a deleted "
+            "state dir, a rolling restart; needs the local Kafka broker): rewrites its "
+            "section of the report, keeping the rest",
+        ),
+    ] = False,
 ) -> None:
     """Chaos run (SIGKILLs, broker restart), audit of every topic, figures to RELIABILITY.md."""
+    command = "tapd " + " ".join(sys.argv[1:])
+    if replicas:
+        from lab.replicas import run_suite as run_replicas
+
+        ok = run_replicas(short, out, workdir, command, lambda m: typer.echo(m, err=True))
+        typer.echo(f"figures written to {out}")
+        if not ok:
+            raise typer.Exit(1)
+        return
     from lab.reliability import run_suite
 
-    ok = run_suite(
-        short, out, workdir, "tapd " + " ".join(sys.argv[1:]), lambda m: typer.echo(m, err=True)
-    )
+    ok = run_suite(short, out, workdir, command, lambda m: typer.echo(m, err=True))
     typer.echo(f"figures written to {out}")
     if not ok:
         raise typer.Exit(1)

@@ -635,6 +635,13 @@ def write_section(path: Path, section: str) -> None:
     path.write_text(text if text.endswith("\n") else text + "\n")
 
 
+def keep_section(previous: str, path: Path) -> None:
+    """Put the replicas section of ``previous`` (a report's old text) into ``path``."""
+    if BEGIN in previous and END in previous:
+        start = previous.index(BEGIN)
+        write_section(path, previous[start : previous.index(END, start) + len(END)] + "\n")
+
+
 def run_suite(
     short: bool, out: Path, workdir: Path, command: str, log: Callable[[str], None]
 ) -> bool:
