@@ -36,6 +36,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from lab.localbroker import KAFKA09_API_VERSION
 from lab.reliability import (
     Audit,
     ServiceProcess,
@@ -314,6 +315,7 @@ def _env(cfg: ReplicaConfig, root: Path, bootstrap: str) -> dict[str, str]:
         "TAPD_LOG_LEVEL": "info",
         "TAPD_TRANSPORT__KIND": "kafka",
         "TAPD_TRANSPORT__BOOTSTRAP_SERVERS": bootstrap,
+        "TAPD_TRANSPORT__API_VERSION": KAFKA09_API_VERSION,  # it never answers ApiVersions
         # The scorers leave the group on SIGTERM (an immediate rebalance); the
         # session only bounds how long a crashed member holds its partitions.
         "TAPD_TRANSPORT__SESSION_TIMEOUT_MS": "10000",
@@ -447,7 +449,10 @@ def run(
     names = TopicNames()
     transport = open_transport(
         TransportSettings(
-            kind="kafka", bootstrap_servers=broker.bootstrap, session_timeout_ms=6_000
+            kind="kafka",
+            bootstrap_servers=broker.bootstrap,
+            api_version=KAFKA09_API_VERSION,
+            session_timeout_ms=6_000,
         )
     )
     env = _env(cfg, workdir, broker.bootstrap)
