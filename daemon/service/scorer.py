@@ -359,25 +359,34 @@ class ScorerService:
                 self._suspended[tp] = detached
 
     def _catch_up(self) -> None:
-        """Read the policy, lift and dead-letter topics up to where they end now."""
+        """Read the policy, lift and dead-letter topics up to where they end now, and
+        be assigned all three (the dead-letter consumer starts at the end: it must
+        hold its position before this replica dispatches anything)."""
         topics = self.settings.topics
         targets: dict[TopicPartition, int] = {}
         for topic in (topics.policies, topics.lift):
             tps = [TopicPartition(topic, p) for p in range(self.transport.partitions(topic))]
             targets.update(self.transport.end_offsets(tps))
+        self.transport.partitions(topics.dlq)  # exists before its consumer joins
         deadline = time.monotonic() + self.settings.service.catch_up_timeout_s
 
         def done(tp: TopicPartition) -> int:
             return (self._policy_at if tp.topic == topics.policies else self._done).get(tp, 0)
 
-        behind = {tp: end for tp, end in targets.items() if done(tp) < end}
-        while behind and time.monotonic() < deadline and not self.stop_event.is_set():
-            self._consume_side_topics(wait=0.5)
+        consumers = {"policies": self._policies, "lift": self._lift, "dlq": self._dlq}
+        unassigned = set(consumers)
+        behind = dict(targets)
+        while time.monotonic() < deadline and not self.stop_event.is_set():
             behind = {tp: end for tp, end in behind.items() if done(tp) < end}
-        if behind:
+            unassigned = {n for n in unassigned if not (c := consumers[n]) or not c.lag()}
+            if not behind and not unassigned:
+                break
+            self._consume_side_topics(wait=0.2)
+        if behind or unassigned:
             log.warning(
                 "catch_up_incomplete",
                 behind={part_key(tp): end - done(tp) for tp, end in behind.items()},
+                unassigned=sorted(unassigned),
             )
         else:
             assert self.predictor is not None
@@ -387,9 +396,11 @@ class ScorerService:
         """One poll of the policy, lift and dead-letter consumers, persisted."""
         assert self._lift is not None and self._dlq is not None and self._policies is not None
         s = self.settings.service
-        self._apply_policies(self._policies.poll(0.0, s.max_poll_records))
+        # Each one waits a little: a poll that returns at once may never drive
+        # a consumer's group join to its end.
+        self._apply_policies(self._policies.poll(min(wait, 0.1), s.max_poll_records))
         lifts = self._fresh(self._lift.poll(wait, s.max_poll_records))
-        lifts += self._fresh(self._dlq.poll(0.0, s.max_poll_records))
+        lifts += self._fresh(self._dlq.poll(min(wait, 0.05), s.max_poll_records))
         fx = self._learn(lifts, time.time()) if lifts else Effects()
         if lifts or fx:
             self._persist_and_send([], lifts, fx)
