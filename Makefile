@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-test setup-images demo test test-fast test-science test-vllm lint typecheck eval bench images stack clean
+.PHONY: setup setup-test setup-images demo test test-fast test-science test-vllm test-replicas lint typecheck eval bench images stack clean
 
 setup:
 	./scripts/setup.sh
@@ -45,6 +45,12 @@ lint:
 
 typecheck:
 	$(VENV)/bin/mypy
+
+# Opt-in, slow (tens of minutes): 3 scorer replicas and the trainer on 5,000
+# traces, a scale event with a deleted state dir, a rolling restart, the audit.
+# `make test` runs the short form. Figures: `tapd reliability --replicas`.
+test-replicas: setup-test
+	$(PY) -m pytest -q --replicas-full tests/service/test_replicas.py
 
 # Opt-in, slow (minutes), needs root: not part of `make test`. Figures in docs/DEPLOY.md.
 # The CPU scorer and trainer images, built by podman on a debootstrap base (no registry pulls).

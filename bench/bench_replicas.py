@@ -97,8 +97,8 @@ def drain(
     workdir: Path,
     partitions: int,
 ) -> Phase:
-    from lab.localbroker import LocalBroker
-    from streams.kafka import KafkaProducer, client_config
+    from lab.localbroker import KAFKA09_API_VERSION, LocalBroker
+    from streams.kafka import KafkaProducer, KafkaTransport, client_config
     from streams.settings import TransportSettings
 
     assert isinstance(broker, LocalBroker)
@@ -122,10 +122,10 @@ def drain(
             topics["POLICIES"]: (1, compact),
         }
     )
-    producer = KafkaProducer(
-        client_config(TransportSettings(kind="kafka", bootstrap_servers=broker.bootstrap))
-        | {"api_version": (0, 9)}
+    settings = TransportSettings(
+        kind="kafka", bootstrap_servers=broker.bootstrap, api_version=KAFKA09_API_VERSION
     )
+    producer = KafkaProducer(client_config(settings), KafkaTransport(settings).capabilities)
     for value, key in zip(traces, keys, strict=True):
         producer.send(topics["TRACES"], value, key=key)
     producer.flush(120.0)
@@ -135,6 +135,7 @@ def drain(
         **os.environ,
         "TAPD_TRANSPORT__KIND": "kafka",
         "TAPD_TRANSPORT__BOOTSTRAP_SERVERS": broker.bootstrap,
+        "TAPD_TRANSPORT__API_VERSION": KAFKA09_API_VERSION,
         "TAPD_TRANSPORT__SESSION_TIMEOUT_MS": "10000",
         "TAPD_SERVICE__GROUP": f"{run}-scorer",
         "TAPD_THRESHOLDS__SHADOW_MODE": "true",

@@ -30,6 +30,10 @@ INTRO = {
     "bench.bench_predictor": "Per-cohort scoring latency (p50/p99) and LightGBM refit time on "
     "10k labels (the predictor's own benchmark).",
     "bench.bench_features": "Featurization cost per cohort (the features' own benchmark).",
+    "bench.bench_replicas": "Drain rate of a slice-keyed traces topic by one and by two "
+    "`tapd run` replicas on the real local Kafka broker, and CPU-seconds per trace of the "
+    "replica processes (the target: two at >= 1.6x the rate of one, CPU per trace no more "
+    "than 10% above one's). Both share this machine's cores with the broker.",
 }
 
 
@@ -50,11 +54,16 @@ def main() -> None:
     ap.add_argument("--memory-traces", type=int, default=1_000_000)
     ap.add_argument("--scorer-traces", type=int, default=4_000)
     ap.add_argument("--embedded-records", type=int, default=50_000)
+    ap.add_argument("--replica-traces", type=int, default=20_000)
     args = ap.parse_args()
     plan: list[tuple[str, list[str]]] = [
         ("bench.bench_scorer", ["--traces", str(args.scorer_traces)]),
         ("bench.bench_embedded", ["--records", str(args.embedded_records)]),
         ("bench.bench_memory", ["--traces", str(args.memory_traces)]),
+        (
+            "bench.bench_replicas",
+            ["--traces", str(args.replica_traces), "--json", "docs/bench_replicas.json"],
+        ),
     ]
     # The predictor's and the features' own benchmarks: per-cohort scoring
     # latency and the LightGBM refit on 10k labels.

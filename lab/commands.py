@@ -292,18 +292,36 @@ def reliability(
             help="run only this part ('hostile') and replace its section of the report",
         ),
     ] = None,
+    replicas: Annotated[
+        bool,
+        typer.Option(
+            "--replicas",
+            help="only the replicas run (scorer replicas, a scale event with a deleted "
+            "state dir, a rolling restart; needs the local Kafka broker): rewrites its "
+            "section of the report, keeping the rest",
+        ),
+    ] = False,
 ) -> None:
     """Chaos, load, fuzz and hostile-input runs, audit of every topic, figures to RELIABILITY.md."""
-    from lab.reliability import run_hostile_only, run_suite
-
     command = "tapd " + " ".join(sys.argv[1:])
     say = lambda m: typer.echo(m, err=True)  # noqa: E731
     if only not in (None, "hostile"):
         typer.echo(f"--only: 'hostile' is the part that runs alone, not {only!r}", err=True)
         raise typer.Exit(2)
-    if only == "hostile":
+    if replicas and only:
+        typer.echo("--replicas and --only: one part at a time", err=True)
+        raise typer.Exit(2)
+    if replicas:
+        from lab.replicas import run_suite as run_replicas
+
+        ok = run_replicas(short, out, workdir, command, say)
+    elif only == "hostile":
+        from lab.reliability import run_hostile_only
+
         ok = run_hostile_only(short, out, workdir, command, say)
     else:
+        from lab.reliability import run_suite
+
         ok = run_suite(short, out, workdir, command, say)
     typer.echo(f"figures written to {out}")
     if not ok:

@@ -36,6 +36,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from lab.localbroker import KAFKA09_API_VERSION
 from lab.reliability import (
     Audit,
     ServiceProcess,
@@ -67,7 +68,7 @@ class ReplicaConfig:
     max_in_flight: int = 2
     chunks: int = 8
     seed: int = 0
-    timeout_s: float = 1500.0
+    timeout_s: float = 2400.0
 
     @property
     def short(self) -> bool:
@@ -314,6 +315,7 @@ def _env(cfg: ReplicaConfig, root: Path, bootstrap: str) -> dict[str, str]:
         "TAPD_LOG_LEVEL": "info",
         "TAPD_TRANSPORT__KIND": "kafka",
         "TAPD_TRANSPORT__BOOTSTRAP_SERVERS": bootstrap,
+        "TAPD_TRANSPORT__API_VERSION": KAFKA09_API_VERSION,  # it never answers ApiVersions
         # The scorers leave the group on SIGTERM (an immediate rebalance); the
         # session only bounds how long a crashed member holds its partitions.
         "TAPD_TRANSPORT__SESSION_TIMEOUT_MS": "10000",
@@ -447,7 +449,10 @@ def run(
     names = TopicNames()
     transport = open_transport(
         TransportSettings(
-            kind="kafka", bootstrap_servers=broker.bootstrap, session_timeout_ms=6_000
+            kind="kafka",
+            bootstrap_servers=broker.bootstrap,
+            api_version=KAFKA09_API_VERSION,
+            session_timeout_ms=6_000,
         )
     )
     env = _env(cfg, workdir, broker.bootstrap)
@@ -588,7 +593,9 @@ def report(r: ReplicaRun, command: str) -> str:
         "| figure | count |",
         "|---|---:|",
     ]
-    lines += [f"| {k} | {v if v is not None else '-'} |" for k, v in a.figures().items()]
+    # Each replica's label store is audited below, against every lift.
+    figures = {k: v for k, v in a.figures().items() if k != "labels in the predictor's label log"}
+    lines += [f"| {k} | {v} |" for k, v in figures.items()]
     lines += [
         f"| lifts learned by each replica | {', '.join(f'{k} {v}' for k, v in c.labels_per_replica.items())} |",
         f"| predictor model version on each replica | {', '.join(f'{k} v{v:.0f}' for k, v in c.model_versions.items())} |",
@@ -633,6 +640,13 @@ def write_section(path: Path, section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text if text.endswith("\n") else text + "\n")
+
+
+def keep_section(previous: str, path: Path) -> None:
+    """Put the replicas section of ``previous`` (a report's old text) into ``path``."""
+    if BEGIN in previous and END in previous:
+        start = previous.index(BEGIN)
+        write_section(path, previous[start : previous.index(END, start) + len(END)] + "\n")
 
 
 def run_suite(

@@ -306,6 +306,7 @@ class KafkaTransport:
         self._max_poll_records = max_poll_records
         self._probe: _KConsumer | None = None
         self._reader: _KConsumer | None = None
+        self._meta: _KProducer | None = None
 
     def _client_config(self) -> Mapping[str, Any]:
         """The shared config plus the broker's API version, probed once here
@@ -365,33 +366,50 @@ class KafkaTransport:
                 # that first offset, never silently from the end.
                 auto_offset_reset="earliest",
                 max_poll_records=self._max_poll_records,
+                # A read at the end of a partition waits this long, not 500 ms.
+                fetch_max_wait_ms=20,
             )
         return self._reader
 
     def partitions(self, topic: str, timeout_s: float = 30.0) -> int:
         # A producer's metadata wait names the topic (public API in kafka-python
         # 2.x and 3.x alike): a missing topic is auto-created where the broker
-        # allows, and its partitions show once it has a leader.
-        producer = _KProducer(
-            **self._client_config(),
-            enable_idempotence=self.capabilities.idempotent_producer,
-            max_block_ms=int(timeout_s * 1000),
-        )
+        # allows, and its partitions show once it has a leader. One producer is
+        # kept for these lookups (closed with the transport).
+        if self._meta is None:
+            self._meta = _KProducer(
+                **self._client_config(),
+                enable_idempotence=self.capabilities.idempotent_producer,
+                max_block_ms=int(timeout_s * 1000),
+            )
         try:
-            found = producer.partitions_for(topic)
+            found = self._meta.partitions_for(topic)
         except KafkaTimeoutError:
             found = None
-        finally:
-            producer.close()
         if not found:
             raise KafkaTimeoutError(f"topic {topic!r}: no partitions after {timeout_s}s")
         return len(found)
 
     def end_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        """The high watermark of each partition, from a fetch (ListOffsets alone
+        is wrong on some brokers after a batched produce: tansu answers the
+        last batch's base + 1)."""
         if not tps:
             return {}
-        ends = self._read_client().end_offsets([_KTP(tp.topic, tp.partition) for tp in tps])
-        return {_tp(k): int(v) for k, v in ends.items()}
+        reader = self._read_client()
+        ktps = [_KTP(tp.topic, tp.partition) for tp in tps]
+        listed = {k: int(v) for k, v in reader.end_offsets(ktps).items()}
+        reader.unsubscribe()  # a fresh assignment: no watermark from an earlier fetch
+        reader.assign(ktps)
+        for k in ktps:
+            reader.seek(k, listed[k])
+        deadline = time.monotonic() + self.settings.request_timeout_ms / 1000
+        while True:
+            marks = {k: reader.highwater(k) for k in ktps}
+            if all(m is not None for m in marks.values()) or time.monotonic() > deadline:
+                break
+            reader.poll(timeout_ms=100, max_records=1)  # only the watermark is wanted
+        return {_tp(k): max(int(marks[k] or 0), listed[k]) for k in ktps}
 
     def read(self, tp: TopicPartition, start: int, end: int) -> list[Record]:
         start = max(0, start)
@@ -399,6 +417,7 @@ class KafkaTransport:
             return []
         reader = self._read_client()
         ktp = _KTP(tp.topic, tp.partition)
+        reader.unsubscribe()
         reader.assign([ktp])
         reader.seek(ktp, start)
         out: list[Record] = []
@@ -429,6 +448,9 @@ class KafkaTransport:
             return False
 
     def close(self) -> None:
+        if self._meta is not None:
+            self._meta.close()
+            self._meta = None
         if self._reader is not None:
             self._reader.close()
             self._reader = None

@@ -27,6 +27,23 @@ if TYPE_CHECKING:
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--replicas-full",
+        action="store_true",
+        help="run the full scorer-replica run (3 replicas, 5,000 traces: many minutes)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--replicas-full"):
+        return
+    skip = pytest.mark.skip(reason="the full replica run is opt-in: pytest --replicas-full")
+    for item in items:
+        if "replicas_full" in item.keywords:
+            item.add_marker(skip)
+
+
 def _missing(reason: str) -> None:
     if IN_CI:
         pytest.fail(f"{reason} (CI=true: the Kafka tests must run here)")

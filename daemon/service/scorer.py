@@ -311,21 +311,29 @@ class ScorerService:
             )
 
     def _latest(self, tp: TopicPartition) -> PartitionState | None:
-        """The newest state record of traces partition ``tp`` (the last record of the
-        changelog partition of the same number)."""
-        ctp = TopicPartition(self.settings.topics.changelog, tp.partition)
-        end = self.transport.end_offsets([ctp]).get(ctp, 0)
-        if end <= 0:
-            return None
-        for rec in self.transport.read(ctp, end - 1, end):
-            try:
-                state = PartitionState.decode(rec.value)
-            except (ValueError, KeyError, TypeError) as e:
-                log.error("partition_state_unreadable", partition=tp.partition, reason=str(e))
-                return None
-            if state.tp == tp:
-                return state
-        return None
+        return self._latest_many([tp]).get(tp)
+
+    def _latest_many(
+        self, tps: Sequence[TopicPartition]
+    ) -> dict[TopicPartition, PartitionState | None]:
+        """The newest state record of each traces partition in ``tps`` (the last record
+        of the changelog partition of the same number)."""
+        changelog = self.settings.topics.changelog
+        ends = self.transport.end_offsets([TopicPartition(changelog, tp.partition) for tp in tps])
+        out: dict[TopicPartition, PartitionState | None] = {}
+        for tp in tps:
+            ctp = TopicPartition(changelog, tp.partition)
+            end = ends.get(ctp, 0)
+            out[tp] = None
+            for rec in self.transport.read(ctp, end - 1, end) if end > 0 else []:
+                try:
+                    state = PartitionState.decode(rec.value)
+                except (ValueError, KeyError, TypeError) as e:
+                    log.error("partition_state_unreadable", partition=tp.partition, reason=str(e))
+                    continue
+                if state.tp == tp:
+                    out[tp] = state
+        return out
 
     def _mine(self, latest: PartitionState | None) -> bool:
         """No other incarnation has written the partition's state since this one did."""
@@ -336,10 +344,8 @@ class ScorerService:
         if no other replica has written their state since (else the disk's copy and
         the messages it still owes for them are stale: dropped). What is kept is set
         aside until the group assigns the partition."""
-        stale = []
-        for tp in list(self.cohorts.parts):
-            if not self._mine(self._latest(tp)):
-                stale.append(tp)
+        latest = self._latest_many(list(self.cohorts.parts))
+        stale = [tp for tp, state in latest.items() if not self._mine(state)]
         if stale:
             dropped = self.store.drop_owned(part_key(tp) for tp in stale)
             log.warning(
@@ -353,25 +359,34 @@ class ScorerService:
                 self._suspended[tp] = detached
 
     def _catch_up(self) -> None:
-        """Read the policy, lift and dead-letter topics up to where they end now."""
+        """Read the policy, lift and dead-letter topics up to where they end now, and
+        be assigned all three (the dead-letter consumer starts at the end: it must
+        hold its position before this replica dispatches anything)."""
         topics = self.settings.topics
         targets: dict[TopicPartition, int] = {}
         for topic in (topics.policies, topics.lift):
             tps = [TopicPartition(topic, p) for p in range(self.transport.partitions(topic))]
             targets.update(self.transport.end_offsets(tps))
+        self.transport.partitions(topics.dlq)  # exists before its consumer joins
         deadline = time.monotonic() + self.settings.service.catch_up_timeout_s
 
         def done(tp: TopicPartition) -> int:
             return (self._policy_at if tp.topic == topics.policies else self._done).get(tp, 0)
 
-        behind = {tp: end for tp, end in targets.items() if done(tp) < end}
-        while behind and time.monotonic() < deadline and not self.stop_event.is_set():
-            self._consume_side_topics(wait=0.5)
+        consumers = {"policies": self._policies, "lift": self._lift, "dlq": self._dlq}
+        unassigned = set(consumers)
+        behind = dict(targets)
+        while time.monotonic() < deadline and not self.stop_event.is_set():
             behind = {tp: end for tp, end in behind.items() if done(tp) < end}
-        if behind:
+            unassigned = {n for n in unassigned if not (c := consumers[n]) or not c.lag()}
+            if not behind and not unassigned:
+                break
+            self._consume_side_topics(wait=0.2)
+        if behind or unassigned:
             log.warning(
                 "catch_up_incomplete",
                 behind={part_key(tp): end - done(tp) for tp, end in behind.items()},
+                unassigned=sorted(unassigned),
             )
         else:
             assert self.predictor is not None
@@ -381,9 +396,11 @@ class ScorerService:
         """One poll of the policy, lift and dead-letter consumers, persisted."""
         assert self._lift is not None and self._dlq is not None and self._policies is not None
         s = self.settings.service
-        self._apply_policies(self._policies.poll(0.0, s.max_poll_records))
+        # Each one waits a little: a poll that returns at once may never drive
+        # a consumer's group join to its end.
+        self._apply_policies(self._policies.poll(min(wait, 0.1), s.max_poll_records))
         lifts = self._fresh(self._lift.poll(wait, s.max_poll_records))
-        lifts += self._fresh(self._dlq.poll(0.0, s.max_poll_records))
+        lifts += self._fresh(self._dlq.poll(min(wait, 0.05), s.max_poll_records))
         fx = self._learn(lifts, time.time()) if lifts else Effects()
         if lifts or fx:
             self._persist_and_send([], lifts, fx)
@@ -440,10 +457,14 @@ class ScorerService:
         parts: dict[TopicPartition, Detached] = {}
         seeks: dict[TopicPartition, int] = {}
         hows: dict[str, list[int]] = {"kept": [], "rebuilt": [], "fresh": []}
-        for tp in tps:
-            if tp.topic != self.settings.topics.traces or tp in self.cohorts.parts:
-                continue
-            latest = self._latest(tp)
+        new = [
+            tp
+            for tp in tps
+            if tp.topic == self.settings.topics.traces and tp not in self.cohorts.parts
+        ]
+        states = self._latest_many(new)
+        for tp in new:
+            latest = states[tp]
             mine = self._suspended.pop(tp, None)
             if mine is not None and self._mine(latest):
                 parts[tp], how = mine, "kept"
@@ -770,8 +791,8 @@ class ScorerService:
         replica has written that partition's state since (a failed hand-back, a
         restart): else that replica has redone their work, and they are dropped."""
         held = {part_key(tp) for tp in self.cohorts.parts}
-        check = {o.owner for o in owed if o.owner is not None and o.owner not in held}
-        stale = {k for k in check if not self._mine(self._latest(part_of(k)))}
+        check = [part_of(o) for o in {o.owner for o in owed} if o is not None and o not in held]
+        stale = {part_key(tp) for tp, st in self._latest_many(check).items() if not self._mine(st)}
         if not stale:
             return owed
         self.store.drop_owned(stale)

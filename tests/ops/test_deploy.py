@@ -24,7 +24,7 @@ import jsonschema
 import pytest
 import yaml
 
-from daemon.config import load_thresholds
+from daemon.config import Topics, load_thresholds
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -43,7 +43,7 @@ def _tool(name: str, hint: str) -> str:
     return path
 
 
-TOPICS = {"tap.traces", "tap.dispatch", "tap.lift", "tap.dlq", "tap.labels", "tap.decisions"}
+TOPICS = set(Topics().model_dump().values())
 
 
 def compose_errors(doc: Any) -> list[str]:
@@ -184,7 +184,21 @@ def test_compose_stack_is_wired() -> None:
     script = "\n".join(services["kafka-init"]["command"])
     created = set(re.findall(r"--topic (\S+)", script))
     assert created == TOPICS
-    assert re.search(r"--topic tap.labels .*cleanup.policy=compact", script)
+    # What a scorer replica rebuilds from: compacted and kept; the changelog
+    # with a partition per traces partition; one order for lifts and policies.
+    spec = {
+        m[0]: (int(m[1]), m[2])
+        for m in re.findall(r"--topic (\S+)\s+--partitions (\d+)(.*)", script)
+    }
+    for name in ("tap.labels", "tap.lift", "tap.policies", "tap.scorer-state"):
+        assert "cleanup.policy=compact" in spec[name][1] and "retention.ms=-1" in spec[name][1]
+    for name in ("tap.lift", "tap.policies", "tap.labels"):
+        assert spec[name][0] == 1, name
+    assert spec["tap.scorer-state"][0] == spec["tap.traces"][0]
+    # Kept policy versions: written by the trainer, read by the scorer, same path.
+    store = doc["x-tapd-env"]["TAPD_POLICY__STORE_PATH"]
+    assert f"policies:{store}" in services["trainer"]["volumes"]
+    assert f"policies:{store}:ro" in services["scorer"]["volumes"]
     for role in ("scorer", "trainer"):
         dep = services[role]["depends_on"]["kafka-init"]
         assert dep["condition"] == "service_completed_successfully"

@@ -22,7 +22,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from daemon.config import load_thresholds
+from daemon.config import ServiceSettings, Topics, load_thresholds
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
@@ -35,7 +35,7 @@ CRD_SCHEMAS = {
     ("keda.sh/v1alpha1", "ScaledObject"): "scaledobject_v1alpha1.json",
     ("keda.sh/v1alpha1", "TriggerAuthentication"): "triggerauthentication_v1alpha1.json",
 }
-TOPICS = {"tap.traces", "tap.dispatch", "tap.lift", "tap.dlq", "tap.labels", "tap.decisions"}
+TOPICS = set(Topics().model_dump().values())
 
 
 def _kustomize_cmd() -> list[str] | None:
@@ -219,11 +219,21 @@ def test_topics_and_autoscaling(rendered: tuple[str, list[dict[str, Any]]]) -> N
         assert t["metadata"]["labels"]["strimzi.io/cluster"] == "tapd-kafka"
         assert t["spec"]["partitions"] >= 1
         assert "retention.ms" in t["spec"]["config"]
-    assert topics["tap.labels"]["spec"]["config"]["cleanup.policy"] == "compact"
+    # The state a scorer replica rebuilds from: compacted, kept forever; the
+    # label, policy and label-output topics in one order for every replica;
+    # the changelog with a partition per traces partition.
+    for name in ("tap.labels", "tap.lift", "tap.policies", "tap.scorer-state"):
+        config = topics[name]["spec"]["config"]
+        assert config["cleanup.policy"] == "compact" and config["retention.ms"] == -1, name
+    for name in ("tap.lift", "tap.policies", "tap.labels"):
+        assert topics[name]["spec"]["partitions"] == 1, name
+    traces_partitions = topics["tap.traces"]["spec"]["partitions"]
+    assert topics["tap.scorer-state"]["spec"]["partitions"] == traces_partitions
     so = one(docs, "ScaledObject", "tapd-scorer")
     (trigger,) = so["spec"]["triggers"]
     assert trigger["type"] == "kafka"
-    assert trigger["metadata"]["consumerGroup"] == "tapd-scorer"
+    # KEDA reads the lag of the group the scorers join.
+    assert trigger["metadata"]["consumerGroup"] == ServiceSettings().group
     assert trigger["metadata"]["topic"] == "tap.traces"
     assert so["spec"]["maxReplicaCount"] <= topics["tap.traces"]["spec"]["partitions"]
     assert so["spec"]["scaleTargetRef"]["name"] == "tapd-scorer"
@@ -307,3 +317,34 @@ def test_kubernetes_validate_cli_strict_on_every_overlay(tmp_path: Path) -> None
             if "Couldn't find schema" in line
         }
         assert missing <= {kind for _, kind in CRD_SCHEMAS}
+
+
+def test_policy_versions_reach_every_pod_at_the_announced_path(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    """The trainer writes kept versions to TAPD_POLICY__STORE_PATH and announces
+    their file:// URIs; every scorer pod must see the same files at the same path."""
+    _, docs = rendered
+    env = one(
+        docs,
+        "ConfigMap",
+        next(
+            d["metadata"]["name"]
+            for d in docs
+            if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("tapd-env")
+        ),
+    )["data"]
+    store = env["TAPD_POLICY__STORE_PATH"]
+    pvc = one(docs, "PersistentVolumeClaim", "tapd-policies")
+    assert "ReadWriteMany" in pvc["spec"]["accessModes"]
+    for kind, name, writable in (
+        ("StatefulSet", "tapd-trainer", True),
+        ("Deployment", "tapd-scorer", False),
+    ):
+        pod = one(docs, kind, name)["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == store]
+        claim = volumes[mount["name"]]["persistentVolumeClaim"]
+        assert claim["claimName"] == "tapd-policies"
+        assert bool(mount.get("readOnly")) is not writable, name
