@@ -22,7 +22,7 @@ test: setup-test
 	$(VENV)/bin/ruff check daemon streams lab tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -m "not science and not realmodel"
+	$(PY) -m pytest -q --durations=25 -m "not science and not realmodel"
 
 # The lab organism's learning outcomes (frontier lift significance, competence
 # bands, the quick evaluation): slow, and sensitive to the CPU the tiny policy

@@ -72,7 +72,9 @@ def main() -> None:
         def score(s: PredictorStage = stage, it: Iterator[dict[str, float]] = features) -> object:
             return s.predict(next(it))
 
-        def learn(s: PredictorStage = stage, it: Iterator[tuple[dict[str, float], float]] = labels) -> None:
+        def learn(
+            s: PredictorStage = stage, it: Iterator[tuple[dict[str, float], float]] = labels
+        ) -> None:
             s.learn(*next(it))
 
         rows.append(

@@ -297,7 +297,9 @@ class KafkaConsumer:
 
 class KafkaTransport:
     @classmethod
-    def from_settings(cls, settings: TransportSettings, max_poll_records: int = 500) -> KafkaTransport:
+    def from_settings(
+        cls, settings: TransportSettings, max_poll_records: int = 500
+    ) -> KafkaTransport:
         return cls(settings, max_poll_records=max_poll_records)
 
     def __init__(self, settings: TransportSettings, max_poll_records: int = 500) -> None:

@@ -346,9 +346,7 @@ REFERENCE_NOT_AN_ANSWER = frozenset({"code"})
 CROSS_PROBES_PER_REFERENCE = 2
 
 
-def _passes(
-    verify: Callable[[str, str], float] | None, answer: str, reference: str
-) -> bool | None:
+def _passes(verify: Callable[[str, str], float] | None, answer: str, reference: str) -> bool | None:
     """Whether a verifier rewards ``answer``; unknown verifiers reward everything.
 
     ``None``: not probed (a sandboxed run over the cohort's probe budget).

@@ -81,7 +81,9 @@ def make_rollout_engine(policy: PolicySettings, model_path: str | None = None) -
 
     name = policy.rollout_engine
     if name not in ENGINES:
-        raise ValueError(f"policy.rollout_engine: unknown engine {name!r} (known: {sorted(ENGINES)})")
+        raise ValueError(
+            f"policy.rollout_engine: unknown engine {name!r} (known: {sorted(ENGINES)})"
+        )
     path = model_path or (str(policy.model_path) if policy.model_path else None)
     module, attr = ENGINES[name].split(":")
     cls = getattr(importlib.import_module(module), attr)

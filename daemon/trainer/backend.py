@@ -35,7 +35,6 @@ class TrainOutcome:
         return self.rewards[-1] if self.rewards else 0.0
 
 
-
 RewardFn = Callable[..., list[float | None]]
 
 

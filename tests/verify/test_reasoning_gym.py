@@ -6,7 +6,9 @@ import pytest
 
 from daemon.verify.registry import VerifierArgsError, get_verifier, known_verifiers
 
-pytest.importorskip("reasoning_gym", reason="optional dependency: pip install 'tapd[reasoning-gym]'")
+pytest.importorskip(
+    "reasoning_gym", reason="optional dependency: pip install 'tapd[reasoning-gym]'"
+)
 
 
 def test_registered_with_the_product_verifiers() -> None:
