@@ -29,6 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from streams.schemas import MAX_ID_CHARS
 from streams.settings import TransportSettings
 
 
@@ -55,9 +56,11 @@ class Topics(_Frozen):
 
 class CohortingSettings(_Frozen):
     # The capability-slice key: which trace fields (or ``tags.<name>``) a
-    # cohort's members share. Tenants are pooled by default: a capability is
-    # the policy's, whoever asked, and pooling fills cohorts sooner. Add
-    # "tenant" to make cohorts (and so training and its lift) per tenant.
+    # cohort's members share. Tenants are pooled by default (the decision,
+    # docs/ARCHITECTURE.md "Tenants"): a capability is the policy's, whoever
+    # asked, and pooling fills cohorts sooner. Add "tenant" to make cohorts
+    # (and so training and its lift) per tenant; producers must then key
+    # traces by the new slice key too.
     slice_key: tuple[str, ...] = ("subject", "tags.task_type", "tags.operation", "verifier")
     max_groups: int = Field(
         default=8, ge=1, le=256, description="prompt groups that close a cohort"
@@ -345,6 +348,35 @@ class ServiceSettings(_Frozen):
         return self.replica or os.environ.get("HOSTNAME") or socket.gethostname() or "local"
 
 
+class MetricsSettings(_Frozen):
+    """What the scorer's per-tenant metrics label (daemon/core/tenants.py).
+
+    At most ``max_tenants`` tenants get a ``tenant`` label of their own: the
+    pinned ``tenants`` first, then the first others the process sees; the
+    rest count as ``other``. Not persisted: a restart chooses again.
+    """
+
+    max_tenants: int = Field(
+        default=20, ge=0, le=1_000, description="tenant label values besides other and unknown"
+    )
+    tenants: tuple[str, ...] = Field(
+        default=(), description="tenants that always get their own label (pinned)"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MetricsSettings:
+        if len(set(self.tenants)) != len(self.tenants):
+            raise ValueError(f"metrics.tenants: a tenant is named twice in {list(self.tenants)}")
+        if any(not t or len(t) > MAX_ID_CHARS for t in self.tenants):
+            raise ValueError(f"metrics.tenants: each tenant is 1 to {MAX_ID_CHARS} characters")
+        if len(self.tenants) > self.max_tenants:
+            raise ValueError(
+                f"metrics.tenants: {len(self.tenants)} pinned tenants, "
+                f"more than metrics.max_tenants ({self.max_tenants})"
+            )
+        return self
+
+
 class TapdSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TAPD_", env_nested_delimiter="__", frozen=True, extra="forbid"
@@ -361,6 +393,7 @@ class TapdSettings(BaseSettings):
     thresholds: Thresholds = Thresholds()
     verify: VerifySettings = VerifySettings()
     service: ServiceSettings = ServiceSettings()
+    metrics: MetricsSettings = MetricsSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     def policy_store_dir(self) -> Path:

@@ -5,7 +5,8 @@ in :attr:`daemon.core.pipeline.Effects.events`, and the runtime
 (:mod:`daemon.runtime.observe`) turns each into one log line and the metric
 updates it implies. An event names its cohort or trace, so every log line
 carries the ids; metrics use only the bounded fields (stage, cause,
-selection, recommendation).
+selection, recommendation), and tenants only through the bounded chooser
+of :mod:`daemon.core.tenants`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class TracesConsumed:
+    """``n`` trace records read; ``tenants``: how many of them each tenant sent
+    (first-seen order; ``unknown`` for a record whose tenant cannot be read)."""
+
     n: int
+    tenants: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +44,9 @@ class TraceRejected:
     reason: str
     trace_id: str | None = None
     offset: int | None = None
+    # The trace's tenant (``unknown`` when its bytes do not say); None for a
+    # record that is not a trace (a lift result).
+    tenant: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +79,9 @@ class CohortScored:
 class Dispatched:
     cohort_id: str
     selection: str
+    # How many of the dispatched traces each tenant sent (a cohort mixes
+    # tenants unless ``tenant`` is in the slice key).
+    tenants: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

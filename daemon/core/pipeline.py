@@ -59,6 +59,7 @@ from daemon.core.cohorting import (
 )
 from daemon.core.decision import ScoredCohort
 from daemon.core.features import FEATURE_SCHEMA
+from daemon.core.tenants import tenant_counts, tenant_of_record
 from streams.deadletter import (
     INTERNAL,
     Poison,
@@ -412,19 +413,25 @@ class Scorer:
     def on_traces(self, records: Sequence[Record], now: float) -> Effects:
         """Decode and cohort a batch of trace records (cheap)."""
         fx = self._restored_letters(now)
-        if records:
-            self._emit(ev.TracesConsumed(len(records)))
+        # Decoded first, so that the batch's tenants are reported (and so
+        # given their metric labels) in the order they were read.
+        decoded: list[tuple[Record, Trace | Poison, str]] = []
         for rec in records:
             with self._timed("decode"):
-                trace = decode_record(rec, Trace, "decode", now)
+                got = decode_record(rec, Trace, "decode", now)
+            tenant = tenant_of_record(rec.value) if isinstance(got, Poison) else got.tenant
+            decoded.append((rec, got, tenant))
+        if records:
+            self._emit(ev.TracesConsumed(len(records), tenant_counts(t for _, _, t in decoded)))
+        for rec, trace, tenant in decoded:
             if isinstance(trace, Poison):
-                self._poison(trace, rec, fx)
+                self._poison(trace, rec, fx, tenant)
                 continue
             with self._timed("cohorting"):
                 try:
                     events = self.cohorts.on_item(trace, now, content_digest(rec.value))
                 except Exception as e:  # a bug must not turn this record into a crash loop
-                    self._poison(self._internal(rec, "cohorting", e, now), rec, fx)
+                    self._poison(self._internal(rec, "cohorting", e, now), rec, fx, trace.tenant)
                     continue
                 if not any(
                     isinstance(e, Duplicate | Conflict)
@@ -439,9 +446,14 @@ class Scorer:
                 fx += self._cohort_events(events, now, rec)
         return self._done(fx)
 
-    def _poison(self, poison: Poison, rec: Record, fx: Effects) -> None:
+    def _poison(self, poison: Poison, rec: Record, fx: Effects, tenant: str | None) -> None:
+        """Dead-letter an undecodable record (``tenant``: its tenant; None if not a trace)."""
         fx.dead_letters.append(poison.letter)
-        self._emit(ev.TraceRejected(poison.stage, poison.field, poison.reason, offset=rec.offset))
+        self._emit(
+            ev.TraceRejected(
+                poison.stage, poison.field, poison.reason, offset=rec.offset, tenant=tenant
+            )
+        )
 
     @staticmethod
     def _internal(rec: Record, stage: str, e: BaseException, now: float) -> Poison:
@@ -469,7 +481,13 @@ class Scorer:
                 # This copy's own bytes, not the first copy's (which keeps its place).
                 fx.dead_letters.append(dead_letter(rec, "cohorting", "trace_id", e.reason, now))
                 self._emit(
-                    ev.TraceRejected("cohorting", "trace_id", e.reason, trace_id=e.trace.trace_id)
+                    ev.TraceRejected(
+                        "cohorting",
+                        "trace_id",
+                        e.reason,
+                        trace_id=e.trace.trace_id,
+                        tenant=e.trace.tenant,
+                    )
                 )
             elif isinstance(e, Duplicate):
                 self._emit(ev.TraceDuplicate(e.trace_id))
@@ -482,7 +500,15 @@ class Scorer:
 
         Its fate is decided, so its origin is forgotten."""
         origin = self._origins.pop(rej.trace.trace_id, None)
-        self._emit(ev.TraceRejected(rej.stage, rej.field, rej.reason, trace_id=rej.trace.trace_id))
+        self._emit(
+            ev.TraceRejected(
+                rej.stage,
+                rej.field,
+                rej.reason,
+                trace_id=rej.trace.trace_id,
+                tenant=rej.trace.tenant,
+            )
+        )
         if origin is not None:
             src = Record(origin.topic, origin.partition, origin.offset, None, origin.raw, 0)
             reason = rej.reason if origin.exact else f"{rej.reason} [original re-encoded]"
@@ -735,7 +761,11 @@ class Scorer:
             self.in_flight[dispatch.cohort_id] = InFlight(
                 dispatch.cohort_id, d.selection, dispatch.predicted_lift, now
             )
-            self._emit(ev.Dispatched(dispatch.cohort_id, d.selection))
+            self._emit(
+                ev.Dispatched(
+                    dispatch.cohort_id, d.selection, tenant_counts(t.tenant for t in s.traces)
+                )
+            )
         return fx
 
     def _cohort_seed(self, cohort: Cohort) -> int:
@@ -760,7 +790,7 @@ class Scorer:
             with self._timed("lift"):
                 lift = decode_record(rec, LiftResult, "lift", now)
                 if isinstance(lift, Poison):
-                    self._poison(lift, rec, fx)
+                    self._poison(lift, rec, fx, None)
                     continue
                 try:
                     fx += self._learn(lift, now)
@@ -924,7 +954,15 @@ class Scorer:
         if self._unrestored:
             for rec, stage, field_name, reason in self._unrestored:
                 fx.dead_letters.append(dead_letter(rec, stage, field_name, reason, now))
-                self._emit(ev.TraceRejected(stage, field_name, reason, offset=rec.offset))
+                self._emit(
+                    ev.TraceRejected(
+                        stage,
+                        field_name,
+                        reason,
+                        offset=rec.offset,
+                        tenant=tenant_of_record(rec.value),
+                    )
+                )
             self._unrestored = []
         return fx
 

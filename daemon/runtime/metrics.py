@@ -8,7 +8,11 @@ trace id).
 
 Every labelled counter starts at zero for every known label value (the
 bounded words of :mod:`daemon.core.vocabulary`), so that ``increase()`` sees
-the first event rather than a series that appears at 1. Each registry also
+the first event rather than a series that appears at 1. The ``tenant``
+label is bounded by :class:`daemon.core.tenants.TenantLabels` (at most
+``metrics.max_tenants`` tenants, the rest as ``other``); ``other``,
+``unknown`` and the pinned tenants start at zero, a tenant given a label
+later starts with the event that admitted it. Each registry also
 carries ``tapd_build_info`` and the process, platform and GC collectors
 (``process_*``, ``python_*``).
 """
@@ -30,6 +34,7 @@ from prometheus_client import (
 )
 from prometheus_client.gc_collector import GCCollector
 
+from daemon.core.tenants import TenantLabels
 from daemon.core.vocabulary import (
     ADMIN_OUTCOMES,
     CLOSE_CAUSES,
@@ -108,9 +113,11 @@ class ScorerMetrics:
         registry: CollectorRegistry | None = None,
         topics: Iterable[str] = (),
         thresholds: Iterable[str] = (),
+        tenant_labels: TenantLabels | None = None,
     ) -> None:
         r = registry if registry is not None else CollectorRegistry()
         self.registry = r
+        self.tenant_labels = tenant_labels if tenant_labels is not None else TenantLabels()
         standard_collectors(r, "scorer")
         # Throughput and rejection
         self.traces_consumed = Counter(
@@ -125,6 +132,30 @@ class ScorerMetrics:
             "tapd_dead_letters",
             "Messages sent to the dead-letter topic, by the stage that rejected them.",
             ["stage"],
+            registry=r,
+        )
+        # Per tenant (bounded: daemon.core.tenants), all in traces. Consumed
+        # sums over tenant to tapd_traces_consumed_total; dead-lettered to the
+        # traces' part of tapd_dead_letters_total (which counts lift results
+        # too); dispatched counts the traces of dispatched cohorts, not cohorts.
+        self.tenant_traces_consumed = Counter(
+            "tapd_tenant_traces_consumed",
+            "Trace messages read from the traces topic, by tenant "
+            "(the first metrics.max_tenants seen; other: the rest; unknown: unreadable).",
+            ["tenant"],
+            registry=r,
+        )
+        self.tenant_traces_dead_lettered = Counter(
+            "tapd_tenant_traces_dead_lettered",
+            "Traces sent to the dead-letter topic, by tenant.",
+            ["tenant"],
+            registry=r,
+        )
+        self.tenant_traces_dispatched = Counter(
+            "tapd_tenant_traces_dispatched",
+            "Traces in cohorts dispatched to the trainer, by tenant "
+            "(a cohort mixes tenants unless tenant is in the slice key).",
+            ["tenant"],
             registry=r,
         )
         self.consumer_lag = Gauge(
@@ -300,6 +331,25 @@ class ScorerMetrics:
         preinit(self.admin_requests, "outcome", ADMIN_OUTCOMES)
         preinit(self.consumer_lag, "topic", topics)
         preinit(self.threshold_override, "name", thresholds)
+        for label in self.tenant_labels.values():
+            self._preinit_tenant(label)
+
+    def _preinit_tenant(self, label: str) -> None:
+        for metric in (
+            self.tenant_traces_consumed,
+            self.tenant_traces_dead_lettered,
+            self.tenant_traces_dispatched,
+        ):
+            metric.labels(tenant=label)
+
+    def tenant(self, tenant: str) -> str:
+        """The ``tenant`` label value for ``tenant`` (bounded); a newly labelled
+        tenant's series are created in all three per-tenant counters at once."""
+        n = len(self.tenant_labels)
+        label = self.tenant_labels.label(tenant)
+        if len(self.tenant_labels) != n:
+            self._preinit_tenant(label)
+        return label
 
     def watch(self, scorer: Any) -> None:
         """Read the scorer's open cohorts and in-flight dispatches at scrape time."""

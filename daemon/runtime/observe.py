@@ -28,9 +28,13 @@ def observe(events: Iterable[ev.Event], metrics: ScorerMetrics | None, logger: A
         elif isinstance(e, ev.TracesConsumed):
             if m:
                 m.traces_consumed.inc(e.n)
+                for tenant, n in e.tenants:
+                    m.tenant_traces_consumed.labels(tenant=m.tenant(tenant)).inc(n)
         elif isinstance(e, ev.TraceRejected):
             if m:
                 m.dead_letters.labels(stage=e.stage).inc()
+                if e.tenant is not None:
+                    m.tenant_traces_dead_lettered.labels(tenant=m.tenant(e.tenant)).inc()
             logger.info(
                 "trace_rejected",
                 stage=e.stage,
@@ -38,6 +42,7 @@ def observe(events: Iterable[ev.Event], metrics: ScorerMetrics | None, logger: A
                 reason=e.reason,
                 **({"trace_id": e.trace_id} if e.trace_id else {}),
                 **({"offset": e.offset} if e.offset is not None else {}),
+                **({"tenant": e.tenant} if e.tenant is not None else {}),
             )
         elif isinstance(e, ev.TraceDuplicate):
             if m:
@@ -74,6 +79,8 @@ def observe(events: Iterable[ev.Event], metrics: ScorerMetrics | None, logger: A
         elif isinstance(e, ev.Dispatched):
             if m:
                 m.dispatches.labels(selection=e.selection).inc()
+                for tenant, n in e.tenants:
+                    m.tenant_traces_dispatched.labels(tenant=m.tenant(tenant)).inc(n)
         elif isinstance(e, ev.DispatchReleased):
             if m:
                 m.dispatches_released.labels(cause=e.cause).inc()

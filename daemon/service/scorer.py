@@ -59,6 +59,7 @@ from typing import Any
 
 from daemon.config import TapdSettings, Thresholds
 from daemon.core.pipeline import Effects, Scorer
+from daemon.core.tenants import TenantLabels
 from daemon.core.vocabulary import PREDICTOR_STAGES, SELECTIONS
 from daemon.policy.store import PolicyVersion, version_number
 from daemon.runtime.http import audit, publish_thresholds
@@ -158,6 +159,14 @@ def reload_thresholds(holder: Any, path: Path, metrics: ScorerMetrics, source: s
     if record is not None and getattr(holder, "on_change", None) is None:
         audit(metrics, record, holder)
     return True
+
+
+def tenant_labels(settings: TapdSettings) -> TenantLabels:
+    """The per-tenant metrics' label chooser: pinned tenants, then the first seen.
+
+    Not persisted: a restarted scorer chooses again from the traces it reads
+    (daemon/core/tenants.py)."""
+    return TenantLabels(settings.metrics.max_tenants, settings.metrics.tenants)
 
 
 class ScorerService:
@@ -1071,7 +1080,11 @@ def run_scorer(settings: TapdSettings, transport: Transport | None = None) -> st
     state_dir = Path(settings.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     topics = settings.topics
-    metrics = ScorerMetrics(topics=(topics.traces, topics.lift, topics.dlq), thresholds=NAMES)
+    metrics = ScorerMetrics(
+        topics=(topics.traces, topics.lift, topics.dlq),
+        thresholds=NAMES,
+        tenant_labels=tenant_labels(settings),
+    )
     trips = RoundTrips()
     overrides = OverrideStore(state_dir / STATE_FILE)
     holder = ThresholdsHolder(settings.thresholds, store=overrides, lease_floor=trips.floor)
@@ -1218,7 +1231,7 @@ def replay_file(settings: TapdSettings, path: Path, out: Any) -> int:
                     n_lines += 1
         producer.flush()
         producer.close()
-        metrics = ScorerMetrics()
+        metrics = ScorerMetrics(tenant_labels=tenant_labels(settings))
         holder = ThresholdsHolder(settings.thresholds)
         scorer = build_scorer(settings, lambda: holder.current)
         printed = 0

@@ -34,11 +34,13 @@ def _trace(
     task_type: str | None = "add",
     policy: str = "p1",
     verifier: str = "exact",
+    tenant: str = "default",
 ) -> Trace:
     return Trace(
         schema="tapd.trace/1",
         trace_id=tid,
         ts=0.0,
+        tenant=tenant,
         subject=subject,
         tags={} if task_type is None else {"task_type": task_type},
         prompt=f"prompt {tid}",
@@ -215,6 +217,23 @@ def test_invalid_slice_key_names_the_field() -> None:
         CohortBuilder(_settings(slice_key=("tags.",)), "p1")
     key = slice_key_of(_trace("x", verifier="mcq"), ("verifier", "tags.level"))
     assert json.loads(key) == {"verifier": "mcq", "tags.level": ""}
+
+
+def test_tenants_are_pooled_by_default_and_split_with_tenant_in_the_slice_key() -> None:
+    """The documented default: one cohort for both tenants; "tenant" in the key splits them."""
+    assert "tenant" not in CohortingSettings().slice_key
+    assert validate_slice_key([*CohortingSettings().slice_key, "tenant"])[-1] == "tenant"
+    traces = [_trace(f"t{i}", tenant="acme" if i % 2 else "globex") for i in range(4)]
+
+    def cohorts(slice_key: tuple[str, ...], max_groups: int) -> list[Cohort]:
+        b = CohortBuilder(_settings(slice_key=slice_key, max_groups=max_groups), "p1")
+        return _closed([e for i, t in enumerate(traces) for e in b.on_item(t, float(i))])
+
+    (pooled,) = cohorts(("subject",), 4)
+    assert {t.tenant for t in pooled.traces} == {"acme", "globex"}
+    split = cohorts(("subject", "tenant"), 2)
+    assert sorted(json.loads(c.slice_key)["tenant"] for c in split) == ["acme", "globex"]
+    assert all({t.tenant for t in c.traces} == {json.loads(c.slice_key)["tenant"]} for c in split)
 
 
 def test_open_cap_holds_and_every_trace_is_accounted_for_over_100k() -> None:

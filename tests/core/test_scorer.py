@@ -15,6 +15,7 @@ from daemon.core.decision import decide
 from daemon.core.features import featurize
 from daemon.core.pipeline import Effects, Scorer
 from daemon.core.predictor import Predictor
+from daemon.core.tenants import TenantLabels
 from daemon.policy.rollout import fill_attempts
 from daemon.runtime.metrics import ScorerMetrics
 from daemon.runtime.observe import observe
@@ -186,6 +187,62 @@ def test_a_batch_yields_dispatches_and_dead_letters() -> None:
     assert {m.key for m in msgs if m.topic == "tap.dispatch"} == {
         d.cohort_id.encode() for d in fx.dispatches
     }
+
+
+def test_per_tenant_counters_move_and_stay_bounded() -> None:
+    """Consumed, dead-lettered and dispatched traces by tenant: two labels, the rest other."""
+    settings = _settings()
+    metrics = ScorerMetrics(tenant_labels=TenantLabels(2))
+    scorer = _scorer(settings, metrics)
+
+    def as_tenant(t: Trace, tenant: str) -> Trace:
+        return t.model_copy(update={"tenant": tenant})
+
+    frontier = _traces("add", "2d_carry", 4, seed=1, passes=2)
+    frontier = [as_tenant(t, "acme" if i < 2 else "globex") for i, t in enumerate(frontier)]
+    other = [as_tenant(t, "initech") for t in _traces("sub", "2d_borrow", 4, seed=2, passes=1)]
+    bad_schema = json.loads(encode(frontier[0]))  # acme's, with a wrong field
+    bad_schema["attempts"][0]["reward"] = "high"
+    batch: list[Trace | bytes] = [
+        *frontier[:2],
+        *other[:2],
+        b"not json",  # no readable tenant
+        json.dumps(bad_schema).encode(),
+        frontier[0],  # a redelivery: consumed again, counted once downstream
+        *frontier[2:],  # globex: seen third, so "other"
+        *other[2:],
+    ]
+
+    def value(name: str, tenant: str) -> float:
+        got = metrics.registry.get_sample_value(f"tapd_tenant_{name}_total", {"tenant": tenant})
+        assert got is not None, (name, tenant)
+        return got
+
+    def by_tenant(name: str) -> dict[str, float]:
+        return {t: value(name, t) for t in ("acme", "initech", "other", "unknown")}
+
+    for name in ("traces_consumed", "traces_dead_lettered", "traces_dispatched"):
+        # Shown at zero before any traffic; a tenant's series from its first trace.
+        assert value(name, "other") == value(name, "unknown") == 0
+        assert (
+            metrics.registry.get_sample_value(f"tapd_tenant_{name}_total", {"tenant": "acme"})
+            is None
+        )
+    scorer.on_traces(_records(batch), now=1.0)
+    assert by_tenant("traces_consumed") == {"acme": 4, "initech": 4, "other": 2, "unknown": 1}
+    assert by_tenant("traces_dead_lettered") == {"acme": 1, "initech": 0, "other": 0, "unknown": 1}
+    assert sum(by_tenant("traces_consumed").values()) == metrics.traces_consumed._value.get()
+    assert metrics.tenant_labels.tenants == ("acme", "initech")
+
+    fx = scorer.step(now=2.0, max_cohorts=10)
+    assert len(fx.dispatches) == 2
+    assert by_tenant("traces_dispatched") == {"acme": 2, "initech": 4, "other": 2, "unknown": 0}
+    assert sum(by_tenant("traces_dispatched").values()) == sum(len(d.items) for d in fx.dispatches)
+    # Bounded: no series for globex, only the two labels and the reserved words.
+    for name in ("consumed", "dead_lettered", "dispatched"):
+        metric = getattr(metrics, f"tenant_traces_{name}")
+        labels = {s.labels["tenant"] for m in metric.collect() for s in m.samples}
+        assert labels == {"acme", "initech", "other", "unknown"}, name
 
 
 def test_in_flight_cap_pauses_and_lift_frees_a_slot() -> None:

@@ -469,6 +469,9 @@ def test_metrics_are_pre_initialised_and_carry_build_and_process_info(admin: Adm
     assert 'tapd_cohorts_scored_total{recommendation="fix_verifier"} 0.0' in text
     assert 'tapd_predictor_refits_total{outcome="promoted"} 0.0' in text
     assert 'tapd_threshold_override{name="shadow_mode"} 0.0' in text
+    for name in ("consumed", "dead_lettered", "dispatched"):
+        for tenant in ("other", "unknown"):
+            assert f'tapd_tenant_traces_{name}_total{{tenant="{tenant}"}} 0.0' in text
     assert "tapd_build_info{" in text and 'role="scorer"' in text
     assert "process_resident_memory_bytes" in text and "python_info{" in text
 

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from daemon.cli import app
 from daemon.config import (
+    MetricsSettings,
     ServiceSettings,
     TapdSettings,
     UnknownVariable,
@@ -96,6 +97,22 @@ def test_cross_field_service_settings() -> None:
         ServiceSettings(tls_certfile=Path("c.pem"))
     with pytest.raises(ValueError, match="admin_token and admin_token_file"):
         ServiceSettings(admin_token="x" * 20, admin_token_file=Path("t"))  # type: ignore[arg-type]
+
+
+def test_metrics_tenant_settings() -> None:
+    assert TapdSettings().metrics.max_tenants == 20 and TapdSettings().metrics.tenants == ()
+    with pytest.raises(ValueError, match=r"more than metrics\.max_tenants"):
+        MetricsSettings(max_tenants=1, tenants=("a", "b"))
+    with pytest.raises(ValueError, match="named twice"):
+        MetricsSettings(tenants=("a", "a"))
+    with pytest.raises(ValueError, match="1 to 128 characters"):
+        MetricsSettings(tenants=("",))
+    env = {"TAPD_METRICS__MAX_TENANTS": "3", "TAPD_METRICS__TENANTS": '["acme"]'}
+    check_environment(env)
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        assert load_settings().metrics == MetricsSettings(max_tenants=3, tenants=("acme",))
 
 
 def test_client_ids_per_role_and_replica() -> None:
