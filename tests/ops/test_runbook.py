@@ -172,6 +172,8 @@ def test_every_k8s_block_names_objects_that_exist() -> None:
             words = line.split()
             assert words[:3] == ["kubectl", "-n", "tapd"], line
             verb, rest = words[3], words[4:]
+            if "--" in rest:  # what follows runs inside the container
+                rest = rest[: rest.index("--")]
             label = rest[rest.index("-l") + 1] if "-l" in rest else None
             targets = [w for w in rest if "/" in w and not w.startswith("-") and w != label]
             if not targets and rest and not rest[0].startswith("-") and rest[0] != "pods":

@@ -70,7 +70,8 @@ REQUIRED = {
         "policy_version_after",
         "steps",
         "duration_s",
-        "plasticity",
+        # not "plasticity": optional by the trainer contract (a custom loop may
+        # not measure it)
     ],
 }
 MODELS: dict[str, type[Trace] | type[Dispatch] | type[LiftResult]] = {
