@@ -212,7 +212,8 @@ TraceRef = Callable[[Trace], Any]
 TraceFrom = Callable[[Any], "Trace | None"]
 
 
-def _dump(trace: Trace) -> Any:
+def trace_inline(trace: Trace) -> Any:
+    """The default :data:`TraceRef`: the trace itself, as JSON (no log to refer to)."""
     return trace.model_dump(mode="json", by_alias=True)
 
 
@@ -390,7 +391,7 @@ class CohortBuilder:
 
     # -- state -------------------------------------------------------------
 
-    def snapshot(self, trace_ref: TraceRef = _dump) -> dict[str, Any]:
+    def snapshot(self, trace_ref: TraceRef = trace_inline) -> dict[str, Any]:
         """The state as plain JSON; ``trace_ref`` says how to hold each open trace
         (default: its fields; the scorer holds its original message instead)."""
         return {

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from daemon.config import CohortingSettings
-from daemon.core.cohorting import Closed, CohortBuilder, Event, TraceFrom, TraceRef, _dump
+from daemon.core.cohorting import Closed, CohortBuilder, Event, TraceFrom, TraceRef, trace_inline
 from streams.deadletter import Poison, content_digest, decode_record
 from streams.schemas import Trace
 from streams.transport import Record, TopicPartition
@@ -203,7 +203,7 @@ class PartitionedCohorts(CohortBuilder):
 
     # -- state ----------------------------------------------------------------
 
-    def snapshot(self, trace_ref: TraceRef = _dump) -> dict[str, Any]:
+    def snapshot(self, trace_ref: TraceRef = trace_inline) -> dict[str, Any]:
         return {
             "schema": PARTS_SCHEMA,
             "versions": list(self._versions),
