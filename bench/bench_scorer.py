@@ -28,7 +28,9 @@ Every rate is a steady-state drain: group join excluded. A baseline's clock
 starts when its first poll returns records (those records are not counted)
 and stops when the last record arrives; the scorer's window opens once it
 owns every partition and its consumed counter is read, and closes when that
-counter reaches the topic's size. Figures: traces/s, CPU-ms per trace of the
+counter reaches the topic's size. The excluded lead-in is printed as
+``join s``: for a baseline, subscribe to first records; for the scorer,
+process start (imports included) to owning its partitions. Figures: traces/s, CPU-ms per trace of the
 consuming process, the ratios scorer/floor and scorer/raw, and whether the
 targets are met (scorer >= 0.5x the floor on Kafka, >= 0.3x on the embedded
 log). ``--json`` merges them into the file named (read-modify-write: keys
