@@ -30,8 +30,8 @@ and stops when the last record arrives; the scorer's window opens once it
 owns every partition and its consumed counter is read, and closes when that
 counter reaches the topic's size. The excluded lead-in is printed as
 ``join s``: for a baseline, subscribe to first records; for the scorer,
-process start (imports included) to owning its partitions. Figures: traces/s, CPU-ms per trace of the
-consuming process, the ratios scorer/floor and scorer/raw, and whether the
+process start (imports included) to owning its partitions. Figures:
+traces/s, CPU-ms per trace of the consuming process, the ratios scorer/floor and scorer/raw, and whether the
 targets are met (scorer >= 0.5x the floor on Kafka, >= 0.3x on the embedded
 log). ``--json`` merges them into the file named (read-modify-write: keys
 other benchmarks wrote there are kept). ``python -m bench.report`` runs this
