@@ -1,135 +1,386 @@
-"""Scorer throughput end to end on the real broker, against raw kafka-python, same run.
+"""Scorer throughput: steady-state drains against three baselines, same run, both transports.
 
-    .venv/bin/python -m bench.bench_scorer [--traces 4000] [--slices 50]
+    .venv/bin/python -m bench.bench_scorer [--traces 50000] [--slices 48] [--partitions 4]
+        [--json docs/performance.json]
 
-Both read the same topic of the local Kafka 0.9 broker (``lab.localbroker``)
-from the beginning in a fresh consumer group. Baseline: a bare kafka-python
-``KafkaConsumer`` that only iterates the records. Scorer: ``tapd run``'s
-service loop (``ScorerService`` + ``build_scorer``: decode and validate,
-cohort, featurize, predict, decide, persist the snapshot and outbox, commit),
-in shadow mode, because no trainer answers. The traces carry their K=8
-attempts, so no rollouts run: this measures the pipeline, not the policy.
+For each transport (the local Kafka 0.9 broker of ``lab.localbroker``, and the
+embedded SQLite log) a topic is filled with ``--traces`` production-like traces
+(K=8 attempts each, so no rollouts run: the pipeline, not the policy), keyed by
+slice key as ``tapd produce`` keys them. The same topic is then drained four
+times, each by a fresh consumer group from the beginning:
+
+* raw: records consumed and dropped. On Kafka a bare kafka-python
+  ``KafkaConsumer`` (the scorer's connection settings, ``max_poll_records``
+  500); on the embedded log the project's own transport consumer
+  (``streams.factory.open_transport(...).consumer``), there being no other
+  client of that file;
+* raw + ``json.loads`` of every record value;
+* raw + ``streams.schemas.decode(value, Trace)``, the cheapest validated decode
+  of the same schema: the floor a scorer cannot beat;
+* the scorer: one ``tapd run`` process (the deployment unit, shadow mode since
+  no trainer answers), its rate read from its own ``/metrics``
+  (``tapd_traces_consumed_total``).
+
+No baseline commits offsets; the scorer does (durably, per batch), which is
+part of what the ratios charge it.
+
+Every rate is a steady-state drain: group join excluded. A baseline's clock
+starts when its first poll returns records (those records are not counted)
+and stops when the last record arrives; the scorer's window opens once it
+owns every partition and its consumed counter is read, and closes when that
+counter reaches the topic's size. The excluded lead-in is printed as
+``join s``: for a baseline, subscribe to first records; for the scorer,
+process start (imports included) to owning its partitions. Figures:
+traces/s, CPU-ms per trace of the consuming process, the ratios scorer/floor and scorer/raw, and whether the
+targets are met (scorer >= 0.5x the floor on Kafka, >= 0.3x on the embedded
+log). ``--json`` merges them into the file named (read-modify-write: keys
+other benchmarks wrote there are kept). ``python -m bench.report`` runs this
+at 50,000 traces, rewrites ``docs/performance.json`` and the page
+``docs/PERFORMANCE.md`` that quotes this output.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from bench.common import Rate, production_trace
-from streams.schemas import encode
+from bench.bench_replicas import cpu_seconds, free_port, scrape
+from bench.common import production_trace
+from streams.schemas import Trace, decode, encode
 
-
-def produce(bootstrap: str, topic: str, n: int, slices: int) -> None:
-    from kafka import KafkaProducer
-
-    p = KafkaProducer(bootstrap_servers=bootstrap, api_version=(0, 9), linger_ms=5)
-    for i in range(n):
-        t = production_trace(i, slice_id=i % slices, attempts=8, ts=time.time())
-        p.send(topic, encode(t), key=t.trace_id.encode())
-    p.flush()
-    p.close()
+ROOT = Path(__file__).resolve().parent.parent
+TARGETS = {"kafka": 0.5, "embedded": 0.3}
+POLL_RECORDS = 500
 
 
-def raw_consume(bootstrap: str, topic: str, n: int) -> Rate:
+@dataclass
+class Drain:
+    """One steady-state drain: ``traces`` records in ``seconds``, ``cpu_seconds`` of the consumer."""
+
+    name: str
+    traces: int
+    seconds: float
+    cpu_seconds: float
+    join_seconds: float
+
+    @property
+    def per_s(self) -> float:
+        return self.traces / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def cpu_ms_per_trace(self) -> float:
+        return 1e3 * self.cpu_seconds / max(self.traces, 1)
+
+    def as_json(self) -> dict[str, Any]:
+        return {**asdict(self), "per_s": self.per_s, "cpu_ms_per_trace": self.cpu_ms_per_trace}
+
+
+Work = Callable[[bytes], object]
+BASELINES: list[tuple[str, Work | None]] = [
+    ("raw", None),
+    ("raw + json.loads", json.loads),
+    ("raw + decode (floor)", lambda v: decode(v, Trace)),
+]
+
+
+def _drain(name: str, poll: Callable[[], list[bytes]], n: int, work: Work | None) -> Drain:
+    """Poll until ``n`` records came; the clock runs from the first non-empty poll."""
+    t_start = time.perf_counter()
+    got = 0
+    t0 = c0 = 0.0
+    first = 0
+    while got < n:
+        values = poll()
+        if not values:
+            if time.perf_counter() - t_start > 600:
+                raise RuntimeError(f"{name}: {got} of {n} records")
+            continue
+        if work is not None:
+            for v in values:
+                work(v)
+        if got == 0:
+            t0, c0, first = time.perf_counter(), time.process_time(), len(values)
+        got += len(values)
+    t1, c1 = time.perf_counter(), time.process_time()
+    return Drain(name, got - first, t1 - t0, c1 - c0, t0 - t_start)
+
+
+def kafka_baseline(settings: Any, topic: str, n: int, name: str, work: Work | None) -> Drain:
     from kafka import KafkaConsumer
+
+    from streams.kafka import client_config
 
     c = KafkaConsumer(
         topic,
-        bootstrap_servers=bootstrap,
-        api_version=(0, 9),
+        **client_config(settings),
         group_id=f"raw-{uuid.uuid4().hex[:8]}",
         auto_offset_reset="earliest",
         enable_auto_commit=False,
-        max_poll_records=500,
+        max_poll_records=POLL_RECORDS,
     )
-    t0 = time.perf_counter()
-    got = 0
-    while got < n:
-        for records in c.poll(timeout_ms=1000).values():
-            got += len(records)
-    c.commit()
-    seconds = time.perf_counter() - t0
-    c.close()
-    return Rate(got, seconds)
+
+    def poll() -> list[bytes]:
+        batches = c.poll(timeout_ms=1000, max_records=POLL_RECORDS)
+        return [r.value for records in batches.values() for r in records]
+
+    try:
+        return _drain(name, poll, n, work)
+    finally:
+        c.close()
 
 
-def scorer_consume(bootstrap: str, topic: str, n: int, state: Path) -> tuple[Rate, int]:
-    from daemon.config import TapdSettings, Thresholds, Topics, TransportSettings
-    from daemon.core.pipeline import Scorer
-    from daemon.runtime.metrics import ScorerMetrics
-    from daemon.runtime.thresholds import ThresholdsHolder
-    from daemon.service.scorer import ScorerService, build_scorer
-    from streams.kafka import KafkaTransport
+def transport_baseline(settings: Any, topic: str, n: int, name: str, work: Work | None) -> Drain:
+    from streams.factory import open_transport
 
-    settings = TapdSettings(
-        state_dir=state,
-        # the 0.9 test broker never answers ApiVersions: name its version
-        transport=TransportSettings(kind="kafka", bootstrap_servers=bootstrap, api_version="0.9"),
-        topics=Topics(
-            traces=topic, lift=f"{topic}.lift", dispatch=f"{topic}.dispatch", dlq=f"{topic}.dlq"
-        ),
-        thresholds=Thresholds(shadow_mode=True),
-    )
-    metrics = ScorerMetrics()
-    holder = ThresholdsHolder(settings.thresholds)
-    scorer = build_scorer(settings, lambda: holder.current)
-    transport = KafkaTransport(settings.transport)
-    scored = 0
+    transport = open_transport(settings, POLL_RECORDS)
+    c = transport.consumer([topic], f"raw-{uuid.uuid4().hex[:8]}")
 
-    def count(fx: object) -> None:
-        nonlocal scored
-        scored += len(getattr(fx, "decisions", ()))
+    def poll() -> list[bytes]:
+        return [r.value for r in c.poll(1.0, POLL_RECORDS)]
 
-    service = ScorerService(
-        settings, transport, scorer, metrics, holder, on_batch=count, background_refits=False
-    )
-    service.start()
-    flushed = False
+    try:
+        return _drain(name, poll, n, work)
+    finally:
+        c.close()
+        transport.close()
 
-    def done(s: Scorer) -> bool:
-        nonlocal flushed
-        if not flushed and metrics.traces_consumed._value.get() >= n:
-            flushed = True
-            service._persist_and_send([], [], s.flush(time.time()))
-        return flushed and not s.pending
 
-    t0 = time.perf_counter()
-    service.run(until=done)
-    seconds = time.perf_counter() - t0
+def fill(settings: Any, topic: str, traces: list[bytes], keys: list[bytes]) -> None:
+    from streams.factory import open_transport
+
+    transport = open_transport(settings)
+    producer = transport.producer()
+    for i, (value, key) in enumerate(zip(traces, keys, strict=True)):
+        producer.send(topic, value, key=key)
+        if i % POLL_RECORDS == POLL_RECORDS - 1:
+            producer.flush(120.0)
+    producer.flush(120.0)
+    producer.close()
     transport.close()
-    return Rate(int(metrics.traces_consumed._value.get()), seconds), scored
+
+
+def scorer_drain(
+    env_transport: dict[str, str], topics: dict[str, str], n: int, partitions: int, workdir: Path
+) -> Drain:
+    """One ``tapd run`` process drains the topic; the window is read from its metrics."""
+    run = topics["TRACES"].split(".")[0]
+    port = free_port()
+    env = {
+        **os.environ,
+        **env_transport,
+        "TAPD_SERVICE__GROUP": f"{run}-scorer",
+        "TAPD_SERVICE__PORT": str(port),
+        "TAPD_STATE_DIR": str(workdir / f"{run}-state"),
+        "TAPD_THRESHOLDS__SHADOW_MODE": "true",
+        "TAPD_LOG_LEVEL": "warning",
+        "OMP_NUM_THREADS": "1",
+        **{f"TAPD_TOPICS__{k}": v for k, v in topics.items()},
+    }
+    with (workdir / f"{run}.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon.cli", "run"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    t_start = time.monotonic()
+    try:
+        while True:
+            m = scrape(port)
+            if m.get("tapd_partitions_owned", 0.0) == partitions:
+                break
+            if proc.poll() is not None:
+                tail = (workdir / f"{run}.log").read_text()[-2000:]
+                raise RuntimeError(f"tapd run exited with {proc.returncode}:\n{tail}")
+            if time.monotonic() - t_start > 600:
+                raise RuntimeError("tapd run never owned its partitions")
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        c0 = m.get("tapd_traces_consumed_total", 0.0)
+        cpu0 = cpu_seconds(proc.pid)
+        while True:
+            consumed = scrape(port).get("tapd_traces_consumed_total", 0.0)
+            if consumed >= n:
+                break
+            if proc.poll() is not None or time.monotonic() - t0 > 1200:
+                raise RuntimeError(f"scorer not drained: {consumed} of {n}")
+            time.sleep(0.05)
+        t1 = time.monotonic()
+        cpu1 = cpu_seconds(proc.pid)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return Drain("tapd run (scorer)", int(n - c0), t1 - t0, cpu1 - cpu0, t0 - t_start)
+
+
+def run_topics() -> dict[str, str]:
+    run = f"bench{uuid.uuid4().hex[:6]}"
+    names = ("TRACES", "CHANGELOG", "LIFT", "POLICIES", "DISPATCH", "DLQ", "DECISIONS", "LABELS")
+    return {k: f"{run}.{k.lower()}" for k in names}
+
+
+def bench_kafka(
+    traces: list[bytes], keys: list[bytes], partitions: int, workdir: Path
+) -> list[Drain]:
+    from lab.localbroker import KAFKA09_API_VERSION, LocalBroker
+    from streams.settings import TransportSettings
+
+    (workdir / "broker").mkdir()
+    with LocalBroker(partitions=partitions, workdir=workdir / "broker") as broker:
+        topics = run_topics()
+        compact = {"cleanup.policy": "compact"}
+        broker.create_topics(
+            {
+                topics["TRACES"]: (partitions, {}),
+                topics["CHANGELOG"]: (partitions, compact),
+                topics["LIFT"]: (1, compact),
+                topics["POLICIES"]: (1, compact),
+            }
+        )
+        settings = TransportSettings(
+            kind="kafka", bootstrap_servers=broker.bootstrap, api_version=KAFKA09_API_VERSION
+        )
+        fill(settings, topics["TRACES"], traces, keys)
+        drains = [
+            kafka_baseline(settings, topics["TRACES"], len(traces), name, work)
+            for name, work in BASELINES
+        ]
+        env = {
+            "TAPD_TRANSPORT__KIND": "kafka",
+            "TAPD_TRANSPORT__BOOTSTRAP_SERVERS": broker.bootstrap,
+            "TAPD_TRANSPORT__API_VERSION": KAFKA09_API_VERSION,
+            "TAPD_TRANSPORT__SESSION_TIMEOUT_MS": "10000",
+        }
+        drains.append(scorer_drain(env, topics, len(traces), partitions, workdir))
+    return drains
+
+
+def bench_embedded(
+    traces: list[bytes], keys: list[bytes], partitions: int, workdir: Path
+) -> list[Drain]:
+    from streams.settings import TransportSettings
+
+    path = workdir / "log.sqlite"
+    settings = TransportSettings(
+        kind="embedded", embedded_path=path, embedded_partitions=partitions
+    )
+    topics = run_topics()
+    fill(settings, topics["TRACES"], traces, keys)
+    drains = [
+        transport_baseline(settings, topics["TRACES"], len(traces), name, work)
+        for name, work in BASELINES
+    ]
+    env = {
+        "TAPD_TRANSPORT__KIND": "embedded",
+        "TAPD_TRANSPORT__EMBEDDED_PATH": str(path),
+        "TAPD_TRANSPORT__EMBEDDED_PARTITIONS": str(partitions),
+    }
+    drains.append(scorer_drain(env, topics, len(traces), partitions, workdir))
+    return drains
+
+
+def figures(kind: str, drains: list[Drain]) -> dict[str, Any]:
+    raw, raw_json, floor, scorer = drains
+    return {
+        f"raw_{kind}_per_s": raw.per_s,
+        f"raw_json_{kind}_per_s": raw_json.per_s,
+        f"floor_{kind}_per_s": floor.per_s,
+        f"scorer_{kind}_per_s": scorer.per_s,
+        f"scorer_vs_floor_{kind}": scorer.per_s / floor.per_s,
+        f"scorer_vs_raw_{kind}": scorer.per_s / raw.per_s,
+        f"scorer_vs_floor_{kind}_target": TARGETS[kind],
+        f"scorer_vs_floor_{kind}_met": scorer.per_s / floor.per_s >= TARGETS[kind],
+    }
 
 
 def main() -> None:
-    from daemon.runtime.logging import configure_logging
-    from lab.localbroker import LocalBroker
+    from daemon.config import CohortingSettings
+    from daemon.core.cohorting import slice_key_of, validate_slice_key
 
-    configure_logging("warning")  # a log line per cohort would be measured too
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--traces", type=int, default=4_000)
-    ap.add_argument("--slices", type=int, default=50, help="distinct capability slices")
+    ap.add_argument("--traces", type=int, default=50_000)
+    ap.add_argument("--slices", type=int, default=48, help="distinct capability slices")
+    ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--json", type=Path, default=None, help="merge the figures into this file")
     args = ap.parse_args()
-    topic = f"bench.traces.{uuid.uuid4().hex[:6]}"
-    with (
-        LocalBroker(partitions=2) as broker,
-        tempfile.TemporaryDirectory(prefix="tapd-bench-") as d,
-    ):
-        produce(broker.bootstrap, topic, args.traces, args.slices)
-        raw = raw_consume(broker.bootstrap, topic, args.traces)
-        rate, scored = scorer_consume(broker.bootstrap, topic, args.traces, Path(d))
+    fields = validate_slice_key(CohortingSettings().slice_key)
+    now = time.time()
+    batch = [
+        production_trace(i, slice_id=i % args.slices, attempts=8, ts=now)
+        for i in range(args.traces)
+    ]
+    traces = [encode(t) for t in batch]
+    keys = [slice_key_of(t, fields).encode() for t in batch]
+    del batch
+    workdir = Path(tempfile.mkdtemp(prefix="tapd-bench-scorer-"))
+    try:
+        (workdir / "kafka").mkdir()
+        (workdir / "embedded").mkdir()
+        results = {
+            "kafka": bench_kafka(traces, keys, args.partitions, workdir / "kafka"),
+            "embedded": bench_embedded(traces, keys, args.partitions, workdir / "embedded"),
+        }
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    load = os.getloadavg()
     print(
-        f"{args.traces:,} traces (8 attempts each) over {args.slices} slices, Kafka 0.9 local broker"
+        f"{args.traces:,} traces (8 attempts each, {sum(map(len, traces)) / len(traces):,.0f} "
+        f"bytes) over {args.slices} slices keyed by slice key, {args.partitions} partitions, "
+        f"{os.cpu_count()} CPU cores (load average {load[0]:.1f} at the end); "
+        "steady-state drains, group join excluded"
     )
-    print(f"raw kafka-python consume   {raw.per_s:>10,.0f} traces/s")
-    print(
-        f"tapd scorer end to end     {rate.per_s:>10,.0f} traces/s  "
-        f"({scored} cohorts scored, {scored / rate.seconds:,.1f} cohorts/s)   "
-        f"ratio {rate.per_s / raw.per_s:.3f}"
-    )
+    out: dict[str, Any] = {}
+    labels = {"kafka": "Kafka 0.9 local broker", "embedded": "embedded SQLite log"}
+    for kind, drains in results.items():
+        raw, floor, scorer = drains[0], drains[2], drains[3]
+        print(f"\n{labels[kind]}")
+        print(f"  {'':<24}{'traces/s':>10}  {'CPU-ms/trace':>12}  {'join s':>7}  x floor")
+        for d in drains:
+            print(
+                f"  {d.name:<24}{d.per_s:>10,.0f}  {d.cpu_ms_per_trace:>12.3f}  "
+                f"{d.join_seconds:>7.1f}  {d.per_s / floor.per_s:>6.3f}"
+            )
+        fig = figures(kind, drains)
+        verdict = "met" if fig[f"scorer_vs_floor_{kind}_met"] else "NOT met"
+        print(
+            f"  scorer / floor {scorer.per_s / floor.per_s:.3f}  (target >= {TARGETS[kind]}: "
+            f"{verdict})   scorer / raw {scorer.per_s / raw.per_s:.3f}"
+        )
+        out.update(fig)
+    if args.json is not None:
+        data: dict[str, Any] = {}
+        if args.json.exists():
+            data = json.loads(args.json.read_text())
+        data.update(out)
+        data["bench_scorer"] = {
+            "traces": args.traces,
+            "slices": args.slices,
+            "partitions": args.partitions,
+            "cpu_cores": os.cpu_count(),
+            "load_average_end": load[0],
+            "drains": {kind: [d.as_json() for d in ds] for kind, ds in results.items()},
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":
