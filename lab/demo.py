@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import TapdSettings, Thresholds, load_settings
+from daemon.core.cohorting import slice_key_of, validate_slice_key
 from daemon.runtime.logging import get_logger
 from lab import tasks as tasklib
 from streams.schemas import Trace, encode
@@ -345,8 +346,11 @@ def run_demo(
         transport = EmbeddedTransport(settings.transport.embedded_path)
         producer = transport.producer()
         n = 0
+        fields = validate_slice_key(settings.cohorting.slice_key)
         for trace in production_traces(slices, rollout.engine, rollout.version, seed, time.time()):
-            producer.send(settings.topics.traces, encode(trace), key=trace.trace_id.encode())
+            # keyed by slice key, as the producer contract asks
+            key = slice_key_of(trace, fields).encode()
+            producer.send(settings.topics.traces, encode(trace), key=key)
             n += 1
         producer.flush()
         producer.close()

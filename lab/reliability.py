@@ -763,22 +763,12 @@ def read_topic(transport: Transport, topic: str, idle_s: float = 1.0) -> list[Re
     return out
 
 
-def trace_key(raw: bytes, fields: Sequence[str] | None = None) -> bytes | None:
-    """The partition key a producer of traces must use: the slice key, so that
-    every trace of a slice (and every resent copy of a trace) lands in the one
-    partition whose scorer replica deduplicates and cohorts it. A message that
-    is not a trace has no slice key; it goes unkeyed and is dead-lettered
-    wherever it lands."""
+def trace_key(raw: bytes) -> bytes | None:
+    """The producer contract's key (the slice key under the default settings)."""
     from daemon.config import CohortingSettings
-    from daemon.core.cohorting import slice_key_of, validate_slice_key
+    from daemon.core.cohorting import partition_key, validate_slice_key
 
-    try:
-        trace = decode(raw, Trace)
-    except SchemaError:
-        return None
-    return slice_key_of(
-        trace, validate_slice_key(fields if fields is not None else CohortingSettings().slice_key)
-    ).encode()
+    return partition_key(raw, validate_slice_key(CohortingSettings().slice_key))
 
 
 def produce(transport: Transport, topic: str, messages: Iterable[bytes], batch: int = 500) -> int:

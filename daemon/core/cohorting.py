@@ -69,7 +69,9 @@ from daemon.config import CohortingSettings
 from streams.schemas import (
     DISPATCH_ENVELOPE_BYTES,
     MAX_MESSAGE_BYTES,
+    SchemaError,
     Trace,
+    decode,
     dispatch_item_bytes,
 )
 
@@ -197,6 +199,18 @@ def slice_key_of(trace: Trace, fields: tuple[str, ...]) -> str:
     return format_slice_key(fields, slice_values(trace, fields))
 
 
+def partition_key(raw: bytes, fields: tuple[str, ...]) -> bytes | None:
+    """The key a producer of traces sends ``raw`` with: its slice key, so that
+    every trace of a slice, and every resent copy of a trace, lands in the one
+    partition whose scorer replica cohorts and deduplicates it. A message that
+    is not a trace has no slice key (``None``: unkeyed; it is dead-lettered
+    wherever it lands)."""
+    try:
+        return slice_key_of(decode(raw, Trace), fields).encode()
+    except SchemaError:
+        return None
+
+
 @dataclass
 class _Open:
     slice_key: str
@@ -219,6 +233,11 @@ def trace_inline(trace: Trace) -> Any:
 
 class CohortBuilder:
     """Groups traces into capability-slice cohorts; see the module docstring."""
+
+    @property
+    def slice_fields(self) -> tuple[str, ...]:
+        """The trace fields (``tags.<name>`` for a tag) that make the slice key."""
+        return self._fields
 
     def __init__(
         self,

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 @dataclass(frozen=True, slots=True)
 class TracesConsumed:
     """``n`` trace records read; ``tenants``: how many of them each tenant sent
-    (first-seen order; ``unknown`` for a record whose tenant cannot be read)."""
+    (first-seen order; ``unknown`` for a record whose tenant cannot be read);
+    ``misrouted``: decoded traces whose record key is not their slice key."""
 
     n: int
     tenants: tuple[tuple[str, int], ...] = ()
+    misrouted: int = 0
 
 
 @dataclass(frozen=True, slots=True)

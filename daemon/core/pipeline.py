@@ -56,6 +56,7 @@ from daemon.core.cohorting import (
     Duplicate,
     Rejected,
     Stale,
+    slice_key_of,
 )
 from daemon.core.decision import ScoredCohort
 from daemon.core.features import FEATURE_SCHEMA
@@ -416,13 +417,26 @@ class Scorer:
         # Decoded first, so that the batch's tenants are reported (and so
         # given their metric labels) in the order they were read.
         decoded: list[tuple[Record, Trace | Poison, str]] = []
+        misrouted = 0
+        fields = self.cohorts.slice_fields
         for rec in records:
             with self._timed("decode"):
                 got = decode_record(rec, Trace, "decode", now)
-            tenant = tenant_of_record(rec.value) if isinstance(got, Poison) else got.tenant
+            if isinstance(got, Poison):
+                tenant = tenant_of_record(rec.value)
+            else:
+                tenant = got.tenant
+                # The producer contract: keyed by slice key, so that every copy
+                # of a trace meets the one partition (and replica) that
+                # deduplicates it. A trace keyed otherwise is still cohorted;
+                # it is counted, because a resent copy of it may be counted twice.
+                if rec.key is None or rec.key.decode(errors="replace") != slice_key_of(got, fields):
+                    misrouted += 1
             decoded.append((rec, got, tenant))
         if records:
-            self._emit(ev.TracesConsumed(len(records), tenant_counts(t for _, _, t in decoded)))
+            self._emit(
+                ev.TracesConsumed(len(records), tenant_counts(t for _, _, t in decoded), misrouted)
+            )
         for rec, trace, tenant in decoded:
             if isinstance(trace, Poison):
                 self._poison(trace, rec, fx, tenant)

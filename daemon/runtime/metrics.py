@@ -123,6 +123,12 @@ class ScorerMetrics:
         self.traces_consumed = Counter(
             "tapd_traces_consumed", "Trace messages read from the traces topic.", registry=r
         )
+        self.traces_misrouted = Counter(
+            "tapd_traces_misrouted",
+            "Traces whose record key is not their slice key (the producer contract): "
+            "a resent copy on another partition is not deduplicated.",
+            registry=r,
+        )
         self.traces_duplicate = Counter(
             "tapd_traces_duplicate",
             "Traces ignored because their trace id was already seen.",

@@ -28,6 +28,8 @@ def observe(events: Iterable[ev.Event], metrics: ScorerMetrics | None, logger: A
         elif isinstance(e, ev.TracesConsumed):
             if m:
                 m.traces_consumed.inc(e.n)
+                if e.misrouted:
+                    m.traces_misrouted.inc(e.misrouted)
                 for tenant, n in e.tenants:
                     m.tenant_traces_consumed.labels(tenant=m.tenant(tenant)).inc(n)
         elif isinstance(e, ev.TraceRejected):

@@ -1207,6 +1207,7 @@ def replay_file(settings: TapdSettings, path: Path, out: Any) -> int:
     import json
     import tempfile
 
+    from daemon.core.cohorting import partition_key, validate_slice_key
     from daemon.runtime.thresholds import ThresholdsHolder
     from streams.embedded import EmbeddedTransport
 
@@ -1224,10 +1225,12 @@ def replay_file(settings: TapdSettings, path: Path, out: Any) -> int:
         transport = EmbeddedTransport(state / "log.sqlite")
         producer = transport.producer()
         n_lines = 0
+        fields = validate_slice_key(settings.cohorting.slice_key)
         with Path(path).open("rb") as fh:
             for line in fh:
                 if line.strip():
-                    producer.send(settings.topics.traces, line.rstrip(b"\r\n"))
+                    raw = line.rstrip(b"\r\n")
+                    producer.send(settings.topics.traces, raw, key=partition_key(raw, fields))
                     n_lines += 1
         producer.flush()
         producer.close()

@@ -706,3 +706,30 @@ def test_a_snapshot_from_before_originals_were_kept_still_restores() -> None:
     fx = again.on_tick(1.0 + settings.cohorting.max_age_s)
     fx += again.step(100.0, 10)
     assert [sorted(d.trace_ids) for d in fx.decisions] == [sorted(t.trace_id for t in traces)]
+
+
+def test_traces_not_keyed_by_their_slice_key_are_counted_and_still_cohorted() -> None:
+    """The producer contract made visible: a trace keyed otherwise (or unkeyed) is
+    counted as misrouted; undecodable records are not traces and are not counted."""
+    from daemon.core.cohorting import partition_key, slice_key_of, validate_slice_key
+
+    settings = _settings()
+    metrics = ScorerMetrics()
+    scorer = _scorer(settings, metrics)
+    fields = validate_slice_key(settings.cohorting.slice_key)
+    traces = _traces("add", "2d_carry", 4, seed=1, passes=2)
+    right = slice_key_of(traces[0], fields).encode()
+    assert partition_key(encode(traces[0]), fields) == right
+    assert partition_key(b"not json", fields) is None
+    keys: list[bytes | None] = [right, right, None, traces[3].trace_id.encode(), None]
+    values = [encode(t) for t in traces] + [b"not json"]
+    records = [
+        Record("tap.traces", 0, i, k, v, 0)
+        for i, (k, v) in enumerate(zip(keys, values, strict=True))
+    ]
+    assert metrics.traces_misrouted._value.get() == 0
+    scorer.on_traces(records, now=1.0)
+    assert metrics.traces_misrouted._value.get() == 2  # the unkeyed and the trace-id-keyed trace
+    fx = scorer.step(now=2.0, max_cohorts=10)
+    assert len(fx.dispatches) + len(fx.decisions) >= 1  # all four were cohorted together
+    assert sorted(len(c.trace_ids) for c in fx.decisions) == [4]
