@@ -48,7 +48,7 @@ def synthetic_cohort(rng: random.Random, c: int) -> list[Trace]:
             Trace(
                 schema="tapd.trace/1",
                 trace_id=f"c{c}-p{p}",
-                ts=0.0,
+                ts=1_700_000_000.0 + p,  # a unix time: decode refuses 0 (unset)
                 subject="math",
                 tags={"task_type": "add"},
                 prompt=f"What is {a} + {b}?",

@@ -49,7 +49,9 @@ def percentiles(samples_s: Sequence[float]) -> tuple[float, float]:
     return q[49] * 1e3, q[98] * 1e3
 
 
-def production_trace(i: int, *, slice_id: int = 0, attempts: int = 1, ts: float = 0.0) -> Trace:
+def production_trace(
+    i: int, *, slice_id: int = 0, attempts: int = 1, ts: float = 1_700_000_000.0
+) -> Trace:
     """A trace shaped like production traffic: one attempt with per-token log-probs."""
     a, b = 10 + i % 89, 10 + (i * 7) % 89
     tokens = 3

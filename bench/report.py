@@ -49,6 +49,8 @@ def run(module: str, args: list[str]) -> tuple[str, str, float]:
     out = proc.stdout.strip() or "(no output)"
     if proc.returncode != 0:
         out += f"\n(exit {proc.returncode})\n" + proc.stderr.strip()[-2000:]
+    # Paths relative to the repository: the page names no machine's directories.
+    out = out.replace(f"{ROOT}/", "")
     return shown, out, time.perf_counter() - t0
 
 

@@ -20,6 +20,7 @@ import pytest
 from daemon.config import TransportSettings
 from lab import tasks
 from lab.localbroker import free_port
+from lab.reliability import trace_key
 from streams.factory import open_transport
 from streams.schemas import Attempt, Dispatch, LiftResult, decode, encode
 
@@ -88,7 +89,7 @@ def test_a_custom_trl_loop_closes_the_loop_through_the_client(
     transport = open_transport(settings)
     producer = transport.producer()
     for t in traces:
-        producer.send("tap.traces", t)
+        producer.send("tap.traces", t, key=trace_key(t))  # the producer contract
     producer.flush()
     producer.close()
     transport.close()

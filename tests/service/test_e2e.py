@@ -26,6 +26,7 @@ import pytest
 from lab import tasks
 from lab.demo import trainer_command
 from lab.localbroker import KAFKA09_API_VERSION, KCAT_ARGS
+from lab.reliability import trace_key
 from streams.schemas import Attempt, Dispatch, decode, encode
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,8 +60,10 @@ def _traces_file(path: Path) -> int:
         for i, task in enumerate(tasks.make_tasks(subject, difficulty, 4, seed=40 + c)):
             attempt = Attempt(completion=task.reference, reward=1.0, n_tokens=3)
             tr = tasks.to_trace(task, policy_version="v0", attempts=[attempt], key=f"e2e{i}")
-            lines.append(encode(tr).decode())
-    lines.append('{"schema": "tapd.trace/1", "trace_id": "no-prompt"}')
+            raw = encode(tr)
+            # "key<TAB>value" for kcat -K: keyed by slice key, the producer contract
+            lines.append(f"{(trace_key(raw) or b'').decode()}\t{raw.decode()}")
+    lines.append('-\t{"schema": "tapd.trace/1", "trace_id": "no-prompt"}')
     path.write_text("\n".join(lines) + "\n")
     return len(lines)
 
@@ -152,7 +155,19 @@ def test_closed_loop_on_kafka(
     traces = tmp_path / "traces.jsonl"
     n_lines = _traces_file(traces)
     subprocess.run(
-        [kcat, *KCAT_ARGS, "-b", kafka_broker, "-P", "-t", topics["traces"], "-l", str(traces)],
+        [
+            kcat,
+            *KCAT_ARGS,
+            "-b",
+            kafka_broker,
+            "-P",
+            "-K",
+            "\t",
+            "-t",
+            topics["traces"],
+            "-l",
+            str(traces),
+        ],
         check=True,
         timeout=30,
     )
@@ -195,6 +210,7 @@ def test_closed_loop_on_kafka(
 
         assert m["tapd_traces_consumed_total"] == n_lines
         assert m['tapd_dead_letters_total{stage="decode"}'] == 1
+        assert m["tapd_traces_misrouted_total"] == 0  # kcat sent each with its slice key
         assert m["tapd_predictor_labels"] >= 2
         assert m['tapd_predictor_stage{stage="river"}'] == 1
         assert (

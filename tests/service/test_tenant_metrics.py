@@ -16,6 +16,7 @@ from daemon.runtime.metrics import ScorerMetrics
 from daemon.runtime.thresholds import ThresholdsHolder
 from daemon.service.scorer import ScorerService, build_scorer, tenant_labels
 from lab import tasks
+from lab.reliability import trace_key
 from streams.embedded import EmbeddedTransport
 from streams.schemas import Attempt, encode
 
@@ -58,7 +59,7 @@ def test_the_service_counts_traces_per_configured_tenant(tmp_path: Path) -> None
     transport = EmbeddedTransport(tmp_path / "log.sqlite")
     producer = transport.producer()
     for line in lines:
-        producer.send(settings.topics.traces, line)
+        producer.send(settings.topics.traces, line, key=trace_key(line))
     producer.flush()
     producer.close()
 
