@@ -30,7 +30,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.common import production_trace
+from bench.common import cpu_ms_per, per_s, production_trace
 from streams.schemas import encode
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,11 +57,11 @@ class Phase:
 
     @property
     def per_s(self) -> float:
-        return self.window_traces / self.seconds if self.seconds > 0 else float("nan")
+        return per_s(self.window_traces, self.seconds)
 
     @property
     def cpu_per_trace_ms(self) -> float:
-        return 1e3 * self.cpu_seconds / max(self.window_traces, 1)
+        return cpu_ms_per(self.cpu_seconds, self.window_traces)
 
 
 def scrape(port: int) -> dict[str, float]:

@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.bench_replicas import cpu_seconds, free_port, scrape
-from bench.common import production_trace
+from bench.common import cpu_ms_per, per_s, production_trace
 from streams.schemas import Trace, decode, encode
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,11 +77,11 @@ class Drain:
 
     @property
     def per_s(self) -> float:
-        return self.traces / self.seconds if self.seconds > 0 else float("nan")
+        return per_s(self.traces, self.seconds)
 
     @property
     def cpu_ms_per_trace(self) -> float:
-        return 1e3 * self.cpu_seconds / max(self.traces, 1)
+        return cpu_ms_per(self.cpu_seconds, self.traces)
 
     def as_json(self) -> dict[str, Any]:
         return {**asdict(self), "per_s": self.per_s, "cpu_ms_per_trace": self.cpu_ms_per_trace}

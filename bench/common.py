@@ -78,3 +78,13 @@ def production_trace(
             ],
         }
     )
+
+
+def per_s(n: int, seconds: float) -> float:
+    """Records per second of a timed window (NaN for an empty window)."""
+    return n / seconds if seconds > 0 else float("nan")
+
+
+def cpu_ms_per(cpu_seconds: float, n: int) -> float:
+    """CPU milliseconds per record of a timed window."""
+    return 1e3 * cpu_seconds / max(n, 1)
