@@ -321,8 +321,12 @@ def reliability(
         ok = run_hostile_only(short, out, workdir, command, say)
     else:
         from lab.reliability import run_suite
+        from lab.replicas import keep_section
 
+        previous = out.read_text() if out.exists() else ""
         ok = run_suite(short, out, workdir, command, say)
+        # The replicas section has its own command (`tapd reliability --replicas`): kept.
+        keep_section(previous, out)
     typer.echo(f"figures written to {out}")
     if not ok:
         raise typer.Exit(1)

@@ -1784,12 +1784,7 @@ def run_suite(
     shutil.rmtree(hostile_dir, ignore_errors=True)
     hostile = hostile_run(hcfg, hostile_dir, log)
     out.parent.mkdir(parents=True, exist_ok=True)
-    previous = out.read_text() if out.exists() else ""
     out.write_text(report(results, fuzz, command, hostile))
-    # The replicas section has its own command (`tapd reliability --replicas`): kept.
-    from lab.replicas import keep_section
-
-    keep_section(previous, out)
     return all(r.audit.ok for r in results) and not fuzz.failures and hostile.ok
 
 
