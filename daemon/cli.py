@@ -872,11 +872,21 @@ def models_rollback(
     ] = None,
     url: _Url = None,
     user: Annotated[str | None, typer.Option("--user", envvar="USER", help="Who (audit).")] = None,
+    wait_s: Annotated[
+        float,
+        typer.Option(
+            "--wait-s",
+            min=0.0,
+            help="How long to wait for the restarted scorer to be ready (0: do not wait).",
+        ),
+    ] = 300.0,
 ) -> None:
     """Make the scorer use an earlier predictor snapshot.
 
     A running scorer restarts onto it (labels learned since are replayed into
-    its online stages); without one, the next start loads it.
+    its online stages); without one, the next start loads it. By default the
+    command returns once the restarted scorer serves the snapshot and is ready,
+    so the next command an operator types reaches it.
     """
     from daemon.runtime.inspect import ScorerInspector
 
@@ -899,7 +909,31 @@ def models_rollback(
         return
     if r.status_code >= 300:
         _fail(ctx, _problem(r))
-    _echo_json(r.json())
+    out = r.json()
+    if out.get("restarting") and wait_s > 0:
+        _wait_restarted(ctx, admin, str(out["rollback_to"]), wait_s)
+        out = {**out, "latest": out["rollback_to"], "restarting": False, "ready": True}
+    _echo_json(out)
+
+
+def _wait_restarted(ctx: typer.Context, admin: _Admin, target: str, wait_s: float) -> None:
+    """Return once a scorer answers with ``target`` as its model and is ready.
+
+    The scorer moves its model pointer only after its HTTP server has stopped,
+    so an answer naming ``target`` comes from the restarted process, never
+    from the one still shutting down.
+    """
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            models = admin.call("GET", "/admin/models")
+            if models.status_code == 200 and models.json().get("latest") == target:
+                if admin.call("GET", "/readyz").status_code == 200:
+                    return
+        except Unreachable:
+            pass  # restarting: the port is closed for a moment
+        time.sleep(0.5)
+    _fail(ctx, f"the scorer did not come back ready on {target} within {wait_s:.0f}s")
 
 
 policies_app = typer.Typer(help="Policy versions kept by the trainer.")
