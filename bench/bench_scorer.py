@@ -172,9 +172,20 @@ def fill(settings: Any, topic: str, traces: list[bytes], keys: list[bytes]) -> N
 
 
 def scorer_drain(
-    env_transport: dict[str, str], topics: dict[str, str], n: int, partitions: int, workdir: Path
+    env_transport: dict[str, str],
+    topics: dict[str, str],
+    n: int,
+    partitions: int,
+    workdir: Path,
+    *,
+    extra_env: dict[str, str] | None = None,
+    sample: Callable[[float, int], None] | None = None,
 ) -> Drain:
-    """One ``tapd run`` process drains the topic; the window is read from its metrics."""
+    """One ``tapd run`` process drains the topic; the window is read from its metrics.
+
+    ``extra_env`` adds settings; ``sample(consumed, pid)`` is called at every
+    scrape of the drain window (the memory benchmark reads RSS there).
+    """
     run = topics["TRACES"].split(".")[0]
     port = free_port()
     env = {
@@ -187,6 +198,7 @@ def scorer_drain(
         "TAPD_LOG_LEVEL": "warning",
         "OMP_NUM_THREADS": "1",
         **{f"TAPD_TOPICS__{k}": v for k, v in topics.items()},
+        **(extra_env or {}),
     }
     with (workdir / f"{run}.log").open("wb") as log:
         proc = subprocess.Popen(
@@ -214,9 +226,11 @@ def scorer_drain(
         cpu0 = cpu_seconds(proc.pid)
         while True:
             consumed = scrape(port).get("tapd_traces_consumed_total", 0.0)
+            if sample is not None:
+                sample(consumed, proc.pid)
             if consumed >= n:
                 break
-            if proc.poll() is not None or time.monotonic() - t0 > 1200:
+            if proc.poll() is not None or time.monotonic() - t0 > 3600:
                 raise RuntimeError(f"scorer not drained: {consumed} of {n}")
             time.sleep(0.05)
         t1 = time.monotonic()

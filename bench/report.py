@@ -31,6 +31,12 @@ INTRO = {
     "SQLite inserts and reads with the same durability (WAL, synchronous=FULL).",
     "bench.bench_memory": "Resident memory of the cohort builder with 10k open cohorts, and "
     "across a long trace stream (flat = bounded).",
+    "bench.bench_service": "The scorer's other costs, each against a baseline of the same run: "
+    "per-cohort latency (featurize + predict) at G = 8, 64, 256 against decoding the cohort; "
+    "CPU per trace with 10k against 1k open slices; RSS of `tapd run` over a long 8-attempt "
+    "stream; scoring p99 while LightGBM refits on 100k labels; start-up RSS with rollouts off. "
+    "Targets: p99 <= 5 ms at G = 64, 10k/1k within 20 %, second-half RSS growth <= 5 %, refit "
+    "p99 increase <= 20 %, start-up <= 200 MiB. The figures are also in `docs/performance.json`.",
     "bench.bench_predictor": "Per-cohort scoring latency (p50/p99) and LightGBM refit time on "
     "10k labels (the predictor's own benchmark).",
     "bench.bench_features": "Featurization cost per cohort (the features' own benchmark).",
@@ -70,6 +76,7 @@ def main() -> None:
             "bench.bench_scorer",
             ["--traces", str(args.scorer_traces), "--json", "docs/performance.json"],
         ),
+        ("bench.bench_service", ["--json", "docs/performance.json"]),
         ("bench.bench_embedded", ["--records", str(args.embedded_records)]),
         ("bench.bench_memory", ["--traces", str(args.memory_traces)]),
         (
