@@ -434,10 +434,42 @@ BatchStage = RidgeStage | KNNStage | LightGBMStage
 BATCH_KINDS: tuple[str, ...] = ("ridge", "knn", "lightgbm")
 
 
+# GRPO's advantage is group-normalised: a prompt group whose K rewards are all
+# equal has zero advantage and gives the policy no gradient. A cohort with no
+# group of mixed rewards (``frac_nondegenerate`` = 0: all solved or all failed)
+# therefore cannot move the policy, and its lift is zero by construction (the
+# battery's no-foothold cohorts measure exactly 0.0000 on every seed). The
+# predictor says so without asking a model, and its batch models are fitted on
+# the cohorts that carry a signal: a regression over both kinds extrapolates
+# the zeros into confident mid-range guesses for unseen cells.
+_SIGNAL = FEATURE_NAMES.index("frac_nondegenerate")
+
+
+def has_learning_signal(features: Mapping[str, float]) -> bool:
+    """False when no prompt group of the cohort has mixed rewards (GRPO's gradient is zero)."""
+    return float(features.get("frac_nondegenerate", 1.0)) > 0.0
+
+
+def signal_rows(X: np.ndarray) -> np.ndarray:
+    """The rows of a feature matrix that carry a learning signal (see has_learning_signal)."""
+    return np.asarray(X)[:, _SIGNAL] > 0.0
+
+
+def predict_rows(stage: BatchStage, X: np.ndarray) -> np.ndarray:
+    """A batch stage's predictions, zero for the rows without a learning signal."""
+    return np.where(signal_rows(X), stage.predict_matrix(X), 0.0)
+
+
 def fit_batch(
     kind: str, X: np.ndarray, y: np.ndarray, *, seed: int = 0, model_version: str = "v2"
 ) -> BatchStage:
-    """One batch model kind fitted on a label history."""
+    """One batch model kind fitted on a label history's rows with a learning signal.
+
+    With fewer than 4 such rows every row is used (a model is still needed).
+    """
+    keep = signal_rows(X)
+    if int(keep.sum()) >= 4:
+        X, y = np.asarray(X)[keep], np.asarray(y)[keep]
     if kind == "ridge":
         return RidgeStage.fit(X, y, model_version=model_version)
     if kind == "knn":
@@ -556,7 +588,7 @@ def cv_spearman(kind: str, X: np.ndarray, y: np.ndarray, seed: int = 0) -> float
         train = np.r_[0:lo, hi:n]
         if len(train) < 4:
             return math.nan
-        pred[lo:hi] = fit_batch(kind, X[train], y[train], seed=seed).predict_matrix(X[lo:hi])
+        pred[lo:hi] = predict_rows(fit_batch(kind, X[train], y[train], seed=seed), X[lo:hi])
     return spearman(pred.tolist(), y.tolist())
 
 
@@ -594,7 +626,7 @@ def run_refit(
     n_train = n - n_hold
     kind, scores = choose_kind(X[:n_train], y[:n_train], seed=seed, kinds=kinds)
     cand = fit_batch(kind, X[:n_train], y[:n_train], seed=seed, model_version=model_version)
-    c_score = spearman(cand.predict_matrix(X[n_train:]).tolist(), y[n_train:].tolist())
+    c_score = spearman(predict_rows(cand, X[n_train:]).tolist(), y[n_train:].tolist())
     i_score = spearman(served[n_train:].tolist(), y[n_train:].tolist())
     promoted = should_promote(c_score, i_score)
     final = fit_batch(kind, X, y, seed=seed, model_version=model_version) if promoted else None
@@ -684,6 +716,9 @@ class Predictor:
         return self.river if self.active == "river" else self.heuristic
 
     def predict(self, features: Mapping[str, float]) -> Prediction:
+        if not has_learning_signal(features):
+            feature_vector(features)  # the same validation as a stage's
+            return Prediction(0.0, 0.0, self.active, self.model_version)
         p = self._active_stage().predict(features)
         return Prediction(p.lift, p.uncertainty, self.active, self.model_version)
 
@@ -694,8 +729,9 @@ class Predictor:
         x = feature_vector(features)
         y = _check_label(realized_lift)
         served = self.predict(features).lift
-        self._history.heuristic.append(self.heuristic.predict(features).lift)
-        self._history.river.append(self.river.predict(features).lift)
+        signal = has_learning_signal(features)
+        self._history.heuristic.append(self.heuristic.predict(features).lift if signal else 0.0)
+        self._history.river.append(self.river.predict(features).lift if signal else 0.0)
         self.quality.update(served, y, selection)
         if self.drift.update(y - served, self.river.lift_spread):
             self.drift_detected += 1

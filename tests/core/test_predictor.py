@@ -18,7 +18,7 @@ import pytest
 from scipy import stats as sps
 
 from daemon.config import PredictorSettings
-from daemon.core.features import FEATURE_SCHEMA, FeatureError, feature_vector
+from daemon.core.features import FEATURE_NAMES, FEATURE_SCHEMA, FeatureError, feature_vector
 from daemon.core.pipeline import Label
 from daemon.core.predictor import (
     BATCH_KINDS,
@@ -31,6 +31,8 @@ from daemon.core.predictor import (
     RiverStage,
     choose_kind,
     cv_spearman,
+    fit_batch,
+    predict_rows,
     run_refit,
 )
 from daemon.core.ranking import pairwise_accuracy, spearman
@@ -149,6 +151,8 @@ def test_refit_chooses_the_model_kind_that_ranks_held_out_labels_best() -> None:
     """The router serves what ranks best: ridge on a linear law, LightGBM or kNN on a step."""
     rng = np.random.default_rng(0)
     X = rng.normal(size=(160, len(feature_vector(synthetic_features(random.Random(0))))))
+    # Every cohort carries a learning signal (a share of mixed-reward groups > 0).
+    X[:, FEATURE_NAMES.index("frac_nondegenerate")] = rng.uniform(0.1, 1.0, size=160)
     linear = X[:, 0] - 0.5 * X[:, 3] + rng.normal(scale=0.3, size=160)
     kind, scores = choose_kind(X, linear)
     assert kind == "ridge", scores
@@ -421,3 +425,32 @@ def test_river_does_not_replace_a_heuristic_that_ranks_better() -> None:
     assert p.predict(x).stage == "heuristic"
     h = p._history
     assert spearman(h.heuristic[-30:], h.y[-30:]) > spearman(h.river[-30:], h.y[-30:])
+
+
+def test_a_cohort_without_a_learning_signal_is_predicted_zero_and_not_fitted() -> None:
+    """No prompt group with mixed rewards: GRPO's gradient is zero, so is the predicted lift.
+
+    Whatever the stage learned, and however the rest of its features look; the
+    batch kinds fit only the cohorts with a signal, so a label history full of
+    zeros does not drag their predictions for the others.
+    """
+    rng = random.Random(3)
+    p = Predictor(PredictorSettings(lgbm_after=40, refit_every_labels=20))
+    for _ in range(120):
+        x = synthetic_features(rng)
+        p.learn(x, synthetic_lift(x, rng) + 0.05)  # every label well above zero
+    dead = {**synthetic_features(rng), "frac_nondegenerate": 0.0, "adv_std": 0.0}
+    alive = {**dead, "frac_nondegenerate": 0.5, "adv_std": 0.4}
+    got = p.predict(dead)
+    assert got.lift == 0.0 and got.uncertainty == 0.0
+    assert p.predict(alive).lift > 0.0
+    with pytest.raises(ValueError, match="adv_std"):
+        p.predict({**dead, "adv_std": math.nan})
+    # The batch fit: the zero-signal rows are left out of the model.
+    X = np.asarray([feature_vector(synthetic_features(rng)) for _ in range(60)])
+    s = FEATURE_NAMES.index("frac_nondegenerate")
+    X[:, s] = np.where(np.arange(60) % 2 == 0, 0.0, 0.6)
+    y = np.where(X[:, s] > 0, 1.0, -5.0)
+    stage = fit_batch("ridge", X, y)
+    assert np.allclose(stage.predict_matrix(X[X[:, s] > 0]), 1.0, atol=1e-6)
+    assert np.array_equal(predict_rows(stage, X)[X[:, s] == 0], np.zeros(30))
