@@ -558,17 +558,24 @@ def fit_predict_kind(kind: str, seed: int = 0) -> ev.FitPredict:
     return fit_predict
 
 
-def plain_knn(
-    xs: Sequence[Mapping[str, float]], ys: Sequence[float], test: Sequence[Mapping[str, float]]
-) -> list[float]:
-    """The baseline: 3 nearest neighbours on every standardized feature, nothing else."""
+def _standardized(
+    xs: Sequence[Mapping[str, float]], test: Sequence[Mapping[str, float]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Training and test features standardized on the training rows (the baselines' input)."""
     from daemon.core.features import feature_vector
 
     X = np.asarray([feature_vector(x) for x in xs])
     T = np.asarray([feature_vector(x) for x in test])
     mu, sd = X.mean(axis=0), X.std(axis=0)
     sd = np.where(sd > 1e-12, sd, 1.0)
-    Z, ZT = (X - mu) / sd, (T - mu) / sd
+    return (X - mu) / sd, (T - mu) / sd
+
+
+def plain_knn(
+    xs: Sequence[Mapping[str, float]], ys: Sequence[float], test: Sequence[Mapping[str, float]]
+) -> list[float]:
+    """The baseline: 3 nearest neighbours on every standardized feature, nothing else."""
+    Z, ZT = _standardized(xs, test)
     y = np.asarray(ys, dtype=np.float64)
     d = ((ZT[:, None, :] - Z[None, :, :]) ** 2).sum(axis=2)
     near = np.argsort(d, axis=1, kind="stable")[:, : min(3, len(y))]
@@ -579,16 +586,10 @@ def plain_ridge(
     xs: Sequence[Mapping[str, float]], ys: Sequence[float], test: Sequence[Mapping[str, float]]
 ) -> list[float]:
     """The baseline: ridge with a fixed penalty (1.0) on every standardized feature."""
-    from daemon.core.features import feature_vector
-
-    X = np.asarray([feature_vector(x) for x in xs])
-    T = np.asarray([feature_vector(x) for x in test])
-    mu, sd = X.mean(axis=0), X.std(axis=0)
-    sd = np.where(sd > 1e-12, sd, 1.0)
-    Z = (X - mu) / sd
+    Z, ZT = _standardized(xs, test)
     y = np.asarray(ys, dtype=np.float64)
     coef = np.linalg.solve(Z.T @ Z + np.eye(Z.shape[1]), Z.T @ (y - y.mean()))
-    return [float(v) for v in ((T - mu) / sd) @ coef + y.mean()]
+    return [float(v) for v in ZT @ coef + y.mean()]
 
 
 def router(seed: int = 0) -> Any:
