@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import statistics
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal
 
@@ -335,8 +336,64 @@ def bad_answers(prompt: str, reference: str) -> list[str]:
     return out
 
 
+@functools.lru_cache(maxsize=4096)
+def _bad_answers(prompt: str, reference: str) -> tuple[str, ...]:
+    # A prompt seen again (the same task asked again) costs one lookup.
+    return tuple(bad_answers(prompt, reference))
+
+
 def _verifier_key(trace: Trace) -> tuple[str, str]:
     return trace.verifier, json.dumps(trace.verifier_args, sort_keys=True, default=str)
+
+
+# Verifiers whose reward is a pure function of (arguments, answer, reference)
+# under the verify caps: their probe results are remembered across cohorts, so
+# that an answer the cohorts repeat (the same task asked again, the same bad
+# answer derived from the same reference) is verified once. The code verifier
+# runs in a sandbox under a time limit and a per-cohort budget, and plugin
+# verifiers promise nothing: they are always run.
+PURE_VERIFIERS = frozenset({"exact", "numeric", "mcq", "regex"})
+# Remembered probe results (LRU), and the longest answer or reference kept:
+# bounds the memory whatever the prompts (an echoed prompt is a probe answer).
+PROBE_CACHE_SIZE = 65_536
+PROBE_CACHE_MAX_CHARS = 2_048
+
+_ProbeKey = tuple[str, str, str, str]
+
+
+class _ProbeCache:
+    """Pure verifiers' probe results and built verifiers, valid for one set of verify caps."""
+
+    def __init__(self) -> None:
+        self.caps: object = None
+        self.results: OrderedDict[_ProbeKey, bool] = OrderedDict()
+        self.verifiers: dict[tuple[str, str], Callable[[str, str], float] | None] = {}
+
+    def check_caps(self) -> None:
+        from daemon.verify.settings import current
+
+        # A verifier built (and a result computed) under other caps may differ.
+        caps = current()
+        if caps is not self.caps:
+            self.caps = caps
+            self.results.clear()
+            self.verifiers.clear()
+
+    def get(self, key: _ProbeKey) -> bool | None:
+        hit = self.results.get(key)
+        if hit is not None:
+            self.results.move_to_end(key)
+        return hit
+
+    def put(self, key: _ProbeKey, passed: bool) -> None:
+        if len(key[2]) > PROBE_CACHE_MAX_CHARS or len(key[3]) > PROBE_CACHE_MAX_CHARS:
+            return
+        self.results[key] = passed
+        if len(self.results) > PROBE_CACHE_SIZE:
+            self.results.popitem(last=False)
+
+
+_probe_cache = _ProbeCache()
 
 
 # Verifiers whose reference is not an answer (the code verifier's reference is
@@ -396,22 +453,43 @@ def reward_trust(traces: Sequence[Trace]) -> float:
     # a shorter time limit and a per-cohort budget of runs.
     budget = ProbeBudget()
     chosen = sorted(traces, key=lambda t: t.trace_id)[:MAX_TRUST_PROMPTS]
+    _probe_cache.check_caps()
     cache: dict[tuple[str, str], Callable[[str, str], float] | None] = {}
+    keys = {id(t): _verifier_key(t) for t in chosen}
 
     def verifier(t: Trace) -> Callable[[str, str], float] | None:
-        key = _verifier_key(t)
+        key = keys[id(t)]
         if key not in cache:
+            pure = t.verifier in PURE_VERIFIERS
+            if pure and key in _probe_cache.verifiers:
+                cache[key] = _probe_cache.verifiers[key]
+                return cache[key]
             try:
                 cache[key] = probe_verifier(t.verifier, t.verifier_args, budget)
             except ValueError:
                 cache[key] = None
+            if pure:
+                _probe_cache.verifiers[key] = cache[key]
         return cache[key]
+
+    def passes(t: Trace, answer: str, reference: str) -> bool | None:
+        verify = verifier(t)
+        if verify is None or t.verifier not in PURE_VERIFIERS:
+            return _passes(verify, answer, reference)
+        name, args = keys[id(t)]
+        pkey = (name, args, answer, reference)
+        hit = _probe_cache.get(pkey)
+        if hit is not None:
+            return hit
+        passed = _passes(verify, answer, reference)
+        if passed is not None:
+            _probe_cache.put(pkey, passed)
+        return passed
 
     rewarded = total = 0
     for t in chosen:
-        verify = verifier(t)
-        for answer in bad_answers(t.prompt, t.reference):
-            passed = _passes(verify, answer, t.reference)
+        for answer in _bad_answers(t.prompt, t.reference):
+            passed = passes(t, answer, t.reference)
             if passed is None:  # over the probe budget: not probed, counts neither way
                 continue
             total += 1
@@ -425,7 +503,7 @@ def reward_trust(traces: Sequence[Trace]) -> float:
     own = [
         s
         for ts in by_ref.values()
-        if (s := _share(_passes(verifier(t), t.reference, t.reference) for t in ts)) is not None
+        if (s := _share(passes(t, t.reference, t.reference) for t in ts)) is not None
     ]
     if own:
         trust = min(trust, statistics.fmean(own))
@@ -438,7 +516,7 @@ def reward_trust(traces: Sequence[Trace]) -> float:
         step = max(1, len(others) // CROSS_PROBES_PER_REFERENCE)
         tried = others[::step][:CROSS_PROBES_PER_REFERENCE]
         answer = ts[0].reference
-        s = _share(_passes(verifier(o), answer, o.reference) for o in tried)
+        s = _share(passes(o, answer, o.reference) for o in tried)
         if s is not None:
             cross.append(s)
     if cross:

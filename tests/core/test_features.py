@@ -293,3 +293,41 @@ def test_featurize_takes_a_cohort() -> None:
 def test_features_do_not_depend_on_trace_order() -> None:
     traces = _worked_example()
     assert featurize(traces) == featurize(list(reversed(traces)))
+
+
+def test_reward_trust_remembers_pure_verifiers_probes_and_forgets_on_new_caps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from daemon.config import VerifySettings
+    from daemon.core import features
+    from daemon.verify.registry import configure
+    from daemon.verify.settings import current
+
+    cohort = [_trace("r", [1.0], prompt="What is 40 + 2?", reference="42", verifier="numeric")]
+    first = reward_trust(cohort)
+    calls: list[tuple[str, str]] = []
+    real = features._passes
+
+    def counting(verify: object, answer: str, reference: str) -> bool | None:
+        calls.append((answer, reference))
+        return real(verify, answer, reference)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(features, "_passes", counting)
+    # The same task again: every probe answer comes from the cache, same trust.
+    assert reward_trust(cohort) == first
+    assert calls == []
+    # New verify caps may change a verifier's reward: everything is run again.
+    before = current()
+    configure(VerifySettings(**before.model_dump()))
+    try:
+        assert reward_trust(cohort) == first
+    finally:
+        configure(before)
+    assert calls
+    # Plugin verifiers (here the lab's gameable ones) are never remembered.
+    calls.clear()
+    contains = [t.model_copy(update={"verifier": "contains"}) for t in cohort]
+    reward_trust(contains)
+    n = len(calls)
+    reward_trust(contains)
+    assert len(calls) == 2 * n > 0
