@@ -14,7 +14,7 @@ import math
 import statistics
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 
@@ -80,6 +80,7 @@ MAX_TRUST_PROMPTS = 16
 _MCQ_OPTIONS = "ABCDEFGHIJ"
 
 GroupClass = Literal["disagree", "known", "no_foothold"]
+_V = TypeVar("_V")
 
 
 class FeatureError(Rejection):
@@ -117,12 +118,40 @@ def classify_group(rewards: Sequence[float] | np.ndarray) -> GroupClass:
 
 
 def _learnability(groups: list[np.ndarray]) -> dict[str, float]:
+    if len({g.size for g in groups}) == 1:
+        # Every group the same size (the rollout engine tops groups up to K):
+        # one 2-D array, reduced per row, instead of a dozen numpy calls per
+        # group. Row reductions add in the same order as the 1-D ones, so the
+        # values are bit-identical to the general path below.
+        return _learnability_rows(np.stack(groups))
     rewards = np.concatenate(groups)
     adv = np.concatenate([group_advantages(g) for g in groups])
     group_pass = np.array([float((g >= SUCCESS_THRESHOLD).mean()) for g in groups])
+    return _learnability_values(
+        rewards,
+        adv,
+        group_pass,
+        float(np.mean([g.max() != g.min() for g in groups])),
+    )
+
+
+def _learnability_rows(g: np.ndarray) -> dict[str, float]:
+    """:func:`_learnability` of groups of one size, one per row of ``g``."""
+    # A group of one has no spread (group_advantages).
+    one = g.shape[1] == 1
+    std = np.zeros((g.shape[0], 1)) if one else g.std(axis=1, ddof=1, keepdims=True)
+    adv = ((g - g.mean(axis=1, keepdims=True)) / (std + ADV_EPS)).ravel()
+    group_pass = (g >= SUCCESS_THRESHOLD).mean(axis=1)
+    nondegenerate = float(np.mean(g.max(axis=1) != g.min(axis=1)))
+    return _learnability_values(g.ravel(), adv, group_pass, nondegenerate)
+
+
+def _learnability_values(
+    rewards: np.ndarray, adv: np.ndarray, group_pass: np.ndarray, nondegenerate: float
+) -> dict[str, float]:
     return {
         "adv_std": float(adv.std()),
-        "frac_nondegenerate": float(np.mean([g.max() != g.min() for g in groups])),
+        "frac_nondegenerate": nondegenerate,
         "adv_absmean": float(np.abs(adv).mean()),
         "frac_all_correct": float(np.mean(group_pass == 1.0)),
         "frac_all_wrong": float(np.mean(group_pass == 0.0)),
@@ -359,15 +388,39 @@ PROBE_CACHE_SIZE = 65_536
 PROBE_CACHE_MAX_CHARS = 2_048
 
 _ProbeKey = tuple[str, str, str, str]
+_VerifierKey = tuple[str, str]
+# Built pure verifiers remembered (their arguments vary little: a regex pattern per task family).
+VERIFIER_CACHE_SIZE = 1_024
+
+
+def _lru_get(d: OrderedDict[_ProbeKey, _V], key: _ProbeKey) -> _V | None:
+    hit = d.get(key)
+    if hit is not None:
+        d.move_to_end(key)
+    return hit
+
+
+def _lru_put(d: OrderedDict[_ProbeKey, _V], key: _ProbeKey, value: _V) -> None:
+    if len(key[2]) > PROBE_CACHE_MAX_CHARS or len(key[3]) > PROBE_CACHE_MAX_CHARS:
+        return
+    d[key] = value
+    if len(d) > PROBE_CACHE_SIZE:
+        d.popitem(last=False)
 
 
 class _ProbeCache:
-    """Pure verifiers' probe results and built verifiers, valid for one set of verify caps."""
+    """Pure verifiers' probe results and built verifiers, valid for one set of verify caps.
+
+    ``results``: (verifier, arguments, answer, reference) -> rewarded;
+    ``bad``: (verifier, arguments, prompt, reference) -> (rewarded, probed) over
+    the prompt's :func:`bad_answers`, so that a prompt seen again costs one lookup.
+    """
 
     def __init__(self) -> None:
         self.caps: object = None
         self.results: OrderedDict[_ProbeKey, bool] = OrderedDict()
-        self.verifiers: dict[tuple[str, str], Callable[[str, str], float] | None] = {}
+        self.bad: OrderedDict[_ProbeKey, tuple[int, int]] = OrderedDict()
+        self.verifiers: dict[_VerifierKey, Callable[[str, str], float] | None] = {}
 
     def check_caps(self) -> None:
         from daemon.verify.settings import current
@@ -377,20 +430,15 @@ class _ProbeCache:
         if caps is not self.caps:
             self.caps = caps
             self.results.clear()
+            self.bad.clear()
             self.verifiers.clear()
 
-    def get(self, key: _ProbeKey) -> bool | None:
-        hit = self.results.get(key)
-        if hit is not None:
-            self.results.move_to_end(key)
-        return hit
-
-    def put(self, key: _ProbeKey, passed: bool) -> None:
-        if len(key[2]) > PROBE_CACHE_MAX_CHARS or len(key[3]) > PROBE_CACHE_MAX_CHARS:
-            return
-        self.results[key] = passed
-        if len(self.results) > PROBE_CACHE_SIZE:
-            self.results.popitem(last=False)
+    def remember_verifier(
+        self, key: _VerifierKey, verify: Callable[[str, str], float] | None
+    ) -> None:
+        if len(self.verifiers) >= VERIFIER_CACHE_SIZE:
+            self.verifiers.clear()
+        self.verifiers[key] = verify
 
 
 _probe_cache = _ProbeCache()
@@ -469,7 +517,7 @@ def reward_trust(traces: Sequence[Trace]) -> float:
             except ValueError:
                 cache[key] = None
             if pure:
-                _probe_cache.verifiers[key] = cache[key]
+                _probe_cache.remember_verifier(key, cache[key])
         return cache[key]
 
     def passes(t: Trace, answer: str, reference: str) -> bool | None:
@@ -478,22 +526,37 @@ def reward_trust(traces: Sequence[Trace]) -> float:
             return _passes(verify, answer, reference)
         name, args = keys[id(t)]
         pkey = (name, args, answer, reference)
-        hit = _probe_cache.get(pkey)
+        hit = _lru_get(_probe_cache.results, pkey)
         if hit is not None:
             return hit
         passed = _passes(verify, answer, reference)
         if passed is not None:
-            _probe_cache.put(pkey, passed)
+            _lru_put(_probe_cache.results, pkey, passed)
         return passed
+
+    def bad_probes(t: Trace) -> tuple[int, int]:
+        """(rewarded, probed) over the trace's bad answers."""
+        verify = verifier(t)
+        pure = verify is not None and t.verifier in PURE_VERIFIERS
+        bkey = (*keys[id(t)], t.prompt, t.reference)
+        if pure and (hit := _lru_get(_probe_cache.bad, bkey)) is not None:
+            return hit
+        rewarded = probed = 0
+        for answer in _bad_answers(t.prompt, t.reference):
+            passed = _passes(verify, answer, t.reference)
+            if passed is None:  # over the probe budget: not probed, counts neither way
+                continue
+            probed += 1
+            rewarded += passed
+        if pure:
+            _lru_put(_probe_cache.bad, bkey, (rewarded, probed))
+        return rewarded, probed
 
     rewarded = total = 0
     for t in chosen:
-        for answer in _bad_answers(t.prompt, t.reference):
-            passed = passes(t, answer, t.reference)
-            if passed is None:  # over the probe budget: not probed, counts neither way
-                continue
-            total += 1
-            rewarded += passed
+        r, n = bad_probes(t)
+        rewarded += r
+        total += n
     trust = 1.0 - rewarded / total if total else 1.0
 
     answers = [t for t in chosen if t.verifier not in REFERENCE_NOT_AN_ANSWER]
