@@ -77,6 +77,13 @@ ADV_EPS = 1e-4
 NEAR_DUPLICATE_JACCARD = 0.8
 # Prompts of a cohort whose verifier is red-teamed (bounds the verifier calls).
 MAX_TRUST_PROMPTS = 16
+# Remembered probe results and similarities (LRU), and the longest answer,
+# reference or prompt kept: bounds the memory whatever the prompts (an echoed
+# prompt is a probe answer).
+PROBE_CACHE_SIZE = 65_536
+PROBE_CACHE_MAX_CHARS = 2_048
+# Prompts whose best cosine to the probe set is remembered, per probe set.
+SIMILARITY_CACHE_SIZE = 16_384
 _MCQ_OPTIONS = "ABCDEFGHIJ"
 
 GroupClass = Literal["disagree", "known", "no_foothold"]
@@ -259,16 +266,39 @@ class _ProbeIndex:
                 m[i, self.vocab[g]] = c
         norms = np.linalg.norm(m, axis=1, keepdims=True)
         self.matrix = np.divide(m, norms, out=np.zeros_like(m), where=norms > 0)
+        # One row per n-gram: a prompt's few n-grams gather a few rows, not a
+        # dense pass over the whole vocabulary (hundreds of columns) per prompt.
+        self.by_gram = np.ascontiguousarray(self.matrix.T)
+        self._memo: OrderedDict[str, float] = OrderedDict()
 
     def best_cosine(self, text: str) -> float:
+        hit = self._memo.get(text)
+        if hit is not None:
+            # A prompt asked again (the same task in another cohort): no work.
+            self._memo.move_to_end(text)
+            return hit
+        value = self._best_cosine(text)
+        if len(text) <= PROBE_CACHE_MAX_CHARS:
+            self._memo[text] = value
+            if len(self._memo) > SIMILARITY_CACHE_SIZE:
+                self._memo.popitem(last=False)
+        return value
+
+    def _best_cosine(self, text: str) -> float:
         vec = ngrams(text)
-        x = np.zeros(len(self.vocab))
+        n = norm(vec)
+        if not n or not len(self.matrix):
+            return 0.0
+        cols: list[int] = []
+        counts: list[float] = []
         for g, c in vec.items():
             j = self.vocab.get(g)
             if j is not None:
-                x[j] = c
-        n = norm(vec)
-        return float((self.matrix @ x).max() / n) if n and len(self.matrix) else 0.0
+                cols.append(j)
+                counts.append(c)
+        if not cols:
+            return 0.0  # no n-gram in common with any probe prompt
+        return float((np.asarray(counts) @ self.by_gram[cols]).max() / n)
 
 
 @functools.lru_cache(maxsize=8)
@@ -382,10 +412,6 @@ def _verifier_key(trace: Trace) -> tuple[str, str]:
 # runs in a sandbox under a time limit and a per-cohort budget, and plugin
 # verifiers promise nothing: they are always run.
 PURE_VERIFIERS = frozenset({"exact", "numeric", "mcq", "regex"})
-# Remembered probe results (LRU), and the longest answer or reference kept:
-# bounds the memory whatever the prompts (an echoed prompt is a probe answer).
-PROBE_CACHE_SIZE = 65_536
-PROBE_CACHE_MAX_CHARS = 2_048
 
 _ProbeKey = tuple[str, str, str, str]
 _VerifierKey = tuple[str, str]

@@ -331,3 +331,25 @@ def test_reward_trust_remembers_pure_verifiers_probes_and_forgets_on_new_caps(
     n = len(calls)
     reward_trust(contains)
     assert len(calls) == 2 * n > 0
+
+
+def test_target_similarity_gathers_only_the_prompts_ngrams() -> None:
+    from daemon.core.features import _ProbeIndex
+    from daemon.core.similarity import cosine, ngrams
+
+    rng = random.Random(7)
+    words = ["what", "is", "the", "sum", "of", "solve", "prime", "area", "x", "12", "345"]
+
+    def text() -> str:
+        return " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))
+
+    probes = [text() for _ in range(40)]
+    index = _ProbeIndex(probes)
+    for _ in range(200):
+        t = text()
+        dense = max(cosine(ngrams(t), ngrams(p)) for p in probes)
+        # Only the summation order differs from the dense product: a few ulps.
+        assert index.best_cosine(t) == pytest.approx(dense, abs=1e-12)
+        # Asked again (the memo): the very same value.
+        assert index.best_cosine(t) == index._best_cosine(t)
+    assert index.best_cosine("zzzz") == 0.0
