@@ -12,7 +12,7 @@ import itertools
 import json
 import math
 import statistics
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal, TypeVar
 
@@ -335,15 +335,41 @@ def target_similarity(prompts: Sequence[str], probe_prompts: Sequence[str] | Non
 
 
 def near_duplicate_rate(prompts: Sequence[str]) -> float:
-    """Share of prompts with another prompt of 3-gram Jaccard >= 0.8 in the cohort."""
+    """Share of prompts with another prompt of 3-gram Jaccard >= 0.8 in the cohort.
+
+    Exact, without comparing every pair: two sets with Jaccard >= t share at
+    least ``ceil(t * |x|)`` n-grams, so under one fixed order of the n-grams
+    (rarest in the cohort first) their first common n-gram lies within the
+    first ``|x| - ceil(t * |x|) + 1`` of each (the prefix filter of all-pairs
+    similarity joins). Only prompts sharing a prefix n-gram are compared.
+    """
     sets = [set(ngrams(p)) for p in prompts]
     n = len(sets)
+    if not n:
+        return 0.0
     dup = [False] * n
-    for i in range(n):
-        for j in range(i + 1, n):
-            if (not dup[i] or not dup[j]) and jaccard(sets[i], sets[j]) >= NEAR_DUPLICATE_JACCARD:
+    # Empty sets (blank prompts) are alike (Jaccard 1) and unlike any other (0).
+    empty = [i for i, s in enumerate(sets) if not s]
+    if len(empty) > 1:
+        for i in empty:
+            dup[i] = True
+    df = Counter(g for s in sets for g in s)
+    index: dict[str, list[int]] = {}
+    for i, s in enumerate(sets):
+        if not s:
+            continue
+        # The 1e-9 keeps 0.8 * 5 (4.000000000000001) from rounding the prefix
+        # down; a longer prefix only adds candidates.
+        prefix = len(s) - math.ceil(NEAR_DUPLICATE_JACCARD * len(s) - 1e-9) + 1
+        candidates: set[int] = set()
+        for g in sorted(s, key=lambda g: (df[g], g))[:prefix]:
+            postings = index.setdefault(g, [])
+            candidates.update(postings)
+            postings.append(i)
+        for j in sorted(candidates):
+            if (not dup[i] or not dup[j]) and jaccard(sets[j], s) >= NEAR_DUPLICATE_JACCARD:
                 dup[i] = dup[j] = True
-    return sum(dup) / n if n else 0.0
+    return sum(dup) / n
 
 
 def template_repetition(prompts: Sequence[str]) -> float:

@@ -353,3 +353,31 @@ def test_target_similarity_gathers_only_the_prompts_ngrams() -> None:
         # Asked again (the memo): the very same value.
         assert index.best_cosine(t) == index._best_cosine(t)
     assert index.best_cosine("zzzz") == 0.0
+
+
+def test_near_duplicate_rate_prefix_filter_matches_every_pair_compared() -> None:
+    from daemon.core.features import NEAR_DUPLICATE_JACCARD
+    from daemon.core.similarity import jaccard, ngrams
+
+    def every_pair(prompts: list[str]) -> float:
+        sets = [set(ngrams(p)) for p in prompts]
+        dup = [
+            any(jaccard(a, b) >= NEAR_DUPLICATE_JACCARD for j, b in enumerate(sets) if j != i)
+            for i, a in enumerate(sets)
+        ]
+        return sum(dup) / len(dup)
+
+    rng = random.Random(11)
+    rates = set()
+    for _ in range(400):
+        base = ["".join(rng.choice("abcde ") for _ in range(rng.randint(0, 14))) for _ in range(3)]
+        prompts = []
+        for _ in range(rng.randint(1, 20)):
+            chars = list(rng.choice(base))
+            for _ in range(rng.randint(0, 2)):
+                chars.insert(rng.randint(0, len(chars)), rng.choice("abcde"))
+            prompts.append("".join(chars) or " ")
+        rate = near_duplicate_rate(prompts)
+        assert rate == every_pair(prompts)
+        rates.add(rate)
+    assert len(rates) > 10  # the cases cover many rates, not only 0 and 1
