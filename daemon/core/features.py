@@ -524,7 +524,8 @@ def _passes(verify: Callable[[str, str], float] | None, answer: str, reference: 
 def _share(results: Iterable[bool | None]) -> float | None:
     """The share of probes that passed, over those that ran (``None``: none ran)."""
     ran = [r for r in results if r is not None]
-    return statistics.fmean(ran) if ran else None
+    # statistics.fmean's own formula, without its generic-input overhead.
+    return math.fsum(ran) / len(ran) if ran else None
 
 
 def reward_trust(traces: Sequence[Trace]) -> float:
@@ -612,9 +613,11 @@ def reward_trust(traces: Sequence[Trace]) -> float:
     trust = 1.0 - rewarded / total if total else 1.0
 
     answers = [t for t in chosen if t.verifier not in REFERENCE_NOT_AN_ANSWER]
+    # Each reference normalised once (the cross probes compare every pair of them).
+    norm_ref = [normalize(t.reference) for t in answers]
     by_ref: dict[str, list[Trace]] = {}
-    for t in answers:
-        by_ref.setdefault(normalize(t.reference), []).append(t)
+    for t, r in zip(answers, norm_ref, strict=True):
+        by_ref.setdefault(r, []).append(t)
     own = [
         s
         for ts in by_ref.values()
@@ -624,7 +627,7 @@ def reward_trust(traces: Sequence[Trace]) -> float:
         trust = min(trust, statistics.fmean(own))
     cross: list[float] = []
     for ref, ts in by_ref.items():
-        others = [t for t in answers if normalize(t.reference) != ref]
+        others = [t for t, r in zip(answers, norm_ref, strict=True) if r != ref]
         if not others:
             continue
         # A few other prompts per reference, spread over the cohort deterministically.
