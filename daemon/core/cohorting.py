@@ -58,6 +58,7 @@ Memory bound
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections import Counter, OrderedDict
@@ -188,8 +189,12 @@ def slice_values(trace: Trace, fields: tuple[str, ...]) -> tuple[str, ...]:
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def format_slice_key(fields: tuple[str, ...], values: tuple[str, ...]) -> str:
-    """The slice key as a string: a compact JSON object, readable and unambiguous."""
+    """The slice key as a string: a compact JSON object, readable and unambiguous.
+
+    Remembered: a stream has few slices, and every trace of one formats the same key.
+    """
     return json.dumps(
         dict(zip(fields, values, strict=True)), separators=(",", ":"), ensure_ascii=False
     )
