@@ -927,9 +927,12 @@ def _wait_restarted(ctx: typer.Context, admin: _Admin, target: str, wait_s: floa
     while time.monotonic() < deadline:
         try:
             models = admin.call("GET", "/admin/models")
-            if models.status_code == 200 and models.json().get("latest") == target:
-                if admin.call("GET", "/readyz").status_code == 200:
-                    return
+            if (
+                models.status_code == 200
+                and models.json().get("latest") == target
+                and admin.call("GET", "/readyz").status_code == 200
+            ):
+                return
         except Unreachable:
             pass  # restarting: the port is closed for a moment
         time.sleep(0.5)
