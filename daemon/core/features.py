@@ -616,8 +616,8 @@ def reward_trust(traces: Sequence[Trace]) -> float:
     # Each reference normalised once (the cross probes compare every pair of them).
     norm_ref = [normalize(t.reference) for t in answers]
     by_ref: dict[str, list[Trace]] = {}
-    for t, r in zip(answers, norm_ref, strict=True):
-        by_ref.setdefault(r, []).append(t)
+    for t, ref in zip(answers, norm_ref, strict=True):
+        by_ref.setdefault(ref, []).append(t)
     own = [
         s
         for ts in by_ref.values()
@@ -627,7 +627,7 @@ def reward_trust(traces: Sequence[Trace]) -> float:
         trust = min(trust, statistics.fmean(own))
     cross: list[float] = []
     for ref, ts in by_ref.items():
-        others = [t for t, r in zip(answers, norm_ref, strict=True) if r != ref]
+        others = [t for t, other in zip(answers, norm_ref, strict=True) if other != ref]
         if not others:
             continue
         # A few other prompts per reference, spread over the cohort deterministically.
