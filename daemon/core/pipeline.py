@@ -60,6 +60,7 @@ from daemon.core.cohorting import (
 )
 from daemon.core.decision import ScoredCohort
 from daemon.core.features import FEATURE_SCHEMA
+from daemon.core.journal import Journaled, section
 from daemon.core.tenants import tenant_counts, tenant_of_record
 from streams.deadletter import (
     INTERNAL,
@@ -383,7 +384,7 @@ class Scorer:
         # Closed cohorts waiting for the slow scoring step.
         self.pending: deque[Cohort] = deque()
         self.in_flight: OrderedDict[str, InFlight] = OrderedDict()
-        self.learned: OrderedDict[str, None] = OrderedDict()
+        self.learned: Journaled[str, None] = Journaled()
         # Trace id -> where it was read and its bytes, until its fate is decided.
         self._origins: dict[str, _Origin] = {}
         self._json_cache: dict[str, dict[str, Any]] = {}
@@ -886,19 +887,32 @@ class Scorer:
 
     # --- state -----------------------------------------------------------------
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, *, journaled: bool = False) -> dict[str, Any]:
+        """The whole state as plain JSON; :meth:`restore` takes it back.
+
+        ``journaled``: the id windows (decided trace ids, learned cohort ids)
+        are left empty; the state store writes them from :meth:`journals`, a
+        batch's changed rows only, and fills them in again when it loads.
+        """
         return {
             "schema": SNAPSHOT_SCHEMA,
             # Open and queued traces as their original messages and origins:
             # a restore decodes them again, so nothing but the bytes is kept.
-            "cohorts": self.cohorts.snapshot(self._ref),
+            "cohorts": self.cohorts.snapshot(self._ref, journaled=journaled),
             "pending": [self._pending_json(c) for c in self.pending],
             "in_flight": [
                 [f.cohort_id, f.selection, f.predicted_lift, f.dispatched_ts]
                 for f in self.in_flight.values()
             ],
-            "learned": list(self.learned),
+            "learned": [] if journaled else list(self.learned),
             "rng": _rng_state(self.rng),
+        }
+
+    def journals(self) -> dict[str, Journaled[str, Any]]:
+        """The windows a journaled snapshot leaves empty, by their place in it."""
+        return {
+            section(("learned",), as_list=True): self.learned,
+            **self.cohorts.journals(("cohorts",)),
         }
 
     def _ref(self, trace: Trace) -> Any:
@@ -936,7 +950,7 @@ class Scorer:
         self.in_flight = OrderedDict(
             (c, InFlight(c, s, float(p), float(t))) for c, s, p, t in snap["in_flight"]
         )
-        self.learned = OrderedDict.fromkeys(snap["learned"])
+        self.learned = Journaled((str(c), None) for c in snap["learned"])
         if "rng" in snap:
             self.rng.setstate(_rng_from(snap["rng"]))
 
