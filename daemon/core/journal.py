@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -96,16 +96,41 @@ class Journaled(OrderedDict[K, V]):
 Rows = list[tuple[str, str | None]]
 
 
+class Stored(Protocol):
+    """A journaled value that is not text itself: its row holds :meth:`stored`.
+
+    Held originals are kept as bytes in memory; made text only when written.
+    """
+
+    def stored(self) -> str: ...
+
+
+def stored(value: str | Stored | None) -> str | None:
+    """A journaled value as its row holds it."""
+    return value if value is None or isinstance(value, str) else value.stored()
+
+
 def section(path: Sequence[str], as_list: bool = False) -> str:
     """A journaled window's name: where it goes in a snapshot (the path of keys to
     it) and as what (a list of its keys, or the dict itself)."""
     return json.dumps(["list" if as_list else "dict", *path], separators=(",", ":"))
 
 
+# The held traces' originals: where each was read (:func:`held_key`) -> its text.
+# A journaled snapshot refers to a held trace as [topic, partition, offset].
+HELD = section(("held",))
+
+
+def held_key(where: Sequence[Any]) -> str:
+    """The row key of the original read at ``[topic, partition, offset]``."""
+    return json.dumps([str(where[0]), int(where[1]), int(where[2])], separators=(",", ":"))
+
+
 def fill(snapshot: dict[str, Any], sections: Mapping[str, Rows]) -> dict[str, Any]:
     """``snapshot`` with each journaled window put back where a journaled snapshot
-    left it empty. A section whose place is gone (a partition no longer held) is
-    left out."""
+    left it empty, and each held trace's original back in its reference
+    (``[topic, partition, offset, text]``, as a whole snapshot holds it). A
+    section whose place is gone (a partition no longer held) is left out."""
     for name, rows in sections.items():
         kind, *path = json.loads(name)
         node: Any = snapshot
@@ -113,4 +138,27 @@ def fill(snapshot: dict[str, Any], sections: Mapping[str, Rows]) -> dict[str, An
             node = node.get(p) if isinstance(node, dict) else None
         if isinstance(node, dict) and path:
             node[path[-1]] = [k for k, _ in rows] if kind == "list" else dict(rows)
+    held = snapshot.pop("held", None)
+    if isinstance(held, dict):
+        _attach(snapshot, held)
     return snapshot
+
+
+def _attach(snapshot: dict[str, Any], held: Mapping[str, Any]) -> None:
+    # Every "traces" list (open groups, queued cohorts, wherever they sit).
+    stack: list[Any] = [snapshot]
+    while stack:
+        node = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for k, v in items:
+            if k == "traces" and isinstance(v, list):
+                for i, ref in enumerate(v):
+                    if isinstance(ref, list) and len(ref) == 3:
+                        try:
+                            text = held.get(held_key(ref))
+                        except (TypeError, ValueError):  # not a reference of ours
+                            continue
+                        if text is not None:
+                            v[i] = [*ref, text]
+            elif isinstance(v, dict | list):
+                stack.append(v)

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon.core.journal import Journaled, Rows, fill
+from daemon.core.journal import Journaled, Rows, fill, stored
 from daemon.core.pipeline import Label
 from streams.durable import connect_durable
 from streams.transport import OutMessage, TopicPartition
@@ -224,7 +224,7 @@ class StateStore:
                 cur.execute("DELETE FROM journal WHERE section = ?", (name,))
                 cur.executemany(
                     "INSERT INTO journal (section, key, value) VALUES (?, ?, ?)",
-                    [(name, k, v) for k, v in j.items()],
+                    [(name, k, stored(v)) for k, v in j.items()],
                 )
                 continue
             for key, moved in j.changes.items():
@@ -233,9 +233,9 @@ class StateStore:
                 elif moved:
                     # Deleted and inserted again: its row goes to the end of the order.
                     deleted.append((name, key))
-                    inserted.append((name, key, j[key]))
+                    inserted.append((name, key, stored(j[key])))
                 else:
-                    updated.append((j[key], name, key))
+                    updated.append((stored(j[key]), name, key))
         cur.executemany("DELETE FROM journal WHERE section = ? AND key = ?", deleted)
         cur.executemany("INSERT INTO journal (section, key, value) VALUES (?, ?, ?)", inserted)
         cur.executemany("UPDATE journal SET value = ? WHERE section = ? AND key = ?", updated)

@@ -293,11 +293,23 @@ def test_a_journaled_snapshot_through_the_store_is_the_whole_snapshot(tmp_path: 
     store.save(scorer.snapshot(journaled=True), {}, [], journals=scorer.journals())
     d = scorer.step(2.0, 10).dispatches[0]
     scorer.on_lift(_records([_lift(d, 0.3)]), 3.0)
+    # Three traces of a third slice stay open: held as journaled originals.
+    scorer.on_traces(_records(list(_traces("mul", "2x1", 3, 3, 1)), start=8), 3.5)
     snap = scorer.snapshot(journaled=True)
     assert snap["learned"] == [] and snap["cohorts"]["decided"] == {}
+    assert all(len(ref) == 3 for g in snap["cohorts"]["open"] for ref in g["traces"])
     store.save(snap, {}, [], journals=scorer.journals())
     whole = json.loads(json.dumps(scorer.snapshot()))
     assert whole["learned"] == [d.cohort_id] and whole["cohorts"]["decided"]
+    assert [len(g["traces"]) for g in whole["cohorts"]["open"]] == [3]
+    assert store.load_snapshot() == whole
+    # A restart: restored from what the store loads, the scorer holds the same state.
+    again = _scorer(settings)
+    loaded = store.load_snapshot()
+    assert loaded is not None
+    again.restore(loaded)
+    assert json.loads(json.dumps(again.snapshot())) == whole
+    store.save(again.snapshot(journaled=True), {}, [], journals=again.journals())
     assert store.load_snapshot() == whole
 
 
