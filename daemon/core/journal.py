@@ -20,7 +20,8 @@ V = TypeVar("V")
 
 # Changes remembered before the journal gives up and asks for a full rewrite:
 # bounds its memory where nobody drains it (a builder used without a store).
-MAX_CHANGES = 65_536
+# A poll batch changes at most a few per record (max_poll_records: 500).
+MAX_CHANGES = 16_384
 
 
 class Journaled(OrderedDict[K, V]):
