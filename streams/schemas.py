@@ -558,16 +558,37 @@ def encode(msg: BaseModel) -> bytes:
     return raw
 
 
+# The string escaper json.dumps uses with ensure_ascii=False.
+_json_string = json.encoder.encode_basestring
+
+
 def dispatch_item_bytes(trace: Trace) -> int:
     """Bytes the trace adds to a dispatch's encoding (its item and a separator)."""
-    item = {
-        "trace_id": trace.trace_id,
-        "prompt": trace.prompt,
-        "reference": trace.reference,
-        "verifier": trace.verifier,
-        "verifier_args": trace.verifier_args,
-    }
-    text = json.dumps(item, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    if trace.verifier_args:
+        item = {
+            "trace_id": trace.trace_id,
+            "prompt": trace.prompt,
+            "reference": trace.reference,
+            "verifier": trace.verifier,
+            "verifier_args": trace.verifier_args,
+        }
+        text = json.dumps(item, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        return len(text.encode()) + 1
+    # Without arguments (the common case) the item is five fixed keys and four
+    # strings: each string escaped as json.dumps escapes it, no dict encoded.
+    text = "".join(
+        (
+            '{"trace_id":',
+            _json_string(trace.trace_id),
+            ',"prompt":',
+            _json_string(trace.prompt),
+            ',"reference":',
+            _json_string(trace.reference),
+            ',"verifier":',
+            _json_string(trace.verifier),
+            ',"verifier_args":{}}',
+        )
+    )
     return len(text.encode()) + 1
 
 

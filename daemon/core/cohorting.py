@@ -58,6 +58,7 @@ Memory bound
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections import Counter, OrderedDict
@@ -66,6 +67,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from daemon.config import CohortingSettings
+from daemon.core.journal import Journaled, section
 from streams.schemas import (
     DISPATCH_ENVELOPE_BYTES,
     MAX_MESSAGE_BYTES,
@@ -188,8 +190,12 @@ def slice_values(trace: Trace, fields: tuple[str, ...]) -> tuple[str, ...]:
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def format_slice_key(fields: tuple[str, ...], values: tuple[str, ...]) -> str:
-    """The slice key as a string: a compact JSON object, readable and unambiguous."""
+    """The slice key as a string: a compact JSON object, readable and unambiguous.
+
+    Remembered: a stream has few slices, and every trace of one formats the same key.
+    """
     return json.dumps(
         dict(zip(fields, values, strict=True)), separators=(",", ":"), ensure_ascii=False
     )
@@ -256,7 +262,7 @@ class CohortBuilder:
         # Trace id -> content digest (None: not given), for open traces
         # (exact) and decided ones (a bounded FIFO).
         self._open_ids: dict[str, str | None] = {}
-        self._decided: OrderedDict[str, str | None] = OrderedDict()
+        self._decided: Journaled[str, str | None] = Journaled()
         self._versions: list[str] = [current_policy_version]
         self._now = 0.0
 
@@ -410,9 +416,15 @@ class CohortBuilder:
 
     # -- state -------------------------------------------------------------
 
-    def snapshot(self, trace_ref: TraceRef = trace_inline) -> dict[str, Any]:
+    def snapshot(
+        self, trace_ref: TraceRef = trace_inline, *, journaled: bool = False
+    ) -> dict[str, Any]:
         """The state as plain JSON; ``trace_ref`` says how to hold each open trace
-        (default: its fields; the scorer holds its original message instead)."""
+        (default: its fields; the scorer holds its original message instead).
+
+        ``journaled``: the decided ids are left empty; the state store writes
+        them from :meth:`journals` (the rows that changed), not whole per batch.
+        """
         return {
             "schema": SNAPSHOT_SCHEMA,
             "versions": list(self._versions),
@@ -427,8 +439,12 @@ class CohortBuilder:
                 }
                 for g in self._open.values()
             ],
-            "decided": dict(self._decided),
+            "decided": {} if journaled else dict(self._decided),
         }
+
+    def journals(self, path: tuple[str, ...] = ()) -> dict[str, Journaled[str, Any]]:
+        """The windows a journaled snapshot leaves empty, by their place in it (under ``path``)."""
+        return {section((*path, "decided")): self._decided}
 
     def restore(self, snapshot: dict[str, Any], trace_from: TraceFrom | None = None) -> None:
         """Replace the state with a snapshot's; ``ValueError`` if it is not one.
@@ -464,10 +480,10 @@ class CohortBuilder:
         self._now = float(snapshot["now"])
         self._open = opened
         self._open_ids = open_ids
-        self._decided = (
-            OrderedDict((str(k), None if v is None else str(v)) for k, v in decided.items())
+        self._decided = Journaled(
+            ((str(k), None if v is None else str(v)) for k, v in decided.items())
             if isinstance(decided, dict)
-            else OrderedDict.fromkeys(str(x) for x in decided)  # before digests were kept
+            else ((str(x), None) for x in decided)  # before digests were kept
         )
 
     # -- internals ---------------------------------------------------------

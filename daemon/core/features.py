@@ -178,6 +178,37 @@ def _pool(arrays: Sequence[Sequence[float]], total: int) -> np.ndarray:
     return np.fromiter(itertools.chain.from_iterable(arrays), dtype=np.float64, count=total)
 
 
+# The quantiles of logprob_p10/p50/p90, as np.percentile computes them (q / 100).
+_QUANTILES = (10 / 100, 50 / 100, 90 / 100)
+
+
+def _percentiles(pooled: np.ndarray) -> tuple[float, float, float]:
+    """``np.percentile(pooled, [10, 50, 90])`` (its default "linear" method), bit for bit.
+
+    The same order statistics (one partition) and numpy's own interpolation
+    formula, without its generic machinery, which cost more than the rest of
+    the token features on a cohort's few hundred log-probs.
+    """
+    last = pooled.size - 1
+    bounds: list[tuple[int, int, float]] = []
+    for q in _QUANTILES:
+        v = last * q  # numpy: (n - 1) * quantiles
+        if v >= last:
+            # numpy takes the largest for both ends, and its weight is v - (-1).
+            bounds.append((last, last, v + 1))
+        else:
+            low = math.floor(v)
+            bounds.append((low, low + 1, v - low))
+    ordered = np.partition(pooled, sorted({i for lo, hi, _ in bounds for i in (lo, hi)}))
+    out: list[float] = []
+    for lo, hi, t in bounds:
+        a, b = float(ordered[lo]), float(ordered[hi])
+        # numpy's _lerp: a + (b - a) * t, from the upper end when t >= 0.5.
+        diff = b - a
+        out.append(b - diff * (1 - t) if t >= 0.5 else a + diff * t)
+    return out[0], out[1], out[2]
+
+
 def _familiarity(attempts: list[Attempt]) -> dict[str, float]:
     """Per-attempt token statistics, from full arrays when shipped, else TokenStats."""
     arrays = [a.token_logprobs for a in attempts if a.token_logprobs]
@@ -208,7 +239,7 @@ def _familiarity(attempts: list[Attempt]) -> dict[str, float]:
         # One token has no early and late half: no slope.
         slope.append(np.where(lengths >= 2, late - early, 0.0))
         prob.append(np.add.reduceat(np.exp(pooled), starts) / lengths)
-        p10, p50, p90 = np.percentile(pooled, [10, 50, 90])
+        p10, p50, p90 = _percentiles(pooled)
     else:
         w = np.asarray(stats_tokens, dtype=np.float64)
         p10, p50, p90 = (

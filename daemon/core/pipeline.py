@@ -60,6 +60,7 @@ from daemon.core.cohorting import (
 )
 from daemon.core.decision import ScoredCohort
 from daemon.core.features import FEATURE_SCHEMA
+from daemon.core.journal import HELD, Journaled, held_key, section
 from daemon.core.tenants import tenant_counts, tenant_of_record
 from streams.deadletter import (
     INTERNAL,
@@ -280,6 +281,15 @@ class _Origin:
         # A decoded trace was valid UTF-8: the text round-trips to the same bytes.
         return [self.topic, self.partition, self.offset, self.raw.decode("utf-8")]
 
+    def stored(self) -> str:
+        """The original as text, as its journaled row holds it."""
+        return self.raw.decode("utf-8")
+
+    def where(self) -> list[Any]:
+        """:meth:`ref` without the text: a journaled snapshot's reference (the
+        text is a row of its own, written once: :data:`HELD`)."""
+        return [self.topic, self.partition, self.offset]
+
 
 def _cohort_json(c: Cohort, ref: Callable[[Trace], Any]) -> dict[str, Any]:
     return {
@@ -383,10 +393,15 @@ class Scorer:
         # Closed cohorts waiting for the slow scoring step.
         self.pending: deque[Cohort] = deque()
         self.in_flight: OrderedDict[str, InFlight] = OrderedDict()
-        self.learned: OrderedDict[str, None] = OrderedDict()
+        self.learned: Journaled[str, None] = Journaled()
         # Trace id -> where it was read and its bytes, until its fate is decided.
         self._origins: dict[str, _Origin] = {}
+        # The originals of the held traces (open or queued, fate undecided) as
+        # journaled rows, by where they were read: a journaled snapshot refers
+        # to them, and the store writes each once, not with every batch.
+        self._held: Journaled[str, _Origin] = Journaled()
         self._json_cache: dict[str, dict[str, Any]] = {}
+        self._where_cache: dict[str, dict[str, Any]] = {}
         # Traces a restore could not bring back: dead-lettered at the next call.
         self._unrestored: list[tuple[Record, str, str, str]] = []
 
@@ -419,29 +434,32 @@ class Scorer:
         decoded: list[tuple[Record, Trace | Poison, str]] = []
         misrouted = 0
         fields = self.cohorts.slice_fields
-        for rec in records:
-            with self._timed("decode"):
+        # Timed per batch, not per record: a clock read, an event and a
+        # histogram observation per trace cost more than the cohorting itself.
+        with self._timed("decode", bool(records)):
+            for rec in records:
                 got = decode_record(rec, Trace, "decode", now)
-            if isinstance(got, Poison):
-                tenant = tenant_of_record(rec.value)
-            else:
-                tenant = got.tenant
-                # The producer contract: keyed by slice key, so that every copy
-                # of a trace meets the one partition (and replica) that
-                # deduplicates it. A trace keyed otherwise is still cohorted;
-                # it is counted, because a resent copy of it may be counted twice.
-                if rec.key is None or rec.key.decode(errors="replace") != slice_key_of(got, fields):
-                    misrouted += 1
-            decoded.append((rec, got, tenant))
+                if isinstance(got, Poison):
+                    tenant = tenant_of_record(rec.value)
+                else:
+                    tenant = got.tenant
+                    # The producer contract: keyed by slice key, so that every copy
+                    # of a trace meets the one partition (and replica) that
+                    # deduplicates it. A trace keyed otherwise is still cohorted; it
+                    # is counted, because a resent copy of it may be counted twice.
+                    key = rec.key
+                    if key is None or key.decode(errors="replace") != slice_key_of(got, fields):
+                        misrouted += 1
+                decoded.append((rec, got, tenant))
         if records:
             self._emit(
                 ev.TracesConsumed(len(records), tenant_counts(t for _, _, t in decoded), misrouted)
             )
-        for rec, trace, tenant in decoded:
-            if isinstance(trace, Poison):
-                self._poison(trace, rec, fx, tenant)
-                continue
-            with self._timed("cohorting"):
+        with self._timed("cohorting", bool(records)):
+            for rec, trace, tenant in decoded:
+                if isinstance(trace, Poison):
+                    self._poison(trace, rec, fx, tenant)
+                    continue
                 try:
                     events = self.cohorts.on_item(trace, now, content_digest(rec.value))
                 except Exception as e:  # a bug must not turn this record into a crash loop
@@ -454,8 +472,8 @@ class Scorer:
                     for e in events
                 ):
                     # Remembered until the trace's fate is decided (scored or rejected).
-                    self._origins[trace.trace_id] = _Origin(
-                        rec.topic, rec.partition, rec.offset, rec.value
+                    self._hold(
+                        trace.trace_id, _Origin(rec.topic, rec.partition, rec.offset, rec.value)
                     )
                 fx += self._cohort_events(events, now, rec)
         return self._done(fx)
@@ -513,7 +531,7 @@ class Scorer:
         """The dead letter of a trace rejected after decoding: its original bytes.
 
         Its fate is decided, so its origin is forgotten."""
-        origin = self._origins.pop(rej.trace.trace_id, None)
+        origin = self._release(rej.trace.trace_id)
         self._emit(
             ev.TraceRejected(
                 rej.stage,
@@ -564,6 +582,7 @@ class Scorer:
             # decision); a readmitted trace keeps its own.
             for cohort in window:
                 self._json_cache.pop(cohort.cohort_id, None)
+                self._where_cache.pop(cohort.cohort_id, None)
         return self._done(fx)
 
     def _reject_all(
@@ -757,7 +776,7 @@ class Scorer:
         )
         fx.decisions.append(record)
         for t in s.traces:  # decided: their originals are no longer needed
-            self._origins.pop(t.trace_id, None)
+            self._release(t.trace_id)
         self._emit(
             ev.CohortScored(
                 cohort_id=record.cohort_id,
@@ -883,20 +902,48 @@ class Scorer:
 
     # --- state -----------------------------------------------------------------
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, *, journaled: bool = False) -> dict[str, Any]:
+        """The whole state as plain JSON; :meth:`restore` takes it back.
+
+        ``journaled``: the id windows (decided trace ids, learned cohort ids)
+        are left empty; the state store writes them from :meth:`journals`, a
+        batch's changed rows only, and fills them in again when it loads.
+        """
         return {
             "schema": SNAPSHOT_SCHEMA,
             # Open and queued traces as their original messages and origins:
             # a restore decodes them again, so nothing but the bytes is kept.
-            "cohorts": self.cohorts.snapshot(self._ref),
-            "pending": [self._pending_json(c) for c in self.pending],
+            "cohorts": self.cohorts.snapshot(
+                self._where if journaled else self._ref, journaled=journaled
+            ),
+            "pending": [self._pending_json(c, journaled) for c in self.pending],
             "in_flight": [
                 [f.cohort_id, f.selection, f.predicted_lift, f.dispatched_ts]
                 for f in self.in_flight.values()
             ],
-            "learned": list(self.learned),
+            "learned": [] if journaled else list(self.learned),
+            **({"held": {}} if journaled else {}),
             "rng": _rng_state(self.rng),
         }
+
+    def journals(self) -> dict[str, Journaled[str, Any]]:
+        """The windows a journaled snapshot leaves empty, by their place in it."""
+        return {
+            section(("learned",), as_list=True): self.learned,
+            HELD: self._held,
+            **self.cohorts.journals(("cohorts",)),
+        }
+
+    def _hold(self, trace_id: str, origin: _Origin) -> None:
+        self._origins[trace_id] = origin
+        self._held[held_key(origin.where())] = origin
+
+    def _release(self, trace_id: str) -> _Origin | None:
+        origin = self._origins.pop(trace_id, None)
+        key = None if origin is None else held_key(origin.where())
+        if key is not None and key in self._held:
+            del self._held[key]
+        return origin
 
     def _ref(self, trace: Trace) -> Any:
         origin = self._origins.get(trace.trace_id)
@@ -904,12 +951,17 @@ class Scorer:
             return trace.model_dump(mode="json", by_alias=True)
         return origin.ref()
 
-    def _pending_json(self, c: Cohort) -> dict[str, Any]:
+    def _where(self, trace: Trace) -> Any:
+        origin = self._origins.get(trace.trace_id)
+        return self._ref(trace) if origin is None else origin.where()
+
+    def _pending_json(self, c: Cohort, journaled: bool = False) -> dict[str, Any]:
         # Queued cohorts are immutable and re-snapshotted every batch until
         # scored: serialize each once.
-        body = self._json_cache.get(c.cohort_id)
+        cache = self._where_cache if journaled else self._json_cache
+        body = cache.get(c.cohort_id)
         if body is None:
-            body = self._json_cache[c.cohort_id] = _cohort_json(c, self._ref)
+            body = cache[c.cohort_id] = _cohort_json(c, self._where if journaled else self._ref)
         return body
 
     def restore(self, snap: Mapping[str, Any]) -> None:
@@ -922,6 +974,8 @@ class Scorer:
         if snap.get("schema") != SNAPSHOT_SCHEMA:
             raise ValueError(f"schema: expected {SNAPSHOT_SCHEMA!r}, got {snap.get('schema')!r}")
         self._origins = {}
+        self._held = Journaled()
+        self._json_cache, self._where_cache = {}, {}
         self._unrestored = []
         # Snapshots written before originals were kept: origins without bytes.
         legacy = {str(k): v for k, v in snap.get("origins", {}).items()}
@@ -933,18 +987,24 @@ class Scorer:
         self.in_flight = OrderedDict(
             (c, InFlight(c, s, float(p), float(t))) for c, s, p, t in snap["in_flight"]
         )
-        self.learned = OrderedDict.fromkeys(snap["learned"])
+        self.learned = Journaled((str(c), None) for c in snap["learned"])
         if "rng" in snap:
             self.rng.setstate(_rng_from(snap["rng"]))
 
     def _restore_trace(self, ref: Any, legacy: Mapping[str, Any]) -> Trace | None:
+        if isinstance(ref, list) and len(ref) == 3:
+            # A journaled reference whose original was not stored (never
+            # written so): say so rather than fail the whole restore.
+            rec = Record(str(ref[0]), int(ref[1]), int(ref[2]), None, b"", 0)
+            self._unrestored.append((rec, "decode", "$", "not restorable: no original stored"))
+            return None
         if isinstance(ref, list):  # [topic, partition, offset, original text]
             rec = Record(str(ref[0]), int(ref[1]), int(ref[2]), None, str(ref[3]).encode(), 0)
             got = decode_record(rec, Trace, "decode", 0.0)
             if isinstance(got, Poison):
                 self._unrestored.append((rec, got.stage, got.field, got.reason))
                 return None
-            self._origins[got.trace_id] = _Origin(rec.topic, rec.partition, rec.offset, rec.value)
+            self._hold(got.trace_id, _Origin(rec.topic, rec.partition, rec.offset, rec.value))
             return got
         try:
             trace = Trace.model_validate(ref)
@@ -959,7 +1019,7 @@ class Scorer:
                 raw = encode(trace)
             except Exception:
                 raw = json.dumps({"trace_id": trace.trace_id}).encode()
-            self._origins[trace.trace_id] = _Origin(str(o[0]), int(o[1]), int(o[2]), raw, False)
+            self._hold(trace.trace_id, _Origin(str(o[0]), int(o[1]), int(o[2]), raw, False))
         return trace
 
     def _restored_letters(self, now: float) -> Effects:
@@ -993,8 +1053,8 @@ class Scorer:
         return fx
 
     @contextmanager
-    def _timed(self, stage: str) -> Iterator[None]:
-        if self.timer is None:
+    def _timed(self, stage: str, when: bool = True) -> Iterator[None]:
+        if self.timer is None or not when:
             yield
             return
         t0 = self.timer()

@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import TapdSettings
+from daemon.core.journal import fill
 from daemon.runtime.modelstore import ModelStore
+from daemon.runtime.state import journal_rows
 from daemon.runtime.thresholds import read_overrides
 from streams.rejection import Rejection
 
@@ -60,7 +62,7 @@ def read_state(path: Path, with_labels: bool = True) -> StateView:
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
     try:
         row = db.execute("SELECT body FROM snapshot WHERE id = 0").fetchone()
-        snap = json.loads(row[0]) if row else None
+        snap = fill(json.loads(row[0]), journal_rows(db)) if row else None
         offsets = {
             (str(t), int(p)): int(o)
             for t, p, o in db.execute("SELECT topic, part, next_offset FROM offsets")

@@ -177,7 +177,8 @@ class ScorerMetrics:
         )
         self.processing_seconds = Histogram(
             "tapd_processing_seconds",
-            "Wall time per stage of the scoring pipeline.",
+            "Wall time per stage of the scoring pipeline: per poll batch for decode and "
+            "cohorting, per cohort for the later stages, per send for dispatch.",
             ["stage"],
             buckets=LATENCY_BUCKETS,
             registry=r,

@@ -34,6 +34,7 @@ from typing import Any
 
 from daemon.config import CohortingSettings
 from daemon.core.cohorting import Closed, CohortBuilder, Event, TraceFrom, TraceRef, trace_inline
+from daemon.core.journal import Journaled
 from streams.deadletter import Poison, content_digest, decode_record
 from streams.schemas import Trace
 from streams.transport import Record, TopicPartition
@@ -203,14 +204,16 @@ class PartitionedCohorts(CohortBuilder):
 
     # -- state ----------------------------------------------------------------
 
-    def snapshot(self, trace_ref: TraceRef = trace_inline) -> dict[str, Any]:
+    def snapshot(
+        self, trace_ref: TraceRef = trace_inline, *, journaled: bool = False
+    ) -> dict[str, Any]:
         return {
             "schema": PARTS_SCHEMA,
             "versions": list(self._versions),
             "now": self._now,
             "parts": {
                 part_key(tp): {
-                    "cohorts": p.builder.snapshot(trace_ref),
+                    "cohorts": p.builder.snapshot(trace_ref, journaled=journaled),
                     "position": p.position,
                     "token": None if p.token is None else p.token.to_json(),
                 }
@@ -220,6 +223,12 @@ class PartitionedCohorts(CohortBuilder):
                 cid: [part_key(tp), self.members.get(cid, [])] for cid, tp in self.closed.items()
             },
         }
+
+    def journals(self, path: tuple[str, ...] = ()) -> dict[str, Journaled[str, Any]]:
+        out: dict[str, Journaled[str, Any]] = {}
+        for tp, p in self.parts.items():
+            out.update(p.builder.journals((*path, "parts", part_key(tp), "cohorts")))
+        return out
 
     def restore(self, snapshot: dict[str, Any], trace_from: TraceFrom | None = None) -> None:
         if snapshot.get("schema") != PARTS_SCHEMA:

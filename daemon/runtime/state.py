@@ -3,7 +3,11 @@
 What a crash must not lose is written in ONE transaction per poll batch:
 
 * the scorer snapshot (open cohorts, cohorts waiting to be scored or
-  dispatched, dispatches in flight, lift cohort ids already learned),
+  dispatched, dispatches in flight, lift cohort ids already learned); its
+  id windows (trace ids decided, lift cohort ids learned: up to hundreds of
+  thousands) are journaled, one row per id, and a batch writes the rows it
+  changed, so that a batch's transaction costs what the batch did, not
+  what the windows hold,
 * the next offset to read per consumed partition,
 * the outbox: every message the batch caused (dispatches, dead letters,
   decision records, labels), not yet known to be on the log;
@@ -30,12 +34,14 @@ another replica has taken over meanwhile are dropped, not sent twice.
 from __future__ import annotations
 
 import json
+import sqlite3
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from daemon.core.journal import Journaled, Rows, fill, stored
 from daemon.core.pipeline import Label
 from streams.durable import connect_durable
 from streams.transport import OutMessage, TopicPartition
@@ -58,9 +64,24 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE TABLE IF NOT EXISTS labels (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, cohort_id TEXT NOT NULL UNIQUE, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS journal (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, section TEXT NOT NULL, key TEXT NOT NULL, value TEXT,
+    UNIQUE (section, key));
 """
 # Columns added after the first release: a file from before gets them on open.
 _OUTBOX_COLUMNS = {"dest_part": "INTEGER", "owner": "TEXT"}
+
+
+def journal_rows(db: sqlite3.Connection) -> dict[str, Rows]:
+    """The journaled windows' rows, by section, each in its window's order."""
+    out: dict[str, Rows] = {}
+    try:
+        rows = db.execute("SELECT section, key, value FROM journal ORDER BY seq").fetchall()
+    except sqlite3.OperationalError:  # a file from before the journal (read-only readers)
+        return out
+    for name, key, value in rows:
+        out.setdefault(str(name), []).append((str(key), None if value is None else str(value)))
+    return out
 
 
 class StateStore:
@@ -78,6 +99,10 @@ class StateStore:
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('incarnation', ?)",
             (uuid.uuid4().hex[:12],),
         )
+        # The journaled windows as last written by this store, by section: their
+        # next save writes the rows changed since (the same objects), or all
+        # of a window it does not know.
+        self._journaled: dict[str, Journaled[str, Any]] = {}
 
     @property
     def incarnation(self) -> str:
@@ -86,8 +111,9 @@ class StateStore:
         return str(row[0])
 
     def load_snapshot(self) -> dict[str, Any] | None:
+        """The last snapshot saved, its journaled windows filled in again."""
         row = self._db.execute("SELECT body FROM snapshot WHERE id = 0").fetchone()
-        return json.loads(row[0]) if row else None
+        return None if row is None else fill(json.loads(row[0]), journal_rows(self._db))
 
     def offsets(self) -> dict[TopicPartition, int]:
         rows = self._db.execute("SELECT topic, part, next_offset FROM offsets").fetchall()
@@ -128,10 +154,18 @@ class StateStore:
         messages: Iterable[OutMessage],
         labels: Sequence[Label] = (),
         owners: Sequence[str | None] | None = None,
+        journals: Mapping[str, Journaled[str, Any]] | None = None,
     ) -> int:
         """One transaction: the new snapshot, the advanced offsets, the owed messages
         (``owners``: the traces partition each belongs to) and the learned labels;
-        returns the sequence number of the last stored label."""
+        returns the sequence number of the last stored label.
+
+        ``journals``: the windows a journaled snapshot left empty, by section
+        (:meth:`daemon.core.pipeline.Scorer.journals`). Of a window written
+        before, only the rows changed since are written; a new window (a
+        restore, a partition taken over) is written whole, once. A snapshot
+        without journals replaces every journaled window.
+        """
         messages = list(messages)
         tags = list(owners) if owners is not None else [None] * len(messages)
         if len(tags) != len(messages):
@@ -147,6 +181,7 @@ class StateStore:
             if snapshot is not None:
                 body = json.dumps(snapshot, separators=(",", ":"), allow_nan=False)
                 cur.execute("INSERT OR REPLACE INTO snapshot (id, body) VALUES (0, ?)", (body,))
+                self._write_journals(cur, journals or {})
             cur.executemany(
                 "INSERT INTO offsets (topic, part, next_offset) VALUES (?, ?, ?) "
                 "ON CONFLICT (topic, part) DO UPDATE SET next_offset = "
@@ -164,8 +199,46 @@ class StateStore:
             cur.execute("COMMIT")
         except BaseException:
             cur.execute("ROLLBACK")
+            # What the file holds is unknown to the journals now: write them whole next time.
+            self._journaled = {}
             raise
+        if snapshot is not None:
+            self._journaled = dict(journals or {})
+            for j in self._journaled.values():
+                j.drained()
         return int(seq or 0)
+
+    def _write_journals(
+        self, cur: sqlite3.Cursor, journals: Mapping[str, Journaled[str, Any]]
+    ) -> None:
+        gone = [(name,) for name in self._journaled if name not in journals]
+        if not self._journaled:
+            # Rows no window of this process wrote (a previous life's, a restore's).
+            cur.execute("DELETE FROM journal")
+        cur.executemany("DELETE FROM journal WHERE section = ?", gone)
+        deleted: list[tuple[str, str]] = []
+        inserted: list[tuple[str, str, str | None]] = []
+        updated: list[tuple[str | None, str, str]] = []
+        for name, j in journals.items():
+            if self._journaled.get(name) is not j or j.overflowed:
+                cur.execute("DELETE FROM journal WHERE section = ?", (name,))
+                cur.executemany(
+                    "INSERT INTO journal (section, key, value) VALUES (?, ?, ?)",
+                    [(name, k, stored(v)) for k, v in j.items()],
+                )
+                continue
+            for key, moved in j.changes.items():
+                if key not in j:
+                    deleted.append((name, key))
+                elif moved:
+                    # Deleted and inserted again: its row goes to the end of the order.
+                    deleted.append((name, key))
+                    inserted.append((name, key, stored(j[key])))
+                else:
+                    updated.append((stored(j[key]), name, key))
+        cur.executemany("DELETE FROM journal WHERE section = ? AND key = ?", deleted)
+        cur.executemany("INSERT INTO journal (section, key, value) VALUES (?, ?, ?)", inserted)
+        cur.executemany("UPDATE journal SET value = ? WHERE section = ? AND key = ?", updated)
 
     def sent(self, up_to_seq: int) -> None:
         """Forget outbox rows once the producer has flushed them."""

@@ -707,7 +707,9 @@ class ScorerService:
         queued = {c.cohort_id for c in self.scorer.pending}
         for cohort_id in [c for c in self.cohorts.closed if c not in queued]:
             self.cohorts.forget(cohort_id)
-        snap = self.scorer.snapshot()
+        # The id windows (decided traces, learned lifts) are journaled: the
+        # store writes the rows this batch changed, not the windows whole.
+        snap = self.scorer.snapshot(journaled=True)
         states = self._states(snap)
         for st in states:
             owners.append(part_key(st.tp))
@@ -723,7 +725,9 @@ class ScorerService:
         for r in others:
             if offsets.get(r.tp, -1) < r.offset + 1:
                 offsets[r.tp] = r.offset + 1
-        label_seq = self.store.save(snap, offsets, messages, fx.labels, owners)
+        label_seq = self.store.save(
+            snap, offsets, messages, fx.labels, owners, journals=self.scorer.journals()
+        )
         self._done.update(offsets)
         for st in states:
             self._written[st.tp] = st.content()

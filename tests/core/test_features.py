@@ -381,3 +381,17 @@ def test_near_duplicate_rate_prefix_filter_matches_every_pair_compared() -> None
         assert rate == every_pair(prompts)
         rates.add(rate)
     assert len(rates) > 10  # the cases cover many rates, not only 0 and 1
+
+
+def test_token_percentiles_are_numpys_bit_for_bit() -> None:
+    from daemon.core.features import _percentiles
+
+    rng = np.random.default_rng(5)
+    for n in [*range(1, 40), 100, 255, 256, 1001]:
+        for x in (
+            -rng.exponential(2.0, n),
+            np.round(-rng.exponential(1.0, n), 1),  # ties
+            -rng.choice([0.0, 0.05, 0.5, 3.0], n),  # -0.0 among them: the sign is kept too
+        ):
+            want = [repr(float(v)) for v in np.percentile(x, [10, 50, 90])]
+            assert [repr(v) for v in _percentiles(x)] == want

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -279,6 +280,37 @@ def test_a_replayed_lift_result_is_learned_once() -> None:
     again = _scorer(settings)
     again.restore(snap)
     assert not again.on_lift(_records([lift]), 4.0).labels
+
+
+def test_a_journaled_snapshot_through_the_store_is_the_whole_snapshot(tmp_path: Path) -> None:
+    from daemon.runtime.state import StateStore
+
+    settings = _settings()
+    scorer = _scorer(settings)
+    store = StateStore(tmp_path / "state.sqlite")
+    traces = _traces("add", "2d_carry", 4, 1, 2) + _traces("sub", "2d_borrow", 4, 2, 1)
+    scorer.on_traces(_records(list(traces)), 1.0)
+    store.save(scorer.snapshot(journaled=True), {}, [], journals=scorer.journals())
+    d = scorer.step(2.0, 10).dispatches[0]
+    scorer.on_lift(_records([_lift(d, 0.3)]), 3.0)
+    # Three traces of a third slice stay open: held as journaled originals.
+    scorer.on_traces(_records(list(_traces("mul", "2x1", 3, 3, 1)), start=8), 3.5)
+    snap = scorer.snapshot(journaled=True)
+    assert snap["learned"] == [] and snap["cohorts"]["decided"] == {}
+    assert all(len(ref) == 3 for g in snap["cohorts"]["open"] for ref in g["traces"])
+    store.save(snap, {}, [], journals=scorer.journals())
+    whole = json.loads(json.dumps(scorer.snapshot()))
+    assert whole["learned"] == [d.cohort_id] and whole["cohorts"]["decided"]
+    assert [len(g["traces"]) for g in whole["cohorts"]["open"]] == [3]
+    assert store.load_snapshot() == whole
+    # A restart: restored from what the store loads, the scorer holds the same state.
+    again = _scorer(settings)
+    loaded = store.load_snapshot()
+    assert loaded is not None
+    again.restore(loaded)
+    assert json.loads(json.dumps(again.snapshot())) == whole
+    store.save(again.snapshot(journaled=True), {}, [], journals=again.journals())
+    assert store.load_snapshot() == whole
 
 
 def test_snapshot_round_trip_keeps_open_cohorts() -> None:
