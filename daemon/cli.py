@@ -891,6 +891,7 @@ def models_rollback(
     from daemon.runtime.inspect import ScorerInspector
 
     admin = _admin(ctx, url)
+    before = _instance(admin)
     try:
         r = admin.call(
             "POST",
@@ -911,32 +912,40 @@ def models_rollback(
         _fail(ctx, _problem(r))
     out = r.json()
     if out.get("restarting") and wait_s > 0:
-        _wait_restarted(ctx, admin, str(out["rollback_to"]), wait_s)
-        out = {**out, "latest": out["rollback_to"], "restarting": False, "ready": True}
+        _wait_restarted(ctx, admin, before, wait_s)
+        out = {**out, "restarted": True}
     _echo_json(out)
 
 
-def _wait_restarted(ctx: typer.Context, admin: _Admin, target: str, wait_s: float) -> None:
-    """Return once a scorer answers with ``target`` as its model and is ready.
+def _instance(admin: _Admin) -> str | None:
+    """The serving process's id, as its /readyz gives it (None when none answers)."""
+    try:
+        r = admin.call("GET", "/readyz")
+    except Unreachable:
+        return None
+    try:
+        got = r.json().get("instance")
+    except ValueError:
+        return None
+    return got if isinstance(got, str) else None
 
-    The scorer moves its model pointer only after its HTTP server has stopped,
-    so an answer naming ``target`` comes from the restarted process, never
-    from the one still shutting down.
+
+def _wait_restarted(ctx: typer.Context, admin: _Admin, before: str | None, wait_s: float) -> None:
+    """Return once a scorer process other than ``before`` answers ready.
+
+    The process that took the rollback keeps answering until it stops, so
+    readiness alone could come from it; a new process has a new instance id.
     """
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         try:
-            models = admin.call("GET", "/admin/models")
-            if (
-                models.status_code == 200
-                and models.json().get("latest") == target
-                and admin.call("GET", "/readyz").status_code == 200
-            ):
+            r = admin.call("GET", "/readyz")
+            if r.status_code == 200 and r.json().get("instance") != before:
                 return
-        except Unreachable:
+        except (Unreachable, ValueError):
             pass  # restarting: the port is closed for a moment
-        time.sleep(0.5)
-    _fail(ctx, f"the scorer did not come back ready on {target} within {wait_s:.0f}s")
+        time.sleep(0.3)
+    _fail(ctx, f"the scorer did not come back ready within {wait_s:.0f}s of the rollback")
 
 
 policies_app = typer.Typer(help="Policy versions kept by the trainer.")

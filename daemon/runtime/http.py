@@ -55,6 +55,7 @@ import secrets
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,6 +271,9 @@ class AdminApi:
         self.ready = ready
         self.thresholds_file = thresholds_file
         self.inspector = inspector
+        # Which serving process answers (/readyz): a client that asked for a
+        # restart (a model rollback) knows the new one by a different value.
+        self.instance = uuid.uuid4().hex
         self.max_body_bytes = max_body_bytes
         self.timeout_s = timeout_s
         self._tokens: list[tuple[bytes, Principal]] = [
@@ -381,7 +385,10 @@ class AdminApi:
         checks = await run_in_threadpool(self.ready)
         ok = all(checks.values())
         self.metrics.up_ready.set(1 if ok else 0)
-        return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+        return JSONResponse(
+            {"ready": ok, "checks": checks, "instance": self.instance},
+            status_code=200 if ok else 503,
+        )
 
     async def metrics_text(self, request: Request) -> Response:
         body = await run_in_threadpool(generate_latest, self.metrics.registry)

@@ -320,8 +320,12 @@ def test_models_list_and_rollback_restarts_the_scorer(stack: Stack) -> None:
     pid = stack.proc.proc.pid if stack.proc.proc else None
     out = stack.json("models", "rollback", "v1")
     assert out["rollback_to"] == "v1.000000000" and out["restarting"] is True
+    # The command returned once the restarted scorer was ready: the next
+    # command reaches it at once (the runbook's next line relies on it).
+    assert out["restarted"] is True
+    assert len(stack.proc.events("scorer_started")) >= 2
+    assert httpx.get(stack.url + "/readyz", timeout=5).status_code == 200
     # The same process starts again (exec) on the pinned snapshot.
-    stack.wait("restarted", lambda: len(stack.proc.events("scorer_started")) >= 2, 240)
     _wait_ready(stack.url, stack.proc, timeout_s=180)
     assert stack.proc.proc is not None and stack.proc.proc.pid == pid
     rolled = stack.proc.events("model_rolled_back")
