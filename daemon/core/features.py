@@ -459,6 +459,8 @@ def _bad_answers(prompt: str, reference: str) -> tuple[str, ...]:
 
 
 def _verifier_key(trace: Trace) -> tuple[str, str]:
+    if not trace.verifier_args:  # the common case: what json.dumps gives, without it
+        return trace.verifier, "{}"
     return trace.verifier, json.dumps(trace.verifier_args, sort_keys=True, default=str)
 
 
