@@ -123,8 +123,9 @@ HELD = section(("held",))
 
 
 def held_key(where: Sequence[Any]) -> str:
-    """The row key of the original read at ``[topic, partition, offset]``."""
-    return json.dumps([str(where[0]), int(where[1]), int(where[2])], separators=(",", ":"))
+    """The row key of the original read at ``[topic, partition, offset]``
+    (unambiguous: the topic, whatever its characters, comes last)."""
+    return f"{int(where[1])}:{int(where[2])}:{where[0]}"
 
 
 def fill(snapshot: dict[str, Any], sections: Mapping[str, Rows]) -> dict[str, Any]:
