@@ -343,6 +343,12 @@ class KafkaTransport:
         on_revoked: RevokeHook | None = None,
         on_assigned: AssignHook | None = None,
     ) -> Consumer:
+        # Every topic has partitions before the group is joined: a member that
+        # joins while a topic is still being auto-created can be assigned none
+        # of it and (seen with kafka-python 3 on Kafka 0.9) not rejoin when it
+        # appears, so the consumer waits forever on a topic that has records.
+        for topic in topics:
+            self.partitions(topic)
         return KafkaConsumer(
             self._client_config(),
             self.capabilities,
