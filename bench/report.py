@@ -67,9 +67,10 @@ def main() -> None:
     # Steady-state drains: long enough that join and tail effects are noise.
     ap.add_argument("--scorer-traces", type=int, default=50_000)
     ap.add_argument("--embedded-records", type=int, default=50_000)
-    # The two-replica window opens only after the rebalance settles (~9 s, in
-    # which one replica drains alone): 40k traces keep that window >= 15 s.
-    ap.add_argument("--replica-traces", type=int, default=40_000)
+    # The two-replica window opens only after the rebalance settles (~7-9 s,
+    # in which one replica drains alone at ~4k traces/s): 120k traces keep
+    # that window >= 15 s (40k left 4 s once the scorer got faster).
+    ap.add_argument("--replica-traces", type=int, default=120_000)
     args = ap.parse_args()
     plan: list[tuple[str, list[str]]] = [
         (
