@@ -1,6 +1,7 @@
 """Scorer replicas: does a second replica double the drain rate of a slice-keyed topic?
 
     .venv/bin/python -m bench.bench_replicas [--traces 30000] [--slices 48] [--partitions 4]
+        [--cpus-per-replica 0.5]
 
 On the local Kafka 0.9 broker (``lab.localbroker``), the same slice-keyed
 trace stream (keyed as ``tapd produce`` keys it; K=8 attempts per trace, so
@@ -12,6 +13,17 @@ together, and the measured window opens once every replica owns partitions
 stream. Figures: traces/s in the window, CPU-seconds per trace of the
 replica processes in the window (``/proc``), and their ratios, printed and
 written as JSON (``--json``).
+
+Two pairs of drains run. In the first the replicas share this machine's
+cores with the broker and the benchmark, as they come: on a machine with few
+cores that measures the machine (two replicas plus the broker saturate two
+cores). In the second each replica gets its own CPU allotment of
+``--cpus-per-replica`` cores (a cgroup CFS quota, what a pod's
+``resources.limits.cpu`` sets), so one and two replicas are units of the same
+size with spare cores left to the broker: the design's scaling. The
+allotment's figures are the ones the target is read from; both are printed.
+Where cgroups cannot be written (no root, no delegated subtree), the second
+pair is skipped and the reason printed.
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.common import cpu_ms_per, per_s, production_trace
+from bench.cpulimit import CpuLimit, unavailable
 from streams.schemas import encode
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +67,8 @@ class Phase:
     seconds: float
     cpu_seconds: float
     settle_seconds: float
+    cpus_per_replica: float | None = None
+    throttled_seconds: float = 0.0
 
     @property
     def per_s(self) -> float:
@@ -96,6 +111,7 @@ def drain(
     keys: list[bytes],
     workdir: Path,
     partitions: int,
+    cpus_per_replica: float | None = None,
 ) -> Phase:
     from lab.localbroker import KAFKA09_API_VERSION, LocalBroker
     from streams.kafka import KafkaProducer, KafkaTransport, client_config
@@ -145,6 +161,7 @@ def drain(
         **{f"TAPD_TOPICS__{k}": v for k, v in topics.items()},
     }
     procs = []
+    limits: list[CpuLimit] = []
     for i in range(n_replicas):
         port = free_port()
         log = (workdir / f"{run}-r{i}.log").open("wb")
@@ -166,6 +183,12 @@ def drain(
                 port,
             )
         )
+        if cpus_per_replica is not None:
+            # Joined right after the start: the interpreter's import phase is
+            # outside the measured window anyway, and its later threads and
+            # children follow it into the group.
+            limits.append(CpuLimit(cpus_per_replica, f"tapd-bench-{run}-r{i}"))
+            limits[-1].add(procs[-1][0].pid)
     t_start = time.monotonic()
     try:
         # The window opens when every replica owns partitions of the topic.
@@ -183,6 +206,7 @@ def drain(
         t0 = time.monotonic()
         c0 = sum(m.get("tapd_traces_consumed_total", 0.0) for m in ms)
         cpu0 = sum(cpu_seconds(p.pid) for p, _ in procs)
+        thr0 = sum(lim.throttled_seconds() for lim in limits)
         while True:
             consumed = sum(scrape(port).get("tapd_traces_consumed_total", 0.0) for _, port in procs)
             if consumed >= len(traces):
@@ -192,6 +216,7 @@ def drain(
             time.sleep(0.1)
         t1 = time.monotonic()
         cpu1 = sum(cpu_seconds(p.pid) for p, _ in procs)
+        thr1 = sum(lim.throttled_seconds() for lim in limits)
     finally:
         for p, _ in procs:
             if p.poll() is None:
@@ -202,7 +227,41 @@ def drain(
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
-    return Phase(n_replicas, len(traces), int(len(traces) - c0), t1 - t0, cpu1 - cpu0, t0 - t_start)
+        for lim in limits:
+            lim.close()
+    return Phase(
+        n_replicas,
+        len(traces),
+        int(len(traces) - c0),
+        t1 - t0,
+        cpu1 - cpu0,
+        t0 - t_start,
+        cpus_per_replica,
+        thr1 - thr0,
+    )
+
+
+def _phase_json(ph: Phase) -> dict[str, object]:
+    return {**asdict(ph), "per_s": ph.per_s, "cpu_per_trace_ms": ph.cpu_per_trace_ms}
+
+
+def _print_pair(title: str, one: Phase, two: Phase) -> None:
+    print(title)
+    for ph in (one, two):
+        throttled = (
+            f", held back by the quota {ph.throttled_seconds:.1f} s"
+            if ph.cpus_per_replica is not None
+            else ""
+        )
+        print(
+            f"  {ph.replicas} replica{'s' if ph.replicas > 1 else ' '}  {ph.per_s:>8,.0f} traces/s  "
+            f"{ph.cpu_per_trace_ms:6.3f} CPU-ms/trace  ({ph.window_traces:,} traces in the "
+            f"{ph.seconds:.1f} s window, opened {ph.settle_seconds:.1f} s after start{throttled})"
+        )
+    print(
+        f"  speed-up 2 vs 1 replica  {two.per_s / one.per_s:.2f}x   "
+        f"CPU per trace 2 vs 1  {two.cpu_per_trace_ms / one.cpu_per_trace_ms:.2f}x"
+    )
 
 
 def main() -> None:
@@ -214,6 +273,14 @@ def main() -> None:
     ap.add_argument("--traces", type=int, default=30_000)
     ap.add_argument("--slices", type=int, default=48)
     ap.add_argument("--partitions", type=int, default=4)
+    # Half a core each: two replicas then use one of two cores, leaving the
+    # other to the broker and the benchmark's scrapes, as separate nodes would.
+    ap.add_argument(
+        "--cpus-per-replica",
+        type=float,
+        default=0.5,
+        help="each replica's CPU allotment in the second pair of drains (0: skip that pair)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
     fields = validate_slice_key(CohortingSettings().slice_key)
@@ -224,29 +291,39 @@ def main() -> None:
     ]
     traces = [encode(t) for t in batch]
     keys = [slice_key_of(t, fields).encode() for t in batch]
+    why_not = unavailable() if args.cpus_per_replica > 0 else "--cpus-per-replica 0"
+    limited: tuple[Phase, Phase] | None = None
     workdir = Path(tempfile.mkdtemp(prefix="tapd-bench-replicas-"))
     try:
         (workdir / "broker").mkdir()
         with LocalBroker(partitions=args.partitions, workdir=workdir / "broker") as broker:
             one = drain(broker, 1, traces, keys, workdir, args.partitions)
             two = drain(broker, 2, traces, keys, workdir, args.partitions)
+            if why_not is None:
+                limited = (
+                    drain(broker, 1, traces, keys, workdir, args.partitions, args.cpus_per_replica),
+                    drain(broker, 2, traces, keys, workdir, args.partitions, args.cpus_per_replica),
+                )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    speedup = two.per_s / one.per_s
-    cpu_ratio = two.cpu_per_trace_ms / one.cpu_per_trace_ms
     load = os.getloadavg()
     print(
         f"{args.traces:,} traces (8 attempts each) over {args.slices} slices keyed by slice key, "
         f"{args.partitions} partitions, Kafka 0.9 local broker, {os.cpu_count()} CPU cores "
         f"(load average {load[0]:.1f} at the end)"
     )
-    for ph in (one, two):
-        print(
-            f"{ph.replicas} replica{'s' if ph.replicas > 1 else ' '}  {ph.per_s:>8,.0f} traces/s  "
-            f"{ph.cpu_per_trace_ms:6.3f} CPU-ms/trace  ({ph.window_traces:,} traces in the "
-            f"{ph.seconds:.1f} s window, opened {ph.settle_seconds:.1f} s after start)"
+    _print_pair("replicas sharing every core with the broker and each other:", one, two)
+    if limited is not None:
+        _print_pair(
+            f"each replica with its own allotment of {args.cpus_per_replica:g} CPU "
+            "(cgroup CFS quota, as a pod's CPU limit):",
+            *limited,
         )
-    print(f"speed-up 2 vs 1 replica  {speedup:.2f}x   CPU per trace 2 vs 1  {cpu_ratio:.2f}x")
+    else:
+        print(f"per-replica CPU allotment not measured: {why_not}")
+    # The target is read from the allotted pair when it ran: there the
+    # replicas are equal units with cores to spare, as on separate nodes.
+    a, b = limited if limited is not None else (one, two)
     if args.json is not None:
         args.json.write_text(
             json.dumps(
@@ -256,12 +333,14 @@ def main() -> None:
                     "partitions": args.partitions,
                     "cpu_cores": os.cpu_count(),
                     "load_average_end": load[0],
-                    "phases": [
-                        {**asdict(ph), "per_s": ph.per_s, "cpu_per_trace_ms": ph.cpu_per_trace_ms}
-                        for ph in (one, two)
-                    ],
-                    "speedup": speedup,
-                    "cpu_per_trace_ratio": cpu_ratio,
+                    "phases": [_phase_json(ph) for ph in (one, two)],
+                    "shared_speedup": two.per_s / one.per_s,
+                    "shared_cpu_per_trace_ratio": two.cpu_per_trace_ms / one.cpu_per_trace_ms,
+                    "cpus_per_replica": args.cpus_per_replica if limited is not None else None,
+                    "allotted_phases": [_phase_json(ph) for ph in limited] if limited else [],
+                    "allotment_unavailable": why_not,
+                    "speedup": b.per_s / a.per_s,
+                    "cpu_per_trace_ratio": b.cpu_per_trace_ms / a.cpu_per_trace_ms,
                 },
                 indent=1,
             )

@@ -43,7 +43,9 @@ INTRO = {
     "bench.bench_replicas": "Drain rate of a slice-keyed traces topic by one and by two "
     "`tapd run` replicas on the real local Kafka broker, and CPU-seconds per trace of the "
     "replica processes (the target: two at >= 1.6x the rate of one, CPU per trace no more "
-    "than 10% above one's). Both share this machine's cores with the broker.",
+    "than 10% above one's). Two pairs of drains: replicas sharing this machine's cores with the "
+    "broker and each other (on 2 cores that measures the machine), then each replica with its own "
+    "CPU allotment (a cgroup quota, as a pod's CPU limit), which the target is read from.",
 }
 
 
