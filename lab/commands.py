@@ -213,6 +213,12 @@ def eval_cmd(
             "reasoning-gym battery (hours on a CPU; resumable; --quick: a smoke run)"
         ),
     ] = "tiny",
+    jobs: Annotated[
+        int,
+        typer.Option(
+            min=1, help="worker processes for the closed loop's runs (same numbers; less wall time)"
+        ),
+    ] = 1,
 ) -> None:
     """Measure the predictor against true GRPO lift and write RESULTS.md with plots.
 
@@ -240,6 +246,7 @@ def eval_cmd(
         loop=loop,
         log=lambda m: typer.echo(m, err=True),
         readme=readme,
+        jobs=jobs,
     )
 
 

@@ -108,6 +108,12 @@ MEASURED_BY = (
     "daemon.verify.registry",
 )
 DECIDED_BY = ("daemon.core.predictor", "daemon.core.decision")
+# The closed loop's own protocol, which lives in this module and so is not in
+# the code hashes: bumped when what a loop run does changes. 2: the warm-start
+# labels are built in a canonical order (before, a run after a fresh battery
+# saw the targets in measurement order and one after a cached battery in
+# sorted order, and the router's online stages learn order-dependently).
+LOOP_PROTOCOL = "2"
 
 
 def code_hash(modules: Sequence[str]) -> str:
@@ -161,11 +167,19 @@ class ResultCache:
         return self.rows.get(key)
 
     def put(self, key: Sequence[str], row: dict[str, Any]) -> dict[str, Any]:
-        row = {"key": list(key), **row}
+        """Append a finished unit; returns it exactly as a later run will read it back.
+
+        The caller gets the decoded line, not its own dict: a fresh unit and a
+        cached one must be indistinguishable (key order, tuples, float types),
+        or a run that measures and a run that resumes could compute different
+        numbers from the same measurements.
+        """
+        line = json.dumps({"key": list(key), **row}, sort_keys=True)
         with self.path.open("a") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
-        self.rows[tuple(key)] = row
-        return row
+            f.write(line + "\n")
+        stored: dict[str, Any] = json.loads(line)
+        self.rows[tuple(key)] = stored
+        return stored
 
 
 class Clock:
@@ -810,7 +824,7 @@ def warm_labels(
     for r in rows:
         if r["subject"] == target or r["variant"] in ev.BROKEN_VARIANTS:
             continue
-        for t in r["similarity"]:
+        for t in sorted(r["similarity"]):
             if t == target:
                 continue
             got = [s["by_target"].get(t) for s in r["seeds"]]
@@ -828,6 +842,7 @@ def run_loop(
     cache: ResultCache,
     work: Path,
     log: Callable[[str], None],
+    jobs: int = 1,
 ) -> list[dict[str, Any]]:
     """The closed loop: per run a fixed target, per step each arm trains its pick.
 
@@ -838,36 +853,76 @@ def run_loop(
     label), ``oracle`` (probe-and-revert every candidate, train the best if it
     helps). Every arm starts from the base policy and sees the same candidate
     cohorts, rolled out against its own current weights.
-    """
-    from daemon.core.decision import recommend
-    from daemon.core.predictor import Prediction
 
+    With ``jobs`` > 1 the uncached runs go to that many worker processes, each
+    with a runtime of its own. A run's numbers do not depend on where it runs:
+    every seed in it derives from the run index, and torch is single-threaded
+    in each process; each run's CPU seconds are its worker's own.
+    """
+    decided_by = f"{code_hash(DECIDED_BY)}.p{LOOP_PROTOCOL}"
+    todo = [r for r in range(cfg.loop_runs) if cache.get("loop", str(r), decided_by) is None]
+    if jobs > 1 and len(todo) > 1:
+        import concurrent.futures as cf
+        import multiprocessing
+
+        # spawn, not fork: the parent holds torch's thread pools and a loaded model.
+        with cf.ProcessPoolExecutor(
+            max_workers=min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn")
+        ) as pool:
+            futures = {pool.submit(_loop_run_in_worker, cfg, r, list(rows), work): r for r in todo}
+            for fut in cf.as_completed(futures):
+                done = fut.result()
+                _log_run(done, log)
+                cache.put(("loop", str(futures[fut]), decided_by), done)
     runs = []
-    decided_by = code_hash(DECIDED_BY)
     for run in range(cfg.loop_runs):
-        target = cfg.subjects[run % len(cfg.subjects)]
         got = cache.get("loop", str(run), decided_by)
         if got is None:
-            clock = Clock()
-            arms: dict[str, Any] = {}
-            xs, ys = warm_labels(rows, target)
-            for arm in LOOP_ARMS:
-                rt.reset()
-                arms[arm] = _loop_arm(
-                    rt, cfg, run, target, arm, xs, ys, work, recommend, Prediction
-                )
-                log(
-                    f"loop run {run} ({target}) {arm}: target NLL "
-                    + " ".join(f"{v:.4f}" for v in arms[arm]["target_nll"])
-                    + f" picks {arms[arm]['picks']}"
-                )
-            got = cache.put(
-                ("loop", str(run), decided_by),
-                {"run": run, "target": target, "arms": arms, **clock.seconds()},
-            )
+            fresh = _loop_run(rt, cfg, run, rows, work)
+            _log_run(fresh, log)
+            got = cache.put(("loop", str(run), decided_by), fresh)
         runs.append(got)
     rt.reset()
     return runs
+
+
+def _log_run(got: Mapping[str, Any], log: Callable[[str], None]) -> None:
+    for arm, a in got["arms"].items():
+        log(
+            f"loop run {got['run']} ({got['target']}) {arm}: target NLL "
+            + " ".join(f"{v:.4f}" for v in a["target_nll"])
+            + f" picks {a['picks']}"
+        )
+
+
+def _loop_run(
+    rt: Runtime, cfg: EvalConfig, run: int, rows: Sequence[Mapping[str, Any]], work: Path
+) -> dict[str, Any]:
+    """Every arm of one paired run, each from the base policy."""
+    from daemon.core.decision import recommend
+    from daemon.core.predictor import Prediction
+
+    target = cfg.subjects[run % len(cfg.subjects)]
+    clock = Clock()
+    arms: dict[str, Any] = {}
+    xs, ys = warm_labels(rows, target)
+    for arm in LOOP_ARMS:
+        rt.reset()
+        arms[arm] = _loop_arm(rt, cfg, run, target, arm, xs, ys, work, recommend, Prediction)
+    return {"run": run, "target": target, "arms": arms, **clock.seconds()}
+
+
+_WORKER_RUNTIME: Runtime | None = None
+
+
+def _loop_run_in_worker(
+    cfg: EvalConfig, run: int, rows: list[Mapping[str, Any]], work: Path
+) -> dict[str, Any]:
+    """One run in a worker process; the runtime is loaded once per worker."""
+    global _WORKER_RUNTIME
+    if _WORKER_RUNTIME is None:
+        _WORKER_RUNTIME = Runtime.load(cfg)
+    return _loop_run(_WORKER_RUNTIME, cfg, run, rows, work)
 
 
 def _loop_arm(
@@ -1522,10 +1577,12 @@ def run(
     loop: bool = True,
     log: Callable[[str], None] = print,
     readme: Path | None = None,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Measure (resuming from the cache), evaluate, and write RESULTS.md, results.json, plots.
 
-    With ``readme``, the results table between its markers is regenerated too.
+    With ``readme``, the results table between its markers is regenerated too;
+    ``jobs`` worker processes share the closed loop's uncached runs.
     """
     cfg.validate()
     clock = Clock()
@@ -1535,7 +1592,7 @@ def run(
     cache = ResultCache(work / "results.jsonl")
     log(f"eval: config {key}, cache {cache.path} ({len(cache.rows)} rows cached)")
     rows = measure_battery(rt, cfg, cache, work, log)
-    runs = run_loop(rt, cfg, rows, cache, work, log) if loop and cfg.loop_runs else []
+    runs = run_loop(rt, cfg, rows, cache, work, log, jobs) if loop and cfg.loop_runs else []
     battery = evaluate_battery(cfg, rows)
     loop_summary = evaluate_loop(runs)
     # The cost of a fresh reproduction: the seconds of every unit this report uses.

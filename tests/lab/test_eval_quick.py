@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ HEADLINE_KEYS = (
 )
 
 
-def tapd_eval(out: Path, state: Path) -> dict:
+def tapd_eval(out: Path, state: Path, *extra: str) -> dict:
     proc = subprocess.run(
         [
             sys.executable,
@@ -41,6 +42,7 @@ def tapd_eval(out: Path, state: Path) -> dict:
             str(out),
             "--state-dir",
             str(state),
+            *extra,
         ],
         capture_output=True,
         text=True,
@@ -88,3 +90,14 @@ def test_quick_eval_reports_every_key_and_resumes(tmp_path: Path) -> None:
     again = tapd_eval(tmp_path / "out2", state)
     assert cache.read_text().count("\n") == lines
     assert again["battery"] == s["battery"] and again["loop"] == s["loop"]
+
+    # The loop's runs shared by two worker processes: the same numbers. A
+    # copy of the cache without its loop rows makes them run again.
+    parallel = tmp_path / "state-parallel"
+    shutil.copytree(state, parallel)
+    copy = next(parallel.glob("eval/*/results.jsonl"))
+    kept = [ln for ln in copy.read_text().splitlines() if json.loads(ln)["key"][0] != "loop"]
+    copy.write_text("\n".join(kept) + "\n")
+    third = tapd_eval(tmp_path / "out3", parallel, "--jobs", "2")
+    assert copy.read_text().count("\n") == lines
+    assert third["loop"] == s["loop"]
