@@ -20,8 +20,9 @@
   half = RSS at the end / RSS at the half - 1. Target: <= 5 %.
 * **A refit while scoring**: a predictor holding ``--labels`` labels scores
   G = 8 cohorts (featurize + predict) with no refit running, then while its
-  host refits LightGBM on a worker thread (the scorer's own path, including
-  the copy of the label history taken on the scoring thread). The p99 of the
+  host refits in its worker process (the scorer's own path, including what
+  the scoring thread does to start the refit, and the first refit's start of
+  that process and sending it the whole label history). The p99 of the
   second over the first - 1. Target: <= 20 %.
 * **Start-up RSS**: a ``tapd run`` with no policy configured (rollouts off),
   read once it is ready. Target: <= 200 MiB.
@@ -148,7 +149,7 @@ def cohort_latency(rng: random.Random, predictor: Any) -> dict[str, Any]:
 
 
 def refit_while_scoring(labels: int, rng: random.Random) -> dict[str, Any]:
-    """Scoring p99 with no refit, and while the host refits on its worker thread."""
+    """Scoring p99 with no refit, and while the host refits in its worker process."""
     from daemon.runtime.predictor_host import PredictorHost
 
     t0 = time.perf_counter()
