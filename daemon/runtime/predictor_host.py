@@ -69,7 +69,12 @@ class PredictorHost:
         self.last_refit_pid: int | None = None  # the process that ran the last refit
         if background:
             # A restored history is converted here, at start-up, once.
-            self._sync_rows()
+            rows = self._sync_rows()
+            if predictor.n_labels >= predictor.settings.lgbm_after:
+                # Refits are due: the worker starts now, with the scorer, and
+                # is sent the history, so the first refit costs what later
+                # ones do.
+                self._start_worker(rows)
 
     @classmethod
     def open(
@@ -208,6 +213,16 @@ class PredictorHost:
                 np.asarray(h.served[k:n], dtype=np.float64),
             )
         return rows
+
+    def _start_worker(self, rows: LabelHistory) -> None:
+        if self._worker is None:
+            self._worker = RefitWorker()
+        try:
+            self._worker.start(rows)
+        except Exception as exc:
+            # The first refit tries again (and fails, counted, if it must).
+            log.warning("refit_worker_not_started", error=f"{type(exc).__name__}: {exc}")
+            self._worker.discard()
 
     def start_refit(self) -> None:
         """Start the refit of the labels so far in the worker process (returns at once)."""

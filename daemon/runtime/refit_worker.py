@@ -2,12 +2,16 @@
 
 The scorer's predictor refits its batch model (ridge, kNN or LightGBM) on the
 whole label history every ``refit_every_labels`` labels. Run on a thread of
-the scorer, a refit on 100k labels raised the scoring p99 about fourfold:
-much of a refit is Python (model selection over folds, scoring, LightGBM's
-wrapper between boosting rounds) holding the one GIL, and the scoring thread
-waited up to a switch interval (5 ms) each time it wanted it back. Here the
-refit runs in a child process with its own interpreter; the scorer's threads
-only queue messages to it and read its result.
+the scorer, a refit on 100k labels raised the scoring p99 about fourfold.
+Two things delayed the scoring thread: starting the refit converted the
+whole history (lists of Python floats) to arrays on it (~0.1 s at 100k
+labels), and the refit competed with it for the CPU and for the GIL (much
+of a refit is Python: model selection over folds, LightGBM's wrapper between
+boosting rounds). Measured per score on a 2-core host shared with other
+work, the slow scores waited for a CPU (run-queue time) far more than for
+the GIL (time asleep). Here the refit runs in a child process with its own
+interpreter, at the lowest CPU priority (:data:`REFIT_NICENESS`); the
+scorer's threads only queue messages to it and read its result.
 
 What is sent: the child keeps the rows it has been sent
 (:class:`LabelHistory`), so a refit sends only the labels learned since the
@@ -20,7 +24,10 @@ What may go wrong: a child that dies fails its refit with
 :class:`~concurrent.futures.process.BrokenProcessPool`; the caller discards
 the worker and the next refit starts a new child. A child whose parent dies
 (SIGKILL, OOM) exits by itself (it watches the parent's sentinel), so no
-refit outlives the scorer.
+refit outlives the scorer. The child is spawned (a fresh interpreter, as
+the scorer runs threads): like any spawned process it imports the parent's
+main module, so a script that refits in the background must keep its work
+under ``if __name__ == "__main__"`` (tapd's entry points do).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import threading
 import uuid
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -42,9 +50,13 @@ from daemon.core.predictor import RefitResult, run_refit
 
 # Rows pickled per message to a new child: ~1.8 MB, a few ms of GIL each.
 CHUNK_ROWS = 8192
-# The child yields the CPU to the scorer when both want it (2-core hosts):
-# a refit finishing later costs little, a scoring stall is what the p99 sees.
-REFIT_NICENESS = 10
+# The child yields the CPU to the scorer when both want it. On a 2-core host
+# shared with other work, what delayed scoring during a refit was mostly
+# waiting for a CPU, not for the GIL: a child at the scorer's priority raised
+# the p99 as much as the refit thread had; at 19 it rose about a tenth as
+# much. The price: a refit takes several times longer while the CPUs are
+# saturated (it is applied before the next label, so labels wait for it).
+REFIT_NICENESS = 19
 
 
 class HistoryMismatch(RuntimeError):
@@ -112,15 +124,20 @@ class LabelHistory:
 _CHILD: dict[str, LabelHistory] = {}
 
 
-def _child_init(niceness: int) -> None:
+def _lower_priority(pid: int, nice: int) -> None:
+    """Set a process's nice value to ``nice`` unless it is already lower-priority."""
+    # Where that is not allowed, the refit runs at the scorer's priority.
+    with contextlib.suppress(OSError):
+        if os.getpriority(os.PRIO_PROCESS, pid) < nice:
+            os.setpriority(os.PRIO_PROCESS, pid, nice)
+
+
+def _child_init(nice: int) -> None:
     # A Ctrl-C in a terminal reaches the whole process group: the scorer
     # handles it (a clean shutdown that waits for the refit); the child must
     # not die of it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if niceness:
-        # Where that is not allowed, the refit runs at the scorer's priority.
-        with contextlib.suppress(OSError):
-            os.nice(niceness)
+    _lower_priority(0, nice)  # in case the parent could not
     parent = multiprocessing.parent_process()
     if parent is not None:
         threading.Thread(
@@ -168,8 +185,10 @@ def _child_refit(
 class RefitWorker:
     """One child process that runs refits, and how much of the history it holds.
 
-    Created lazily: a scorer that never refits starts no process. Jobs run
-    one at a time, in the order submitted (one worker process, FIFO).
+    Started at the first refit, or earlier with :meth:`start` (a scorer
+    restored with a long history refits within ``refit_every_labels``): a
+    scorer that never refits starts no process. Jobs run one at a time, in
+    the order submitted (one worker process, FIFO).
     """
 
     def __init__(self, *, niceness: int = REFIT_NICENESS, chunk_rows: int = CHUNK_ROWS) -> None:
@@ -177,6 +196,7 @@ class RefitWorker:
         self.chunk_rows = max(1, chunk_rows)
         self._pool: ProcessPoolExecutor | None = None
         self._pid: Future[int] | None = None
+        self._last: Future[Any] | None = None  # the last job queued
         self._token = ""
         self._sent = 0  # rows the current child has been sent
 
@@ -189,6 +209,19 @@ class RefitWorker:
         """The current child's process id (waits for it to start); None without one."""
         return None if self._pid is None else self._pid.result(timeout)
 
+    def wait_idle(self, timeout: float | None = None) -> None:
+        """Wait until the child has done every job queued so far (raises what the last raised)."""
+        if self._last is not None:
+            self._last.result(timeout)
+
+    def start(self, history: LabelHistory) -> None:
+        """Start the child now and send it the history, so the next refit sends only new rows."""
+        try:
+            self._send(history, len(history))
+        except BrokenProcessPool:
+            self.discard()
+            self._send(history, len(history))
+
     def submit(
         self,
         history: LabelHistory,
@@ -200,44 +233,57 @@ class RefitWorker:
     ) -> Future[tuple[int, RefitResult]]:
         """Queue a refit of the first ``n`` rows; the future gives (child pid, result)."""
         try:
-            return self._submit(history, n, holdout_fraction, seed, model_version)
+            pool = self._send(history, n)
         except BrokenProcessPool:
             # The child died while idle and the pool has noticed: nothing was
             # lost yet, so this refit goes to a new child at once.
             self.discard()
-            return self._submit(history, n, holdout_fraction, seed, model_version)
+            pool = self._send(history, n)
+        fut = pool.submit(_child_refit, self._token, n, holdout_fraction, seed, model_version)
+        self._last = fut
+        return fut
 
-    def _submit(
-        self, history: LabelHistory, n: int, holdout_fraction: float, seed: int, version: str
-    ) -> Future[tuple[int, RefitResult]]:
+    def _send(self, history: LabelHistory, n: int) -> ProcessPoolExecutor:
+        """The pool (started if need be), once the child has been sent rows up to ``n``."""
         if n > len(history):
             raise ValueError(f"n: {n} rows asked, the history holds {len(history)}")
         if self._pool is not None and n < self._sent:
             self.discard()  # the history was replaced: the child's copy is not a prefix of it
         pool = self._pool
         if pool is None:
-            pool = self._pool = ProcessPoolExecutor(
-                max_workers=1,
-                # spawn, not fork: the scorer runs threads (consumers, HTTP),
-                # and a forked child could inherit a lock one of them held.
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_child_init,
-                initargs=(self.niceness,),
-            )
-            self._pid = pool.submit(os.getpid)
+            pool = self._pool = self._new_pool()
             self._token = uuid.uuid4().hex
             self._sent = 0
         for lo in range(self._sent, n, self.chunk_rows):
             hi = min(n, lo + self.chunk_rows)
             # Views: the rows never change, and the pool's feeder thread
             # pickles them after this returns.
-            pool.submit(_child_append, self._token, lo, *history.arrays(lo, hi))
+            self._last = pool.submit(_child_append, self._token, lo, *history.arrays(lo, hi))
         self._sent = n
-        return pool.submit(_child_refit, self._token, n, holdout_fraction, seed, version)
+        return pool
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + self.niceness)
+        pool = ProcessPoolExecutor(
+            max_workers=1,
+            # spawn, not fork: the scorer runs threads (consumers, HTTP), and
+            # a forked child could inherit a lock one of them held.
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_child_init,
+            initargs=(nice,),
+        )
+        before = {p.pid for p in multiprocessing.active_children()}
+        self._pid = self._last = pool.submit(os.getpid)  # starts the child
+        for child in multiprocessing.active_children():
+            if child.pid not in before and child.pid is not None:
+                # At once: its start-up (an interpreter, numpy, LightGBM:
+                # seconds of CPU) must not compete with scoring either.
+                _lower_priority(child.pid, nice)
+        return pool
 
     def discard(self) -> None:
         """Drop the child (dead or idle): the next refit starts a new one, sent everything."""
-        pool, self._pool, self._pid, self._sent = self._pool, None, None, 0
+        pool, self._pool, self._pid, self._last, self._sent = self._pool, None, None, None, 0
         if pool is not None:
             # Not waited for: a dead child is already gone, an idle one
             # exits on the shutdown message.
@@ -245,6 +291,6 @@ class RefitWorker:
 
     def close(self) -> None:
         """Stop the child and wait for it to exit (call with no refit running)."""
-        pool, self._pool, self._pid, self._sent = self._pool, None, None, 0
+        pool, self._pool, self._pid, self._last, self._sent = self._pool, None, None, None, 0
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)

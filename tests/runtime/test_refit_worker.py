@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 from daemon.config import PredictorSettings
 from daemon.core.predictor import Predictor
 from daemon.runtime.predictor_host import PredictorHost
-from daemon.runtime.refit_worker import LabelHistory, RefitWorker
+from daemon.runtime.refit_worker import REFIT_NICENESS, LabelHistory, RefitWorker
 from lab.checks import synthetic_stream
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,13 +88,18 @@ def test_refit_runs_in_a_worker_process_on_only_the_new_labels(host: PredictorHo
     pid = host.last_refit_pid
     assert pid is not None and pid != os.getpid() and pid == host.worker.pid(timeout=60)
     assert host.worker.sent == 40
+    # At the lowest priority: the scorer gets the CPU first.
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, mine + REFIT_NICENESS)
+    # A Ctrl-C reaches the whole process group: the scorer's to handle.
+    os.kill(pid, signal.SIGINT)
 
     for x, y in labels[40:]:
         inline.learn(x, y)
         host.learn(x, y)
     second = host.poll_refit(wait=True)
     assert second is not None and second.n_labels == 60
-    assert host.last_refit_pid == pid  # the same worker, sent the 20 new labels
+    assert host.last_refit_pid == pid  # the same worker (alive), sent the 20 new labels
     assert host.worker.sent == 60
     # Promotion decided as inline: same outcomes, same served model.
     assert host.refits == inline.refits and host.model_version == inline.model_version
@@ -121,6 +126,34 @@ def test_start_refit_does_the_bookkeeping_of_refit_job() -> None:
         assert result is not None and result.n_labels == 45
     finally:
         h.close()
+
+
+def test_a_host_restored_with_refits_due_starts_its_worker_with_the_history() -> None:
+    """A scorer restored with a long history refits within refit_every_labels: its
+    worker is started, and sent the history, at start-up rather than at that refit."""
+    p, inline = Predictor(SETTINGS), Predictor(SETTINGS)
+    labels = _labels(9, 120)
+    for x, y in labels[:100]:
+        p.learn(x, y)  # inline refits, as a replay does
+        inline.learn(x, y)
+    h = PredictorHost(p, None, background=True)
+    try:
+        assert h.worker is not None and not h.refit_running
+        h.worker.wait_idle(timeout=60)
+        assert h.worker.sent == 100
+        pid = h.worker.pid()
+        for x, y in labels[100:]:
+            inline.learn(x, y)
+            h.learn(x, y)
+        assert h.poll_refit(wait=True) is not None
+        assert h.last_refit_pid == pid and h.worker.sent == 120
+        assert h.model_version == inline.model_version and h.refits == inline.refits
+    finally:
+        h.close()
+    # Below lgbm_after no refit is near: no process.
+    fresh = PredictorHost(Predictor(SETTINGS), None, background=True)
+    assert fresh.worker is None
+    fresh.close()
 
 
 def test_a_new_worker_is_sent_the_history_in_chunks() -> None:
