@@ -20,9 +20,10 @@
   half = RSS at the end / RSS at the half - 1. Target: <= 5 %.
 * **A refit while scoring**: a predictor holding ``--labels`` labels scores
   G = 8 cohorts (featurize + predict) with no refit running, then while its
-  host refits LightGBM on a worker thread (the scorer's own path, including
-  the copy of the label history taken on the scoring thread). The p99 of the
-  second over the first - 1. Target: <= 20 %.
+  host refits in its worker process (the scorer's own path, including what
+  the scoring thread does to start the refit; the process is started, and
+  sent the label history, with the host, as in a scorer restored with that
+  many labels). The p99 of the second over the first - 1. Target: <= 20 %.
 * **Start-up RSS**: a ``tapd run`` with no policy configured (rollouts off),
   read once it is ready. Target: <= 200 MiB.
 
@@ -148,13 +149,17 @@ def cohort_latency(rng: random.Random, predictor: Any) -> dict[str, Any]:
 
 
 def refit_while_scoring(labels: int, rng: random.Random) -> dict[str, Any]:
-    """Scoring p99 with no refit, and while the host refits on its worker thread."""
+    """Scoring p99 with no refit, and while the host refits in its worker process."""
     from daemon.runtime.predictor_host import PredictorHost
 
     t0 = time.perf_counter()
     predictor = trained_predictor(labels, rng)
     learn_s = time.perf_counter() - t0
     host = PredictorHost(predictor, None, background=True)
+    if host.worker is not None:
+        # Started with the host, as a scorer restored with these labels starts
+        # it: its start-up is the scorer's, not the refit's.
+        host.worker.wait_idle(timeout=600)
     probes = probe_prompts(rng)
     now = time.time()
     cohorts = [[trace(i, slice_id=0, rng=rng, ts=now) for i in range(8)] for _ in range(50)]
