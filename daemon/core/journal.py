@@ -1,9 +1,10 @@
 """An insertion-ordered dict that remembers which of its keys changed.
 
 The scorer's id windows (trace ids decided, per partition: 100,000 by
-default; lift cohort ids learned: 200,000) are part of what a crash must not
-lose. Written whole with every poll batch, they made each batch's transaction
-cost as much as the window, whatever the batch. A :class:`Journaled` dict
+default; lift cohort ids learned: 200,000) and its open cohorts (10,000 per
+partition by default) are part of what a crash must not lose. Written whole
+with every poll batch, they made each batch's transaction cost as much as the
+windows and the open state, whatever the batch. A :class:`Journaled` dict
 records the keys changed since the state store last wrote it, so that the
 store writes those rows only (:mod:`daemon.runtime.state`).
 """
@@ -111,10 +112,12 @@ def stored(value: str | Stored | None) -> str | None:
     return value if value is None or isinstance(value, str) else value.stored()
 
 
-def section(path: Sequence[str], as_list: bool = False) -> str:
+def section(path: Sequence[str], as_list: bool = False, as_values: bool = False) -> str:
     """A journaled window's name: where it goes in a snapshot (the path of keys to
-    it) and as what (a list of its keys, or the dict itself)."""
-    return json.dumps(["list" if as_list else "dict", *path], separators=(",", ":"))
+    it) and as what (a list of its keys, the dict itself, or, ``as_values``, a
+    list of its values, each row's text being the JSON of one)."""
+    kind = "values" if as_values else "list" if as_list else "dict"
+    return json.dumps([kind, *path], separators=(",", ":"))
 
 
 # The held traces' originals: where each was read (:func:`held_key`) -> its text.
@@ -139,7 +142,10 @@ def fill(snapshot: dict[str, Any], sections: Mapping[str, Rows]) -> dict[str, An
         for p in path[:-1]:
             node = node.get(p) if isinstance(node, dict) else None
         if isinstance(node, dict) and path:
-            node[path[-1]] = [k for k, _ in rows] if kind == "list" else dict(rows)
+            if kind == "values":
+                node[path[-1]] = [json.loads(v) for _, v in rows if v is not None]
+            else:
+                node[path[-1]] = [k for k, _ in rows] if kind == "list" else dict(rows)
     held = snapshot.pop("held", None)
     if isinstance(held, dict):
         _attach(snapshot, held)

@@ -955,6 +955,11 @@ class Scorer:
         origin = self._origins.get(trace.trace_id)
         return self._ref(trace) if origin is None else origin.where()
 
+    def where(self, trace: Trace) -> Any:
+        """How a journaled snapshot holds a trace: ``[topic, partition, offset]``
+        where it was read (the trace itself if it was not read from a log)."""
+        return self._where(trace)
+
     def _pending_json(self, c: Cohort, journaled: bool = False) -> dict[str, Any]:
         # Queued cohorts are immutable and re-snapshotted every batch until
         # scored: serialize each once.

@@ -5,9 +5,10 @@ What a crash must not lose is written in ONE transaction per poll batch:
 * the scorer snapshot (open cohorts, cohorts waiting to be scored or
   dispatched, dispatches in flight, lift cohort ids already learned); its
   id windows (trace ids decided, lift cohort ids learned: up to hundreds of
-  thousands) are journaled, one row per id, and a batch writes the rows it
-  changed, so that a batch's transaction costs what the batch did, not
-  what the windows hold,
+  thousands) and its open cohorts (up to tens of thousands) are journaled,
+  one row per id or cohort, and a batch writes the rows it changed, so that
+  a batch's transaction costs what the batch did, not what the windows and
+  the open cohorts hold,
 * the next offset to read per consumed partition,
 * the outbox: every message the batch caused (dispatches, dead letters,
   decision records, labels), not yet known to be on the log;
