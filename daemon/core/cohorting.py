@@ -77,7 +77,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from daemon.config import CohortingSettings
-from daemon.core.journal import Journaled, section
+from daemon.core.journal import Journal, Journaled, Window, section
 from streams.schemas import (
     DISPATCH_ENVELOPE_BYTES,
     MAX_MESSAGE_BYTES,
@@ -318,7 +318,7 @@ class CohortBuilder:
         # Trace id -> content digest (None: not given), for open traces
         # (exact) and decided ones (a bounded FIFO).
         self._open_ids: dict[str, str | None] = {}
-        self._decided: Journaled[str, str | None] = Journaled()
+        self._decided = Window()
         # The open cohorts as journaled rows, by slice key, in opening order;
         # rendered with the trace_ref of the journaled snapshot they complete.
         self._rows: Journaled[str, _Row] = Journaled()
@@ -566,7 +566,7 @@ class CohortBuilder:
             self._group_json(g, self._row_ref), separators=(",", ":"), allow_nan=False
         )
 
-    def journals(self, path: tuple[str, ...] = ()) -> dict[str, Journaled[str, Any]]:
+    def journals(self, path: tuple[str, ...] = ()) -> dict[str, Journal]:
         """The windows a journaled snapshot leaves empty, by their place in it (under ``path``)."""
         return {
             section((*path, "open"), as_values=True): self._rows,
@@ -613,7 +613,7 @@ class CohortBuilder:
         self._rows = rows
         self._open_bytes = sum(g.held_bytes for g in opened.values())
         self._open_ids = open_ids
-        self._decided = Journaled(
+        self._decided = Window(
             ((str(k), None if v is None else str(v)) for k, v in decided.items())
             if isinstance(decided, dict)
             else ((str(x), None) for x in decided)  # before digests were kept

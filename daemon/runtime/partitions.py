@@ -36,7 +36,7 @@ from typing import Any
 
 from daemon.config import CohortingSettings
 from daemon.core.cohorting import Closed, CohortBuilder, Event, TraceFrom, TraceRef, trace_inline
-from daemon.core.journal import Journaled
+from daemon.core.journal import Journal
 from streams.deadletter import Poison, content_digest, decode_record
 from streams.schemas import Trace
 from streams.transport import Record, TopicPartition
@@ -281,8 +281,8 @@ class PartitionedCohorts(CohortBuilder):
             },
         }
 
-    def journals(self, path: tuple[str, ...] = ()) -> dict[str, Journaled[str, Any]]:
-        out: dict[str, Journaled[str, Any]] = {}
+    def journals(self, path: tuple[str, ...] = ()) -> dict[str, Journal]:
+        out: dict[str, Journal] = {}
         for tp, p in self.parts.items():
             out.update(p.builder.journals((*path, "parts", part_key(tp), "cohorts")))
         return out

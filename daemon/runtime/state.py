@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon.core.journal import Journaled, Rows, fill, stored
+from daemon.core.journal import Journal, Rows, fill, stored
 from daemon.core.pipeline import Label
 from streams.durable import connect_durable
 from streams.transport import OutMessage, TopicPartition
@@ -103,7 +103,7 @@ class StateStore:
         # The journaled windows as last written by this store, by section: their
         # next save writes the rows changed since (the same objects), or all
         # of a window it does not know.
-        self._journaled: dict[str, Journaled[str, Any]] = {}
+        self._journaled: dict[str, Journal] = {}
 
     @property
     def incarnation(self) -> str:
@@ -155,7 +155,7 @@ class StateStore:
         messages: Iterable[OutMessage],
         labels: Sequence[Label] = (),
         owners: Sequence[str | None] | None = None,
-        journals: Mapping[str, Journaled[str, Any]] | None = None,
+        journals: Mapping[str, Journal] | None = None,
     ) -> int:
         """One transaction: the new snapshot, the advanced offsets, the owed messages
         (``owners``: the traces partition each belongs to) and the learned labels;
@@ -209,9 +209,7 @@ class StateStore:
                 j.drained()
         return int(seq or 0)
 
-    def _write_journals(
-        self, cur: sqlite3.Cursor, journals: Mapping[str, Journaled[str, Any]]
-    ) -> None:
+    def _write_journals(self, cur: sqlite3.Cursor, journals: Mapping[str, Journal]) -> None:
         gone = [(name,) for name in self._journaled if name not in journals]
         if not self._journaled:
             # Rows no window of this process wrote (a previous life's, a restore's).
