@@ -72,6 +72,16 @@ class CohortingSettings(_Frozen):
         default=2, ge=1, description="smaller cohorts closed by age are dropped to the DLQ"
     )
     max_open: int = Field(default=10_000, ge=1, description="open cohorts held in memory")
+    # The byte bound on open state that max_open (a count) is not: traces
+    # differ a hundredfold in what they hold (token arrays). Shared by every
+    # partition a scorer owns; the oldest open cohort is evicted to make room,
+    # as for max_open. The measure is daemon.core.cohorting.held_bytes, an
+    # estimate of a held trace's memory (tapd_open_state_bytes).
+    max_open_bytes: int = Field(
+        default=512 * 2**20,
+        ge=1,
+        description="bytes the open traces may hold in memory (estimated), all partitions together",
+    )
     stale_policy: Literal["reprobe", "drop"] = "reprobe"
     max_policy_lag: int = Field(
         default=0, ge=0, description="policy versions a trace may lag before it is stale"

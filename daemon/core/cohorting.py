@@ -50,10 +50,20 @@ Dispatch bound
 
 Memory bound
     At most ``max_open`` open cohorts of at most ``max_groups`` traces each,
-    plus ``dedup_window`` remembered ids. Opening a cohort beyond
-    ``max_open`` evicts the oldest open one: it closes early (cause
+    holding at most ``max_open_bytes`` (:func:`held_bytes`, an estimate of
+    what an open trace takes in a scorer's memory), plus ``dedup_window``
+    remembered ids. Opening a cohort beyond ``max_open``, or admitting a
+    trace that takes the open traces over ``max_open_bytes``, evicts the
+    oldest open cohort (again, until under): it closes early (cause
     ``"evicted"``) if it has ``min_groups`` traces, else its traces are
-    rejected with a reason; nothing is dropped silently.
+    rejected with a reason; nothing is dropped silently. A trace alone over
+    ``max_open_bytes`` is rejected.
+
+Journaled state
+    A journaled snapshot (the scorer's, written with every poll batch) leaves
+    the open cohorts out as well as the decided ids: each open cohort is a
+    row of :meth:`CohortBuilder.journals`, rewritten when it changes, so that
+    a batch's write costs what the batch changed, not what is open.
 """
 
 from __future__ import annotations
@@ -67,7 +77,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from daemon.config import CohortingSettings
-from daemon.core.journal import Journaled, section
+from daemon.core.journal import Journal, Journaled, Window, section
 from streams.schemas import (
     DISPATCH_ENVELOPE_BYTES,
     MAX_MESSAGE_BYTES,
@@ -190,11 +200,14 @@ def slice_values(trace: Trace, fields: tuple[str, ...]) -> tuple[str, ...]:
     )
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=16_384)
 def format_slice_key(fields: tuple[str, ...], values: tuple[str, ...]) -> str:
     """The slice key as a string: a compact JSON object, readable and unambiguous.
 
-    Remembered: a stream has few slices, and every trace of one formats the same key.
+    Remembered: every trace of a slice formats the same key (the scorer checks
+    each trace's record key against it). As many as the open cohorts a
+    partition holds by default (``max_open``), so that a stream of that many
+    slices does not format one per trace; a few MiB at most.
     """
     return json.dumps(
         dict(zip(fields, values, strict=True)), separators=(",", ":"), ensure_ascii=False
@@ -203,6 +216,31 @@ def format_slice_key(fields: tuple[str, ...], values: tuple[str, ...]) -> str:
 
 def slice_key_of(trace: Trace, fields: tuple[str, ...]) -> str:
     return format_slice_key(fields, slice_values(trace, fields))
+
+
+# What :func:`held_bytes` counts, calibrated on measured allocations (a decoded
+# trace and its original message, tests/core/test_cohorting.py): the trace's
+# fixed part, each attempt's, and each token value (a float in a list, and its
+# text in the original).
+HELD_TRACE_BYTES = 1_500
+HELD_ATTEMPT_BYTES = 800
+HELD_TOKEN_VALUE_BYTES = 32
+
+
+def held_bytes(trace: Trace, item_bytes: int | None = None) -> int:
+    """An estimate of the memory an open trace holds in a scorer: its decoded form
+    and its original message, from its sizes alone (cheap, and the same on every
+    replica and after a restore, so the open-state budget evicts the same
+    cohorts wherever it runs). ``item_bytes``: its dispatch item size, if known
+    (the prompt, reference and verifier arguments)."""
+    n = HELD_TRACE_BYTES + (dispatch_item_bytes(trace) if item_bytes is None else item_bytes)
+    for a in trace.attempts:
+        n += HELD_ATTEMPT_BYTES + len(a.completion)
+        if a.token_logprobs:
+            n += HELD_TOKEN_VALUE_BYTES * len(a.token_logprobs)
+        if a.token_entropies:
+            n += HELD_TOKEN_VALUE_BYTES * len(a.token_entropies)
+    return n
 
 
 def partition_key(raw: bytes, fields: tuple[str, ...]) -> bytes | None:
@@ -217,13 +255,31 @@ def partition_key(raw: bytes, fields: tuple[str, ...]) -> bytes | None:
         return None
 
 
-@dataclass
+@dataclass(eq=False)
 class _Open:
     slice_key: str
     opened_ts: float
     traces: list[Trace] = field(default_factory=list)
     reprobe: set[str] = field(default_factory=set)
     item_bytes: int = 0  # the members' dispatch items, encoded
+    held_bytes: int = 0  # the members' held_bytes
+    # What a caller derives from this cohort (the scorer's state record
+    # fragment): reset to None whenever the cohort changes, so that work per
+    # poll batch follows the cohorts that changed, not the ones open.
+    memo: Any = None
+
+
+class _Row:
+    """An open cohort as its journaled row: rendered when the store writes it."""
+
+    __slots__ = ("builder", "group")
+
+    def __init__(self, builder: CohortBuilder, group: _Open) -> None:
+        self.builder = builder
+        self.group = group
+
+    def stored(self) -> str:
+        return self.builder._row_text(self.group)
 
 
 # How a snapshot holds a trace, and how a restore gets it back (None: the
@@ -262,7 +318,16 @@ class CohortBuilder:
         # Trace id -> content digest (None: not given), for open traces
         # (exact) and decided ones (a bounded FIFO).
         self._open_ids: dict[str, str | None] = {}
-        self._decided: Journaled[str, str | None] = Journaled()
+        self._decided = Window()
+        # The open cohorts as journaled rows, by slice key, in opening order;
+        # rendered with the trace_ref of the journaled snapshot they complete.
+        self._rows: Journaled[str, _Row] = Journaled()
+        self._row_ref: TraceRef = trace_inline
+        self._open_bytes = 0
+        # Who makes room under max_open_bytes for ``incoming`` bytes: this
+        # builder over its own cohorts (None), or a caller holding several
+        # builders that share the budget (the scorer's partitions).
+        self.room: Callable[[float, int], list[Event]] | None = None
         self._versions: list[str] = [current_policy_version]
         self._now = 0.0
 
@@ -292,6 +357,21 @@ class CohortBuilder:
     @property
     def n_open_traces(self) -> int:
         return len(self._open_ids)
+
+    @property
+    def open_bytes(self) -> int:
+        """What the open traces hold (:func:`held_bytes`), the budget's measure."""
+        return self._open_bytes
+
+    def open_cohorts(self) -> Iterable[_Open]:
+        """The open cohorts, oldest first (read only; ``memo`` is the caller's)."""
+        return self._open.values()
+
+    def oldest_opened(self) -> float | None:
+        """When the oldest open cohort opened (None: none open)."""
+        for group in self._open.values():
+            return group.opened_ts
+        return None
 
     def holds(self, trace_id: str) -> bool:
         """True while the trace is in an open cohort."""
@@ -358,19 +438,27 @@ class CohortBuilder:
                     "of items one dispatch message can carry",
                 )
             ]
+        held = held_bytes(trace, size)
+        budget = self.settings.max_open_bytes
+        if held > budget:
+            self._decide_id(tid, digest)
+            return [
+                Rejected(
+                    trace,
+                    STAGE,
+                    "attempts",
+                    f"it would hold about {held} bytes open: over the {budget} bytes of "
+                    "cohorting.max_open_bytes that every open trace shares",
+                )
+            ]
         events: list[Event] = []
         key = slice_values(trace, self._fields)
         group = self._open.get(key)
-        if group is not None and group.item_bytes + size > self.item_budget:
-            # Split by construction: this trace would take the cohort's
-            # dispatch over the message limit, so the cohort closes first.
-            events.extend(self._close_or_reject(key, now, "size"))
-            group = None
         if group is None:
             slice_key = format_slice_key(self._fields, key)
             if len(slice_key) > MAX_SLICE_KEY_CHARS:
                 self._decide_id(tid, digest)
-                events.append(
+                return [
                     Rejected(
                         trace,
                         STAGE,
@@ -378,18 +466,41 @@ class CohortBuilder:
                         f"its slice key is {len(slice_key)} characters: over the "
                         f"{MAX_SLICE_KEY_CHARS} a dispatch carries",
                     )
-                )
-                return events
+                ]
+        elif group.item_bytes + size > self.item_budget:
+            # Split by construction: this trace would take the cohort's
+            # dispatch over the message limit, so the cohort closes first.
+            events.extend(self._close_or_reject(key, now, "size"))
+            group = None
+        # Room for this trace first, oldest cohorts out (its own too, if it is
+        # the oldest: the trace then opens the next one).
+        events.extend(self.make_room(now, held) if self.room is None else self.room(now, held))
+        group = self._open.get(key)
+        if group is None:
             if len(self._open) >= self.settings.max_open:
-                events.extend(self._evict_oldest(now))
-            group = self._open[key] = _Open(slice_key, now)
+                events.extend(self._close_or_reject(next(iter(self._open)), now, "evicted"))
+            group = self._open[key] = _Open(format_slice_key(self._fields, key), now)
+            self._rows[group.slice_key] = _Row(self, group)
         group.traces.append(trace)
         group.item_bytes += size
+        group.held_bytes += held
+        self._open_bytes += held
         self._open_ids[tid] = digest
         if reprobe:
             group.reprobe.add(tid)
         if len(group.traces) >= self.settings.max_groups:
             events.append(self._close(key, now, "size"))
+        else:
+            self._touch(group)
+        return events
+
+    def make_room(self, now: float, incoming: int = 0) -> list[Event]:
+        """Evict the oldest open cohorts until ``incoming`` more bytes fit in
+        ``max_open_bytes`` (0: until the open traces are within it)."""
+        budget = self.settings.max_open_bytes
+        events: list[Event] = []
+        while self._open and self._open_bytes + incoming > budget:
+            events.extend(self.evict_oldest(now, incoming))
         return events
 
     def on_tick(self, now: float) -> list[Event]:
@@ -401,6 +512,9 @@ class CohortBuilder:
             if now - group.opened_ts < self.settings.max_age_s:
                 break
             events.extend(self._close_or_reject(key, now, "age"))
+        if self.room is None:
+            # A restored state over a budget lowered since is brought under here.
+            events.extend(self.make_room(now))
         return events
 
     def flush_all(self, now: float | None = None) -> list[Event]:
@@ -422,29 +536,42 @@ class CohortBuilder:
         """The state as plain JSON; ``trace_ref`` says how to hold each open trace
         (default: its fields; the scorer holds its original message instead).
 
-        ``journaled``: the decided ids are left empty; the state store writes
-        them from :meth:`journals` (the rows that changed), not whole per batch.
+        ``journaled``: the open cohorts and the decided ids are left empty; the
+        state store writes them from :meth:`journals` (the rows that changed,
+        the open cohorts' held as ``trace_ref`` says), not whole per batch.
         """
+        if journaled:
+            self._row_ref = trace_ref
         return {
             "schema": SNAPSHOT_SCHEMA,
             "versions": list(self._versions),
             "now": self._now,
-            "open": [
-                {
-                    "slice_key": g.slice_key,
-                    "opened_ts": g.opened_ts,
-                    "traces": [trace_ref(t) for t in g.traces],
-                    "digests": [self._open_ids.get(t.trace_id) for t in g.traces],
-                    "reprobe": sorted(g.reprobe),
-                }
-                for g in self._open.values()
-            ],
+            "open": []
+            if journaled
+            else [self._group_json(g, trace_ref) for g in self._open.values()],
             "decided": {} if journaled else dict(self._decided),
         }
 
-    def journals(self, path: tuple[str, ...] = ()) -> dict[str, Journaled[str, Any]]:
+    def _group_json(self, g: _Open, trace_ref: TraceRef) -> dict[str, Any]:
+        return {
+            "slice_key": g.slice_key,
+            "opened_ts": g.opened_ts,
+            "traces": [trace_ref(t) for t in g.traces],
+            "digests": [self._open_ids.get(t.trace_id) for t in g.traces],
+            "reprobe": sorted(g.reprobe),
+        }
+
+    def _row_text(self, g: _Open) -> str:
+        return json.dumps(
+            self._group_json(g, self._row_ref), separators=(",", ":"), allow_nan=False
+        )
+
+    def journals(self, path: tuple[str, ...] = ()) -> dict[str, Journal]:
         """The windows a journaled snapshot leaves empty, by their place in it (under ``path``)."""
-        return {section((*path, "decided")): self._decided}
+        return {
+            section((*path, "open"), as_values=True): self._rows,
+            section((*path, "decided")): self._decided,
+        }
 
     def restore(self, snapshot: dict[str, Any], trace_from: TraceFrom | None = None) -> None:
         """Replace the state with a snapshot's; ``ValueError`` if it is not one.
@@ -461,6 +588,7 @@ class CohortBuilder:
             raise ValueError("versions: a snapshot records at least the current version")
         restore_one = trace_from or Trace.model_validate
         opened: OrderedDict[tuple[str, ...], _Open] = OrderedDict()
+        rows: Journaled[str, _Row] = Journaled()
         open_ids: dict[str, str | None] = {}
         for g in snapshot["open"]:
             digests = list(g.get("digests") or [None] * len(g["traces"]))
@@ -469,18 +597,23 @@ class CohortBuilder:
                 t = restore_one(ref)
                 if t is None:
                     continue
+                size = dispatch_item_bytes(t)
                 group.traces.append(t)
-                group.item_bytes += dispatch_item_bytes(t)
+                group.item_bytes += size
+                group.held_bytes += held_bytes(t, size)
                 open_ids[t.trace_id] = None if digest is None else str(digest)
             group.reprobe = {str(x) for x in g["reprobe"]} & {t.trace_id for t in group.traces}
             if group.traces:
                 opened[tuple(json.loads(group.slice_key).values())] = group
+                rows[group.slice_key] = _Row(self, group)
         decided = snapshot["decided"]
         self._versions = versions
         self._now = float(snapshot["now"])
         self._open = opened
+        self._rows = rows
+        self._open_bytes = sum(g.held_bytes for g in opened.values())
         self._open_ids = open_ids
-        self._decided = Journaled(
+        self._decided = Window(
             ((str(k), None if v is None else str(v)) for k, v in decided.items())
             if isinstance(decided, dict)
             else ((str(x), None) for x in decided)  # before digests were kept
@@ -503,16 +636,36 @@ class CohortBuilder:
         self._remember(trace.trace_id)
         return Rejected(trace, STAGE, field_name, reason)
 
-    def _evict_oldest(self, now: float) -> list[Event]:
+    def evict_oldest(self, now: float, incoming: int = 0) -> list[Event]:
+        """Close (or reject, if too small) the oldest open cohort to make room under
+        ``max_open_bytes`` (for ``incoming`` more bytes)."""
         key = next(iter(self._open))
-        return self._close_or_reject(key, now, "evicted")
+        why = (
+            f"evicted to keep the open traces within cohorting.max_open_bytes "
+            f"({self.settings.max_open_bytes} bytes"
+            + (f", {incoming} more arriving)" if incoming else ")")
+        )
+        return self._close_or_reject(key, now, "evicted", why)
 
-    def _close_or_reject(self, key: tuple[str, ...], now: float, cause: CloseCause) -> list[Event]:
+    def _touch(self, group: _Open) -> None:
+        """The cohort changed: its row is rewritten, its caller's memo dropped."""
+        group.memo = None
+        self._rows[group.slice_key] = self._rows[group.slice_key]
+
+    def _pop(self, key: tuple[str, ...]) -> _Open:
+        group = self._open.pop(key)
+        del self._rows[group.slice_key]
+        self._open_bytes -= group.held_bytes
+        return group
+
+    def _close_or_reject(
+        self, key: tuple[str, ...], now: float, cause: CloseCause, why: str | None = None
+    ) -> list[Event]:
         group = self._open[key]
         if len(group.traces) >= self.settings.min_groups:
             return [self._close(key, now, cause)]
-        del self._open[key]
-        what = {
+        self._pop(key)
+        what = why or {
             "age": "closed by age",
             "evicted": "evicted",
             "flush": "flushed",
@@ -525,7 +678,7 @@ class CohortBuilder:
         return [self._reject(t, "slice_key", reason) for t in group.traces]
 
     def _close(self, key: tuple[str, ...], now: float, cause: CloseCause) -> Closed:
-        group = self._open.pop(key)
+        group = self._pop(key)
         traces = tuple(group.traces)
         for t in traces:
             self._remember(t.trace_id)

@@ -60,7 +60,7 @@ from daemon.core.cohorting import (
 )
 from daemon.core.decision import ScoredCohort
 from daemon.core.features import FEATURE_SCHEMA
-from daemon.core.journal import HELD, Journaled, held_key, section
+from daemon.core.journal import HELD, Journal, Journaled, Window, held_key, section
 from daemon.core.tenants import tenant_counts, tenant_of_record
 from streams.deadletter import (
     INTERNAL,
@@ -393,7 +393,7 @@ class Scorer:
         # Closed cohorts waiting for the slow scoring step.
         self.pending: deque[Cohort] = deque()
         self.in_flight: OrderedDict[str, InFlight] = OrderedDict()
-        self.learned: Journaled[str, None] = Journaled()
+        self.learned = Window()
         # Trace id -> where it was read and its bytes, until its fate is decided.
         self._origins: dict[str, _Origin] = {}
         # The originals of the held traces (open or queued, fate undecided) as
@@ -926,7 +926,7 @@ class Scorer:
             "rng": _rng_state(self.rng),
         }
 
-    def journals(self) -> dict[str, Journaled[str, Any]]:
+    def journals(self) -> dict[str, Journal]:
         """The windows a journaled snapshot leaves empty, by their place in it."""
         return {
             section(("learned",), as_list=True): self.learned,
@@ -954,6 +954,11 @@ class Scorer:
     def _where(self, trace: Trace) -> Any:
         origin = self._origins.get(trace.trace_id)
         return self._ref(trace) if origin is None else origin.where()
+
+    def where(self, trace: Trace) -> Any:
+        """How a journaled snapshot holds a trace: ``[topic, partition, offset]``
+        where it was read (the trace itself if it was not read from a log)."""
+        return self._where(trace)
 
     def _pending_json(self, c: Cohort, journaled: bool = False) -> dict[str, Any]:
         # Queued cohorts are immutable and re-snapshotted every batch until
@@ -987,7 +992,7 @@ class Scorer:
         self.in_flight = OrderedDict(
             (c, InFlight(c, s, float(p), float(t))) for c, s, p, t in snap["in_flight"]
         )
-        self.learned = Journaled((str(c), None) for c in snap["learned"])
+        self.learned = Window((str(c), None) for c in snap["learned"])
         if "rng" in snap:
             self.rng.setstate(_rng_from(snap["rng"]))
 

@@ -185,6 +185,12 @@ class ScorerMetrics:
         )
         # Cohorts and decisions
         self.cohorts_open = Gauge("tapd_cohorts_open", "Open (not yet closed) cohorts.", registry=r)
+        self.open_state_bytes = Gauge(
+            "tapd_open_state_bytes",
+            "Estimated memory the traces of open cohorts hold, all partitions together "
+            "(bounded by cohorting.max_open_bytes: the oldest cohorts are evicted to stay under).",
+            registry=r,
+        )
         # Replicas: partitions owned, how they changed hands, the policy in use
         self.partitions_owned = Gauge(
             "tapd_partitions_owned",
@@ -361,6 +367,7 @@ class ScorerMetrics:
     def watch(self, scorer: Any) -> None:
         """Read the scorer's open cohorts and in-flight dispatches at scrape time."""
         self.cohorts_open.set_function(lambda: float(scorer.cohorts.n_open))
+        self.open_state_bytes.set_function(lambda: float(scorer.cohorts.open_bytes))
         self.dispatches_in_flight.set_function(lambda: float(len(scorer.in_flight)))
 
 

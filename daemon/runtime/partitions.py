@@ -26,15 +26,17 @@ JSON), records and state records; the service does the reading and writing.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from operator import methodcaller
 from typing import Any
 
 from daemon.config import CohortingSettings
 from daemon.core.cohorting import Closed, CohortBuilder, Event, TraceFrom, TraceRef, trace_inline
-from daemon.core.journal import Journaled
+from daemon.core.journal import Journal
 from streams.deadletter import Poison, content_digest, decode_record
 from streams.schemas import Trace
 from streams.transport import Record, TopicPartition
@@ -84,6 +86,10 @@ class PartitionedCohorts(CohortBuilder):
     The scorer feeds it one partition at a time (:meth:`feeding`); clock ticks
     and policy versions reach every partition. The inherited state holds only
     the policy versions that every partition shares.
+
+    Every partition's open traces share one ``max_open_bytes``: room is made
+    by evicting the oldest open cohort of any partition (its events carry
+    their own partition).
     """
 
     def __init__(self, settings: CohortingSettings, current_policy_version: str) -> None:
@@ -94,6 +100,10 @@ class PartitionedCohorts(CohortBuilder):
         self.closed: dict[str, TopicPartition] = {}
         self.members: dict[str, list[str]] = {}
         self.current: TopicPartition | None = None
+        # The partition whose builder is being fed, and the events of other
+        # partitions' cohorts evicted meanwhile to make room for its trace.
+        self._fed: TopicPartition | None = None
+        self._elsewhere: list[Event] = []
 
     @property
     def versions(self) -> list[str]:
@@ -123,7 +133,48 @@ class PartitionedCohorts(CohortBuilder):
         # A part kept aside (or rebuilt) while lifts moved the policy on
         # catches up: every partition judges staleness by the same versions.
         builder._versions = list(self._versions)
+        builder.room = self._room
         return builder
+
+    def _feed(
+        self, tp: TopicPartition, call: Callable[[CohortBuilder], list[Event]]
+    ) -> list[Event]:
+        """``call`` on ``tp``'s builder: its events, after those of other partitions'
+        cohorts evicted to make room meanwhile."""
+        self._fed = tp
+        try:
+            events = self._track(tp, call(self.parts[tp].builder))
+        finally:
+            self._fed = None
+        if self._elsewhere:
+            events, self._elsewhere = [*self._elsewhere, *events], []
+        return events
+
+    def _oldest(self) -> TopicPartition | None:
+        """The partition whose oldest open cohort is the oldest of all (None: none open)."""
+        best: tuple[float, TopicPartition] | None = None
+        for tp, part in self.parts.items():
+            ts = part.builder.oldest_opened()
+            if ts is not None and (best is None or ts < best[0]):
+                best = (ts, tp)
+        return None if best is None else best[1]
+
+    def _room(self, now: float, incoming: int) -> list[Event]:
+        """Evict the oldest open cohorts of any partition until ``incoming`` more
+        bytes fit in ``max_open_bytes``; the events of the partition being fed
+        are returned (its builder reports them), the others' kept for :meth:`_feed`."""
+        budget = self.settings.max_open_bytes
+        mine: list[Event] = []
+        while self.open_bytes + incoming > budget:
+            tp = self._oldest()
+            if tp is None:
+                break
+            events = self._track(tp, self.parts[tp].builder.evict_oldest(now, incoming))
+            if tp == self._fed:
+                mine += events
+            else:
+                self._elsewhere += events
+        return mine
 
     def _track(self, tp: TopicPartition, events: list[Event]) -> list[Event]:
         for e in events:
@@ -136,8 +187,7 @@ class PartitionedCohorts(CohortBuilder):
         if self.current is None:
             raise RuntimeError("on_item outside feeding(tp): a trace needs its partition")
         self._now = now
-        builder = self.parts[self.current].builder
-        return self._track(self.current, builder.on_item(trace, now, digest))
+        return self._feed(self.current, methodcaller("on_item", trace, now, digest))
 
     def readmit(self, traces: Iterable[Trace], now: float) -> list[Event]:
         """Members of a queued cohort back into cohorting: into their own partition."""
@@ -150,7 +200,7 @@ class PartitionedCohorts(CohortBuilder):
             by_tp.setdefault(tp, []).append(t)
         out: list[Event] = []
         for tp, ts in by_tp.items():
-            out += self._track(tp, self.parts[tp].builder.readmit(ts, now))
+            out += self._feed(tp, methodcaller("readmit", ts, now))
         return out
 
     def holds(self, trace_id: str) -> bool:
@@ -161,6 +211,9 @@ class PartitionedCohorts(CohortBuilder):
         out: list[Event] = []
         for tp, part in self.parts.items():
             out += self._track(tp, part.builder.on_tick(now))
+        # Parts taken on (or a budget lowered) since: brought under the budget.
+        out += self._room(now, 0) + self._elsewhere
+        self._elsewhere = []
         return out
 
     def flush_all(self, now: float | None = None) -> list[Event]:
@@ -181,6 +234,10 @@ class PartitionedCohorts(CohortBuilder):
     @property
     def n_open_traces(self) -> int:
         return sum(p.builder.n_open_traces for p in self.parts.values())
+
+    @property
+    def open_bytes(self) -> int:
+        return sum(p.builder.open_bytes for p in self.parts.values())
 
     # -- ownership --------------------------------------------------------------
 
@@ -224,8 +281,8 @@ class PartitionedCohorts(CohortBuilder):
             },
         }
 
-    def journals(self, path: tuple[str, ...] = ()) -> dict[str, Journaled[str, Any]]:
-        out: dict[str, Journaled[str, Any]] = {}
+    def journals(self, path: tuple[str, ...] = ()) -> dict[str, Journal]:
+        out: dict[str, Journal] = {}
         for tp, p in self.parts.items():
             out.update(p.builder.journals((*path, "parts", part_key(tp), "cohorts")))
         return out
@@ -380,15 +437,7 @@ def describe(
         }
         for g in cohorts["open"]
     )
-    mine = {cid for cid, v in parts.get("closed", {}).items() if _closed_key(v) == key}
-    pending = tuple(
-        {
-            **{k: v for k, v in c.items() if k != "traces"},
-            "offsets": offsets(c["traces"]),
-        }
-        for c in scorer_snapshot.get("pending", ())
-        if c["cohort_id"] in mine
-    )
+    pending = _pending(scorer_snapshot, tp, offsets)
     return PartitionState(
         tp.topic,
         tp.partition,
@@ -399,6 +448,161 @@ def describe(
         float(cohorts.get("now", 0.0)),
         open_groups,
         pending,
+        missing,
+    )
+
+
+def _pending(
+    scorer_snapshot: Mapping[str, Any],
+    tp: TopicPartition,
+    offsets: Callable[[Iterable[Any]], list[int]],
+) -> tuple[dict[str, Any], ...]:
+    """``tp``'s queued cohorts in a state record: their fields and member offsets."""
+    key = part_key(tp)
+    mine = {
+        cid
+        for cid, v in scorer_snapshot["cohorts"].get("closed", {}).items()
+        if _closed_key(v) == key
+    }
+    return tuple(
+        {
+            **{k: v for k, v in c.items() if k != "traces"},
+            "offsets": offsets(c["traces"]),
+        }
+        for c in scorer_snapshot.get("pending", ())
+        if c["cohort_id"] in mine
+    )
+
+
+def _json(v: Any, sort_keys: bool = False) -> str:
+    return json.dumps(v, separators=(",", ":"), allow_nan=False, sort_keys=sort_keys)
+
+
+def _object(fields: Mapping[str, str]) -> str:
+    """A JSON object from its fields' encoded values, keys sorted (as ``sort_keys``)."""
+    return "{" + ",".join(f"{_json(k)}:{fields[k]}" for k in sorted(fields)) + "}"
+
+
+@dataclass(frozen=True)
+class StateRecord:
+    """A partition's state record as its owner writes it: the :class:`PartitionState`
+    that :func:`describe` gives, with its open cohorts already encoded, one
+    fragment per cohort, each encoded once while the cohort stays unchanged
+    (:func:`record`). ``content()`` is the text :meth:`PartitionState.content`
+    gives for the same state; ``encode()`` decodes to that state."""
+
+    topic: str
+    partition: int
+    position: int
+    token: Token
+    replica: str
+    ts: float
+    now: float
+    open_fragments: tuple[str, ...]
+    pending: tuple[Mapping[str, Any], ...]
+    lowest_open: int | None  # the lowest offset an open cohort holds
+    missing: int = 0
+
+    @property
+    def tp(self) -> TopicPartition:
+        return TopicPartition(self.topic, self.partition)
+
+    @property
+    def commit_offset(self) -> int:
+        """What the group may commit: never past a trace still held undecided."""
+        held = [int(o) for c in self.pending for o in c["offsets"]]
+        if self.lowest_open is not None:
+            held.append(self.lowest_open)
+        return min([*held, self.position])
+
+    @functools.cached_property
+    def _fields(self) -> dict[str, str]:
+        # Encoded once for both content() and encode(): the open cohorts are most of it.
+        return {
+            "schema": _json(STATE_SCHEMA),
+            "topic": _json(self.topic),
+            "partition": _json(self.partition),
+            "position": _json(self.position),
+            "open": "[" + ",".join(self.open_fragments) + "]",
+            "pending": _json([dict(c) for c in self.pending], sort_keys=True),
+        }
+
+    @functools.cached_property
+    def _content(self) -> str:
+        return _object(self._fields)
+
+    def content(self) -> str:
+        return self._content
+
+    def encode(self) -> bytes:
+        fields = {
+            **self._fields,
+            "token": _json(self.token.to_json()),
+            "replica": _json(self.replica),
+            "ts": _json(self.ts),
+            "now": _json(self.now),
+        }
+        return _object(fields).encode()
+
+
+def record(
+    cohorts: PartitionedCohorts,
+    scorer_snapshot: Mapping[str, Any],
+    trace_ref: TraceRef,
+    tp: TopicPartition,
+    position: int,
+    token: Token,
+    replica: str,
+    ts: float,
+) -> StateRecord:
+    """``tp``'s state record (what :func:`describe` gives), its open cohorts read
+    from the builder, not the snapshot (a journaled snapshot leaves them out):
+    each cohort's fragment is kept in its ``memo`` until it changes, so that the
+    work per batch follows the cohorts that changed. ``trace_ref``: how the
+    snapshot holds a trace (the offset comes from it); ``scorer_snapshot``
+    gives the queued cohorts."""
+    missing = 0
+
+    def offsets(refs: Iterable[Any]) -> list[int]:
+        nonlocal missing
+        out = []
+        for ref in refs:
+            o = _offset(ref, tp)
+            if o is None:
+                missing += 1
+            else:
+                out.append(o)
+        return out
+
+    builder = cohorts.parts[tp].builder
+    groups = list(builder.open_cohorts())
+    # Comprehensions, not a loop: this runs over every open cohort per batch.
+    for g in [g for g in groups if g.memo is None or g.memo[0] != tp]:
+        before = missing
+        held = offsets([trace_ref(t) for t in g.traces])
+        body = {
+            "slice_key": g.slice_key,
+            "opened_ts": g.opened_ts,
+            "offsets": held,
+            "reprobe": sorted(g.reprobe),
+        }
+        g.memo = (tp, _json(body, sort_keys=True), min(held, default=None), missing - before)
+    memos = [g.memo for g in groups]
+    missing = sum([m[3] for m in memos])
+    lowest = min([m[2] for m in memos if m[2] is not None], default=None)
+    fragments = tuple([m[1] for m in memos])
+    pending = _pending(scorer_snapshot, tp, offsets)
+    return StateRecord(
+        tp.topic,
+        tp.partition,
+        position,
+        token,
+        replica,
+        ts,
+        builder._now,
+        fragments,
+        pending,
+        lowest,
         missing,
     )
 

@@ -5,9 +5,10 @@ What a crash must not lose is written in ONE transaction per poll batch:
 * the scorer snapshot (open cohorts, cohorts waiting to be scored or
   dispatched, dispatches in flight, lift cohort ids already learned); its
   id windows (trace ids decided, lift cohort ids learned: up to hundreds of
-  thousands) are journaled, one row per id, and a batch writes the rows it
-  changed, so that a batch's transaction costs what the batch did, not
-  what the windows hold,
+  thousands) and its open cohorts (up to tens of thousands) are journaled,
+  one row per id or cohort, and a batch writes the rows it changed, so that
+  a batch's transaction costs what the batch did, not what the windows and
+  the open cohorts hold,
 * the next offset to read per consumed partition,
 * the outbox: every message the batch caused (dispatches, dead letters,
   decision records, labels), not yet known to be on the log;
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon.core.journal import Journaled, Rows, fill, stored
+from daemon.core.journal import Journal, Rows, fill, stored
 from daemon.core.pipeline import Label
 from streams.durable import connect_durable
 from streams.transport import OutMessage, TopicPartition
@@ -102,7 +103,7 @@ class StateStore:
         # The journaled windows as last written by this store, by section: their
         # next save writes the rows changed since (the same objects), or all
         # of a window it does not know.
-        self._journaled: dict[str, Journaled[str, Any]] = {}
+        self._journaled: dict[str, Journal] = {}
 
     @property
     def incarnation(self) -> str:
@@ -154,7 +155,7 @@ class StateStore:
         messages: Iterable[OutMessage],
         labels: Sequence[Label] = (),
         owners: Sequence[str | None] | None = None,
-        journals: Mapping[str, Journaled[str, Any]] | None = None,
+        journals: Mapping[str, Journal] | None = None,
     ) -> int:
         """One transaction: the new snapshot, the advanced offsets, the owed messages
         (``owners``: the traces partition each belongs to) and the learned labels;
@@ -208,9 +209,7 @@ class StateStore:
                 j.drained()
         return int(seq or 0)
 
-    def _write_journals(
-        self, cur: sqlite3.Cursor, journals: Mapping[str, Journaled[str, Any]]
-    ) -> None:
+    def _write_journals(self, cur: sqlite3.Cursor, journals: Mapping[str, Journal]) -> None:
         gone = [(name,) for name in self._journaled if name not in journals]
         if not self._journaled:
             # Rows no window of this process wrote (a previous life's, a restore's).

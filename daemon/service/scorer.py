@@ -71,14 +71,15 @@ from daemon.runtime.partitions import (
     Detached,
     PartitionedCohorts,
     PartitionState,
+    StateRecord,
     Token,
-    describe,
     fresh,
     join,
     migrate,
     part_key,
     part_of,
     rebuild,
+    record,
     split,
 )
 from daemon.runtime.predictor_host import PredictorHost
@@ -757,16 +758,21 @@ class ScorerService:
             out.append(owner)
         return out
 
-    def _states(self, snap: Mapping[str, Any]) -> list[PartitionState]:
+    def _states(self, snap: Mapping[str, Any]) -> list[StateRecord]:
         """The state records of the partitions whose state changed since the last one
-        written, each with a new token (an unchanged partition's record is on the log)."""
+        written, each with a new token (an unchanged partition's record is on the log).
+
+        ``snap`` is journaled (its open cohorts are left out): the records read
+        them from the builders, each cohort encoded once until it changes."""
         out = []
         now = time.time()
         for tp, part in self.cohorts.parts.items():
             if part.position is None:
                 continue  # nothing read yet: nothing held
             token = Token(self.incarnation, self._seq + 1)
-            st = describe(snap, tp, part.position, token, self.replica, now)
+            st = record(
+                self.cohorts, snap, self.scorer.where, tp, part.position, token, self.replica, now
+            )
             content = st.content()
             if content == self._written.get(tp):
                 continue
@@ -812,7 +818,7 @@ class ScorerService:
         log.warning("outbox_rows_superseded", partitions=sorted(stale))
         return [o for o in owed if o.owner not in stale]
 
-    def _commit_traces(self, states: Sequence[PartitionState]) -> None:
+    def _commit_traces(self, states: Sequence[StateRecord]) -> None:
         """Commit each partition up to its oldest trace still held undecided, never
         below what the group had committed (no rewind)."""
         if self._traces is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from collections.abc import Iterable
 
 import pytest
@@ -21,6 +22,7 @@ from daemon.core.cohorting import (
     Rejected,
     Stale,
     cohort_id,
+    held_bytes,
     slice_key_of,
     validate_slice_key,
 )
@@ -432,3 +434,152 @@ def test_snapshot_hooks_hold_traces_as_the_caller_wants() -> None:
     restored.restore(snap, lambda ref: _trace(ref[1]) if ref[1] == "keep" else None)
     assert restored.holds("keep") and not restored.holds("gone")
     assert isinstance(restored.on_item(_trace("keep"), 1.0, digest="zz")[0], Conflict)
+
+
+# --- issue 17: a byte budget on open state ---------------------------------------------
+
+
+def _heavy(tid: str, task_type: str, tokens: int, attempts: int = 4) -> Trace:
+    """A trace holding ``attempts`` attempts of ``tokens`` log-probs and entropies."""
+    return Trace.model_validate(
+        {
+            "schema": "tapd.trace/1",
+            "trace_id": tid,
+            "ts": 1.7e9,
+            "subject": "math",
+            "tags": {"task_type": task_type},
+            "prompt": f"prompt {tid}",
+            "reference": "1",
+            "verifier": "exact",
+            "policy_version": "p1",
+            "attempts": [
+                {
+                    "completion": "1",
+                    "reward": 1.0,
+                    "n_tokens": tokens,
+                    "token_logprobs": [-0.5] * tokens or None,
+                    "token_entropies": [0.5] * tokens or None,
+                }
+                for _ in range(attempts)
+            ],
+        }
+    )
+
+
+def test_held_bytes_is_close_to_what_a_held_trace_takes_in_memory() -> None:
+    """The estimate against measured allocations: a decoded trace and its original
+    message, as a scorer holds each open trace."""
+    import tracemalloc
+
+    from streams.schemas import decode, encode
+
+    for attempts, tokens in ((1, 0), (8, 0), (8, 4), (8, 32), (4, 256)):
+        raws = [encode(_heavy(f"t{i}", "add", tokens, attempts)) for i in range(50)]
+        raws = [r.replace(b"-0.5", b"-0.123456789012345") for r in raws]  # model-like floats
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        held = [(decode(r, Trace), bytes(r)) for r in raws]
+        measured = (tracemalloc.get_traced_memory()[0] - before) / len(held)
+        tracemalloc.stop()
+        estimate = held_bytes(held[0][0])
+        assert 0.7 * measured <= estimate <= 1.4 * measured, (attempts, tokens, estimate, measured)
+
+
+def test_open_bytes_stay_within_the_budget_and_every_trace_meets_one_fate() -> None:
+    """Traces a hundredfold apart in size over 200 slices: the open traces never hold
+    more than max_open_bytes; the oldest cohorts make room (closed if big enough,
+    else rejected with the reason); a trace alone over the budget is rejected."""
+    budget = 400_000
+    settings = _settings(
+        max_open=10_000, max_groups=8, min_groups=2, max_age_s=1e9, max_open_bytes=budget
+    )
+    b = CohortBuilder(settings, "p1")
+    rng = random.Random(11)
+    fates: dict[str, int] = {}
+    sent: list[str] = []
+    causes: Counter[str] = Counter()
+
+    def account(events: list[Event]) -> None:
+        for e in events:
+            if isinstance(e, Closed):
+                causes[e.cause] += 1
+                for t in e.cohort.traces:
+                    fates[t.trace_id] = fates.get(t.trace_id, 0) + 1
+            elif isinstance(e, Rejected):
+                causes[e.field] += 1
+                assert "max_open_bytes" in e.reason or e.field == "slice_key"
+                fates[e.trace.trace_id] = fates.get(e.trace.trace_id, 0) + 1
+
+    for i in range(3_000):
+        tokens = rng.choice((0, 0, 4, 32, 256))
+        tid = f"t{i}"
+        sent.append(tid)
+        trace = _heavy(tid, f"k{rng.randrange(200)}", tokens)
+        if i == 1_500:
+            trace = _heavy(tid, "k0", 4_000, attempts=8)  # alone over the budget
+            assert held_bytes(trace) > budget
+        account(b.on_item(trace, float(i)))
+        assert b.open_bytes <= budget
+        # The running total is what the open traces hold.
+        held = [t for g in b.open_cohorts() for t in g.traces]
+        assert b.open_bytes == sum(held_bytes(t) for t in held)
+        if i % 100 == 0:
+            account(b.on_tick(float(i)))
+    account(b.flush_all())
+    assert b.open_bytes == 0
+    assert set(fates) == set(sent) and max(fates.values()) == 1
+    assert causes["evicted"] > 0 and causes["attempts"] == 1
+    assert causes["slice_key"] > 0  # small evicted cohorts: rejected with their reason
+
+
+def test_the_budget_is_restored_and_a_lowered_budget_is_met_at_the_next_tick() -> None:
+    settings = _settings(max_groups=8, max_age_s=1e9)
+    b = CohortBuilder(settings, "p1")
+    for i in range(40):
+        b.on_item(_heavy(f"t{i}", f"k{i % 10}", 32), float(i))
+    snap = json.loads(json.dumps(b.snapshot()))
+    same = CohortBuilder(settings, "p1")
+    same.restore(snap)
+    assert same.open_bytes == b.open_bytes > 0
+    lower = b.open_bytes // 2
+    tight = CohortBuilder(settings.model_copy(update={"max_open_bytes": lower}), "p1")
+    tight.restore(snap)
+    events = tight.on_tick(100.0)
+    assert tight.open_bytes <= lower
+    # The oldest slices went first, each closed whole (4 traces >= min_groups).
+    closed = _closed(events)
+    assert closed and all(c.cause == "evicted" and c.n_groups == 4 for c in closed)
+    assert [c.slice_key for c in closed] == [g["slice_key"] for g in snap["open"][: len(closed)]]
+    assert tight.n_open_traces + sum(c.n_groups for c in closed) == 40
+
+
+def test_a_journaled_snapshot_and_its_rows_are_the_whole_snapshot() -> None:
+    """What the state store writes per batch (the rows that changed) loads as the
+    snapshot a whole write would have held, open cohorts in opening order."""
+    from daemon.core.journal import fill, stored
+
+    settings = _settings(max_open=6, max_groups=3, max_age_s=3.0, max_open_bytes=60_000)
+    b = CohortBuilder(settings, "p1")
+    rng = random.Random(5)
+    rows: dict[str, dict[str, str | None]] = {}
+    for batch in range(150):
+        for _ in range(rng.randrange(6)):
+            tid = f"t{rng.randrange(400)}"  # redeliveries too
+            b.on_item(_heavy(tid, f"k{rng.randrange(9)}", rng.choice((0, 4, 32))), batch, "d")
+        b.on_tick(float(batch))
+        snap = b.snapshot(journaled=True)
+        assert snap["open"] == [] and snap["decided"] == {}
+        for name, j in b.journals().items():
+            if name not in rows or j.overflowed:
+                rows[name] = {k: stored(v) for k, v in j.items()}
+            else:
+                for key, moved in j.changes.items():
+                    if key not in j:
+                        rows[name].pop(key, None)
+                    else:
+                        if moved:
+                            rows[name].pop(key, None)
+                        rows[name][key] = stored(j[key])
+            j.drained()
+        loaded = fill(json.loads(json.dumps(snap)), {n: list(r.items()) for n, r in rows.items()})
+        assert loaded == json.loads(json.dumps(b.snapshot()))

@@ -4,8 +4,11 @@ as a state record (member offsets) and is rebuilt in another from the traces top
 from __future__ import annotations
 
 import json
+import random
+from pathlib import Path
 
 from daemon.config import CohortingSettings, GRPOParams, TapdSettings, Thresholds
+from daemon.core.cohorting import held_bytes
 from daemon.core.decision import decide
 from daemon.core.features import featurize
 from daemon.core.pipeline import Scorer
@@ -20,9 +23,12 @@ from daemon.runtime.partitions import (
     migrate,
     part_key,
     rebuild,
+    record,
     split,
 )
+from daemon.runtime.state import StateStore
 from lab import tasks
+from streams.deadletter import original
 from streams.schemas import Attempt, Trace, encode
 from streams.transport import Record, TopicPartition
 
@@ -223,3 +229,115 @@ def test_members_of_a_queued_cohort_stay_duplicates_after_the_move() -> None:
     while b.pending:
         fx += b.step(3.0, 4)
     assert [len(d.trace_ids) for d in fx.decisions] == [4]
+
+
+# --- issue 17: open state by the byte, records by the cohort that changed ----------
+
+
+def _stream(rng: random.Random, n: int, seed: int) -> list[Trace]:
+    """Traces of many slices (a subject each), in random order."""
+    out = []
+    for s, subject in enumerate(("add", "sub", "mul")):
+        for difficulty in ("2d_carry", "2d_borrow", "2x1"):
+            try:
+                out += _traces(subject, difficulty, n, seed + s)
+            except (KeyError, ValueError):
+                continue
+    rng.shuffle(out)
+    return out
+
+
+def test_state_records_from_the_builders_are_those_described_from_a_whole_snapshot(
+    tmp_path: Path,
+) -> None:
+    """The scorer's per-batch path (journaled snapshot, records from the builders'
+    cohorts, each encoded once until it changes) against the whole-snapshot
+    definition: the same records, byte for byte in content, and the state store
+    loads the whole snapshot from the journaled one and its rows."""
+    settings = _settings()
+    scorer = _scorer(settings)
+    cohorts = scorer.cohorts
+    assert isinstance(cohorts, PartitionedCohorts)
+    store = StateStore(tmp_path / "state.sqlite")
+    log = Log()
+    rng = random.Random(4)
+    traces = _stream(rng, 30, 40)
+    # As producers key them: a slice's traces (and their copies) in one partition.
+    by_tp = {
+        T0: [t for t in traces if t.subject == "add"],
+        T1: [t for t in traces if t.subject != "add"],
+    }
+    read = {T0: 0, T1: 0}
+    now = 1.0
+    while read[T0] < len(by_tp[T0]) or read[T1] < len(by_tp[T1]):
+        tp = T0 if rng.random() < 0.4 else T1
+        batch = read[tp]
+        chunk = by_tp[tp][batch : batch + 5]
+        read[tp] += len(chunk)
+        # Redeliveries, and cohorts queued unscored for a while.
+        if batch and rng.random() < 0.3:
+            chunk.append(by_tp[tp][rng.randrange(batch)])
+        if not chunk:
+            continue
+        now += rng.choice((1.0, 30.0))
+        with cohorts.feeding(tp) as part:
+            scorer.on_traces(log.append(tp, [encode(t) for t in chunk]), now)
+            part.position = len(log.records[tp])
+        scorer.on_tick(now)
+        if rng.random() < 0.5:
+            scorer.step(now, 2)
+        journaled = scorer.snapshot(journaled=True)
+        whole = scorer.snapshot(journaled=False)
+        token = Token("inc", int(now))
+        for tp_, p in cohorts.parts.items():
+            assert p.position is not None
+            fast = record(cohorts, journaled, scorer.where, tp_, p.position, token, "r", now)
+            ref = describe(whole, tp_, p.position, token, "r", now)
+            assert fast.content() == ref.content()
+            assert PartitionState.decode(fast.encode()) == PartitionState.decode(ref.encode())
+            assert fast.commit_offset == ref.commit_offset and fast.missing == ref.missing == 0
+        store.save(journaled, {}, [], journals=scorer.journals())
+        assert store.load_snapshot() == json.loads(json.dumps(whole))
+    store.close()
+
+
+def test_partitions_share_one_byte_budget_and_evictions_keep_their_partition() -> None:
+    """The open traces of every partition together stay within max_open_bytes; room
+    is made from the oldest cohort of any partition, whose events (and queued
+    cohort) stay with the partition it was read from."""
+    base = _settings()
+    one = held_bytes(_traces("add", "2d_carry", 1, 9)[0])
+    settings = base.model_copy(
+        update={"cohorting": base.cohorting.model_copy(update={"max_open_bytes": 7 * one})}
+    )
+    scorer = _scorer(settings)
+    cohorts = scorer.cohorts
+    assert isinstance(cohorts, PartitionedCohorts)
+    log = Log()
+    rng = random.Random(8)
+    traces = _stream(rng, 10, 50)
+    fates: dict[str, int] = {}
+    origin: dict[str, TopicPartition] = {}
+    for i, t in enumerate(traces):
+        tp = T0 if i % 3 else T1
+        origin[t.trace_id] = tp
+        with cohorts.feeding(tp) as part:
+            fx = scorer.on_traces(log.append(tp, [encode(t)]), float(i))
+            part.position = len(log.records[tp])
+        for letter in fx.dead_letters:
+            tid = json.loads(original(letter))["trace_id"]
+            fates[tid] = fates.get(tid, 0) + 1
+        assert cohorts.open_bytes <= 7 * one
+        for c in scorer.pending:
+            # A queued cohort belongs to the partition its members were read from.
+            assert {origin[m.trace_id] for m in c.traces} == {cohorts.closed[c.cohort_id]}
+    evicted = [c for c in scorer.pending if c.cause == "evicted"]
+    assert evicted
+    fx = scorer.flush(1e4)
+    for c in scorer.pending:
+        for m in c.traces:
+            fates[m.trace_id] = fates.get(m.trace_id, 0) + 1
+    for letter in fx.dead_letters:
+        tid = json.loads(original(letter))["trace_id"]
+        fates[tid] = fates.get(tid, 0) + 1
+    assert set(fates) == {t.trace_id for t in traces} and max(fates.values()) == 1
