@@ -386,6 +386,25 @@ class PartitionState:
         )
 
 
+class _Offsets:
+    """Offsets in ``tp`` of trace references; one without an offset there is
+    counted in ``missing`` (never expected), not kept."""
+
+    def __init__(self, tp: TopicPartition) -> None:
+        self.tp = tp
+        self.missing = 0
+
+    def __call__(self, refs: Iterable[Any]) -> list[int]:
+        out = []
+        for ref in refs:
+            o = _offset(ref, self.tp)
+            if o is None:
+                self.missing += 1
+            else:
+                out.append(o)
+        return out
+
+
 def _offset(ref: Any, tp: TopicPartition) -> int | None:
     """The offset a snapshot's trace reference names in ``tp`` (``[topic, partition,
     offset, original]``, as the scorer holds every trace it read)."""
@@ -415,18 +434,7 @@ def describe(
     parts = scorer_snapshot["cohorts"]
     key = part_key(tp)
     cohorts = parts["parts"][key]["cohorts"]
-    missing = 0
-
-    def offsets(refs: Iterable[Any]) -> list[int]:
-        nonlocal missing
-        out = []
-        for ref in refs:
-            o = _offset(ref, tp)
-            if o is None:
-                missing += 1
-            else:
-                out.append(o)
-        return out
+    offsets = _Offsets(tp)
 
     open_groups = tuple(
         {
@@ -448,7 +456,7 @@ def describe(
         float(cohorts.get("now", 0.0)),
         open_groups,
         pending,
-        missing,
+        offsets.missing,
     )
 
 
@@ -561,24 +569,13 @@ def record(
     work per batch follows the cohorts that changed. ``trace_ref``: how the
     snapshot holds a trace (the offset comes from it); ``scorer_snapshot``
     gives the queued cohorts."""
-    missing = 0
-
-    def offsets(refs: Iterable[Any]) -> list[int]:
-        nonlocal missing
-        out = []
-        for ref in refs:
-            o = _offset(ref, tp)
-            if o is None:
-                missing += 1
-            else:
-                out.append(o)
-        return out
+    offsets = _Offsets(tp)
 
     builder = cohorts.parts[tp].builder
     groups = list(builder.open_cohorts())
     # Comprehensions, not a loop: this runs over every open cohort per batch.
     for g in [g for g in groups if g.memo is None or g.memo[0] != tp]:
-        before = missing
+        before = offsets.missing
         held = offsets([trace_ref(t) for t in g.traces])
         body = {
             "slice_key": g.slice_key,
@@ -586,12 +583,19 @@ def record(
             "offsets": held,
             "reprobe": sorted(g.reprobe),
         }
-        g.memo = (tp, _json(body, sort_keys=True), min(held, default=None), missing - before)
+        g.memo = (
+            tp,
+            _json(body, sort_keys=True),
+            min(held, default=None),
+            offsets.missing - before,
+        )
     memos = [g.memo for g in groups]
-    missing = sum([m[3] for m in memos])
     lowest = min([m[2] for m in memos if m[2] is not None], default=None)
     fragments = tuple([m[1] for m in memos])
+    before = offsets.missing
     pending = _pending(scorer_snapshot, tp, offsets)
+    # A cohort's own count comes from its memo: unchanged cohorts were not read again.
+    missing = sum([m[3] for m in memos]) + offsets.missing - before
     return StateRecord(
         tp.topic,
         tp.partition,
