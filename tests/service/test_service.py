@@ -433,10 +433,15 @@ def test_backpressure_pauses_at_the_cap_and_resumes(
     assert len({d for _, d in log.read(log.topics.dispatch)}) == 2
 
     # SIGHUP reloads the thresholds file: one more slot, one more dispatch. The
-    # mtime is kept, so that the file watcher cannot be the one that reloads.
+    # mtime is kept, so that the file watcher cannot be the one that reloads:
+    # the new content gets the old mtime before it is renamed into place, since
+    # a write followed by utime leaves a window in which the watcher sees the
+    # write's mtime and reloads first.
     st = thresholds.stat()
-    thresholds.write_text("max_in_flight: 3\nexploration_share: 1.0\nredundancy_ceiling: 0.95\n")
-    os.utime(thresholds, ns=(st.st_atime_ns, st.st_mtime_ns))
+    staged = tmp_path / "thresholds.yaml.new"
+    staged.write_text("max_in_flight: 3\nexploration_share: 1.0\nredundancy_ceiling: 0.95\n")
+    os.utime(staged, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(staged, thresholds)
     assert scorer.proc is not None
     scorer.proc.send_signal(signal.SIGHUP)
     scorer.wait_for(
