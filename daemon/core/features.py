@@ -19,7 +19,7 @@ from typing import Literal, TypeVar
 import numpy as np
 
 from daemon.core.cohorting import Cohort
-from daemon.core.similarity import jaccard, ngrams, norm, normalize, template
+from daemon.core.similarity import gram_set, jaccard, ngrams, norm, normalize, template
 from streams.probes import cohort_target
 from streams.rejection import Rejection
 from streams.schemas import Attempt, Trace
@@ -124,18 +124,20 @@ def classify_group(rewards: Sequence[float] | np.ndarray) -> GroupClass:
     return "disagree"
 
 
-def _learnability(groups: list[np.ndarray]) -> dict[str, float]:
-    if len({g.size for g in groups}) == 1:
+def _learnability(rewards: list[float], sizes: list[int]) -> dict[str, float]:
+    """The learnability features of the prompt groups: ``sizes`` rewards each, in order."""
+    flat = np.array(rewards, dtype=np.float64)
+    if len(set(sizes)) == 1:
         # Every group the same size (the rollout engine tops groups up to K):
         # one 2-D array, reduced per row, instead of a dozen numpy calls per
         # group. Row reductions add in the same order as the 1-D ones, so the
         # values are bit-identical to the general path below.
-        return _learnability_rows(np.stack(groups))
-    rewards = np.concatenate(groups)
+        return _learnability_rows(flat.reshape(len(sizes), sizes[0]))
+    groups = np.split(flat, np.cumsum(sizes)[:-1])
     adv = np.concatenate([group_advantages(g) for g in groups])
     group_pass = np.array([float((g >= SUCCESS_THRESHOLD).mean()) for g in groups])
     return _learnability_values(
-        rewards,
+        flat,
         adv,
         group_pass,
         float(np.mean([g.max() != g.min() for g in groups])),
@@ -303,33 +305,85 @@ class _ProbeIndex:
         self._memo: OrderedDict[str, float] = OrderedDict()
 
     def best_cosine(self, text: str) -> float:
-        hit = self._memo.get(text)
-        if hit is not None:
-            # A prompt asked again (the same task in another cohort): no work.
-            self._memo.move_to_end(text)
-            return hit
-        value = self._best_cosine(text)
-        if len(text) <= PROBE_CACHE_MAX_CHARS:
-            self._memo[text] = value
-            if len(self._memo) > SIMILARITY_CACHE_SIZE:
-                self._memo.popitem(last=False)
-        return value
+        return self.best_cosines([text])[0]
 
-    def _best_cosine(self, text: str) -> float:
-        vec = ngrams(text)
-        n = norm(vec)
-        if not n or not len(self.matrix):
-            return 0.0
-        cols: list[int] = []
-        counts: list[float] = []
-        for g, c in vec.items():
-            j = self.vocab.get(g)
-            if j is not None:
-                cols.append(j)
-                counts.append(c)
-        if not cols:
-            return 0.0  # no n-gram in common with any probe prompt
-        return float((np.asarray(counts) @ self.by_gram[cols]).max() / n)
+    def best_cosines(self, texts: Sequence[str]) -> list[float]:
+        """Each text's highest cosine to any probe prompt, the cohort's prompts at once.
+
+        The prompts not remembered are scored together: their n-gram counts
+        as the rows of one small matrix (a column per probe n-gram, the
+        others cannot add to a dot product) times the probe matrix, so a
+        cohort costs a few numpy calls rather than a few per prompt.
+        """
+        out: list[float | None] = []
+        todo: dict[str, int] = {}
+        for text in texts:
+            hit = self._memo.get(text)
+            if hit is not None:
+                # A prompt asked again (the same task in another cohort): no work.
+                self._memo.move_to_end(text)
+            elif text not in todo:
+                todo[text] = len(todo)
+            out.append(hit)
+        if todo:
+            fresh = self._score(list(todo))
+            for text, value in zip(todo, fresh, strict=True):
+                if len(text) <= PROBE_CACHE_MAX_CHARS:
+                    self._memo[text] = value
+                    if len(self._memo) > SIMILARITY_CACHE_SIZE:
+                        self._memo.popitem(last=False)
+            out = [fresh[todo[t]] if v is None else v for t, v in zip(texts, out, strict=True)]
+        return [float(v) for v in out if v is not None]
+
+    def _score(self, texts: list[str]) -> list[float]:
+        values = [0.0] * len(texts)
+        if not len(self.matrix):
+            return values
+        get = self.vocab.get
+        per_text: list[tuple[int, float, list[int], list[float]]] = []
+        for i, text in enumerate(texts):
+            vec = ngrams(text)
+            cols: list[int] = []
+            counts: list[float] = []
+            for g, c in vec.items():
+                j = get(g)
+                if j is not None:
+                    cols.append(j)
+                    counts.append(c)
+            if cols:  # else no n-gram in common with any probe prompt (or blank): 0
+                per_text.append((i, norm(vec), cols, counts))
+        # Each prompt's dot products are its own rows summed in order
+        # (reduceat), so a value never depends on which other prompts shared
+        # its batch: a memo hit, a cohort and a lone prompt agree bit for bit.
+        # Prompts go in chunks, so that a huge cohort cannot allocate
+        # n-grams x probes at once.
+        width = max(1, self.by_gram.shape[1])
+        lo = 0
+        while lo < len(per_text):
+            hi, cells = lo, 0
+            while hi < len(per_text) and (
+                hi == lo or cells + len(per_text[hi][2]) * width <= _SCORE_CELLS
+            ):
+                cells += len(per_text[hi][2]) * width
+                hi += 1
+            chunk = per_text[lo:hi]
+            cols_all = np.fromiter(
+                itertools.chain.from_iterable(c for _, _, c, _ in chunk), dtype=np.intp
+            )
+            counts_all = np.fromiter(
+                itertools.chain.from_iterable(w for _, _, _, w in chunk), dtype=np.float64
+            )
+            starts = np.cumsum([0] + [len(c) for _, _, c, _ in chunk[:-1]])
+            dots = np.add.reduceat(self.by_gram[cols_all] * counts_all[:, None], starts, axis=0)
+            best = dots.max(axis=1) / np.fromiter((n for _, n, _, _ in chunk), dtype=np.float64)
+            for (i, _, _, _), v in zip(chunk, best.tolist(), strict=True):
+                values[i] = v
+            lo = hi
+        return values
+
+
+# Cells of the n-grams x probes matrix gathered at once (8 MB of float64).
+_SCORE_CELLS = 1 << 20
 
 
 @functools.lru_cache(maxsize=8)
@@ -362,7 +416,7 @@ def target_similarity(prompts: Sequence[str], probe_prompts: Sequence[str] | Non
     if not probe_prompts or not prompts:
         return 0.0
     index = _probe_index(tuple(probe_prompts))
-    return float(np.mean([index.best_cosine(p) for p in prompts]))
+    return float(np.mean(index.best_cosines(prompts)))
 
 
 def near_duplicate_rate(prompts: Sequence[str]) -> float:
@@ -374,7 +428,7 @@ def near_duplicate_rate(prompts: Sequence[str]) -> float:
     first ``|x| - ceil(t * |x|) + 1`` of each (the prefix filter of all-pairs
     similarity joins). Only prompts sharing a prefix n-gram are compared.
     """
-    sets = [set(ngrams(p)) for p in prompts]
+    sets = [gram_set(p) for p in prompts]
     n = len(sets)
     if not n:
         return 0.0
@@ -384,7 +438,13 @@ def near_duplicate_rate(prompts: Sequence[str]) -> float:
     if len(empty) > 1:
         for i in empty:
             dup[i] = True
-    df = Counter(g for s in sets for g in s)
+    df: Counter[str] = Counter()
+    for s in sets:
+        df.update(s)
+    # The order (rarest in the cohort first, ties by text) as one rank per
+    # n-gram: sorting a prompt's n-grams is then a C-level key lookup.
+    rank = {g: r for r, g in enumerate(sorted(df, key=lambda g: (df[g], g)))}
+    by_rank = rank.__getitem__
     index: dict[str, list[int]] = {}
     for i, s in enumerate(sets):
         if not s:
@@ -393,10 +453,13 @@ def near_duplicate_rate(prompts: Sequence[str]) -> float:
         # down; a longer prefix only adds candidates.
         prefix = len(s) - math.ceil(NEAR_DUPLICATE_JACCARD * len(s) - 1e-9) + 1
         candidates: set[int] = set()
-        for g in sorted(s, key=lambda g: (df[g], g))[:prefix]:
-            postings = index.setdefault(g, [])
-            candidates.update(postings)
-            postings.append(i)
+        for g in sorted(s, key=by_rank)[:prefix]:
+            postings = index.get(g)
+            if postings is None:
+                index[g] = [i]
+            else:
+                candidates.update(postings)
+                postings.append(i)
         for j in sorted(candidates):
             if (not dup[i] or not dup[j]) and jaccard(sets[j], s) >= NEAR_DUPLICATE_JACCARD:
                 dup[i] = dup[j] = True
@@ -703,13 +766,12 @@ def featurize(
             raise FeatureError(
                 f"traces[{i}].attempts", f"trace {t.trace_id!r} has no attempts to learn from"
             )
-    groups = [np.fromiter((a.reward for a in t.attempts), dtype=np.float64) for t in traces]
     attempts = [a for t in traces for a in t.attempts]
     prompts = [t.prompt for t in traces]
     lengths = np.fromiter((a.n_tokens for a in attempts), dtype=np.float64, count=len(attempts))
 
     values: dict[str, float] = {
-        **_learnability(groups),
+        **_learnability([a.reward for a in attempts], [len(t.attempts) for t in traces]),
         "target_similarity": target_similarity(
             prompts, target_prompts(_subject(traces), probe_prompts)
         ),

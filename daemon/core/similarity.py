@@ -28,6 +28,14 @@ def ngrams(text: str, n: int = NGRAM) -> Counter[str]:
     return Counter(t[i : i + n] for i in range(len(t) - n + 1))
 
 
+def gram_set(text: str, n: int = NGRAM) -> set[str]:
+    """The distinct n-grams of :func:`ngrams`, built as a set (no counts to keep)."""
+    t = normalize(text)
+    if len(t) < n:
+        return {t} if t else set()
+    return {t[i : i + n] for i in range(len(t) - n + 1)}
+
+
 def norm(a: Counter[str]) -> float:
     return math.sqrt(sum(v * v for v in a.values()))
 

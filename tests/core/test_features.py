@@ -351,8 +351,26 @@ def test_target_similarity_gathers_only_the_prompts_ngrams() -> None:
         # Only the summation order differs from the dense product: a few ulps.
         assert index.best_cosine(t) == pytest.approx(dense, abs=1e-12)
         # Asked again (the memo): the very same value.
-        assert index.best_cosine(t) == index._best_cosine(t)
+        assert index.best_cosine(t) == index._score([t])[0]
     assert index.best_cosine("zzzz") == 0.0
+    # A cohort at once (repeats, blanks, strangers, memo hits among them)
+    # gives what one prompt at a time gives.
+    fresh = _ProbeIndex(probes)
+    batch = [text() for _ in range(30)] + ["", "zzzz", "   "]
+    batch += [*batch[:5], batch[0]]
+    assert fresh.best_cosines(batch) == [index._score([t])[0] for t in batch]
+    assert fresh.best_cosines(batch) == fresh.best_cosines(batch)
+
+
+def test_target_similarity_in_chunks_is_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    import daemon.core.features as features
+
+    probes = [f"what is {i} plus {i * 7} and then some" for i in range(30)]
+    prompts = [f"what is {i} minus {i * 3}" for i in range(50)] + ["", "qqq"]
+    whole = features._ProbeIndex(probes)._score(prompts)
+    monkeypatch.setattr(features, "_SCORE_CELLS", 64)  # a chunk or two prompts each
+    assert features._ProbeIndex(probes)._score(prompts) == whole
+    assert whole[-2:] == [0.0, 0.0] and min(whole[:-2]) > 0.3
 
 
 def test_near_duplicate_rate_prefix_filter_matches_every_pair_compared() -> None:
@@ -395,3 +413,29 @@ def test_token_percentiles_are_numpys_bit_for_bit() -> None:
         ):
             want = [repr(float(v)) for v in np.percentile(x, [10, 50, 90])]
             assert [repr(v) for v in _percentiles(x)] == want
+
+
+def test_groups_of_one_size_and_of_mixed_sizes_give_the_same_learnability() -> None:
+    """The 2-D fast path (groups of one size) against the per-group path, bit for bit."""
+    from daemon.core.features import _learnability, group_advantages
+
+    rng = random.Random(5)
+    for _ in range(200):
+        k, n = rng.randint(1, 9), rng.randint(1, 12)
+        rewards = [
+            float(rng.random() < 0.4) if rng.random() < 0.8 else rng.random() for _ in range(k * n)
+        ]
+        fast = _learnability(rewards, [k] * n)
+        # The same groups, one at a time, as TRL normalises them.
+        groups = [np.array(rewards[i * k : (i + 1) * k]) for i in range(n)]
+        adv = np.concatenate([group_advantages(g) for g in groups])
+        assert fast["adv_std"] == float(adv.std())
+        assert fast["adv_absmean"] == float(np.abs(adv).mean())
+        assert fast["frac_nondegenerate"] == float(np.mean([g.max() != g.min() for g in groups]))
+    # Mixed sizes: each group's advantages are its own.
+    mixed = _learnability([1.0, 0.0, 1.0, 1.0, 0.0], [2, 3])
+    adv = np.concatenate(
+        [group_advantages(np.array([1.0, 0.0])), group_advantages(np.array([1.0, 1.0, 0.0]))]
+    )
+    assert mixed["adv_std"] == float(adv.std())
+    assert mixed["group_passrate_mean"] == pytest.approx((0.5 + 2 / 3) / 2)
