@@ -82,7 +82,8 @@ MAX_TRUST_PROMPTS = 16
 # prompt is a probe answer).
 PROBE_CACHE_SIZE = 65_536
 PROBE_CACHE_MAX_CHARS = 2_048
-# Prompts whose best cosine to the probe set is remembered, per probe set.
+# Prompt templates (numbers masked) whose best cosine to the probe set is
+# remembered, per probe set.
 SIMILARITY_CACHE_SIZE = 16_384
 _MCQ_OPTIONS = "ABCDEFGHIJ"
 
@@ -283,10 +284,18 @@ def _familiarity(attempts: list[Attempt]) -> dict[str, float]:
 
 
 class _ProbeIndex:
-    """The probe prompts' n-gram vectors as one row-normalised matrix."""
+    """The probe prompts' n-gram vectors as one row-normalised matrix.
+
+    Prompts are compared by their :func:`~daemon.core.similarity.template`
+    (every number masked): the operation, not the operands, says whether a
+    prompt is the target's kind of task. Raw 3-grams of ``37+45=`` match
+    ``37-45=`` better than ``912+608=``, and a cohort of long operands shares
+    fewer 3-grams with any one probe item than a cohort of short ones, so the
+    unmasked cosine measured operand length (difficulty) more than relevance.
+    """
 
     def __init__(self, probe_prompts: Sequence[str]) -> None:
-        vecs = [ngrams(p) for p in probe_prompts]
+        vecs = [ngrams(template(p)) for p in probe_prompts]
         self.vocab: dict[str, int] = {}
         for v in vecs:
             for g in v:
@@ -303,20 +312,22 @@ class _ProbeIndex:
         self._memo: OrderedDict[str, float] = OrderedDict()
 
     def best_cosine(self, text: str) -> float:
-        hit = self._memo.get(text)
+        masked = template(text)
+        hit = self._memo.get(masked)
         if hit is not None:
-            # A prompt asked again (the same task in another cohort): no work.
-            self._memo.move_to_end(text)
+            # A template asked again (the same task, or other numbers in it): no work.
+            self._memo.move_to_end(masked)
             return hit
-        value = self._best_cosine(text)
-        if len(text) <= PROBE_CACHE_MAX_CHARS:
-            self._memo[text] = value
+        value = self._best_cosine(masked)
+        if len(masked) <= PROBE_CACHE_MAX_CHARS:
+            self._memo[masked] = value
             if len(self._memo) > SIMILARITY_CACHE_SIZE:
                 self._memo.popitem(last=False)
         return value
 
-    def _best_cosine(self, text: str) -> float:
-        vec = ngrams(text)
+    def _best_cosine(self, masked: str) -> float:
+        """The best cosine of an already masked prompt (:func:`template`)."""
+        vec = ngrams(masked)
         n = norm(vec)
         if not n or not len(self.matrix):
             return 0.0
@@ -358,7 +369,12 @@ def target_prompts(subject: str, probe_prompts: ProbePrompts | None) -> Sequence
 
 
 def target_similarity(prompts: Sequence[str], probe_prompts: Sequence[str] | None) -> float:
-    """Mean over prompts of the best character-3-gram cosine to any probe prompt."""
+    """Mean over prompts of the best character-3-gram cosine to any probe prompt.
+
+    Both sides are compared with their numbers masked (:class:`_ProbeIndex`):
+    the value says whether the cohort asks the target's kind of question, not
+    how long its operands are.
+    """
     if not probe_prompts or not prompts:
         return 0.0
     index = _probe_index(tuple(probe_prompts))

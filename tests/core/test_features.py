@@ -333,9 +333,19 @@ def test_reward_trust_remembers_pure_verifiers_probes_and_forgets_on_new_caps(
     assert len(calls) == 2 * n > 0
 
 
+def test_target_similarity_compares_templates_not_operands() -> None:
+    # The numbers are masked: other operands of the same operation are the
+    # target's kind of task, whatever their length; the same operands under
+    # another operation are not.
+    probe = ["12+34=", "5+6="]
+    assert target_similarity(["987+654=", "1+2="], probe) == pytest.approx(1.0)
+    assert target_similarity(["12-34="], probe) == 0.0
+    assert target_similarity(["Add 3.5 and 1,000"], ["add 7 and 8"]) == pytest.approx(1.0)
+
+
 def test_target_similarity_gathers_only_the_prompts_ngrams() -> None:
     from daemon.core.features import _ProbeIndex
-    from daemon.core.similarity import cosine, ngrams
+    from daemon.core.similarity import cosine, ngrams, template
 
     rng = random.Random(7)
     words = ["what", "is", "the", "sum", "of", "solve", "prime", "area", "x", "12", "345"]
@@ -347,11 +357,11 @@ def test_target_similarity_gathers_only_the_prompts_ngrams() -> None:
     index = _ProbeIndex(probes)
     for _ in range(200):
         t = text()
-        dense = max(cosine(ngrams(t), ngrams(p)) for p in probes)
+        dense = max(cosine(ngrams(template(t)), ngrams(template(p))) for p in probes)
         # Only the summation order differs from the dense product: a few ulps.
         assert index.best_cosine(t) == pytest.approx(dense, abs=1e-12)
         # Asked again (the memo): the very same value.
-        assert index.best_cosine(t) == index._best_cosine(t)
+        assert index.best_cosine(t) == index._best_cosine(template(t))
     assert index.best_cosine("zzzz") == 0.0
 
 
