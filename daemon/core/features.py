@@ -82,7 +82,8 @@ MAX_TRUST_PROMPTS = 16
 # prompt is a probe answer).
 PROBE_CACHE_SIZE = 65_536
 PROBE_CACHE_MAX_CHARS = 2_048
-# Prompts whose best cosine to the probe set is remembered, per probe set.
+# Prompt templates (numbers masked) whose best cosine to the probe set is
+# remembered, per probe set.
 SIMILARITY_CACHE_SIZE = 16_384
 _MCQ_OPTIONS = "ABCDEFGHIJ"
 
@@ -285,10 +286,18 @@ def _familiarity(attempts: list[Attempt]) -> dict[str, float]:
 
 
 class _ProbeIndex:
-    """The probe prompts' n-gram vectors as one row-normalised matrix."""
+    """The probe prompts' n-gram vectors as one row-normalised matrix.
+
+    Prompts are compared by their :func:`~daemon.core.similarity.template`
+    (every number masked): the operation, not the operands, says whether a
+    prompt is the target's kind of task. Raw 3-grams of ``37+45=`` match
+    ``37-45=`` better than ``912+608=``, and a cohort of long operands shares
+    fewer 3-grams with any one probe item than a cohort of short ones, so the
+    unmasked cosine measured operand length (difficulty) more than relevance.
+    """
 
     def __init__(self, probe_prompts: Sequence[str]) -> None:
-        vecs = [ngrams(p) for p in probe_prompts]
+        vecs = [ngrams(template(p)) for p in probe_prompts]
         self.vocab: dict[str, int] = {}
         for v in vecs:
             for g in v:
@@ -310,38 +319,39 @@ class _ProbeIndex:
     def best_cosines(self, texts: Sequence[str]) -> list[float]:
         """Each text's highest cosine to any probe prompt, the cohort's prompts at once.
 
-        The prompts not remembered are scored together: their n-gram counts
-        as the rows of one small matrix (a column per probe n-gram, the
-        others cannot add to a dot product) times the probe matrix, so a
-        cohort costs a few numpy calls rather than a few per prompt.
+        Texts are compared by their :func:`template`. The templates not
+        remembered are scored together (:meth:`_score`), so a cohort costs a
+        few numpy calls rather than a few per prompt.
         """
+        masked = [template(t) for t in texts]
         out: list[float | None] = []
         todo: dict[str, int] = {}
-        for text in texts:
-            hit = self._memo.get(text)
+        for m in masked:
+            hit = self._memo.get(m)
             if hit is not None:
-                # A prompt asked again (the same task in another cohort): no work.
-                self._memo.move_to_end(text)
-            elif text not in todo:
-                todo[text] = len(todo)
+                # A template asked again (the same task, or other numbers in it): no work.
+                self._memo.move_to_end(m)
+            elif m not in todo:
+                todo[m] = len(todo)
             out.append(hit)
         if todo:
             fresh = self._score(list(todo))
-            for text, value in zip(todo, fresh, strict=True):
-                if len(text) <= PROBE_CACHE_MAX_CHARS:
-                    self._memo[text] = value
+            for m, value in zip(todo, fresh, strict=True):
+                if len(m) <= PROBE_CACHE_MAX_CHARS:
+                    self._memo[m] = value
                     if len(self._memo) > SIMILARITY_CACHE_SIZE:
                         self._memo.popitem(last=False)
-            out = [fresh[todo[t]] if v is None else v for t, v in zip(texts, out, strict=True)]
+            out = [fresh[todo[m]] if v is None else v for m, v in zip(masked, out, strict=True)]
         return [float(v) for v in out if v is not None]
 
-    def _score(self, texts: list[str]) -> list[float]:
-        values = [0.0] * len(texts)
+    def _score(self, masked: list[str]) -> list[float]:
+        """The best cosines of already masked texts (:func:`template`)."""
+        values = [0.0] * len(masked)
         if not len(self.matrix):
             return values
         get = self.vocab.get
         per_text: list[tuple[int, float, list[int], list[float]]] = []
-        for i, text in enumerate(texts):
+        for i, text in enumerate(masked):
             vec = ngrams(text)
             cols: list[int] = []
             counts: list[float] = []
@@ -412,7 +422,12 @@ def target_prompts(subject: str, probe_prompts: ProbePrompts | None) -> Sequence
 
 
 def target_similarity(prompts: Sequence[str], probe_prompts: Sequence[str] | None) -> float:
-    """Mean over prompts of the best character-3-gram cosine to any probe prompt."""
+    """Mean over prompts of the best character-3-gram cosine to any probe prompt.
+
+    Both sides are compared with their numbers masked (:class:`_ProbeIndex`):
+    the value says whether the cohort asks the target's kind of question, not
+    how long its operands are.
+    """
     if not probe_prompts or not prompts:
         return 0.0
     index = _probe_index(tuple(probe_prompts))

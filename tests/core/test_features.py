@@ -333,9 +333,19 @@ def test_reward_trust_remembers_pure_verifiers_probes_and_forgets_on_new_caps(
     assert len(calls) == 2 * n > 0
 
 
+def test_target_similarity_compares_templates_not_operands() -> None:
+    # The numbers are masked: other operands of the same operation are the
+    # target's kind of task, whatever their length; the same operands under
+    # another operation are not.
+    probe = ["12+34=", "5+6="]
+    assert target_similarity(["987+654=", "1+2="], probe) == pytest.approx(1.0)
+    assert target_similarity(["12-34="], probe) == 0.0
+    assert target_similarity(["Add 3.5 and 1,000"], ["add 7 and 8"]) == pytest.approx(1.0)
+
+
 def test_target_similarity_gathers_only_the_prompts_ngrams() -> None:
     from daemon.core.features import _ProbeIndex
-    from daemon.core.similarity import cosine, ngrams
+    from daemon.core.similarity import cosine, ngrams, template
 
     rng = random.Random(7)
     words = ["what", "is", "the", "sum", "of", "solve", "prime", "area", "x", "12", "345"]
@@ -347,30 +357,34 @@ def test_target_similarity_gathers_only_the_prompts_ngrams() -> None:
     index = _ProbeIndex(probes)
     for _ in range(200):
         t = text()
-        dense = max(cosine(ngrams(t), ngrams(p)) for p in probes)
+        dense = max(cosine(ngrams(template(t)), ngrams(template(p))) for p in probes)
         # Only the summation order differs from the dense product: a few ulps.
         assert index.best_cosine(t) == pytest.approx(dense, abs=1e-12)
         # Asked again (the memo): the very same value.
-        assert index.best_cosine(t) == index._score([t])[0]
+        assert index.best_cosine(t) == index._score([template(t)])[0]
     assert index.best_cosine("zzzz") == 0.0
     # A cohort at once (repeats, blanks, strangers, memo hits among them)
     # gives what one prompt at a time gives.
     fresh = _ProbeIndex(probes)
     batch = [text() for _ in range(30)] + ["", "zzzz", "   "]
     batch += [*batch[:5], batch[0]]
-    assert fresh.best_cosines(batch) == [index._score([t])[0] for t in batch]
+    assert fresh.best_cosines(batch) == [index._score([template(t)])[0] for t in batch]
     assert fresh.best_cosines(batch) == fresh.best_cosines(batch)
 
 
 def test_target_similarity_in_chunks_is_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
     import daemon.core.features as features
+    from daemon.core.similarity import template
 
-    probes = [f"what is {i} plus {i * 7} and then some" for i in range(30)]
-    prompts = [f"what is {i} minus {i * 3}" for i in range(50)] + ["", "qqq"]
+    words = ["plus", "minus", "times", "over", "and then some", "twice"]
+    probes = [f"what is {i} {words[i % 6]} {i * 7}" for i in range(30)]
+    prompts = [template(f"what is {i} {words[i % 5]} {words[i % 4]}") for i in range(50)]
+    prompts += ["", "qqq"]
     whole = features._ProbeIndex(probes)._score(prompts)
     monkeypatch.setattr(features, "_SCORE_CELLS", 64)  # a chunk or two prompts each
     assert features._ProbeIndex(probes)._score(prompts) == whole
     assert whole[-2:] == [0.0, 0.0] and min(whole[:-2]) > 0.3
+    assert len(set(whole)) > 5  # the prompts differ, and so do their values
 
 
 def test_near_duplicate_rate_prefix_filter_matches_every_pair_compared() -> None:
