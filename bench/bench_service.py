@@ -63,8 +63,28 @@ SUBJECTS = ("add", "sub", "mul", "compare", "digits")
 K, TOKENS = 8, 32
 
 
-def trace(i: int, *, slice_id: int, rng: random.Random, ts: float, tokens: int = TOKENS) -> Trace:
-    """A production-shaped trace: K attempts with per-token log-probs and entropies."""
+# Words for prompts of distinct templates (free-text tasks, not one arithmetic form).
+WORDS = (
+    "sum", "total", "apples", "train", "speed", "area", "circle", "prime", "factor", "digits",
+    "reverse", "sort", "list", "string", "vowels", "count", "average", "ratio", "angle", "bill",
+)  # fmt: skip
+
+
+def trace(
+    i: int,
+    *,
+    slice_id: int,
+    rng: random.Random,
+    ts: float,
+    tokens: int = TOKENS,
+    distinct: bool = False,
+) -> Trace:
+    """A production-shaped trace: K attempts with per-token log-probs and entropies.
+
+    ``distinct``: the prompt is a free-text question of its own (its template,
+    numbers masked, is unlike the cohort's others), not one arithmetic form
+    whose prompts differ only in their numbers.
+    """
     a, b = rng.randrange(100), rng.randrange(100)
     subject = SUBJECTS[slice_id % len(SUBJECTS)]
     attempts = []
@@ -86,7 +106,11 @@ def trace(i: int, *, slice_id: int, rng: random.Random, ts: float, tokens: int =
             "ts": ts,
             "subject": subject,
             "tags": {"task_type": "arithmetic", "operation": f"op{slice_id}"},
-            "prompt": f"What is {a} + {b}? ({i})",
+            "prompt": (
+                f"{' '.join(rng.choice(WORDS) for _ in range(6))}: what is {a} + {b}? ({i})"
+                if distinct
+                else f"What is {a} + {b}? ({i})"
+            ),
             "reference": str(a + b),
             "verifier": "numeric",
             "policy_version": "v0",
@@ -128,10 +152,14 @@ def cohort_latency(rng: random.Random, predictor: Any) -> dict[str, Any]:
     probes = probe_prompts(rng)
     now = time.time()
     out: dict[str, Any] = {}
-    # Enough cohorts that p99 is not the single slowest one.
-    for g, repeats in ((8, 400), (64, 300), (256, 100)):
+    # Enough cohorts that p99 is not the single slowest one. "64 distinct": every
+    # prompt of its own template, so target_similarity's per-template memo
+    # cannot help (the other rows' prompts share one form, as a slice's often do).
+    for g, repeats, distinct in ((8, 400, False), (64, 300, False), (256, 100, False),
+                                 (64, 300, True)):  # fmt: skip
         cohorts = [
-            [trace(i, slice_id=0, rng=rng, ts=now) for i in range(g)] for _ in range(repeats)
+            [trace(i, slice_id=0, rng=rng, ts=now, distinct=distinct) for i in range(g)]
+            for _ in range(repeats)
         ]
         raws = [[encode(t) for t in c] for c in cohorts]
         score_once(cohorts[0], probes, predictor)  # warm caches and imports
@@ -144,7 +172,12 @@ def cohort_latency(rng: random.Random, predictor: Any) -> dict[str, Any]:
             decoded.append(time.perf_counter() - t0)
         p50, p99 = percentiles(scored)
         d50, d99 = percentiles(decoded)
-        out[str(g)] = {"p50_ms": p50, "p99_ms": p99, "decode_p50_ms": d50, "decode_p99_ms": d99}
+        out[f"{g} distinct" if distinct else str(g)] = {
+            "p50_ms": p50,
+            "p99_ms": p99,
+            "decode_p50_ms": d50,
+            "decode_p99_ms": d99,
+        }
     return out
 
 
@@ -328,10 +361,10 @@ def main() -> None:
 
     print(f"{os.cpu_count()} CPU cores (load average {os.getloadavg()[0]:.1f} at the end)")
     print(f"\nper-cohort latency, featurize + predict (K = {K} attempts x {TOKENS} tokens)")
-    print(f"  {'G':>5}  {'p50 ms':>8}  {'p99 ms':>8}  {'decode p50':>10}  {'decode p99':>10}")
+    print(f"  {'G':>11}  {'p50 ms':>8}  {'p99 ms':>8}  {'decode p50':>10}  {'decode p99':>10}")
     for g, r in latency.items():
         print(
-            f"  {g:>5}  {r['p50_ms']:>8.2f}  {r['p99_ms']:>8.2f}  {r['decode_p50_ms']:>10.2f}  "
+            f"  {g:>11}  {r['p50_ms']:>8.2f}  {r['p99_ms']:>8.2f}  {r['decode_p50_ms']:>10.2f}  "
             f"{r['decode_p99_ms']:>10.2f}"
         )
     one, ten = slices["1000"], slices["10000"]
@@ -361,6 +394,7 @@ def main() -> None:
         "cohort_p99_ms_g8": latency["8"]["p99_ms"],
         "cohort_p99_ms_g64": latency["64"]["p99_ms"],
         "cohort_p99_ms_g256": latency["256"]["p99_ms"],
+        "cohort_p99_ms_g64_distinct_templates": latency["64 distinct"]["p99_ms"],
         "slices_10k_vs_1k_cost": cost,
         "rss_growth_second_half": stream["growth_second_half"],
         "refit_100k_p99_increase": refit["during_p99_ms"] / refit["quiet_p99_ms"] - 1.0,
