@@ -97,17 +97,21 @@ class EvalConfig:
 
 
 # The code a cached measurement depends on: a change to any of these modules
-# makes a new cache (a stale number can never be published). The loop also
-# depends on the predictor and the decision policy.
+# makes a new cache (a stale number can never be published). A lift (the
+# cohort's rollouts, its GRPO runs and probes) depends on MEASURED_BY; a
+# cohort's features also on FEATURED_BY, which is in the key of its feature
+# row and of every loop run, so a feature change recomputes the features and
+# the loop and keeps the lifts, which it cannot change. The loop also depends
+# on the predictor and the decision policy.
 MEASURED_BY = (
     "lab.tasks",
     "lab.verifiers",
-    "daemon.core.features",
     "daemon.trainer.probe",
     "daemon.trainer.cohort",
     "daemon.trainer.trl",
     "daemon.verify.registry",
 )
+FEATURED_BY = ("daemon.core.features", "daemon.core.similarity")
 DECIDED_BY = ("daemon.core.predictor", "daemon.core.decision")
 # The closed loop's own protocol, which lives in this module and so is not in
 # the code hashes: bumped when what a loop run does changes. 2: the warm-start
@@ -446,16 +450,17 @@ def measure_battery(
     specs = list(battery_specs(cfg))
     rows: list[dict[str, Any]] = []
     trainers: dict[int, Any] = {}
+    featured_by = code_hash(FEATURED_BY)
     try:
         for n, (cid, subject, variant, seed) in enumerate(specs, 1):
-            row = cache.get("cohort", cid)
+            row = cache.get("cohort", cid, featured_by)
             cand = None
             if row is None:
                 rt.reset()
                 clock = Clock()
                 cand = make_cohort(rt, cfg, cid, subject, variant, seed)
                 row = cache.put(
-                    ("cohort", cid),
+                    ("cohort", cid, featured_by),
                     {
                         "cohort_id": cid,
                         "subject": subject,
@@ -860,7 +865,7 @@ def run_loop(
     every seed in it derives from the run index, and torch is single-threaded
     in each process; each run's CPU seconds are its worker's own.
     """
-    decided_by = f"{code_hash(DECIDED_BY)}.p{LOOP_PROTOCOL}"
+    decided_by = f"{code_hash(FEATURED_BY)}.{code_hash(DECIDED_BY)}.p{LOOP_PROTOCOL}"
     todo = [r for r in range(cfg.loop_runs) if cache.get("loop", str(r), decided_by) is None]
     if jobs > 1 and len(todo) > 1:
         import concurrent.futures as cf
