@@ -222,6 +222,12 @@ class VerifySettings(_Frozen):
     # reward-trust probing runs trace-supplied code too: its own, smaller budget
     probe_timeout_s: float = Field(default=1.0, gt=0.0, le=60.0)
     probe_max_runs: int = Field(default=4, ge=0, le=1_000, description="sandbox runs per cohort")
+    probe_cache_mib: float = Field(
+        default=8.0,
+        ge=0.0,
+        le=4096.0,
+        description="memory the remembered probe results of pure verifiers may hold (estimated)",
+    )
 
 
 # The shortest dispatch lease accepted whatever the trainer: a lease shorter

@@ -14,7 +14,7 @@ import math
 import statistics
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Literal, TypeVar
+from typing import Generic, Literal, TypeVar
 
 import numpy as np
 
@@ -77,14 +77,14 @@ ADV_EPS = 1e-4
 NEAR_DUPLICATE_JACCARD = 0.8
 # Prompts of a cohort whose verifier is red-teamed (bounds the verifier calls).
 MAX_TRUST_PROMPTS = 16
-# Remembered probe results and similarities (LRU), and the longest answer,
-# reference or prompt kept: bounds the memory whatever the prompts (an echoed
-# prompt is a probe answer).
-PROBE_CACHE_SIZE = 65_536
+# The longest answer, reference or prompt whose probe result or similarity is
+# remembered (an echoed prompt is a probe answer). The remembered probe results
+# are bounded in bytes by verify.probe_cache_mib.
 PROBE_CACHE_MAX_CHARS = 2_048
-# Prompt templates (numbers masked) whose best cosine to the probe set is
-# remembered, per probe set.
-SIMILARITY_CACHE_SIZE = 16_384
+# Bytes of prompt templates (numbers masked) whose best cosine to the probe set
+# is remembered, per probe set (estimated as for the probe results; eight
+# probe sets are kept).
+SIMILARITY_CACHE_BYTES = 2 * 2**20
 _MCQ_OPTIONS = "ABCDEFGHIJ"
 
 GroupClass = Literal["disagree", "known", "no_foothold"]
@@ -308,6 +308,7 @@ class _ProbeIndex:
         # dense pass over the whole vocabulary (hundreds of columns) per prompt.
         self.by_gram = np.ascontiguousarray(self.matrix.T)
         self._memo: OrderedDict[str, float] = OrderedDict()
+        self._memo_bytes = 0
 
     def best_cosine(self, text: str) -> float:
         return self.best_cosines([text])[0]
@@ -335,8 +336,10 @@ class _ProbeIndex:
             for m, value in zip(todo, fresh, strict=True):
                 if len(m) <= PROBE_CACHE_MAX_CHARS:
                     self._memo[m] = value
-                    if len(self._memo) > SIMILARITY_CACHE_SIZE:
-                        self._memo.popitem(last=False)
+                    self._memo_bytes += _ENTRY_BYTES + len(m)
+                    while self._memo_bytes > SIMILARITY_CACHE_BYTES:
+                        old, _ = self._memo.popitem(last=False)
+                        self._memo_bytes -= _ENTRY_BYTES + len(old)
             out = [fresh[todo[m]] if v is None else v for m, v in zip(masked, out, strict=True)]
         return [float(v) for v in out if v is not None]
 
@@ -550,19 +553,59 @@ _VerifierKey = tuple[str, str]
 VERIFIER_CACHE_SIZE = 1_024
 
 
-def _lru_get(d: OrderedDict[_ProbeKey, _V], key: _ProbeKey) -> _V | None:
-    hit = d.get(key)
-    if hit is not None:
-        d.move_to_end(key)
-    return hit
+# What one remembered probe costs beyond its key's text: an ordered-dict entry
+# and link, the key tuple and the value, with the allocator's slack.
+_ENTRY_BYTES = 240
 
 
-def _lru_put(d: OrderedDict[_ProbeKey, _V], key: _ProbeKey, value: _V) -> None:
-    if len(key[2]) > PROBE_CACHE_MAX_CHARS or len(key[3]) > PROBE_CACHE_MAX_CHARS:
-        return
-    d[key] = value
-    if len(d) > PROBE_CACHE_SIZE:
-        d.popitem(last=False)
+def _entry_bytes(key: _ProbeKey) -> int:
+    return _ENTRY_BYTES + sum(map(len, key))
+
+
+class _BytesLRU(Generic[_V]):
+    """Least recently used probe results, bounded by their estimated bytes.
+
+    A bound in entries let the memory grow for as long as longer keys (prompts,
+    answers) kept arriving: a long-running scorer's memory is bounded by what
+    ``verify.probe_cache_mib`` allows, whatever the traces hold.
+    """
+
+    __slots__ = ("_d", "bytes", "max_bytes")
+
+    def __init__(self, max_bytes: int = 0) -> None:
+        self._d: OrderedDict[_ProbeKey, _V] = OrderedDict()
+        self.bytes = 0
+        self.max_bytes = max_bytes
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def get(self, key: _ProbeKey) -> _V | None:
+        hit = self._d.get(key)
+        if hit is not None:
+            self._d.move_to_end(key)
+        return hit
+
+    def put(self, key: _ProbeKey, value: _V) -> None:
+        if key in self._d:
+            self._d[key] = value
+            self._d.move_to_end(key)
+            return
+        if len(key[2]) > PROBE_CACHE_MAX_CHARS or len(key[3]) > PROBE_CACHE_MAX_CHARS:
+            return
+        size = _entry_bytes(key)
+        if size > self.max_bytes:
+            return
+        self._d[key] = value
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            old, _ = self._d.popitem(last=False)
+            self.bytes -= _entry_bytes(old)
+
+    def clear(self, max_bytes: int) -> None:
+        self._d.clear()
+        self.bytes = 0
+        self.max_bytes = max_bytes
 
 
 class _ProbeCache:
@@ -575,8 +618,8 @@ class _ProbeCache:
 
     def __init__(self) -> None:
         self.caps: object = None
-        self.results: OrderedDict[_ProbeKey, bool] = OrderedDict()
-        self.bad: OrderedDict[_ProbeKey, tuple[int, int]] = OrderedDict()
+        self.results: _BytesLRU[bool] = _BytesLRU()
+        self.bad: _BytesLRU[tuple[int, int]] = _BytesLRU()
         self.verifiers: dict[_VerifierKey, Callable[[str, str], float] | None] = {}
 
     def check_caps(self) -> None:
@@ -586,8 +629,10 @@ class _ProbeCache:
         caps = current()
         if caps is not self.caps:
             self.caps = caps
-            self.results.clear()
-            self.bad.clear()
+            # The budget is shared: half for single answers, half for prompts.
+            half = int(caps.probe_cache_mib * 2**20) // 2
+            self.results.clear(half)
+            self.bad.clear(half)
             self.verifiers.clear()
 
     def remember_verifier(
@@ -684,12 +729,12 @@ def reward_trust(traces: Sequence[Trace]) -> float:
             return _passes(verify, answer, reference)
         name, args = keys[id(t)]
         pkey = (name, args, answer, reference)
-        hit = _lru_get(_probe_cache.results, pkey)
+        hit = _probe_cache.results.get(pkey)
         if hit is not None:
             return hit
         passed = _passes(verify, answer, reference)
         if passed is not None:
-            _lru_put(_probe_cache.results, pkey, passed)
+            _probe_cache.results.put(pkey, passed)
         return passed
 
     def bad_probes(t: Trace) -> tuple[int, int]:
@@ -697,7 +742,7 @@ def reward_trust(traces: Sequence[Trace]) -> float:
         verify = verifier(t)
         pure = verify is not None and t.verifier in PURE_VERIFIERS
         bkey = (*keys[id(t)], t.prompt, t.reference)
-        if pure and (hit := _lru_get(_probe_cache.bad, bkey)) is not None:
+        if pure and (hit := _probe_cache.bad.get(bkey)) is not None:
             return hit
         rewarded = probed = 0
         for answer in _bad_answers(t.prompt, t.reference):
@@ -707,7 +752,7 @@ def reward_trust(traces: Sequence[Trace]) -> float:
             probed += 1
             rewarded += passed
         if pure:
-            _lru_put(_probe_cache.bad, bkey, (rewarded, probed))
+            _probe_cache.bad.put(bkey, (rewarded, probed))
         return rewarded, probed
 
     rewarded = total = 0

@@ -453,3 +453,31 @@ def test_groups_of_one_size_and_of_mixed_sizes_give_the_same_learnability() -> N
     )
     assert mixed["adv_std"] == float(adv.std())
     assert mixed["group_passrate_mean"] == pytest.approx((0.5 + 2 / 3) / 2)
+
+
+def test_probe_results_are_bounded_in_bytes_by_the_verify_setting() -> None:
+    """A long-running scorer's remembered probes stay within verify.probe_cache_mib."""
+    from daemon.config import VerifySettings
+    from daemon.core import features
+    from daemon.verify.registry import configure
+    from daemon.verify.settings import current
+
+    before = current()
+    configure(VerifySettings(**{**before.model_dump(), "probe_cache_mib": 0.05}))
+    try:
+        budget = int(0.05 * 2**20) // 2
+        for i in range(2_000):
+            p, ref = f"What is {i} + {i * 7}? " + "x" * (i % 300), str(8 * i)
+            reward_trust([_trace(f"t{i}", [1.0], prompt=p, reference=ref, verifier="numeric")])
+            for cache in (features._probe_cache.results, features._probe_cache.bad):
+                assert cache.bytes <= cache.max_bytes == budget
+        # Full, and still answering: the newest prompt is remembered, the oldest not.
+        bad = features._probe_cache.bad
+        assert bad.bytes > budget // 2 and 0 < len(bad) < 2_000
+        newest = (*features._verifier_key(_trace("t", [1.0], verifier="numeric")), p, ref)
+        assert bad.get(newest) is not None
+    finally:
+        configure(before)
+    # New caps start an empty cache under their own budget.
+    reward_trust([_trace("r", [1.0], prompt="What is 1 + 1?", reference="2", verifier="numeric")])
+    assert features._probe_cache.bad.max_bytes == int(before.probe_cache_mib * 2**20) // 2
