@@ -570,6 +570,9 @@ def run_corpus(ctx: dict[str, Any]) -> dict[str, Any]:
     secret_path.write_text(secret)
     os.chmod(secret_path, 0o600)
     token = secrets.token_hex(16)
+    # The canary token is in this process's environment for the run only: the
+    # tests that run after it in this process read their settings from it.
+    token_before = os.environ.get("TAPD_SERVICE__ADMIN_TOKEN")
     os.environ["TAPD_SERVICE__ADMIN_TOKEN"] = token
     listeners = Listeners(canary)
     victim_cmd = [sys.executable, "-c", "import time; time.sleep(600)"]
@@ -636,6 +639,10 @@ def run_corpus(ctx: dict[str, Any]) -> dict[str, Any]:
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(canary, ignore_errors=True)
         configure(before)
+        if token_before is None:
+            os.environ.pop("TAPD_SERVICE__ADMIN_TOKEN", None)
+        else:
+            os.environ["TAPD_SERVICE__ADMIN_TOKEN"] = token_before
     return {
         "uid": os.geteuid(),
         "isolation": iso.describe(),
