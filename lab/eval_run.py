@@ -1247,7 +1247,10 @@ def render_markdown(s: Mapping[str, Any], command: str, img: str) -> str:
         f"{platform.machine()} box); this invocation "
         f"{s['invocation_wall_s'] / 60:.1f} min. Config key `{s['config_key']}`, policy "
         f"`{s['policy_key']}`. Every number below comes from that run; rerun the command to "
-        "reproduce it (results are cached per config under the state dir, so a rerun resumes).",
+        "reproduce it (results are cached per config under the state dir, so a rerun resumes). "
+        "The tiny policy is built where the evaluation runs, and its weights (the policy key, "
+        "a hash of them) have differed between machines' CPUs; every label depends on them, so "
+        "figures are reproduced on a machine that builds the same policy key.",
         "",
         "Definitions are in `lab/evaluation.py`. **Label** = the NLL-lift (nats per answer token, "
         "positive = better) on the held-out probe items of the cohort's own target (its subject) "
