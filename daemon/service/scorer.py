@@ -97,6 +97,9 @@ log = get_logger("tapd.service")
 
 LAG_EVERY_S = 5.0
 WATCH_EVERY_S = 1.0
+# A rollout reads the policies topic to its end (a broker round trip) at most this
+# often; kept versions can be half a second apart, and a rollout may lag by one.
+POLICY_RECHECK_S = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +216,8 @@ class ScorerService:
         self._lift: Consumer | None = None
         self._dlq: Consumer | None = None
         self._policies: Consumer | None = None
+        self._policy_tps: list[TopicPartition] = []
+        self._policies_checked = -POLICY_RECHECK_S
         # Offsets done of the lift, dead-letter and policy topics (traces
         # partitions keep theirs in their part of the cohort builder).
         self._done: dict[TopicPartition, int] = {}
@@ -279,6 +284,12 @@ class ScorerService:
         self._policies = self.transport.consumer(
             [topics.policies], f"{own}.policies", on_assigned=self._policies_from_start
         )
+        self._policy_tps = [
+            TopicPartition(topics.policies, p)
+            for p in range(self.transport.partitions(topics.policies))
+        ]
+        if self.rollout is not None:
+            self.rollout.refresh = self._policies_to_end
         self._lift = self.transport.consumer([topics.lift], f"{own}.lift")
         # A new incarnation holds no dispatch: old dead letters release nothing.
         self._dlq = self.transport.consumer([topics.dlq], f"{own}.dlq", from_beginning=False)
@@ -653,6 +664,27 @@ class ScorerService:
             self._policies.seek(tp, 0)
             self._policy_at[tp] = 0
 
+    def _policies_to_end(self) -> None:
+        """Bring the policy catalog up to date before a rollout samples: a rollout
+        must come from the newest kept version (or the one before it, kept while
+        it sampled), and a trainer on a small policy keeps one every half second.
+        The consumer's buffered records every time (cheap); the topic read to its
+        end outside the consumer at most every POLICY_RECHECK_S, for when the
+        consumer is behind (after a group join, or a long scoring run)."""
+        assert self._policies is not None
+        self._apply_policies(self._policies.poll(0.0, self.settings.service.max_poll_records))
+        now = time.monotonic()
+        if now - self._policies_checked < POLICY_RECHECK_S:
+            return
+        self._policies_checked = now
+        try:
+            for tp, end in self.transport.end_offsets(self._policy_tps).items():
+                start = self._policy_at.get(tp, 0)
+                if end > start:
+                    self._apply_policies(self.transport.read(tp, start, end))
+        except Exception as e:  # the consumer still delivers them later
+            log.warning("policy_refresh_failed", reason=str(e))
+
     def _apply_policies(self, records: Sequence[Record]) -> None:
         for rec in records:
             if rec.offset < self._policy_at.get(rec.tp, 0):
@@ -940,6 +972,8 @@ class PolicyRollout:
         self._wanted = "v0"
         self._engine: Any = None
         self._missing: str | None = None
+        # Set by the service: reads the policies topic to its end before a sample.
+        self.refresh: Callable[[], None] | None = None
 
     @property
     def engine(self) -> Any:
@@ -961,6 +995,8 @@ class PolicyRollout:
         self.catalog[announced.version] = announced
 
     def sample(self, prompts: Sequence[str], k: int, **kw: Any) -> Any:
+        if self.refresh is not None:
+            self.refresh()
         engine = self.engine
         log.info(
             "rollout_sampled",
