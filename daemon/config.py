@@ -87,7 +87,12 @@ class CohortingSettings(_Frozen):
         default=0, ge=0, description="policy versions a trace may lag before it is stale"
     )
     dedup_window: int = Field(
-        default=100_000, ge=0, description="ids of closed or rejected traces remembered for dedup"
+        default=100_000,
+        ge=0,
+        description=(
+            "ids of closed or rejected traces remembered for dedup, all partitions "
+            "together (each owned partition remembers an even share)"
+        ),
     )
 
 

@@ -52,7 +52,8 @@ Memory bound
     At most ``max_open`` open cohorts of at most ``max_groups`` traces each,
     holding at most ``max_open_bytes`` (:func:`held_bytes`, an estimate of
     what an open trace takes in a scorer's memory), plus ``dedup_window``
-    remembered ids. Opening a cohort beyond ``max_open``, or admitting a
+    remembered ids (all partitions together in the scorer: each owned
+    partition remembers its share). Opening a cohort beyond ``max_open``, or admitting a
     trace that takes the open traces over ``max_open_bytes``, evicts the
     oldest open cohort (again, until under): it closes early (cause
     ``"evicted"``) if it has ``min_groups`` traces, else its traces are
@@ -319,6 +320,10 @@ class CohortBuilder:
         # (exact) and decided ones (a bounded FIFO).
         self._open_ids: dict[str, str | None] = {}
         self._decided = Window()
+        # How many decided ids this builder remembers: the whole dedup_window,
+        # or its share when a caller splits the window between several
+        # builders (the scorer's partitions; see set_dedup_limit).
+        self.dedup_limit = settings.dedup_window
         # The open cohorts as journaled rows, by slice key, in opening order;
         # rendered with the trace_ref of the journaled snapshot they complete.
         self._rows: Journaled[str, _Row] = Journaled()
@@ -624,8 +629,14 @@ class CohortBuilder:
     def _remember(self, trace_id: str) -> None:
         self._decide_id(trace_id, self._open_ids.pop(trace_id, None))
 
+    def set_dedup_limit(self, limit: int) -> None:
+        """Remember at most ``limit`` decided ids from now on (the oldest go at once)."""
+        self.dedup_limit = max(0, limit)
+        while len(self._decided) > self.dedup_limit:
+            self._decided.popitem(last=False)
+
     def _decide_id(self, trace_id: str, digest: str | None) -> None:
-        window = self.settings.dedup_window
+        window = self.dedup_limit
         if window <= 0:
             return
         self._decided[trace_id] = digest

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -244,12 +245,25 @@ class PartitionedCohorts(CohortBuilder):
     def attach(self, tp: TopicPartition, part: Part) -> Part:
         self._sync(part.builder)
         self.parts[tp] = part
+        self._share_dedup()
         return part
 
     def detach(self, tp: TopicPartition) -> Part | None:
         for cid in [c for c, p in self.closed.items() if p == tp]:
             self.forget(cid)
-        return self.parts.pop(tp, None)
+        part = self.parts.pop(tp, None)
+        self._share_dedup()
+        return part
+
+    def _share_dedup(self) -> None:
+        """Split ``dedup_window`` evenly between the partitions owned: the remembered
+        ids of a replica are bounded as a whole (like ``max_open_bytes``), not per
+        partition, where a replica owning many partitions would hold many windows."""
+        if not self.parts:
+            return
+        share = math.ceil(self.settings.dedup_window / len(self.parts))
+        for p in self.parts.values():
+            p.builder.set_dedup_limit(share)
 
     def partition_of(self, cohort_id: str) -> TopicPartition | None:
         return self.closed.get(cohort_id)
@@ -301,6 +315,7 @@ class PartitionedCohorts(CohortBuilder):
             self.parts[part_of(key)] = Part(
                 b, None if pos is None else int(pos), Token.from_json(body.get("token"))
             )
+        self._share_dedup()
         self.closed, self.members = {}, {}
         for cid, v in snapshot.get("closed", {}).items():
             key, ids = (v, []) if isinstance(v, str) else (v[0], v[1])

@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 
 from daemon.config import CohortingSettings, GRPOParams, TapdSettings, Thresholds
-from daemon.core.cohorting import held_bytes
+from daemon.core.cohorting import Duplicate, held_bytes
 from daemon.core.decision import decide
 from daemon.core.features import featurize
 from daemon.core.pipeline import Scorer
@@ -341,3 +341,35 @@ def test_partitions_share_one_byte_budget_and_evictions_keep_their_partition() -
         tid = json.loads(original(letter))["trace_id"]
         fates[tid] = fates.get(tid, 0) + 1
     assert set(fates) == {t.trace_id for t in traces} and max(fates.values()) == 1
+
+
+def test_the_dedup_window_is_shared_by_the_partitions_owned() -> None:
+    """``dedup_window`` bounds a replica's remembered ids as a whole: each owned
+    partition remembers an even share, re-split when partitions come and go."""
+    cohorting = CohortingSettings(max_groups=4, min_groups=2, max_age_s=60.0, dedup_window=12)
+    cohorts = PartitionedCohorts(cohorting, "v0")
+    fed: dict[TopicPartition, list[Trace]] = {
+        T0: _traces("add", "2d_carry", 16, seed=1),
+        T1: _traces("sub", "2d_borrow", 16, seed=2),
+    }
+    for tp, traces in fed.items():
+        with cohorts.feeding(tp):
+            for t in traces:
+                cohorts.on_item(t, 0.0)
+    # 16 decided per partition (4 cohorts of 4), 6 remembered each: 12 in all.
+    decided = {tp: list(cohorts.parts[tp].builder._decided) for tp in fed}
+    assert {tp: len(ids) for tp, ids in decided.items()} == {T0: 6, T1: 6}
+    assert decided[T0] == [t.trace_id for t in fed[T0][-6:]]  # the newest kept
+    with cohorts.feeding(T0):
+        assert cohorts.on_item(fed[T0][-1], 1.0) == [Duplicate(fed[T0][-1].trace_id)]
+        assert cohorts.on_item(fed[T0][0], 1.0) == []  # beyond its share: forgotten
+    # T1 handed over: T0 alone may remember the whole window again.
+    cohorts.detach(T1)
+    assert cohorts.parts[T0].builder.dedup_limit == 12
+    # Restored from a snapshot, the shares are set again.
+    with cohorts.feeding(T1):
+        pass
+    snap = cohorts.snapshot()
+    again = PartitionedCohorts(cohorting, "v0")
+    again.restore(json.loads(json.dumps(snap)))
+    assert {p.builder.dedup_limit for p in again.parts.values()} == {6}
