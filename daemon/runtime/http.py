@@ -46,6 +46,7 @@ Security (the port is the knob that stops training):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -65,7 +66,7 @@ import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -78,6 +79,8 @@ log = get_logger("tapd.http")
 
 ADMIN_TOKEN_FILE = "admin-token"
 READY_EVERY_S = 5.0
+# The most of a refused request's body read (and dropped) before the refusal.
+REFUSED_BODY_BYTES = 64 * 2**10
 _USER = re.compile(r"[^A-Za-z0-9._@+:-]")
 
 
@@ -344,14 +347,24 @@ class AdminApi:
     ) -> tuple[Principal | None, JSONResponse | None]:
         principal = self.identify(request)
         if principal is None:
+            await self._discard_body(request)
             return None, self._refuse(
                 request, "unauthorized", 401, "missing or wrong bearer credential", None
             )
         if need == "admin" and principal.role != "admin":
+            await self._discard_body(request)
             return principal, self._refuse(
                 request, "forbidden", 403, "the read token cannot change anything", principal
             )
         return principal, None
+
+    async def _discard_body(self, request: Request) -> None:
+        """Read a refused request's small body before answering: a socket closed with
+        unread bytes is reset, and the reset can reach the client before the refusal
+        does (it then sees "connection reset", not 401 or 403). A body larger than
+        REFUSED_BODY_BYTES, or slower than a second, is left unread."""
+        with contextlib.suppress(TooLarge, TimeoutError, ClientDisconnect):
+            await read_body(request, REFUSED_BODY_BYTES, 1.0)
 
     async def _body(
         self, request: Request, principal: Principal
