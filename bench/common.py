@@ -88,3 +88,28 @@ def per_s(n: int, seconds: float) -> float:
 def cpu_ms_per(cpu_seconds: float, n: int) -> float:
     """CPU milliseconds per record of a timed window."""
     return 1e3 * cpu_seconds / max(n, 1)
+
+
+def cpu_times() -> tuple[int, int]:
+    """(all ticks, stolen ticks) of this machine's CPUs so far, from /proc/stat.
+
+    Stolen time is time a virtual machine's CPUs were ready to run but the
+    host ran something else: on a shared host it makes a latency tail that
+    no code change can remove, so the latency figures print it beside them.
+    (0, 0) where the kernel does not say (not Linux).
+    """
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return 0, 0
+    ticks = [int(x) for x in fields[1:]]
+    # user nice system idle iowait irq softirq steal guest guest_nice: guest
+    # time is already counted in user, so it is left out of the total.
+    return sum(ticks[:8]), ticks[7] if len(ticks) > 7 else 0
+
+
+def steal_share(start: tuple[int, int], end: tuple[int, int]) -> float:
+    """The share of CPU time stolen by the host between two :func:`cpu_times` readings."""
+    total = end[0] - start[0]
+    return (end[1] - start[1]) / total if total > 0 else 0.0

@@ -32,11 +32,12 @@ INTRO = {
     "bench.bench_memory": "Resident memory of the cohort builder with 10k open cohorts, and "
     "across a long trace stream (flat = bounded).",
     "bench.bench_service": "The scorer's other costs, each against a baseline of the same run: "
-    "per-cohort latency (featurize + predict) at G = 8, 64, 256 against decoding the cohort "
-    "(prompts of one arithmetic form, as a capability slice's often are, and at G = 64 also "
-    "prompts each of its own template, which target_similarity's per-template memo cannot "
-    "help); "
-    "CPU per trace with 10k against 1k open slices; RSS of `tapd run` over a long 8-attempt "
+    "per-cohort latency at close (featurize + predict) at G = 8, 64, 256 against decoding the "
+    "cohort (prompts of one arithmetic form, as a capability slice's often are, and at G = 64 "
+    "also prompts each of its own template, which target_similarity's per-template memo cannot "
+    "help), the traces prepared when cohorted as the scorer's are (that per-trace share is "
+    "printed beside it, with the CPU time the host stole meanwhile); "
+    "CPU per trace with 10k against 1k open slices (medians of three alternated drains); RSS of `tapd run` over a long 8-attempt "
     "stream; scoring p99 while LightGBM refits on 100k labels; start-up RSS with rollouts off. "
     "Targets: p99 <= 5 ms at G = 64, 10k/1k within 20 %, second-half RSS growth <= 5 %, refit "
     "p99 increase <= 20 %, start-up <= 200 MiB. The figures are also in `docs/performance.json`.",

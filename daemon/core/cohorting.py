@@ -226,21 +226,29 @@ def slice_key_of(trace: Trace, fields: tuple[str, ...]) -> str:
 HELD_TRACE_BYTES = 1_500
 HELD_ATTEMPT_BYTES = 800
 HELD_TOKEN_VALUE_BYTES = 32
+# And what the features' per-trace part (daemon.core.features.prepare, made
+# when the trace is cohorted) adds: its fixed part and the prompt twice
+# (normalised, masked), each attempt's mean entropy, and each log-prob again
+# as a float64 in one array.
+HELD_PREPARED_BYTES = 750
+HELD_PREPARED_ATTEMPT_BYTES = 40
+HELD_PREPARED_VALUE_BYTES = 8
 
 
 def held_bytes(trace: Trace, item_bytes: int | None = None) -> int:
-    """An estimate of the memory an open trace holds in a scorer: its decoded form
-    and its original message, from its sizes alone (cheap, and the same on every
+    """An estimate of the memory an open trace holds in a scorer: its decoded form,
+    its original message and its prepared features part, from its sizes alone (cheap, and the same on every
     replica and after a restore, so the open-state budget evicts the same
     cohorts wherever it runs). ``item_bytes``: its dispatch item size, if known
     (the prompt, reference and verifier arguments)."""
     n = HELD_TRACE_BYTES + (dispatch_item_bytes(trace) if item_bytes is None else item_bytes)
+    n += HELD_PREPARED_BYTES + 2 * len(trace.prompt)
     for a in trace.attempts:
         n += HELD_ATTEMPT_BYTES + len(a.completion)
         if a.token_logprobs:
-            n += HELD_TOKEN_VALUE_BYTES * len(a.token_logprobs)
+            n += (HELD_TOKEN_VALUE_BYTES + HELD_PREPARED_VALUE_BYTES) * len(a.token_logprobs)
         if a.token_entropies:
-            n += HELD_TOKEN_VALUE_BYTES * len(a.token_entropies)
+            n += HELD_PREPARED_ATTEMPT_BYTES + HELD_TOKEN_VALUE_BYTES * len(a.token_entropies)
     return n
 
 

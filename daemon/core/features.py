@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import statistics
+import weakref
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Generic, Literal, TypeVar
@@ -19,10 +20,20 @@ from typing import Generic, Literal, TypeVar
 import numpy as np
 
 from daemon.core.cohorting import Cohort
-from daemon.core.similarity import gram_set, jaccard, ngrams, norm, normalize, template
+from daemon.core.similarity import (
+    gram_set,
+    jaccard,
+    ngrams,
+    norm,
+    normalize,
+    normalized_gram_set,
+    normalized_template,
+    template,
+)
+from daemon.verify.registry import ProbeSkipped
 from streams.probes import cohort_target
 from streams.rejection import Rejection
-from streams.schemas import Attempt, Trace
+from streams.schemas import TokenStats, Trace
 
 FEATURE_SCHEMA = "tapd.features/1"
 
@@ -212,14 +223,78 @@ def _percentiles(pooled: np.ndarray) -> tuple[float, float, float]:
     return out[0], out[1], out[2]
 
 
-def _familiarity(attempts: list[Attempt]) -> dict[str, float]:
+class Prepared:
+    """What :func:`featurize` needs of one trace that the trace alone decides.
+
+    Computed once, when the trace is cohorted (:func:`prepare`), so that the
+    work left when its cohort closes is the cohort-wide part: the token
+    log-probs already pooled into an array (a cohort of 64 eight-attempt
+    traces holds 16k of them as Python floats, and converting those was a
+    third of the features' time), each attempt's mean entropy, the prompt
+    normalised and its template. The values featurize computes from these
+    are bit for bit those it computes from the trace itself.
+    """
+
+    __slots__ = (
+        "entropies",
+        "lengths",
+        "logprobs",
+        "normalized",
+        "stats",
+        "stats_entropies",
+        "stats_tokens",
+        "template",
+    )  # fmt: skip
+
+    def __init__(self, trace: Trace) -> None:
+        arrays = [a.token_logprobs for a in trace.attempts if a.token_logprobs]
+        self.lengths = np.fromiter((len(x) for x in arrays), dtype=np.int64, count=len(arrays))
+        self.logprobs = _pool(arrays, int(self.lengths.sum()))
+        without = [a for a in trace.attempts if not a.token_logprobs and a.stats is not None]
+        self.stats: tuple[TokenStats, ...] = tuple(a.stats for a in without if a.stats is not None)
+        self.stats_tokens = tuple(max(a.n_tokens, 1) for a in without)
+        # Only each attempt's mean entropy is needed: summed where the floats
+        # are (a list), which costs a third of copying them into an array.
+        self.entropies = tuple(sum(x) / len(x) for a in trace.attempts if (x := a.token_entropies))
+        self.stats_entropies = tuple(
+            a.stats.entropy_mean
+            for a in trace.attempts
+            if not a.token_entropies and a.stats is not None and a.stats.entropy_mean is not None
+        )
+        self.normalized = normalize(trace.prompt)
+        self.template = normalized_template(self.normalized)
+
+
+# Prepared traces by identity, each entry dropped with its trace (a weak
+# reference's callback): the scorer prepares a trace when it is cohorted and
+# featurizes it when its cohort closes, without either holding the other.
+_prepared: dict[int, tuple[weakref.ref[Trace], Prepared]] = {}
+
+
+def _forget(key: int, ref: weakref.ref[Trace]) -> None:
+    got = _prepared.get(key)
+    if got is not None and got[0] is ref:
+        del _prepared[key]
+
+
+def prepare(trace: Trace) -> Prepared:
+    """The trace's :class:`Prepared` part, computed at most once while the trace lives."""
+    key = id(trace)
+    got = _prepared.get(key)
+    if got is not None and got[0]() is trace:
+        return got[1]
+    prepared = Prepared(trace)
+    ref = weakref.ref(trace, lambda r, key=key: _forget(key, r))  # type: ignore[misc]
+    _prepared[key] = (ref, prepared)
+    return prepared
+
+
+def _familiarity(prepared: Sequence[Prepared]) -> dict[str, float]:
     """Per-attempt token statistics, from full arrays when shipped, else TokenStats."""
-    arrays = [a.token_logprobs for a in attempts if a.token_logprobs]
-    stats = [a.stats for a in attempts if not a.token_logprobs and a.stats is not None]
-    stats_tokens = [
-        max(a.n_tokens, 1) for a in attempts if not a.token_logprobs and a.stats is not None
-    ]
-    if not arrays and not stats:
+    stats = [s for p in prepared for s in p.stats]
+    stats_tokens = [n for p in prepared for n in p.stats_tokens]
+    with_arrays = [p for p in prepared if p.lengths.size]
+    if not with_arrays and not stats:
         return dict.fromkeys(FAMILIARITY, 0.0)
 
     mean_lp: list[np.ndarray] = []
@@ -227,9 +302,11 @@ def _familiarity(attempts: list[Attempt]) -> dict[str, float]:
     min_lp: list[np.ndarray] = []
     slope: list[np.ndarray] = []
     prob: list[np.ndarray] = []
-    if arrays:
-        lengths = np.fromiter((len(x) for x in arrays), dtype=np.int64, count=len(arrays))
-        pooled = _pool(arrays, int(lengths.sum()))
+    if with_arrays:
+        # The attempts' arrays in cohort order, as one pool: a few dozen
+        # arrays joined, not thousands of floats converted.
+        lengths = np.concatenate([p.lengths for p in with_arrays])
+        pooled = np.concatenate([p.logprobs for p in with_arrays])
         starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
         cs = np.concatenate(([0.0], np.cumsum(pooled)))
         sums = cs[starts + lengths] - cs[starts]
@@ -257,14 +334,8 @@ def _familiarity(attempts: list[Attempt]) -> dict[str, float]:
         slope.append(np.array([s.logprob_late - s.logprob_early for s in stats]))
         prob.append(np.array([s.prob_mean for s in stats]))
 
-    # Only each attempt's mean entropy is needed: summed where the floats are
-    # (a list), which costs a third of copying them all into one array first.
-    entropies = [sum(x) / len(x) for a in attempts if (x := a.token_entropies)]
-    entropies += [
-        a.stats.entropy_mean
-        for a in attempts
-        if not a.token_entropies and a.stats is not None and a.stats.entropy_mean is not None
-    ]
+    entropies = [e for p in prepared for e in p.entropies]
+    entropies += [e for p in prepared for e in p.stats_entropies]
     return {
         "mean_logprob": float(np.concatenate(mean_lp).mean()),
         "surprisal_mean": float(np.concatenate(surprisal).mean()),
@@ -320,7 +391,10 @@ class _ProbeIndex:
         remembered are scored together (:meth:`_score`), so a cohort costs a
         few numpy calls rather than a few per prompt.
         """
-        masked = [template(t) for t in texts]
+        return self.best_cosines_masked([template(t) for t in texts])
+
+    def best_cosines_masked(self, masked: Sequence[str]) -> list[float]:
+        """:meth:`best_cosines` of texts already masked (:func:`template`)."""
         out: list[float | None] = []
         todo: dict[str, int] = {}
         for m in masked:
@@ -427,10 +501,15 @@ def target_similarity(prompts: Sequence[str], probe_prompts: Sequence[str] | Non
     the value says whether the cohort asks the target's kind of question, not
     how long its operands are.
     """
-    if not probe_prompts or not prompts:
+    return _target_similarity([template(p) for p in prompts], probe_prompts)
+
+
+def _target_similarity(templates: Sequence[str], probe_prompts: Sequence[str] | None) -> float:
+    """:func:`target_similarity` of the prompts' templates."""
+    if not probe_prompts or not templates:
         return 0.0
     index = _probe_index(tuple(probe_prompts))
-    return float(np.mean(index.best_cosines(prompts)))
+    return float(np.mean(index.best_cosines_masked(templates)))
 
 
 def near_duplicate_rate(prompts: Sequence[str]) -> float:
@@ -442,7 +521,11 @@ def near_duplicate_rate(prompts: Sequence[str]) -> float:
     first ``|x| - ceil(t * |x|) + 1`` of each (the prefix filter of all-pairs
     similarity joins). Only prompts sharing a prefix n-gram are compared.
     """
-    sets = [gram_set(p) for p in prompts]
+    return _near_duplicate_rate([gram_set(p) for p in prompts])
+
+
+def _near_duplicate_rate(sets: Sequence[set[str]]) -> float:
+    """:func:`near_duplicate_rate` of the prompts' n-gram sets."""
     n = len(sets)
     if not n:
         return 0.0
@@ -482,9 +565,13 @@ def near_duplicate_rate(prompts: Sequence[str]) -> float:
 
 def template_repetition(prompts: Sequence[str]) -> float:
     """1 - distinct templates / prompts, a template being the prompt with numbers masked."""
-    if not prompts:
+    return _template_repetition([template(p) for p in prompts])
+
+
+def _template_repetition(templates: Sequence[str]) -> float:
+    if not templates:
         return 0.0
-    return 1.0 - len({template(p) for p in prompts}) / len(prompts)
+    return 1.0 - len(set(templates)) / len(templates)
 
 
 # -- reward integrity ----------------------------------------------------------
@@ -659,8 +746,6 @@ def _passes(verify: Callable[[str, str], float] | None, answer: str, reference: 
     ``None``: not probed (a sandboxed run over the cohort's probe budget).
     A verifier that raises did not reward.
     """
-    from daemon.verify.registry import ProbeSkipped
-
     if verify is None:
         return True
     try:
@@ -823,21 +908,24 @@ def featurize(
                 f"traces[{i}].attempts", f"trace {t.trace_id!r} has no attempts to learn from"
             )
     attempts = [a for t in traces for a in t.attempts]
-    prompts = [t.prompt for t in traces]
+    prepared = [prepare(t) for t in traces]
+    templates = [p.template for p in prepared]
     lengths = np.fromiter((a.n_tokens for a in attempts), dtype=np.float64, count=len(attempts))
 
     values: dict[str, float] = {
         **_learnability([a.reward for a in attempts], [len(t.attempts) for t in traces]),
-        "target_similarity": target_similarity(
-            prompts, target_prompts(_subject(traces), probe_prompts)
+        "target_similarity": _target_similarity(
+            templates, target_prompts(_subject(traces), probe_prompts)
         ),
         "len_mean": float(lengths.mean()),
         "len_std": float(lengths.std()),
         "n_groups": float(len(traces)),
-        **_familiarity(attempts),
+        **_familiarity(prepared),
         "reward_trust": reward_trust(traces) if verifier_probe else 1.0,
-        "near_duplicate_rate": near_duplicate_rate(prompts),
-        "template_repetition": template_repetition(prompts),
+        "near_duplicate_rate": _near_duplicate_rate(
+            [normalized_gram_set(p.normalized) for p in prepared]
+        ),
+        "template_repetition": _template_repetition(templates),
     }
     out = {name: float(values[name]) for name in FEATURE_NAMES}
     for name, v in out.items():

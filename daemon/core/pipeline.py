@@ -59,7 +59,7 @@ from daemon.core.cohorting import (
     slice_key_of,
 )
 from daemon.core.decision import ScoredCohort
-from daemon.core.features import FEATURE_SCHEMA
+from daemon.core.features import FEATURE_SCHEMA, prepare
 from daemon.core.journal import HELD, Journal, Journaled, Window, held_key, section
 from daemon.core.tenants import tenant_counts, tenant_of_record
 from streams.deadletter import (
@@ -475,6 +475,9 @@ class Scorer:
                     self._hold(
                         trace.trace_id, _Origin(rec.topic, rec.partition, rec.offset, rec.value)
                     )
+                    # The trace's own share of its features, now rather than when
+                    # its cohort closes: what is left then is the cohort-wide part.
+                    prepare(trace)
                 fx += self._cohort_events(events, now, rec)
         return self._done(fx)
 

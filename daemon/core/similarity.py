@@ -30,7 +30,11 @@ def ngrams(text: str, n: int = NGRAM) -> Counter[str]:
 
 def gram_set(text: str, n: int = NGRAM) -> set[str]:
     """The distinct n-grams of :func:`ngrams`, built as a set (no counts to keep)."""
-    t = normalize(text)
+    return normalized_gram_set(normalize(text), n)
+
+
+def normalized_gram_set(t: str, n: int = NGRAM) -> set[str]:
+    """:func:`gram_set` of a text :func:`normalize` already gave."""
     if len(t) < n:
         return {t} if t else set()
     return {t[i : i + n] for i in range(len(t) - n + 1)}
@@ -63,4 +67,9 @@ def max_similarity(texts: Sequence[str], targets: Sequence[str]) -> list[float]:
 
 def template(text: str) -> str:
     """The prompt with every number masked: two prompts differing only in numbers share it."""
-    return _NUMBER.sub("#", normalize(text))
+    return normalized_template(normalize(text))
+
+
+def normalized_template(t: str) -> str:
+    """:func:`template` of a text :func:`normalize` already gave."""
+    return _NUMBER.sub("#", t)

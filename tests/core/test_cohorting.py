@@ -26,6 +26,7 @@ from daemon.core.cohorting import (
     slice_key_of,
     validate_slice_key,
 )
+from daemon.core.features import prepare
 from streams.schemas import DISPATCH_ENVELOPE_BYTES, Trace, dispatch_item_bytes
 
 
@@ -467,8 +468,8 @@ def _heavy(tid: str, task_type: str, tokens: int, attempts: int = 4) -> Trace:
 
 
 def test_held_bytes_is_close_to_what_a_held_trace_takes_in_memory() -> None:
-    """The estimate against measured allocations: a decoded trace and its original
-    message, as a scorer holds each open trace."""
+    """The estimate against measured allocations: a decoded trace, its original
+    message and its prepared features part, as a scorer holds each open trace."""
     import tracemalloc
 
     from streams.schemas import decode, encode
@@ -479,8 +480,10 @@ def test_held_bytes_is_close_to_what_a_held_trace_takes_in_memory() -> None:
         tracemalloc.start()
         before = tracemalloc.get_traced_memory()[0]
         held = [(decode(r, Trace), bytes(r)) for r in raws]
+        prepared = [prepare(t) for t, _ in held]  # what featurize keeps of each
         measured = (tracemalloc.get_traced_memory()[0] - before) / len(held)
         tracemalloc.stop()
+        del prepared
         estimate = held_bytes(held[0][0])
         assert 0.7 * measured <= estimate <= 1.4 * measured, (attempts, tokens, estimate, measured)
 

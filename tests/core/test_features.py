@@ -20,6 +20,7 @@ from daemon.core.features import (
     featurize,
     group_advantages,
     near_duplicate_rate,
+    prepare,
     reward_trust,
     target_similarity,
     template_repetition,
@@ -481,3 +482,62 @@ def test_probe_results_are_bounded_in_bytes_by_the_verify_setting() -> None:
     # New caps start an empty cache under their own budget.
     reward_trust([_trace("r", [1.0], prompt="What is 1 + 1?", reference="2", verifier="numeric")])
     assert features._probe_cache.bad.max_bytes == int(before.probe_cache_mib * 2**20) // 2
+
+
+def test_a_prepared_trace_gives_the_features_of_an_unprepared_one_bit_for_bit() -> None:
+    """The per-trace part made at cohorting time (prepare) changes when work is done,
+    never a value: token arrays, TokenStats, missing entropies and an empty array mixed."""
+    rng = random.Random(5)
+    stats = TokenStats(
+        logprob_mean=-0.7,
+        logprob_min=-2.5,
+        logprob_p10=-1.9,
+        logprob_p50=-0.6,
+        logprob_p90=-0.1,
+        prob_mean=0.55,
+        logprob_early=-0.9,
+        logprob_late=-0.5,
+        entropy_mean=0.8,
+    )
+    traces = []
+    for i in range(12):
+        attempts = []
+        for j in range(6):
+            n = rng.randrange(0, 40) if (i + j) % 5 else 0
+            lp = [-rng.random() * 4 for _ in range(n)]
+            kind = (i * 7 + j) % 4
+            attempts.append(
+                Attempt(
+                    completion=str(j),
+                    reward=float(rng.random() < 0.5),
+                    n_tokens=n,
+                    token_logprobs=lp if kind != 3 else None,
+                    token_entropies=[rng.random() for _ in lp] if kind == 1 else None,
+                    stats=stats if kind >= 2 else None,
+                )
+            )
+        base = _trace(f"p{i}", [0.0], prompt=f"What  is {rng.randrange(99)} + {i}?")
+        traces.append(base.model_copy(update={"attempts": attempts}))
+    fresh = [t.model_copy(deep=True) for t in traces]
+    for t in traces:
+        prepare(t)
+    assert featurize(traces, verifier_probe=False) == featurize(fresh, verifier_probe=False)
+
+
+def test_a_trace_is_prepared_once_and_its_part_goes_with_it() -> None:
+    import gc
+
+    from daemon.core import features
+
+    before = len(features._prepared)
+    t = _trace("w", [1.0, 0.0], logprobs=[[-1.0, -2.0], [-0.5]], entropies=[[1.0, 1.0], [2.0]])
+    part = prepare(t)
+    assert prepare(t) is part
+    # Another trace with the same content is another trace: its own part.
+    other = t.model_copy(deep=True)
+    assert prepare(other) is not part
+    assert len(features._prepared) == before + 2
+    del t, other, part
+    gc.collect()
+    # Nothing outlives its trace: a scorer's memo holds exactly its live traces.
+    assert len(features._prepared) == before
