@@ -186,19 +186,10 @@ def _numeric(args: Args) -> Verifier:
             "verifier_args.extract", f"numeric: must be 'whole' or 'last', got {extract!r}"
         )
 
-    # The last reference parsed, and its number: reward-trust probes ask one
-    # verifier about the same reference many times in a row (one tuple,
-    # replaced whole, so threads sharing the verifier never see half of it).
-    last: list[tuple[str, float]] = [("", math.nan)]
-
     def verify(completion: str, reference: str) -> float:
-        seen, ref = last[0]
-        if seen != reference or not reference:
-            parsed = parse_number(reference)
-            if parsed is None:
-                raise BadReference("numeric", f"{reference!r} is not a number")
-            ref = parsed
-            last[0] = (reference, ref)
+        ref = parse_number(reference)
+        if ref is None:
+            raise BadReference("numeric", f"{reference!r} is not a number")
         got = parse_number(completion, extract_last=extract == "last")
         if got is None:
             return 0.0

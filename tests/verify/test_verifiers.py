@@ -276,21 +276,3 @@ def test_patterns_outside_the_linear_engine_or_caps_are_refused(caps: None) -> N
     configure(VerifySettings(max_subject_chars=10))
     v = get_verifier("regex", {"pattern": "a+"})
     assert v("a" * 10, "") == 1.0 and v("a" * 11, "") == 0.0
-
-
-def test_numeric_remembers_its_last_reference_without_mixing_references_up() -> None:
-    """The numeric verifier parses a reference once while it is asked about it again
-    (reward-trust probes); another reference, or a bad one, is parsed afresh."""
-    v = get_verifier("numeric", {})
-    assert v("5", "5") == 1.0
-    assert v("5", "6") == 0.0
-    assert v("6", "6") == 1.0
-    assert v("6", "5") == 0.0
-    for _ in range(2):
-        with pytest.raises(BadReference):
-            v("5", "five")
-    assert v("5", "5") == 1.0
-    # An empty reference is no number: refused every time, never remembered.
-    for _ in range(2):
-        with pytest.raises(BadReference):
-            v("", "")
