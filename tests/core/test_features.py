@@ -168,18 +168,21 @@ def test_familiarity_from_token_arrays() -> None:
     assert f["len_std"] == pytest.approx(np.std([4, 1, 3]))
 
 
+_STATS = TokenStats(
+    logprob_mean=-1.5,
+    logprob_min=-3.0,
+    logprob_p10=-2.8,
+    logprob_p50=-1.2,
+    logprob_p90=-0.4,
+    prob_mean=0.3,
+    logprob_early=-1.0,
+    logprob_late=-2.0,
+    entropy_mean=0.7,
+)
+
+
 def test_familiarity_from_token_stats() -> None:
-    stats = TokenStats(
-        logprob_mean=-1.5,
-        logprob_min=-3.0,
-        logprob_p10=-2.8,
-        logprob_p50=-1.2,
-        logprob_p90=-0.4,
-        prob_mean=0.3,
-        logprob_early=-1.0,
-        logprob_late=-2.0,
-        entropy_mean=0.7,
-    )
+    stats = _STATS
     attempt = Attempt(completion="5", reward=1.0, n_tokens=4, stats=stats)
     trace = _trace("s", [1.0]).model_copy(update={"attempts": [attempt, attempt]})
     f = featurize([trace], verifier_probe=False)
@@ -488,17 +491,7 @@ def test_a_prepared_trace_gives_the_features_of_an_unprepared_one_bit_for_bit() 
     """The per-trace part made at cohorting time (prepare) changes when work is done,
     never a value: token arrays, TokenStats, missing entropies and an empty array mixed."""
     rng = random.Random(5)
-    stats = TokenStats(
-        logprob_mean=-0.7,
-        logprob_min=-2.5,
-        logprob_p10=-1.9,
-        logprob_p50=-0.6,
-        logprob_p90=-0.1,
-        prob_mean=0.55,
-        logprob_early=-0.9,
-        logprob_late=-0.5,
-        entropy_mean=0.8,
-    )
+    stats = _STATS
     traces = []
     for i in range(12):
         attempts = []
