@@ -236,11 +236,12 @@ HELD_PREPARED_VALUE_BYTES = 8
 
 
 def held_bytes(trace: Trace, item_bytes: int | None = None) -> int:
-    """An estimate of the memory an open trace holds in a scorer: its decoded form,
-    its original message and its prepared features part, from its sizes alone (cheap, and the same on every
-    replica and after a restore, so the open-state budget evicts the same
-    cohorts wherever it runs). ``item_bytes``: its dispatch item size, if known
-    (the prompt, reference and verifier arguments)."""
+    """An estimate of the memory an open trace holds in a scorer: its decoded
+    form, its original message and its prepared features part, from its sizes
+    alone (cheap, and the same on every replica and after a restore, so the
+    open-state budget evicts the same cohorts wherever it runs).
+    ``item_bytes``: its dispatch item size, if known (the prompt, reference
+    and verifier arguments)."""
     n = HELD_TRACE_BYTES + (dispatch_item_bytes(trace) if item_bytes is None else item_bytes)
     n += HELD_PREPARED_BYTES + 2 * len(trace.prompt)
     for a in trace.attempts:

@@ -244,7 +244,7 @@ class Prepared:
         "stats_entropies",
         "stats_tokens",
         "template",
-    )  # fmt: skip
+    )
 
     def __init__(self, trace: Trace) -> None:
         arrays = [a.token_logprobs for a in trace.attempts if a.token_logprobs]
