@@ -477,7 +477,10 @@ class Scorer:
                     )
                     # The trace's own share of its features, now rather than when
                     # its cohort closes: what is left then is the cohort-wide part.
-                    prepare(trace)
+                    # Only a cache: if it fails, featurize computes it again and
+                    # dead-letters the trace alone with the reason (_features).
+                    with contextlib.suppress(Exception):
+                        prepare(trace)
                 fx += self._cohort_events(events, now, rec)
         return self._done(fx)
 
