@@ -159,16 +159,16 @@ def ingest(raws: Sequence[bytes]) -> tuple[list[Trace], float, float]:
     """The cohort's records as the scorer takes them in: (traces, decode s, prepare s).
 
     Decoded, then each trace's own share of its features prepared
-    (``daemon.core.features.prepare``, done by the scorer when the trace is
-    cohorted), so that closing the cohort leaves the cohort-wide part.
+    (``daemon.core.features.prepare_many``, done by the scorer for each poll
+    batch as it cohorts it; here the cohort's records are the batch), so that
+    closing the cohort leaves the cohort-wide part.
     """
-    from daemon.core.features import prepare
+    from daemon.core.features import prepare_many
 
     t0 = time.perf_counter()
     traces = [decode(v, Trace) for v in raws]
     t1 = time.perf_counter()
-    for t in traces:
-        prepare(t)
+    prepare_many(traces)
     return traces, t1 - t0, time.perf_counter() - t1
 
 

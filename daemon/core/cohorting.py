@@ -228,10 +228,11 @@ HELD_ATTEMPT_BYTES = 800
 HELD_TOKEN_VALUE_BYTES = 32
 # And what the features' per-trace part (daemon.core.features.prepare, made
 # when the trace is cohorted) adds: its fixed part and the prompt twice
-# (normalised, masked), each attempt's mean entropy, and each log-prob again
-# as a float64 in one array.
+# (normalised, masked), each attempt's mean entropy, each attempt's five
+# token statistics (float64), and each log-prob again as a float64 in one array.
 HELD_PREPARED_BYTES = 750
 HELD_PREPARED_ATTEMPT_BYTES = 40
+HELD_PREPARED_ROW_BYTES = 40
 HELD_PREPARED_VALUE_BYTES = 8
 
 
@@ -246,6 +247,8 @@ def held_bytes(trace: Trace, item_bytes: int | None = None) -> int:
     n += HELD_PREPARED_BYTES + 2 * len(trace.prompt)
     for a in trace.attempts:
         n += HELD_ATTEMPT_BYTES + len(a.completion)
+        if a.token_logprobs or a.stats is not None:
+            n += HELD_PREPARED_ROW_BYTES
         if a.token_logprobs:
             n += (HELD_TOKEN_VALUE_BYTES + HELD_PREPARED_VALUE_BYTES) * len(a.token_logprobs)
         if a.token_entropies:

@@ -156,15 +156,30 @@ def _learnability(rewards: list[float], sizes: list[int]) -> dict[str, float]:
     )
 
 
-def _learnability_rows(g: np.ndarray) -> dict[str, float]:
-    """:func:`_learnability` of groups of one size, one per row of ``g``."""
+def _group_rows(g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Groups of one size, one per row of ``g``: each row's advantages, pass share
+    and whether its rewards differ. Row by row, bit for bit the per-group values."""
     # A group of one has no spread (group_advantages).
     one = g.shape[1] == 1
     std = np.zeros((g.shape[0], 1)) if one else g.std(axis=1, ddof=1, keepdims=True)
-    adv = ((g - g.mean(axis=1, keepdims=True)) / (std + ADV_EPS)).ravel()
-    group_pass = (g >= SUCCESS_THRESHOLD).mean(axis=1)
-    nondegenerate = float(np.mean(g.max(axis=1) != g.min(axis=1)))
-    return _learnability_values(g.ravel(), adv, group_pass, nondegenerate)
+    adv = (g - g.mean(axis=1, keepdims=True)) / (std + ADV_EPS)
+    return adv, (g >= SUCCESS_THRESHOLD).mean(axis=1), g.max(axis=1) != g.min(axis=1)
+
+
+def _learnability_rows(g: np.ndarray) -> dict[str, float]:
+    """:func:`_learnability` of groups of one size, one per row of ``g``."""
+    adv, group_pass, differ = _group_rows(g)
+    return _learnability_values(g.ravel(), adv.ravel(), group_pass, float(np.mean(differ)))
+
+
+def _learnability_prepared(prepared: Sequence[Prepared]) -> dict[str, float]:
+    """:func:`_learnability` of prepared traces' groups (their rows made at prepare time)."""
+    return _learnability_values(
+        np.concatenate([p.rewards for p in prepared]),
+        np.concatenate([p.advantages for p in prepared]),
+        np.array([p.group_pass for p in prepared]),
+        float(np.mean([p.nondegenerate for p in prepared])),
+    )
 
 
 def _learnability_values(
@@ -226,33 +241,64 @@ def _percentiles(pooled: np.ndarray) -> tuple[float, float, float]:
 class Prepared:
     """What :func:`featurize` needs of one trace that the trace alone decides.
 
-    Computed once, when the trace is cohorted (:func:`prepare`), so that the
-    work left when its cohort closes is the cohort-wide part: the token
-    log-probs already pooled into an array (a cohort of 64 eight-attempt
-    traces holds 16k of them as Python floats, and converting those was a
-    third of the features' time), each attempt's mean entropy, the prompt
-    normalised and its template. The values featurize computes from these
-    are bit for bit those it computes from the trace itself.
+    Computed once, when the trace is cohorted (:func:`prepare_many`, a poll
+    batch at a time), so that the work left when its cohort closes is the
+    cohort-wide part: joining a few small arrays, percentiles, learnability,
+    reward trust, near-duplicates. Held per trace:
+
+    * ``logprobs``: the token log-probs of its attempts, pooled into one
+      float64 array (the cohort's percentiles need them all);
+    * ``attempt_rows``: five rows of one value per attempt (mean log-prob,
+      surprisal, minimum log-prob, confidence slope, mean probability), from
+      the token arrays where shipped, else from the attempt's TokenStats;
+    * its group's rewards, advantages, pass share and whether they differ;
+    * each attempt's mean entropy, the prompt normalised and its template.
+
+    Every value is a function of the trace alone (no sum runs across two
+    traces), so a trace prepared in any batch, or alone when it is featurized
+    without having been prepared, gives the same features bit for bit.
     """
 
     __slots__ = (
+        "advantages",
+        "attempt_rows",
         "entropies",
-        "lengths",
+        "group_pass",
         "logprobs",
+        "nondegenerate",
         "normalized",
+        "rewards",
         "stats",
         "stats_entropies",
         "stats_tokens",
         "template",
     )
 
-    def __init__(self, trace: Trace) -> None:
-        arrays = [a.token_logprobs for a in trace.attempts if a.token_logprobs]
-        self.lengths = np.fromiter((len(x) for x in arrays), dtype=np.int64, count=len(arrays))
-        self.logprobs = _pool(arrays, int(self.lengths.sum()))
+    def __init__(
+        self,
+        trace: Trace,
+        logprobs: np.ndarray,
+        rows: np.ndarray,
+        group: tuple[np.ndarray, np.ndarray, float, bool],
+    ) -> None:
+        self.logprobs = logprobs
+        self.rewards, self.advantages, self.group_pass, self.nondegenerate = group
         without = [a for a in trace.attempts if not a.token_logprobs and a.stats is not None]
         self.stats: tuple[TokenStats, ...] = tuple(a.stats for a in without if a.stats is not None)
         self.stats_tokens = tuple(max(a.n_tokens, 1) for a in without)
+        if self.stats:
+            s_mean = np.array([s.logprob_mean for s in self.stats])
+            stats_rows = np.array(
+                [
+                    s_mean,
+                    -s_mean * np.asarray(self.stats_tokens, dtype=np.float64),
+                    [s.logprob_min for s in self.stats],
+                    [s.logprob_late - s.logprob_early for s in self.stats],
+                    [s.prob_mean for s in self.stats],
+                ]
+            )
+            rows = np.concatenate((rows, stats_rows), axis=1)
+        self.attempt_rows = rows
         # Only each attempt's mean entropy is needed: summed where the floats
         # are (a list), which costs a third of copying them into an array.
         self.entropies = tuple(sum(x) / len(x) for a in trace.attempts if (x := a.token_entropies))
@@ -277,75 +323,134 @@ def _forget(key: int, ref: weakref.ref[Trace]) -> None:
         del _prepared[key]
 
 
+def _known(trace: Trace) -> Prepared | None:
+    got = _prepared.get(id(trace))
+    return got[1] if got is not None and got[0]() is trace else None
+
+
+def _attempt_rows(pooled: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The five per-attempt rows of :class:`Prepared` for attempts whose
+    ``lengths`` (each >= 1) token log-probs lie one after another in ``pooled``.
+
+    Each value is a reduction over its own attempt's slice (``reduceat``), so
+    it does not depend on which other attempts are pooled with it.
+    """
+    n = lengths.size
+    if not n:
+        return np.empty((5, 0))
+    starts = np.zeros(n, dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    half = lengths // 2
+    # Each attempt's early half [start, start + half) and late half, in one pass.
+    bounds = np.empty(2 * n, dtype=np.int64)
+    bounds[0::2] = starts
+    bounds[1::2] = starts + half
+    halves = np.add.reduceat(pooled, bounds)
+    sums = np.add.reduceat(pooled, starts)
+    early = halves[0::2] / np.maximum(half, 1)
+    late = halves[1::2] / (lengths - half)
+    rows = np.empty((5, n))
+    np.divide(sums, lengths, out=rows[0])
+    np.negative(sums, out=rows[1])
+    rows[2] = np.minimum.reduceat(pooled, starts)
+    # One token has no early and late half: no slope (its "early half" above
+    # is reduceat's value for an empty slice, the token itself).
+    rows[3] = np.where(lengths >= 2, late - early, 0.0)
+    rows[4] = np.add.reduceat(np.exp(pooled), starts) / lengths
+    return rows
+
+
+def _groups(traces: Sequence[Trace]) -> list[tuple[np.ndarray, np.ndarray, float, bool]]:
+    """Each trace's group part of :class:`Prepared`: the groups of each size as the
+    rows of one array (:func:`_group_rows`, each row's values its own)."""
+    out: list[tuple[np.ndarray, np.ndarray, float, bool] | None] = [None] * len(traces)
+    by_size: dict[int, list[int]] = {}
+    for i, t in enumerate(traces):
+        by_size.setdefault(len(t.attempts), []).append(i)
+    for size, members in by_size.items():
+        if not size:
+            # No attempts yet (the rollout engine tops the group up, as a new
+            # trace): nothing to reduce, and featurize refuses it as it is.
+            for i in members:
+                out[i] = (np.empty(0), np.empty(0), 0.0, False)
+            continue
+        g = np.array([[a.reward for a in traces[i].attempts] for i in members], dtype=np.float64)
+        adv, group_pass, differ = _group_rows(g)
+        for row, i in enumerate(members):
+            out[i] = (g[row].copy(), adv[row].copy(), float(group_pass[row]), bool(differ[row]))
+    return [x for x in out if x is not None]
+
+
+def prepare_many(traces: Sequence[Trace]) -> list[Prepared]:
+    """Each trace's :class:`Prepared` part, computed at most once while the trace lives.
+
+    The token work of the traces not yet prepared is done in one numpy pass
+    over all of them (a scorer prepares a poll batch at a time): per trace it
+    costs a few microseconds, where a pass per trace cost a dozen numpy calls.
+    """
+    out: list[Prepared | None] = [_known(t) for t in traces]
+    todo = [i for i, p in enumerate(out) if p is None]
+    if todo:
+        arrays = [[a.token_logprobs for a in traces[i].attempts if a.token_logprobs] for i in todo]
+        lengths = np.fromiter(
+            (len(x) for per in arrays for x in per),
+            dtype=np.int64,
+            count=sum(map(len, arrays)),
+        )
+        pooled = _pool([x for per in arrays for x in per], int(lengths.sum()))
+        rows = _attempt_rows(pooled, lengths)
+        groups = _groups([traces[i] for i in todo])
+        at = tokens = 0
+        for i, per, group in zip(todo, arrays, groups, strict=True):
+            n = len(per)
+            size = int(lengths[at : at + n].sum())
+            # Copies: a trace's part must not keep the whole batch's arrays alive.
+            prepared = Prepared(
+                traces[i], pooled[tokens : tokens + size].copy(), rows[:, at : at + n].copy(), group
+            )
+            at += n
+            tokens += size
+            key = id(traces[i])
+            ref = weakref.ref(traces[i], lambda r, key=key: _forget(key, r))  # type: ignore[misc]
+            _prepared[key] = (ref, prepared)
+            out[i] = prepared
+    return [p for p in out if p is not None]
+
+
 def prepare(trace: Trace) -> Prepared:
-    """The trace's :class:`Prepared` part, computed at most once while the trace lives."""
-    key = id(trace)
-    got = _prepared.get(key)
-    if got is not None and got[0]() is trace:
-        return got[1]
-    prepared = Prepared(trace)
-    ref = weakref.ref(trace, lambda r, key=key: _forget(key, r))  # type: ignore[misc]
-    _prepared[key] = (ref, prepared)
-    return prepared
+    """The trace's :class:`Prepared` part (:func:`prepare_many` of one trace)."""
+    return prepare_many([trace])[0]
 
 
 def _familiarity(prepared: Sequence[Prepared]) -> dict[str, float]:
     """Per-attempt token statistics, from full arrays when shipped, else TokenStats."""
-    stats = [s for p in prepared for s in p.stats]
-    stats_tokens = [n for p in prepared for n in p.stats_tokens]
-    with_arrays = [p for p in prepared if p.lengths.size]
-    if not with_arrays and not stats:
+    blocks = [p.attempt_rows for p in prepared if p.attempt_rows.shape[1]]
+    if not blocks:
         return dict.fromkeys(FAMILIARITY, 0.0)
-
-    mean_lp: list[np.ndarray] = []
-    surprisal: list[np.ndarray] = []
-    min_lp: list[np.ndarray] = []
-    slope: list[np.ndarray] = []
-    prob: list[np.ndarray] = []
+    # Every attempt's five values, joined: a few dozen small blocks, one mean each row.
+    means = np.concatenate(blocks, axis=1).mean(axis=1)
+    with_arrays = [p.logprobs for p in prepared if p.logprobs.size]
     if with_arrays:
-        # The attempts' arrays in cohort order, as one pool: a few dozen
-        # arrays joined, not thousands of floats converted.
-        lengths = np.concatenate([p.lengths for p in with_arrays])
-        pooled = np.concatenate([p.logprobs for p in with_arrays])
-        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-        cs = np.concatenate(([0.0], np.cumsum(pooled)))
-        sums = cs[starts + lengths] - cs[starts]
-        half = lengths // 2
-        early = (cs[starts + half] - cs[starts]) / np.maximum(half, 1)
-        late = (cs[starts + lengths] - cs[starts + half]) / (lengths - half)
-        mean_lp.append(sums / lengths)
-        surprisal.append(-sums)
-        min_lp.append(np.minimum.reduceat(pooled, starts))
-        # One token has no early and late half: no slope.
-        slope.append(np.where(lengths >= 2, late - early, 0.0))
-        prob.append(np.add.reduceat(np.exp(pooled), starts) / lengths)
-        p10, p50, p90 = _percentiles(pooled)
+        p10, p50, p90 = _percentiles(np.concatenate(with_arrays))
     else:
-        w = np.asarray(stats_tokens, dtype=np.float64)
+        stats = [s for p in prepared for s in p.stats]
+        w = np.asarray([n for p in prepared for n in p.stats_tokens], dtype=np.float64)
         p10, p50, p90 = (
             float(np.average([getattr(s, f"logprob_{q}") for s in stats], weights=w))
             for q in ("p10", "p50", "p90")
         )
-    if stats:
-        s_mean = np.array([s.logprob_mean for s in stats])
-        mean_lp.append(s_mean)
-        surprisal.append(-s_mean * np.asarray(stats_tokens, dtype=np.float64))
-        min_lp.append(np.array([s.logprob_min for s in stats]))
-        slope.append(np.array([s.logprob_late - s.logprob_early for s in stats]))
-        prob.append(np.array([s.prob_mean for s in stats]))
-
     entropies = [e for p in prepared for e in p.entropies]
     entropies += [e for p in prepared for e in p.stats_entropies]
     return {
-        "mean_logprob": float(np.concatenate(mean_lp).mean()),
-        "surprisal_mean": float(np.concatenate(surprisal).mean()),
+        "mean_logprob": float(means[0]),
+        "surprisal_mean": float(means[1]),
         "entropy_mean": float(np.mean(entropies)) if entropies else 0.0,
         "logprob_p10": float(p10),
         "logprob_p50": float(p50),
         "logprob_p90": float(p90),
-        "confidence_slope": float(np.concatenate(slope).mean()),
-        "redundancy_mean": float(np.concatenate(prob).mean()),
-        "min_logprob_mean": float(np.concatenate(min_lp).mean()),
+        "confidence_slope": float(means[3]),
+        "redundancy_mean": float(means[4]),
+        "min_logprob_mean": float(means[2]),
     }
 
 
@@ -908,12 +1013,12 @@ def featurize(
                 f"traces[{i}].attempts", f"trace {t.trace_id!r} has no attempts to learn from"
             )
     attempts = [a for t in traces for a in t.attempts]
-    prepared = [prepare(t) for t in traces]
+    prepared = prepare_many(traces)
     templates = [p.template for p in prepared]
     lengths = np.fromiter((a.n_tokens for a in attempts), dtype=np.float64, count=len(attempts))
 
     values: dict[str, float] = {
-        **_learnability([a.reward for a in attempts], [len(t.attempts) for t in traces]),
+        **_learnability_prepared(prepared),
         "target_similarity": _target_similarity(
             templates, target_prompts(_subject(traces), probe_prompts)
         ),

@@ -59,7 +59,7 @@ from daemon.core.cohorting import (
     slice_key_of,
 )
 from daemon.core.decision import ScoredCohort
-from daemon.core.features import FEATURE_SCHEMA, prepare
+from daemon.core.features import FEATURE_SCHEMA, prepare_many
 from daemon.core.journal import HELD, Journal, Journaled, Window, held_key, section
 from daemon.core.tenants import tenant_counts, tenant_of_record
 from streams.deadletter import (
@@ -455,6 +455,7 @@ class Scorer:
             self._emit(
                 ev.TracesConsumed(len(records), tenant_counts(t for _, _, t in decoded), misrouted)
             )
+        held: list[Trace] = []
         with self._timed("cohorting", bool(records)):
             for rec, trace, tenant in decoded:
                 if isinstance(trace, Poison):
@@ -475,13 +476,15 @@ class Scorer:
                     self._hold(
                         trace.trace_id, _Origin(rec.topic, rec.partition, rec.offset, rec.value)
                     )
-                    # The trace's own share of its features, now rather than when
-                    # its cohort closes: what is left then is the cohort-wide part.
-                    # Only a cache: if it fails, featurize computes it again and
-                    # dead-letters the trace alone with the reason (_features).
-                    with contextlib.suppress(Exception):
-                        prepare(trace)
+                    held.append(trace)
                 fx += self._cohort_events(events, now, rec)
+            # The held traces' own share of their features, now rather than
+            # when their cohorts close (what is left then is the cohort-wide
+            # part), in one pass over the batch. Only a cache: if it fails,
+            # featurize computes it again and dead-letters a trace that cannot
+            # be featurized alone, with the reason (_features).
+            with contextlib.suppress(Exception):
+                prepare_many(held)
         return self._done(fx)
 
     def _poison(self, poison: Poison, rec: Record, fx: Effects, tenant: str | None) -> None:

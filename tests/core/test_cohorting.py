@@ -26,7 +26,7 @@ from daemon.core.cohorting import (
     slice_key_of,
     validate_slice_key,
 )
-from daemon.core.features import prepare
+from daemon.core.features import prepare_many
 from streams.schemas import DISPATCH_ENVELOPE_BYTES, Trace, dispatch_item_bytes
 
 
@@ -480,7 +480,7 @@ def test_held_bytes_is_close_to_what_a_held_trace_takes_in_memory() -> None:
         tracemalloc.start()
         before = tracemalloc.get_traced_memory()[0]
         held = [(decode(r, Trace), bytes(r)) for r in raws]
-        prepared = [prepare(t) for t, _ in held]  # what featurize keeps of each
+        prepared = prepare_many([t for t, _ in held])  # as the scorer prepares a batch
         measured = (tracemalloc.get_traced_memory()[0] - before) / len(held)
         tracemalloc.stop()
         del prepared

@@ -14,6 +14,7 @@ from daemon.core.features import (
     FEATURE_NAMES,
     MONOTONE,
     FeatureError,
+    _learnability,
     bad_answers,
     classify_group,
     feature_vector,
@@ -21,6 +22,7 @@ from daemon.core.features import (
     group_advantages,
     near_duplicate_rate,
     prepare,
+    prepare_many,
     reward_trust,
     target_similarity,
     template_repetition,
@@ -487,11 +489,10 @@ def test_probe_results_are_bounded_in_bytes_by_the_verify_setting() -> None:
     assert features._probe_cache.bad.max_bytes == int(before.probe_cache_mib * 2**20) // 2
 
 
-def test_a_prepared_trace_gives_the_features_of_an_unprepared_one_bit_for_bit() -> None:
-    """The per-trace part made at cohorting time (prepare) changes when work is done,
-    never a value: token arrays, TokenStats, missing entropies and an empty array mixed."""
-    rng = random.Random(5)
-    stats = _STATS
+def _mixed_traces(seed: int) -> list[Trace]:
+    """Traces whose attempts mix token arrays, TokenStats, missing entropies and
+    empty arrays, of different lengths (one-token attempts among them)."""
+    rng = random.Random(seed)
     traces = []
     for i in range(12):
         attempts = []
@@ -506,15 +507,53 @@ def test_a_prepared_trace_gives_the_features_of_an_unprepared_one_bit_for_bit() 
                     n_tokens=n,
                     token_logprobs=lp if kind != 3 else None,
                     token_entropies=[rng.random() for _ in lp] if kind == 1 else None,
-                    stats=stats if kind >= 2 else None,
+                    stats=_STATS if kind >= 2 else None,
                 )
             )
         base = _trace(f"p{i}", [0.0], prompt=f"What  is {rng.randrange(99)} + {i}?")
         traces.append(base.model_copy(update={"attempts": attempts}))
+    return traces
+
+
+def test_a_prepared_trace_gives_the_features_of_an_unprepared_one_bit_for_bit() -> None:
+    """The per-trace part made at cohorting time (prepare) changes when work is done,
+    never a value."""
+    traces = _mixed_traces(5)
     fresh = [t.model_copy(deep=True) for t in traces]
     for t in traces:
         prepare(t)
     assert featurize(traces, verifier_probe=False) == featurize(fresh, verifier_probe=False)
+
+
+def test_a_trace_prepared_in_a_batch_gives_what_it_gives_alone() -> None:
+    """A scorer prepares a poll batch at once, and a trace restored from a snapshot is
+    prepared alone: no value may depend on which traces shared its batch."""
+    traces = _mixed_traces(6)
+    batch = [t.model_copy(deep=True) for t in traces]
+    parts = prepare_many(batch[3:] + batch[:3])
+    assert [id(p) for p in prepare_many(batch)] == [id(p) for p in parts[9:] + parts[:9]]
+    for alone, together in zip(map(prepare, traces), prepare_many(batch), strict=True):
+        assert alone is not together
+        assert alone.attempt_rows.tobytes() == together.attempt_rows.tobytes()
+        assert alone.logprobs.tobytes() == together.logprobs.tobytes()
+        assert (alone.entropies, alone.template) == (together.entropies, together.template)
+    for cut in (slice(0, 5), slice(4, 12)):
+        assert featurize(traces[cut], verifier_probe=False) == featurize(
+            batch[cut], verifier_probe=False
+        )
+    # Groups of other sizes (and one not yet rolled out) in the batch: each group's
+    # learnability is its own, as the per-group reference computes it.
+    mixed = [
+        traces[0].model_copy(update={"attempts": traces[0].attempts[:k]}) for k in (1, 3, 0, 6, 3)
+    ]
+    parts = prepare_many(mixed)
+    assert parts[2].rewards.size == 0
+    rolled = [t for t in mixed if t.attempts]
+    want = _learnability(
+        [a.reward for t in rolled for a in t.attempts], [len(t.attempts) for t in rolled]
+    )
+    got = featurize(rolled, verifier_probe=False)
+    assert {k: got[k] for k in want} == want
 
 
 def test_a_trace_is_prepared_once_and_its_part_goes_with_it() -> None:
