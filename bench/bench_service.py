@@ -8,8 +8,8 @@
   against a 5-target probe file's prompts) plus the predictor's ``predict``,
   what the scorer does when a cohort closes; against decoding the same
   cohort's records (the work its traces cost anyway). The traces are decoded
-  and prepared (``daemon.core.features.prepare``, each trace's own share of
-  the features, which the scorer computes when it cohorts the trace) before
+  and prepared (``daemon.core.features.prepare_many``, each trace's own share
+  of the features, which the scorer computes for each poll batch it cohorts) before
   the clock starts, as the scorer's are; the prepare time is printed beside
   it, and so is the share of CPU time the host stole meanwhile (a shared
   host's latency tail). Target: p99 <= 5 ms at G = 64.

@@ -227,10 +227,16 @@ HELD_TRACE_BYTES = 1_500
 HELD_ATTEMPT_BYTES = 800
 HELD_TOKEN_VALUE_BYTES = 32
 # And what the features' per-trace part (daemon.core.features.prepare, made
-# when the trace is cohorted) adds: its fixed part and the prompt twice
-# (normalised, masked), each attempt's mean entropy, each attempt's five
-# token statistics (float64), and each log-prob again as a float64 in one array.
-HELD_PREPARED_BYTES = 750
+# when the trace is cohorted) adds: its fixed part (the object and five small
+# arrays); the prompt twice (normalised, masked) and its distinct n-grams'
+# 8-byte codes, of which a natural text has about one per character over its
+# first few hundred and one per four beyond; per attempt its reward and
+# advantage, its mean entropy and its five token statistics (float64); each
+# log-prob again as a float64.
+HELD_PREPARED_BYTES = 1_350
+HELD_PREPARED_GRAM_BYTES = 8
+HELD_PREPARED_GRAMS_DENSE = 500
+HELD_PREPARED_GROUP_BYTES = 16
 HELD_PREPARED_ATTEMPT_BYTES = 40
 HELD_PREPARED_ROW_BYTES = 40
 HELD_PREPARED_VALUE_BYTES = 8
@@ -244,9 +250,12 @@ def held_bytes(trace: Trace, item_bytes: int | None = None) -> int:
     ``item_bytes``: its dispatch item size, if known (the prompt, reference
     and verifier arguments)."""
     n = HELD_TRACE_BYTES + (dispatch_item_bytes(trace) if item_bytes is None else item_bytes)
-    n += HELD_PREPARED_BYTES + 2 * len(trace.prompt)
+    chars = len(trace.prompt)
+    dense = min(chars, HELD_PREPARED_GRAMS_DENSE)
+    grams = dense + (chars - dense) // 4
+    n += HELD_PREPARED_BYTES + 2 * chars + HELD_PREPARED_GRAM_BYTES * grams
     for a in trace.attempts:
-        n += HELD_ATTEMPT_BYTES + len(a.completion)
+        n += HELD_ATTEMPT_BYTES + HELD_PREPARED_GROUP_BYTES + len(a.completion)
         if a.token_logprobs or a.stats is not None:
             n += HELD_PREPARED_ROW_BYTES
         if a.token_logprobs:

@@ -21,12 +21,12 @@ import numpy as np
 
 from daemon.core.cohorting import Cohort
 from daemon.core.similarity import (
+    gram_codes,
     gram_set,
     jaccard,
     ngrams,
     norm,
     normalize,
-    normalized_gram_set,
     normalized_template,
     template,
 )
@@ -100,6 +100,7 @@ _MCQ_OPTIONS = "ABCDEFGHIJ"
 
 GroupClass = Literal["disagree", "known", "no_foothold"]
 _V = TypeVar("_V")
+_G = TypeVar("_G", str, int)
 
 
 class FeatureError(Rejection):
@@ -252,7 +253,8 @@ class Prepared:
       surprisal, minimum log-prob, confidence slope, mean probability), from
       the token arrays where shipped, else from the attempt's TokenStats;
     * its group's rewards, advantages, pass share and whether they differ;
-    * each attempt's mean entropy, the prompt normalised and its template.
+    * each attempt's mean entropy, the prompt normalised, its template, and
+      its n-grams as integer codes (:func:`~daemon.core.similarity.gram_codes`).
 
     Every value is a function of the trace alone (no sum runs across two
     traces), so a trace prepared in any batch, or alone when it is featurized
@@ -263,6 +265,7 @@ class Prepared:
         "advantages",
         "attempt_rows",
         "entropies",
+        "grams",
         "group_pass",
         "logprobs",
         "nondegenerate",
@@ -280,8 +283,12 @@ class Prepared:
         logprobs: np.ndarray,
         rows: np.ndarray,
         group: tuple[np.ndarray, np.ndarray, float, bool],
+        normalized: str,
+        grams: np.ndarray,
     ) -> None:
         self.logprobs = logprobs
+        self.normalized = normalized
+        self.grams = grams
         self.rewards, self.advantages, self.group_pass, self.nondegenerate = group
         without = [a for a in trace.attempts if not a.token_logprobs and a.stats is not None]
         self.stats: tuple[TokenStats, ...] = tuple(a.stats for a in without if a.stats is not None)
@@ -307,8 +314,7 @@ class Prepared:
             for a in trace.attempts
             if not a.token_entropies and a.stats is not None and a.stats.entropy_mean is not None
         )
-        self.normalized = normalize(trace.prompt)
-        self.template = normalized_template(self.normalized)
+        self.template = normalized_template(normalized)
 
 
 # Prepared traces by identity, each entry dropped with its trace (a weak
@@ -392,21 +398,24 @@ def prepare_many(traces: Sequence[Trace]) -> list[Prepared]:
     todo = [i for i, p in enumerate(out) if p is None]
     if todo:
         arrays = [[a.token_logprobs for a in traces[i].attempts if a.token_logprobs] for i in todo]
-        lengths = np.fromiter(
-            (len(x) for per in arrays for x in per),
-            dtype=np.int64,
-            count=sum(map(len, arrays)),
-        )
-        pooled = _pool([x for per in arrays for x in per], int(lengths.sum()))
-        rows = _attempt_rows(pooled, lengths)
+        lens = [len(x) for per in arrays for x in per]
+        pooled = _pool([x for per in arrays for x in per], sum(lens))
+        rows = _attempt_rows(pooled, np.array(lens, dtype=np.int64))
         groups = _groups([traces[i] for i in todo])
+        normalized = [normalize(traces[i].prompt) for i in todo]
+        grams = gram_codes(normalized)
         at = tokens = 0
-        for i, per, group in zip(todo, arrays, groups, strict=True):
+        for k, (i, per) in enumerate(zip(todo, arrays, strict=True)):
             n = len(per)
-            size = int(lengths[at : at + n].sum())
+            size = sum(lens[at : at + n])
             # Copies: a trace's part must not keep the whole batch's arrays alive.
             prepared = Prepared(
-                traces[i], pooled[tokens : tokens + size].copy(), rows[:, at : at + n].copy(), group
+                traces[i],
+                pooled[tokens : tokens + size].copy(),
+                rows[:, at : at + n].copy(),
+                groups[k],
+                normalized[k],
+                grams[k],
             )
             at += n
             tokens += size
@@ -629,8 +638,9 @@ def near_duplicate_rate(prompts: Sequence[str]) -> float:
     return _near_duplicate_rate([gram_set(p) for p in prompts])
 
 
-def _near_duplicate_rate(sets: Sequence[set[str]]) -> float:
-    """:func:`near_duplicate_rate` of the prompts' n-gram sets."""
+def _near_duplicate_rate(sets: Sequence[set[_G]]) -> float:
+    """:func:`near_duplicate_rate` of the prompts' n-gram sets (of the grams, or of
+    their :func:`~daemon.core.similarity.gram_codes`: the same rate)."""
     n = len(sets)
     if not n:
         return 0.0
@@ -640,14 +650,12 @@ def _near_duplicate_rate(sets: Sequence[set[str]]) -> float:
     if len(empty) > 1:
         for i in empty:
             dup[i] = True
-    df: Counter[str] = Counter()
-    for s in sets:
-        df.update(s)
+    df: Counter[_G] = Counter(itertools.chain.from_iterable(sets))
     # The order (rarest in the cohort first, ties by text) as one rank per
     # n-gram: sorting a prompt's n-grams is then a C-level key lookup.
     rank = {g: r for r, g in enumerate(sorted(df, key=lambda g: (df[g], g)))}
     by_rank = rank.__getitem__
-    index: dict[str, list[int]] = {}
+    index: dict[_G, list[int]] = {}
     for i, s in enumerate(sets):
         if not s:
             continue
@@ -1027,9 +1035,7 @@ def featurize(
         "n_groups": float(len(traces)),
         **_familiarity(prepared),
         "reward_trust": reward_trust(traces) if verifier_probe else 1.0,
-        "near_duplicate_rate": _near_duplicate_rate(
-            [normalized_gram_set(p.normalized) for p in prepared]
-        ),
+        "near_duplicate_rate": _near_duplicate_rate([set(p.grams.tolist()) for p in prepared]),
         "template_repetition": _template_repetition(templates),
     }
     out = {name: float(values[name]) for name in FEATURE_NAMES}

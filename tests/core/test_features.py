@@ -417,8 +417,37 @@ def test_near_duplicate_rate_prefix_filter_matches_every_pair_compared() -> None
             prompts.append("".join(chars) or " ")
         rate = near_duplicate_rate(prompts)
         assert rate == every_pair(prompts)
+        # The scorer's path: each prompt's grams coded when its trace is prepared.
+        traces = [_trace(f"n{i}", [1.0], prompt=p) for i, p in enumerate(prompts)]
+        assert featurize(traces, verifier_probe=False)["near_duplicate_rate"] == rate
         rates.add(rate)
     assert len(rates) > 10  # the cases cover many rates, not only 0 and 1
+
+
+def test_gram_codes_are_the_grams_exactly() -> None:
+    """Codes share exactly what the grams share, whatever the characters (non-ASCII,
+    astral, NUL, a lone surrogate) and lengths (texts shorter than a gram), and a
+    text's codes do not depend on the texts coded with it."""
+    from daemon.core.similarity import gram_codes, jaccard, normalize, normalized_gram_set
+
+    rng = random.Random(3)
+    alphabet = ["a", "b", " ", "1", "é", "\ud800", "\U0001f600", "\x00", "z"]
+    texts = [
+        normalize("".join(rng.choice(alphabet) for _ in range(rng.choice([0, 1, 2, 3, 5, 30]))))
+        for _ in range(600)
+    ]
+    codes = gram_codes(texts)
+    for t, c in zip(texts, codes, strict=True):
+        assert c.dtype == np.int64 and len(c) == len(normalized_gram_set(t))
+        assert c.tolist() == sorted(set(c.tolist()))
+    for i, j in ((rng.randrange(600), rng.randrange(600)) for _ in range(5_000)):
+        want = jaccard(normalized_gram_set(texts[i]), normalized_gram_set(texts[j]))
+        assert jaccard(set(codes[i].tolist()), set(codes[j].tolist())) == want
+    for lo, hi in ((0, 1), (7, 19), (300, 600)):
+        assert [c.tolist() for c in gram_codes(texts[lo:hi])] == [c.tolist() for c in codes[lo:hi]]
+    assert gram_codes([]) == []
+    with pytest.raises(ValueError, match="n: "):
+        gram_codes(["abcd"], n=4)
 
 
 def test_token_percentiles_are_numpys_bit_for_bit() -> None:
