@@ -13,7 +13,7 @@ import json
 import math
 import statistics
 import weakref
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Generic, Literal, TypeVar
 
@@ -22,7 +22,6 @@ import numpy as np
 from daemon.core.cohorting import Cohort
 from daemon.core.similarity import (
     gram_codes,
-    gram_set,
     jaccard,
     ngrams,
     norm,
@@ -100,7 +99,6 @@ _MCQ_OPTIONS = "ABCDEFGHIJ"
 
 GroupClass = Literal["disagree", "known", "no_foothold"]
 _V = TypeVar("_V")
-_G = TypeVar("_G", str, int)
 
 
 class FeatureError(Rejection):
@@ -212,6 +210,41 @@ def _pool(arrays: Sequence[Sequence[float]], total: int) -> np.ndarray:
 _QUANTILES = (10 / 100, 50 / 100, 90 / 100)
 
 
+# From this many values on, one selection per order statistic, each on the
+# part the previous ones left, beats numpy's partition at several kth at once
+# (which re-scans the whole array per kth: 0.28 against 0.10 ms at 16k).
+_SELECT_ONE_BY_ONE = 4_096
+
+
+def _order_statistics(x: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
+    """The values of rank ``ks`` (sorted, distinct) in ``x``, as a full sort would place them."""
+    if x.size < _SELECT_ONE_BY_ONE:
+        ordered = np.partition(x, list(ks))
+        return {k: float(ordered[k]) for k in ks}
+    y = x.copy()
+    out: dict[int, float] = {}
+    # (start, end, ranks inside): partition the middle rank's segment, then the
+    # ranks below it lie in the part before it and those above in the part after.
+    todo: list[tuple[int, int, list[int]]] = [(0, y.size, list(ks))]
+    while todo:
+        start, end, inside = todo.pop()
+        mid = len(inside) // 2
+        k = inside[mid]
+        segment = y[start:end]
+        segment.partition(k - start)
+        out[k] = float(y[k])
+        below, above = inside[:mid], inside[mid + 1 :]
+        if above and above[0] == k + 1:
+            # The next rank is the smallest value after this one: no partition.
+            out[k + 1] = float(y[k + 1 : end].min())
+            above = above[1:]
+        if above:
+            todo.append((k + 1, end, above))
+        if below:
+            todo.append((start, k, below))
+    return out
+
+
 def _percentiles(pooled: np.ndarray) -> tuple[float, float, float]:
     """``np.percentile(pooled, [10, 50, 90])`` (its default "linear" method), bit for bit.
 
@@ -229,10 +262,10 @@ def _percentiles(pooled: np.ndarray) -> tuple[float, float, float]:
         else:
             low = math.floor(v)
             bounds.append((low, low + 1, v - low))
-    ordered = np.partition(pooled, sorted({i for lo, hi, _ in bounds for i in (lo, hi)}))
+    at = _order_statistics(pooled, sorted({i for lo, hi, _ in bounds for i in (lo, hi)}))
     out: list[float] = []
     for lo, hi, t in bounds:
-        a, b = float(ordered[lo]), float(ordered[hi])
+        a, b = at[lo], at[hi]
         # numpy's _lerp: a + (b - a) * t, from the upper end when t >= 0.5.
         diff = b - a
         out.append(b - diff * (1 - t) if t >= 0.5 else a + diff * t)
@@ -635,44 +668,70 @@ def near_duplicate_rate(prompts: Sequence[str]) -> float:
     first ``|x| - ceil(t * |x|) + 1`` of each (the prefix filter of all-pairs
     similarity joins). Only prompts sharing a prefix n-gram are compared.
     """
-    return _near_duplicate_rate([gram_set(p) for p in prompts])
+    return _near_duplicate_rate(gram_codes([normalize(p) for p in prompts]))
 
 
-def _near_duplicate_rate(sets: Sequence[set[_G]]) -> float:
-    """:func:`near_duplicate_rate` of the prompts' n-gram sets (of the grams, or of
-    their :func:`~daemon.core.similarity.gram_codes`: the same rate)."""
-    n = len(sets)
+def _near_duplicate_rate(codes: Sequence[np.ndarray]) -> float:
+    """:func:`near_duplicate_rate` of the prompts' n-grams as
+    :func:`~daemon.core.similarity.gram_codes` (each array sorted and distinct).
+
+    The order, the prefixes and the candidate pairs are found for all prompts
+    at once in numpy; only the candidate pairs are compared one by one.
+    """
+    n = len(codes)
     if not n:
         return 0.0
     dup = [False] * n
+    sizes = np.fromiter(map(len, codes), dtype=np.int64, count=n)
     # Empty sets (blank prompts) are alike (Jaccard 1) and unlike any other (0).
-    empty = [i for i, s in enumerate(sets) if not s]
+    empty = np.flatnonzero(sizes == 0).tolist()
     if len(empty) > 1:
         for i in empty:
             dup[i] = True
-    df: Counter[_G] = Counter(itertools.chain.from_iterable(sets))
-    # The order (rarest in the cohort first, ties by text) as one rank per
-    # n-gram: sorting a prompt's n-grams is then a C-level key lookup.
-    rank = {g: r for r, g in enumerate(sorted(df, key=lambda g: (df[g], g)))}
-    by_rank = rank.__getitem__
-    index: dict[_G, list[int]] = {}
-    for i, s in enumerate(sets):
-        if not s:
-            continue
-        # The 1e-9 keeps 0.8 * 5 (4.000000000000001) from rounding the prefix
-        # down; a longer prefix only adds candidates.
-        prefix = len(s) - math.ceil(NEAR_DUPLICATE_JACCARD * len(s) - 1e-9) + 1
-        candidates: set[int] = set()
-        for g in sorted(s, key=by_rank)[:prefix]:
-            postings = index.get(g)
-            if postings is None:
-                index[g] = [i]
-            else:
-                candidates.update(postings)
-                postings.append(i)
-        for j in sorted(candidates):
-            if (not dup[i] or not dup[j]) and jaccard(sets[j], s) >= NEAR_DUPLICATE_JACCARD:
-                dup[i] = dup[j] = True
+    if not sizes.any():
+        return sum(dup) / n
+    grams = np.concatenate(codes)
+    owner = np.repeat(np.arange(n), sizes)
+    distinct, which, df = np.unique(grams, return_inverse=True, return_counts=True)
+    # Each n-gram's rank: rarest in the cohort first, ties by code.
+    rank = np.empty(distinct.size, dtype=np.int64)
+    rank[np.lexsort((distinct, df))] = np.arange(distinct.size)
+    ranked = rank[which.ravel()]
+    order = np.lexsort((ranked, owner))
+    ranked, owner = ranked[order], owner[order]
+    # The 1e-9 keeps 0.8 * 5 (4.000000000000001) from rounding the prefix
+    # down; a longer prefix only adds candidates.
+    prefix = sizes - np.ceil(NEAR_DUPLICATE_JACCARD * sizes - 1e-9).astype(np.int64) + 1
+    starts = np.cumsum(sizes) - sizes
+    keep = np.arange(owner.size) - starts[owner] < prefix[owner]
+    gram, member = ranked[keep], owner[keep]
+    # Candidates: pairs of prompts with a prefix n-gram in common. Grouped by
+    # n-gram (members ascending within one), the pairs d apart in a group are
+    # the rows d apart that hold the same n-gram; no pair at d, no group past d.
+    # Marked in an n x n table (n <= 256 a cohort), so that a pair sharing
+    # many prefix n-grams (near-copies) is one candidate, in bounded memory.
+    by_gram = np.lexsort((member, gram))
+    gram, member = gram[by_gram], member[by_gram]
+    candidate = np.zeros((n, n), dtype=bool)
+    for d in range(1, n):
+        same = gram[d:] == gram[:-d]
+        if not same.any():
+            break
+        candidate[member[:-d][same], member[d:][same]] = True
+    sets: dict[int, set[int]] = {}
+
+    def grams_of(i: int) -> set[int]:
+        got = sets.get(i)
+        if got is None:
+            got = sets[i] = set(codes[i].tolist())
+        return got
+
+    first, second = np.nonzero(candidate)
+    for i, j in zip(first.tolist(), second.tolist(), strict=True):
+        if (not dup[i] or not dup[j]) and jaccard(grams_of(i), grams_of(j)) >= (
+            NEAR_DUPLICATE_JACCARD
+        ):
+            dup[i] = dup[j] = True
     return sum(dup) / n
 
 
@@ -697,7 +756,26 @@ def bad_answers(prompt: str, reference: str) -> list[str]:
     adversarial (every MCQ option at once, the answer padded to a longer
     number or word, its first digit followed by junk, the answer embedded in
     junk, a hedge of the answer and a wrong one). An answer that normalises
-    to the reference itself is left out: rewarding it is correct.
+    to the reference itself is left out: rewarding it is correct. All but the
+    echoed prompt depend on the reference alone (:func:`_reference_bad_answers`).
+    """
+    out = list(_reference_bad_answers(reference))
+    if _echo_is_bad(prompt, reference, out):
+        out.append(prompt)
+    return out
+
+
+def _echo_is_bad(prompt: str, reference: str, reference_bad: Sequence[str]) -> bool:
+    """Whether the echoed prompt is a bad answer not already among the reference's own."""
+    return normalize(prompt) != normalize(reference.strip()) and prompt not in reference_bad
+
+
+@functools.lru_cache(maxsize=4096)
+def _reference_bad_answers(reference: str) -> tuple[str, ...]:
+    """The :func:`bad_answers` that the reference alone decides, in a fixed order.
+
+    Remembered per reference: a cohort's references repeat (the same answer
+    to many prompts, as numbers and options do) where its prompts do not.
     """
     ref = reference.strip()
     if any(c.isdigit() for c in ref):
@@ -710,7 +788,6 @@ def bad_answers(prompt: str, reference: str) -> list[str]:
     candidates = [
         wrong,
         "",
-        prompt,
         " ".join(_MCQ_OPTIONS[:5]),
         # A wrong, longer number (or word) that contains the answer.
         f"{ref}9" if digits else f"{ref}x",
@@ -720,13 +797,13 @@ def bad_answers(prompt: str, reference: str) -> list[str]:
     # Knowing only the leading digit must not pass; with a one-digit answer
     # "5#zq" is the whole answer plus junk, which a lenient parser may accept.
     if digits and normalize(digits[0]) != normalize(ref):
-        candidates.insert(5, f"{digits[0]}#zq")
+        candidates.insert(4, f"{digits[0]}#zq")
     target = normalize(ref)
     out: list[str] = []
     for c in candidates:
         if normalize(c) != target and c not in out:
             out.append(c)
-    return out
+    return tuple(out)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -736,6 +813,8 @@ def _bad_answers(prompt: str, reference: str) -> tuple[str, ...]:
 
 
 def _verifier_key(trace: Trace) -> tuple[str, str]:
+    if not trace.verifier_args:  # most verifiers take none: skip the encoder
+        return trace.verifier, "{}"
     return trace.verifier, json.dumps(trace.verifier_args, sort_keys=True, default=str)
 
 
@@ -812,8 +891,9 @@ class _ProbeCache:
     """Pure verifiers' probe results and built verifiers, valid for one set of verify caps.
 
     ``results``: (verifier, arguments, answer, reference) -> rewarded;
-    ``bad``: (verifier, arguments, prompt, reference) -> (rewarded, probed) over
-    the prompt's :func:`bad_answers`, so that a prompt seen again costs one lookup.
+    ``bad``: (verifier, arguments, "", reference) -> (rewarded, probed) over the
+    reference's own bad answers (:func:`_reference_bad_answers`), so that a
+    reference seen again, with any prompt, costs one lookup.
     """
 
     def __init__(self) -> None:
@@ -938,19 +1018,31 @@ def reward_trust(traces: Sequence[Trace]) -> float:
     def bad_probes(t: Trace) -> tuple[int, int]:
         """(rewarded, probed) over the trace's bad answers."""
         verify = verifier(t)
-        pure = verify is not None and t.verifier in PURE_VERIFIERS
-        bkey = (*keys[id(t)], t.prompt, t.reference)
-        if pure and (hit := _probe_cache.bad.get(bkey)) is not None:
-            return hit
-        rewarded = probed = 0
-        for answer in _bad_answers(t.prompt, t.reference):
-            passed = _passes(verify, answer, t.reference)
-            if passed is None:  # over the probe budget: not probed, counts neither way
-                continue
-            probed += 1
-            rewarded += passed
-        if pure:
-            _probe_cache.bad.put(bkey, (rewarded, probed))
+        if verify is None or t.verifier not in PURE_VERIFIERS:
+            rewarded = probed = 0
+            for answer in _bad_answers(t.prompt, t.reference):
+                passed = _passes(verify, answer, t.reference)
+                if passed is None:  # over the probe budget: not probed, counts neither way
+                    continue
+                probed += 1
+                rewarded += passed
+            return rewarded, probed
+        # A pure verifier: the reference's own bad answers are probed once per
+        # (verifier, reference), whatever the prompt; the echoed prompt, the
+        # one bad answer a new prompt brings, is one remembered probe.
+        own = _reference_bad_answers(t.reference)
+        bkey = (*keys[id(t)], "", t.reference)
+        hit = _probe_cache.bad.get(bkey)
+        if hit is None:
+            results = [_passes(verify, answer, t.reference) for answer in own]
+            hit = (sum(r is True for r in results), sum(r is not None for r in results))
+            _probe_cache.bad.put(bkey, hit)
+        rewarded, probed = hit
+        if _echo_is_bad(t.prompt, t.reference, own):
+            passed = passes(t, t.prompt, t.reference)
+            if passed is not None:
+                probed += 1
+                rewarded += passed
         return rewarded, probed
 
     rewarded = total = 0
@@ -1035,7 +1127,7 @@ def featurize(
         "n_groups": float(len(traces)),
         **_familiarity(prepared),
         "reward_trust": reward_trust(traces) if verifier_probe else 1.0,
-        "near_duplicate_rate": _near_duplicate_rate([set(p.grams.tolist()) for p in prepared]),
+        "near_duplicate_rate": _near_duplicate_rate([p.grams for p in prepared]),
         "template_repetition": _template_repetition(templates),
     }
     out = {name: float(values[name]) for name in FEATURE_NAMES}

@@ -34,13 +34,8 @@ def ngrams(text: str, n: int = NGRAM) -> Counter[str]:
     return Counter(t[i : i + n] for i in range(len(t) - n + 1))
 
 
-def gram_set(text: str, n: int = NGRAM) -> set[str]:
-    """The distinct n-grams of :func:`ngrams`, built as a set (no counts to keep)."""
-    return normalized_gram_set(normalize(text), n)
-
-
 def normalized_gram_set(t: str, n: int = NGRAM) -> set[str]:
-    """:func:`gram_set` of a text :func:`normalize` already gave."""
+    """The distinct n-grams of :func:`ngrams` of a text :func:`normalize` already gave."""
     if len(t) < n:
         return {t} if t else set()
     return {t[i : i + n] for i in range(len(t) - n + 1)}

@@ -339,6 +339,61 @@ def test_reward_trust_remembers_pure_verifiers_probes_and_forgets_on_new_caps(
     assert len(calls) == 2 * n > 0
 
 
+def test_reward_trust_probes_a_known_reference_once_whatever_the_prompt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The reference's own bad answers are probed once per (verifier, reference); a
+    new prompt with that reference costs only its echo. Warm or cold, the trust is
+    the same, and so is the count of bad answers it is taken over."""
+    from daemon.config import VerifySettings
+    from daemon.core import features
+    from daemon.verify.registry import configure
+    from daemon.verify.settings import current
+
+    rng = random.Random(8)
+    cohorts = []
+    for c in range(60):
+        traces = []
+        for i in range(rng.randint(1, 8)):
+            verifier, ref = rng.choice(
+                [("numeric", str(rng.randrange(12))), ("mcq", rng.choice("ABC")),
+                 ("exact", rng.choice(["yes", "no", "7"])), ("numeric", "3.5")]
+            )  # fmt: skip
+            # Prompts that repeat, that echo a bad answer, that echo the reference.
+            prompt = rng.choice([f"Q{rng.randrange(50)}: {ref}?", ref, "A B C D E", f"{ref}9"])
+            traces.append(
+                _trace(f"c{c}-{i}", [1.0], prompt=prompt, reference=ref, verifier=verifier)
+            )
+        cohorts.append(traces)
+    warm = [reward_trust(c) for c in cohorts]
+    before = current()
+    configure(VerifySettings(**before.model_dump()))  # new caps: every cache starts empty
+    try:
+        cold = [reward_trust(c) for c in reversed(cohorts)][::-1]
+    finally:
+        configure(before)
+    assert warm == cold
+    assert len(set(warm)) > 1
+    for prompt, ref in (("What is 1 + 2?", "3"), ("3", "3"), ("A B C D E", "B"), ("x", "")):
+        both = bad_answers(prompt, ref)
+        assert len(set(both)) == len(both) and ref.strip() not in both
+        # The echo is a bad answer exactly when it is not the reference's.
+        assert (prompt in both) == (features.normalize(prompt) != features.normalize(ref))
+
+    calls: list[str] = []
+    real = features._passes
+
+    def counting(verify: object, answer: str, reference: str) -> bool | None:
+        calls.append(answer)
+        return real(verify, answer, reference)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(features, "_passes", counting)
+    reward_trust([_trace("k", [1.0], prompt="What is 4 + 4?", reference="8", verifier="numeric")])
+    calls.clear()
+    reward_trust([_trace("n", [1.0], prompt="What is 5 + 3?", reference="8", verifier="numeric")])
+    assert calls == ["What is 5 + 3?"]
+
+
 def test_target_similarity_compares_templates_not_operands() -> None:
     # The numbers are masked: other operands of the same operation are the
     # target's kind of task, whatever their length; the same operands under
@@ -454,7 +509,7 @@ def test_token_percentiles_are_numpys_bit_for_bit() -> None:
     from daemon.core.features import _percentiles
 
     rng = np.random.default_rng(5)
-    for n in [*range(1, 40), 100, 255, 256, 1001]:
+    for n in [*range(1, 40), 100, 255, 256, 1001, 4095, 4096, 4097, 16_384, 70_001]:
         for x in (
             -rng.exponential(2.0, n),
             np.round(-rng.exponential(1.0, n), 1),  # ties
@@ -462,6 +517,15 @@ def test_token_percentiles_are_numpys_bit_for_bit() -> None:
         ):
             want = [repr(float(v)) for v in np.percentile(x, [10, 50, 90])]
             assert [repr(v) for v in _percentiles(x)] == want
+    # Any ranks, adjacent or not, at either end, against a full sort.
+    from daemon.core.features import _order_statistics
+
+    for n in (4_096, 9_000):
+        x = np.round(-rng.exponential(1.0, n), 2)
+        for _ in range(30):
+            ks = sorted(set(rng.integers(0, n, rng.integers(1, 9)).tolist()) | {0, n - 1})
+            ks = sorted(set(ks) | {k + 1 for k in ks[:2] if k + 1 < n})
+            assert _order_statistics(x, ks) == {k: float(np.sort(x)[k]) for k in ks}
 
 
 def test_groups_of_one_size_and_of_mixed_sizes_give_the_same_learnability() -> None:
@@ -506,11 +570,15 @@ def test_probe_results_are_bounded_in_bytes_by_the_verify_setting() -> None:
             reward_trust([_trace(f"t{i}", [1.0], prompt=p, reference=ref, verifier="numeric")])
             for cache in (features._probe_cache.results, features._probe_cache.bad):
                 assert cache.bytes <= cache.max_bytes == budget
-        # Full, and still answering: the newest prompt is remembered, the oldest not.
-        bad = features._probe_cache.bad
-        assert bad.bytes > budget // 2 and 0 < len(bad) < 2_000
-        newest = (*features._verifier_key(_trace("t", [1.0], verifier="numeric")), p, ref)
-        assert bad.get(newest) is not None
+        # Full, and still answering: the newest reference (and its prompt's
+        # echo) is remembered, the oldest not.
+        key = features._verifier_key(_trace("t", [1.0], verifier="numeric"))
+        bad, results = features._probe_cache.bad, features._probe_cache.results
+        for cache in (bad, results):
+            assert cache.bytes > budget // 2 and 0 < len(cache) < 2_000
+        assert bad.get((*key, "", ref)) is not None
+        assert bad.get((*key, "", "0")) is None
+        assert results.get((*key, p, ref)) is False
     finally:
         configure(before)
     # New caps start an empty cache under their own budget.
