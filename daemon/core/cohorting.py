@@ -227,17 +227,17 @@ HELD_TRACE_BYTES = 1_500
 HELD_ATTEMPT_BYTES = 800
 HELD_TOKEN_VALUE_BYTES = 32
 # And what the features' per-trace part (daemon.core.features.prepare, made
-# when the trace is cohorted) adds: its fixed part (the object and five small
+# when the trace is cohorted) adds: its fixed part (the object and six small
 # arrays); the prompt twice (normalised, masked) and its distinct n-grams'
 # 8-byte codes, of which a natural text has about one per character over its
-# first few hundred and one per four beyond; per attempt its reward and
-# advantage, its mean entropy and its five token statistics (float64); each
-# log-prob again as a float64.
+# first few hundred and one per four beyond; per attempt its reward,
+# advantage and token count, its mean entropy and its five token statistics
+# (float64); each log-prob again as a float64.
 HELD_PREPARED_BYTES = 1_350
 HELD_PREPARED_GRAM_BYTES = 8
 HELD_PREPARED_GRAMS_DENSE = 500
-HELD_PREPARED_GROUP_BYTES = 16
-HELD_PREPARED_ATTEMPT_BYTES = 40
+HELD_PREPARED_GROUP_BYTES = 24
+HELD_PREPARED_ATTEMPT_BYTES = 8
 HELD_PREPARED_ROW_BYTES = 40
 HELD_PREPARED_VALUE_BYTES = 8
 

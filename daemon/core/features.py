@@ -172,29 +172,59 @@ def _learnability_rows(g: np.ndarray) -> dict[str, float]:
 
 
 def _learnability_prepared(prepared: Sequence[Prepared]) -> dict[str, float]:
-    """:func:`_learnability` of prepared traces' groups (their rows made at prepare time)."""
-    return _learnability_values(
-        np.concatenate([p.rewards for p in prepared]),
-        np.concatenate([p.advantages for p in prepared]),
-        np.array([p.group_pass for p in prepared]),
-        float(np.mean([p.nondegenerate for p in prepared])),
+    """:func:`_learnability` of prepared traces' groups (their rows made at prepare
+    time), with ``len_mean`` and ``len_std`` over every attempt's token count."""
+    blocks = [p.group_rows for p in prepared]
+    x = np.empty((5, sum(b.shape[1] for b in blocks)))
+    np.concatenate(blocks, axis=1, out=x[:3])
+    return _attempt_values(
+        x,
+        np.fromiter((p.group_pass for p in prepared), dtype=np.float64, count=len(prepared)),
+        sum(p.nondegenerate for p in prepared) / len(prepared),
     )
 
 
 def _learnability_values(
     rewards: np.ndarray, adv: np.ndarray, group_pass: np.ndarray, nondegenerate: float
 ) -> dict[str, float]:
+    x = np.zeros((5, rewards.size))
+    x[0], x[1] = rewards, adv
+    values = _attempt_values(x, group_pass, nondegenerate)
+    del values["len_mean"], values["len_std"]  # no token counts here
+    return values
+
+
+def _attempt_values(
+    x: np.ndarray, group_pass: np.ndarray, nondegenerate: float
+) -> dict[str, float]:
+    """The learnability features, and the token counts' mean and spread, from ``x``,
+    whose rows 0 to 2 hold every attempt's reward, advantage and token count (rows
+    3 and 4 are filled here), and each group's pass share.
+
+    The per-attempt means and spreads are row reductions of one array: each row
+    adds in the order its 1-D reduction would, so the values are those of
+    ``rewards.mean()``, ``adv.std()`` and the rest bit for bit, in a few calls
+    instead of a dozen (a closing cohort pays numpy's per-call cost, not the
+    arithmetic). Shares of 0/1 values are counts over sizes: exact either way.
+    """
+    np.abs(x[1], out=x[3])
+    np.greater_equal(x[0], SUCCESS_THRESHOLD, out=x[4])
+    means = x.mean(axis=1)
+    spread = x[:3].std(axis=1)
+    groups = group_pass.size
     return {
-        "adv_std": float(adv.std()),
+        "adv_std": float(spread[1]),
         "frac_nondegenerate": nondegenerate,
-        "adv_absmean": float(np.abs(adv).mean()),
-        "frac_all_correct": float(np.mean(group_pass == 1.0)),
-        "frac_all_wrong": float(np.mean(group_pass == 0.0)),
-        "reward_mean": float(rewards.mean()),
-        "reward_std": float(rewards.std()),
-        "pass_rate": float((rewards >= SUCCESS_THRESHOLD).mean()),
+        "adv_absmean": float(means[3]),
+        "frac_all_correct": np.count_nonzero(group_pass == 1.0) / groups,
+        "frac_all_wrong": np.count_nonzero(group_pass == 0.0) / groups,
+        "reward_mean": float(means[0]),
+        "reward_std": float(spread[0]),
+        "pass_rate": float(means[4]),
         "group_passrate_mean": float(group_pass.mean()),
         "group_passrate_std": float(group_pass.std()),
+        "len_mean": float(means[2]),
+        "len_std": float(spread[2]),
     }
 
 
@@ -272,6 +302,15 @@ def _percentiles(pooled: np.ndarray) -> tuple[float, float, float]:
     return out[0], out[1], out[2]
 
 
+# The one empty array every prepared trace without such values shares (read-only).
+_NO_VALUES = np.empty(0)
+_NO_VALUES.flags.writeable = False
+
+
+def _values(xs: list[float]) -> np.ndarray:
+    return np.array(xs, dtype=np.float64) if xs else _NO_VALUES
+
+
 class Prepared:
     """What :func:`featurize` needs of one trace that the trace alone decides.
 
@@ -285,7 +324,8 @@ class Prepared:
     * ``attempt_rows``: five rows of one value per attempt (mean log-prob,
       surprisal, minimum log-prob, confidence slope, mean probability), from
       the token arrays where shipped, else from the attempt's TokenStats;
-    * its group's rewards, advantages, pass share and whether they differ;
+    * its group's rewards, advantages and token counts (a row each), its pass share
+      and whether its rewards differ;
     * each attempt's mean entropy, the prompt normalised, its template, and
       its n-grams as integer codes (:func:`~daemon.core.similarity.gram_codes`).
 
@@ -295,15 +335,14 @@ class Prepared:
     """
 
     __slots__ = (
-        "advantages",
         "attempt_rows",
         "entropies",
         "grams",
         "group_pass",
+        "group_rows",
         "logprobs",
         "nondegenerate",
         "normalized",
-        "rewards",
         "stats",
         "stats_entropies",
         "stats_tokens",
@@ -315,14 +354,14 @@ class Prepared:
         trace: Trace,
         logprobs: np.ndarray,
         rows: np.ndarray,
-        group: tuple[np.ndarray, np.ndarray, float, bool],
+        group: tuple[np.ndarray, float, bool],
         normalized: str,
         grams: np.ndarray,
     ) -> None:
         self.logprobs = logprobs
         self.normalized = normalized
         self.grams = grams
-        self.rewards, self.advantages, self.group_pass, self.nondegenerate = group
+        self.group_rows, self.group_pass, self.nondegenerate = group
         without = [a for a in trace.attempts if not a.token_logprobs and a.stats is not None]
         self.stats: tuple[TokenStats, ...] = tuple(a.stats for a in without if a.stats is not None)
         self.stats_tokens = tuple(max(a.n_tokens, 1) for a in without)
@@ -341,11 +380,18 @@ class Prepared:
         self.attempt_rows = rows
         # Only each attempt's mean entropy is needed: summed where the floats
         # are (a list), which costs a third of copying them into an array.
-        self.entropies = tuple(sum(x) / len(x) for a in trace.attempts if (x := a.token_entropies))
-        self.stats_entropies = tuple(
-            a.stats.entropy_mean
-            for a in trace.attempts
-            if not a.token_entropies and a.stats is not None and a.stats.entropy_mean is not None
+        # Held as arrays, so that a closing cohort joins them in one call.
+        self.entropies = _values(
+            [sum(x) / len(x) for a in trace.attempts if (x := a.token_entropies)]
+        )
+        self.stats_entropies = _values(
+            [
+                a.stats.entropy_mean
+                for a in trace.attempts
+                if not a.token_entropies
+                and a.stats is not None
+                and a.stats.entropy_mean is not None
+            ]
         )
         self.template = normalized_template(normalized)
 
@@ -399,10 +445,10 @@ def _attempt_rows(pooled: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return rows
 
 
-def _groups(traces: Sequence[Trace]) -> list[tuple[np.ndarray, np.ndarray, float, bool]]:
+def _groups(traces: Sequence[Trace]) -> list[tuple[np.ndarray, float, bool]]:
     """Each trace's group part of :class:`Prepared`: the groups of each size as the
     rows of one array (:func:`_group_rows`, each row's values its own)."""
-    out: list[tuple[np.ndarray, np.ndarray, float, bool] | None] = [None] * len(traces)
+    out: list[tuple[np.ndarray, float, bool] | None] = [None] * len(traces)
     by_size: dict[int, list[int]] = {}
     for i, t in enumerate(traces):
         by_size.setdefault(len(t.attempts), []).append(i)
@@ -411,12 +457,17 @@ def _groups(traces: Sequence[Trace]) -> list[tuple[np.ndarray, np.ndarray, float
             # No attempts yet (the rollout engine tops the group up, as a new
             # trace): nothing to reduce, and featurize refuses it as it is.
             for i in members:
-                out[i] = (np.empty(0), np.empty(0), 0.0, False)
+                out[i] = (np.empty((3, 0)), 0.0, False)
             continue
         g = np.array([[a.reward for a in traces[i].attempts] for i in members], dtype=np.float64)
+        n_tokens = np.array(
+            [[a.n_tokens for a in traces[i].attempts] for i in members], dtype=np.float64
+        )
         adv, group_pass, differ = _group_rows(g)
+        # Each group's rewards, advantages and token counts: one (3, size) block a trace.
+        rows = np.stack((g, adv, n_tokens), axis=1)
         for row, i in enumerate(members):
-            out[i] = (g[row].copy(), adv[row].copy(), float(group_pass[row]), bool(differ[row]))
+            out[i] = (rows[row].copy(), float(group_pass[row]), bool(differ[row]))
     return [x for x in out if x is not None]
 
 
@@ -481,12 +532,15 @@ def _familiarity(prepared: Sequence[Prepared]) -> dict[str, float]:
             float(np.average([getattr(s, f"logprob_{q}") for s in stats], weights=w))
             for q in ("p10", "p50", "p90")
         )
-    entropies = [e for p in prepared for e in p.entropies]
-    entropies += [e for p in prepared for e in p.stats_entropies]
+    # Those from token arrays first, then those from TokenStats: one order,
+    # so one mean, whichever way they are joined.
+    entropies = np.concatenate(
+        [p.entropies for p in prepared] + [p.stats_entropies for p in prepared]
+    )
     return {
         "mean_logprob": float(means[0]),
         "surprisal_mean": float(means[1]),
-        "entropy_mean": float(np.mean(entropies)) if entropies else 0.0,
+        "entropy_mean": float(entropies.mean()) if entropies.size else 0.0,
         "logprob_p10": float(p10),
         "logprob_p50": float(p50),
         "logprob_p90": float(p90),
@@ -1112,18 +1166,14 @@ def featurize(
             raise FeatureError(
                 f"traces[{i}].attempts", f"trace {t.trace_id!r} has no attempts to learn from"
             )
-    attempts = [a for t in traces for a in t.attempts]
     prepared = prepare_many(traces)
     templates = [p.template for p in prepared]
-    lengths = np.fromiter((a.n_tokens for a in attempts), dtype=np.float64, count=len(attempts))
 
     values: dict[str, float] = {
-        **_learnability_prepared(prepared),
+        **_learnability_prepared(prepared),  # with len_mean and len_std
         "target_similarity": _target_similarity(
             templates, target_prompts(_subject(traces), probe_prompts)
         ),
-        "len_mean": float(lengths.mean()),
-        "len_std": float(lengths.std()),
         "n_groups": float(len(traces)),
         **_familiarity(prepared),
         "reward_trust": reward_trust(traces) if verifier_probe else 1.0,

@@ -633,7 +633,9 @@ def test_a_trace_prepared_in_a_batch_gives_what_it_gives_alone() -> None:
         assert alone is not together
         assert alone.attempt_rows.tobytes() == together.attempt_rows.tobytes()
         assert alone.logprobs.tobytes() == together.logprobs.tobytes()
-        assert (alone.entropies, alone.template) == (together.entropies, together.template)
+        assert alone.entropies.tobytes() == together.entropies.tobytes()
+        assert alone.group_rows.tobytes() == together.group_rows.tobytes()
+        assert alone.template == together.template
     for cut in (slice(0, 5), slice(4, 12)):
         assert featurize(traces[cut], verifier_probe=False) == featurize(
             batch[cut], verifier_probe=False
@@ -644,7 +646,7 @@ def test_a_trace_prepared_in_a_batch_gives_what_it_gives_alone() -> None:
         traces[0].model_copy(update={"attempts": traces[0].attempts[:k]}) for k in (1, 3, 0, 6, 3)
     ]
     parts = prepare_many(mixed)
-    assert parts[2].rewards.size == 0
+    assert parts[2].group_rows.size == 0
     rolled = [t for t in mixed if t.attempts]
     want = _learnability(
         [a.reward for t in rolled for a in t.attempts], [len(t.attempts) for t in rolled]
