@@ -278,9 +278,12 @@ def _order_statistics(x: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
 def _percentiles(pooled: np.ndarray) -> tuple[float, float, float]:
     """``np.percentile(pooled, [10, 50, 90])`` (its default "linear" method), bit for bit.
 
-    The same order statistics (one partition) and numpy's own interpolation
-    formula, without its generic machinery, which cost more than the rest of
-    the token features on a cohort's few hundred log-probs.
+    The same order statistics (:func:`_order_statistics`) and numpy's own
+    interpolation formula, without its generic machinery, which cost more than
+    the rest of the token features on a cohort's few hundred log-probs. One
+    exception to "bit for bit": where 0.0 and -0.0 are both in a pool of 4,096
+    or more and a percentile lands on them, its zero may carry the other sign
+    (the value is the same; which zero a selection leaves there is its own).
     """
     last = pooled.size - 1
     bounds: list[tuple[int, int, float]] = []

@@ -517,6 +517,10 @@ def test_token_percentiles_are_numpys_bit_for_bit() -> None:
         ):
             want = [repr(float(v)) for v in np.percentile(x, [10, 50, 90])]
             assert [repr(v) for v in _percentiles(x)] == want
+    # Zeros of both signs in a large pool: the same values (a zero's sign may differ).
+    for n in (5_000, 20_001):
+        x = rng.choice([0.0, -0.0, -0.5, 0.5], n)
+        assert list(_percentiles(x)) == [float(v) for v in np.percentile(x, [10, 50, 90])]
     # Any ranks, adjacent or not, at either end, against a full sort.
     from daemon.core.features import _order_statistics
 
