@@ -40,7 +40,7 @@ from lab import evaluation as ev
 
 VARIANTS = ("easy", "frontier", "hard", "mixed", "scrambled", "weak_verifier")
 # The model kinds scored one at a time (a fixed kind per cross-validation run).
-KINDS = ("heuristic", "river", "ridge", "knn", "lightgbm")
+KINDS = ("heuristic", "river", "ridge", "knn", "lightgbm", "ensemble")
 LOOP_ARMS = ("none", "random", "adv_std", "tapd", "oracle")
 
 
@@ -1314,6 +1314,7 @@ def render_markdown(s: Mapping[str, Any], command: str, img: str) -> str:
             "ridge": "stage: ridge",
             "knn": "stage: 3-NN",
             "lightgbm": "stage: LightGBM",
+            "ensemble": "stage: ensemble (mean of ridge, 3-NN, LightGBM)",
             "ridge_plain": "baseline: plain ridge",
             "knn_plain": "baseline: plain 3-NN",
         }

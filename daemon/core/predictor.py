@@ -399,6 +399,14 @@ class KNNStage:
     stage = "knn"
     K = 3
 
+    # Above this many stored labels, neighbours are shortlisted with one
+    # matrix product (|z|^2 - 2 z.Z + |Z|^2: ~0.5 ms at 100k labels, where the
+    # broadcast difference takes 15 ms and a 100k x d temporary per query),
+    # then the shortlist is ranked on exact distances: the same neighbours
+    # unless more than SHORTLIST_SLACK labels tie at the k-th distance.
+    EXACT_UP_TO = 512
+    SHORTLIST_SLACK = 32
+
     def __init__(
         self, scaler: _Standardizer, Z: np.ndarray, y: np.ndarray, k: int, model_version: str
     ) -> None:
@@ -407,6 +415,12 @@ class KNNStage:
         self._y = y
         self.k = k
         self.model_version = model_version
+        self._sq = np.einsum("ij,ij->i", Z, Z)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if "_sq" not in state:  # pickled before the shortlist existed
+            self._sq = np.einsum("ij,ij->i", self._Z, self._Z)
 
     @classmethod
     def fit(
@@ -418,9 +432,18 @@ class KNNStage:
 
     def _neighbours(self, X: np.ndarray) -> np.ndarray:
         Z = self._scaler(np.asarray(X, dtype=np.float64))
-        d = ((Z[:, None, :] - self._Z[None, :, :]) ** 2).sum(axis=2)
-        # A stable sort: ties go to the earlier label, so a refit is deterministic.
-        return np.argsort(d, axis=1, kind="stable")[:, : self.k]
+        n = len(self._Z)
+        if n <= self.EXACT_UP_TO:
+            d = ((Z[:, None, :] - self._Z[None, :, :]) ** 2).sum(axis=2)
+            # A stable sort: ties go to the earlier label, so a refit is deterministic.
+            return np.argsort(d, axis=1, kind="stable")[:, : self.k]
+        m = min(n, self.k + self.SHORTLIST_SLACK)
+        approx = self._sq[None, :] - 2.0 * (Z @ self._Z.T)
+        # In label order, so the stable sort below still gives ties to the earlier label.
+        cand = np.sort(np.argpartition(approx, m - 1, axis=1)[:, :m], axis=1)
+        exact = ((Z[:, None, :] - self._Z[cand]) ** 2).sum(axis=2)
+        order = np.argsort(exact, axis=1, kind="stable")[:, : self.k]
+        return np.asarray(np.take_along_axis(cand, order, axis=1))
 
     def predict_matrix(self, X: np.ndarray) -> np.ndarray:
         return np.asarray(self._y[self._neighbours(X)].mean(axis=1))
@@ -434,10 +457,50 @@ class KNNStage:
         _check_label(realized_lift)
 
 
-BatchStage = RidgeStage | KNNStage | LightGBMStage
+class EnsembleStage:
+    """The mean of a ridge, a kNN and a LightGBM fitted on the same rows.
+
+    With tens of labels each kind's ranking of unseen cohorts is noisy, and
+    their errors differ (a linear trend, local neighbours, monotone trees):
+    averaging them ranks held-out slices at least as well as the best single
+    kind more often than any one kind does (docs/RESULTS.md). Uncertainty:
+    the members' spread. ``learn`` is a no-op: the stage is refit.
+    """
+
+    stage = "ensemble"
+    MEMBERS: tuple[str, ...] = ("ridge", "knn", "lightgbm")
+
+    def __init__(
+        self, members: Sequence[RidgeStage | KNNStage | LightGBMStage], model_version: str
+    ) -> None:
+        if not members:
+            raise ValueError("members: at least one fitted model is needed")
+        self.members = list(members)
+        self.model_version = model_version
+
+    @classmethod
+    def fit(
+        cls, X: np.ndarray, y: np.ndarray, *, seed: int = 0, model_version: str = "v2"
+    ) -> EnsembleStage:
+        return cls([_fit_single(k, X, y, seed, model_version) for k in cls.MEMBERS], model_version)
+
+    def predict_matrix(self, X: np.ndarray) -> np.ndarray:
+        return np.asarray(np.mean([m.predict_matrix(X) for m in self.members], axis=0))
+
+    def predict(self, features: Mapping[str, float]) -> Prediction:
+        row = np.asarray([feature_vector(features)])
+        preds = [float(m.predict_matrix(row)[0]) for m in self.members]
+        return Prediction(*_mean_spread(preds), self.stage, self.model_version)
+
+    def learn(self, features: Mapping[str, float], realized_lift: float) -> None:
+        feature_vector(features)
+        _check_label(realized_lift)
+
+
+BatchStage = RidgeStage | KNNStage | LightGBMStage | EnsembleStage
 # The model kinds a refit chooses between; the chosen one is promoted only when
 # it ranks the newest (held-out) labels better than what was served for them.
-BATCH_KINDS: tuple[str, ...] = ("ridge", "knn", "lightgbm")
+BATCH_KINDS: tuple[str, ...] = ("ridge", "knn", "lightgbm", "ensemble")
 
 
 # GRPO's advantage is group-normalised: a prompt group whose K rewards are all
@@ -473,16 +536,24 @@ def fit_batch(
 
     With fewer than 4 such rows every row is used (a model is still needed).
     """
+    if kind not in BATCH_KINDS:
+        raise ValueError(f"kind: unknown batch model {kind!r} (known: {', '.join(BATCH_KINDS)})")
     keep = signal_rows(X)
     if int(keep.sum()) >= 4:
         X, y = np.asarray(X)[keep], np.asarray(y)[keep]
+    if kind == "ensemble":
+        return EnsembleStage.fit(X, y, seed=seed, model_version=model_version)
+    return _fit_single(kind, X, y, seed, model_version)
+
+
+def _fit_single(
+    kind: str, X: np.ndarray, y: np.ndarray, seed: int, model_version: str
+) -> RidgeStage | KNNStage | LightGBMStage:
     if kind == "ridge":
         return RidgeStage.fit(X, y, model_version=model_version)
     if kind == "knn":
         return KNNStage.fit(X, y, model_version=model_version)
-    if kind == "lightgbm":
-        return LightGBMStage.fit(X, y, seed=seed, model_version=model_version)
-    raise ValueError(f"kind: unknown batch model {kind!r} (known: {', '.join(BATCH_KINDS)})")
+    return LightGBMStage.fit(X, y, seed=seed, model_version=model_version)
 
 
 # --- quality ------------------------------------------------------------------
@@ -582,28 +653,51 @@ SELECTION_WINDOW = 2000
 SELECTION_FOLDS = 5
 
 
-def cv_spearman(kind: str, X: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
-    """Out-of-fold Spearman of one model kind over contiguous (time-ordered) folds."""
+def _out_of_fold(kind: str, X: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray | None:
+    """One kind's predictions of every row from folds that did not see it (time-ordered)."""
     n = len(y)
     folds = min(SELECTION_FOLDS, n // 4)
     if folds < 2:
-        return math.nan
+        return None
     pred = np.empty(n)
     bounds = np.linspace(0, n, folds + 1).astype(int)
     for lo, hi in itertools.pairwise(bounds):
         train = np.r_[0:lo, hi:n]
         if len(train) < 4:
-            return math.nan
+            return None
         pred[lo:hi] = predict_rows(fit_batch(kind, X[train], y[train], seed=seed), X[lo:hi])
-    return spearman(pred.tolist(), y.tolist())
+    return pred
+
+
+def cv_spearman(kind: str, X: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
+    """Out-of-fold Spearman of one model kind over contiguous (time-ordered) folds."""
+    pred = _out_of_fold(kind, X, y, seed)
+    return math.nan if pred is None else spearman(pred.tolist(), y.tolist())
 
 
 def choose_kind(
     X: np.ndarray, y: np.ndarray, *, seed: int = 0, kinds: Sequence[str] = BATCH_KINDS
 ) -> tuple[str, dict[str, float]]:
-    """The batch model kind whose out-of-fold ranking of these labels is best, and every score."""
+    """The batch model kind whose out-of-fold ranking of these labels is best, and every score.
+
+    The ensemble's out-of-fold predictions are its members' averaged (it
+    fits each member exactly as that kind alone would), so it costs no fits
+    of its own when its members are scored too.
+    """
     X, y = X[-SELECTION_WINDOW:], y[-SELECTION_WINDOW:]
-    scores = {k: cv_spearman(k, X, y, seed) for k in kinds}
+    oof: dict[str, np.ndarray | None] = {}
+    for k in (*EnsembleStage.MEMBERS, *kinds) if "ensemble" in kinds else kinds:
+        if k in oof:
+            continue
+        if k == "ensemble":
+            parts = [p for m in EnsembleStage.MEMBERS if (p := oof[m]) is not None]
+            full = len(parts) == len(EnsembleStage.MEMBERS)
+            oof[k] = np.mean(parts, axis=0) if full else None
+        else:
+            oof[k] = _out_of_fold(k, X, y, seed)
+    scores = {
+        k: math.nan if (p := oof[k]) is None else spearman(p.tolist(), y.tolist()) for k in kinds
+    }
     finite = {k: v for k, v in scores.items() if not math.isnan(v)}
     best = max(finite, key=lambda k: finite[k]) if finite else kinds[-1]
     return best, scores
@@ -622,7 +716,7 @@ def run_refit(
     """Choose a model kind on the older labels, score it on the newest, refit if it wins.
 
     The holdout is time-ordered (the most recent ``holdout_fraction``). The
-    kind (ridge, kNN, LightGBM) is chosen by out-of-fold ranking of the older
+    kind (ridge, kNN, LightGBM, their ensemble) is chosen by out-of-fold ranking of the older
     labels alone, so the holdout judges one candidate, not the best of several.
     The incumbent's score is that of the predictions actually *served* for
     the holdout labels before they were learned: both sides are out of sample.
@@ -689,7 +783,7 @@ class Predictor:
         self.label_seq = 0
         self.heuristic = AdvStdHeuristic("v0")
         self.river = RiverStage(seed=self.settings.seed, model_version="v0")
-        self.batch: BatchStage | None = None  # the promoted refit (ridge, kNN or LightGBM)
+        self.batch: BatchStage | None = None  # the promoted refit (ridge, kNN, LightGBM, ensemble)
         self.active: str = "heuristic"
         self.quality = OnlineQuality(quality_window)
         self.drift = ResidualDrift(drift_delta)

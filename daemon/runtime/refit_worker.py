@@ -1,6 +1,6 @@
 """Refits in a child process, fed an append-only numpy copy of the label history.
 
-The scorer's predictor refits its batch model (ridge, kNN or LightGBM) on the
+The scorer's predictor refits its batch model (ridge, kNN, LightGBM or their ensemble) on the
 whole label history every ``refit_every_labels`` labels. Run on a thread of
 the scorer, a refit on 100k labels raised the scoring p99 about fourfold.
 Two things delayed the scoring thread: starting the refit converted the

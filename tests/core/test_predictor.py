@@ -23,6 +23,7 @@ from daemon.core.pipeline import Label
 from daemon.core.predictor import (
     BATCH_KINDS,
     AdvStdHeuristic,
+    EnsembleStage,
     KNNStage,
     LightGBMStage,
     OnlineQuality,
@@ -67,6 +68,10 @@ def _fitted_knn() -> KNNStage:
     return KNNStage.fit(*_xy(11, 80))
 
 
+def _fitted_ensemble() -> EnsembleStage:
+    return EnsembleStage.fit(*_xy(11, 80), seed=0)
+
+
 @pytest.mark.parametrize(
     "make",
     [
@@ -75,9 +80,10 @@ def _fitted_knn() -> KNNStage:
         _fitted_lgbm,
         _fitted_ridge,
         _fitted_knn,
+        _fitted_ensemble,
         lambda: Predictor(PredictorSettings(river_after=5, lgbm_after=10)),
     ],
-    ids=["heuristic", "river", "lightgbm", "ridge", "knn", "predictor"],
+    ids=["heuristic", "river", "lightgbm", "ridge", "knn", "ensemble", "predictor"],
 )
 def test_every_stage_meets_the_scorer_contract(make) -> None:
     check_stage(make)
@@ -109,7 +115,7 @@ def test_learning_curve_and_stage_handover() -> None:
     end = _holdout_spearman(p, holdout)
     assert stages[: settings.river_after - 1] == ["heuristic"] * (settings.river_after - 1)
     assert stages[settings.river_after - 1] == "river"
-    # The label count at which a batch refit (ridge, kNN or LightGBM) took over.
+    # The label count at which a batch refit (any of BATCH_KINDS) took over.
     first_batch = next(i for i, s in enumerate(stages) if s in BATCH_KINDS) + 1
     assert first_batch >= settings.lgbm_after
     assert (first_batch - settings.lgbm_after) % settings.refit_every_labels == 0
@@ -160,7 +166,11 @@ def test_refit_chooses_the_model_kind_that_ranks_held_out_labels_best() -> None:
     # A threshold on one feature among many irrelevant ones: no linear model fits it.
     step = (X[:, 2] > 0.5).astype(float) + rng.normal(scale=0.05, size=160)
     kind, scores = choose_kind(X, step)
-    assert kind == "lightgbm", scores
+    assert kind == max(scores, key=lambda k: scores[k]), scores
+    assert kind in ("lightgbm", "ensemble") and scores["lightgbm"] > scores["knn"], scores
+    # The ensemble's score, from its members' out-of-fold predictions, is
+    # the one its own fits on each fold give.
+    assert cv_spearman("ensemble", X, step) == pytest.approx(scores["ensemble"], abs=1e-12)
     # The score is out of fold: pure noise gets no credit.
     assert abs(cv_spearman("ridge", X, rng.normal(size=160))) < 0.25
     # The promoted stage is the chosen kind, refit on every label.
@@ -454,3 +464,46 @@ def test_a_cohort_without_a_learning_signal_is_predicted_zero_and_not_fitted() -
     stage = fit_batch("ridge", X, y)
     assert np.allclose(stage.predict_matrix(X[X[:, s] > 0]), 1.0, atol=1e-6)
     assert np.array_equal(predict_rows(stage, X)[X[:, s] == 0], np.zeros(30))
+
+
+def test_ensemble_serves_its_members_mean_and_survives_a_snapshot() -> None:
+    X, y = _xy(13, 90)
+    e = fit_batch("ensemble", X, y, seed=0, model_version="v4")
+    assert isinstance(e, EnsembleStage)
+    alone = [fit_batch(k, X, y, seed=0).predict_matrix(X[:7]) for k in EnsembleStage.MEMBERS]
+    assert np.allclose(e.predict_matrix(X[:7]), np.mean(alone, axis=0))
+    x = synthetic_features(random.Random(8))
+    p = e.predict(x)
+    members = [m.predict(x).lift for m in e.members]
+    assert p.lift == pytest.approx(float(np.mean(members)))
+    assert p.uncertainty == pytest.approx(float(np.std(members)))
+    # A promoted ensemble travels in the predictor's snapshot and serves the same after restore.
+    pred = Predictor(PredictorSettings(river_after=5, lgbm_after=10))
+    pred.batch, pred.active = e, "ensemble"
+    back = Predictor(PredictorSettings(river_after=5, lgbm_after=10))
+    back.restore(pred.snapshot())
+    assert back.stage == "ensemble" and back.predict(x).lift == pytest.approx(p.lift)
+
+
+def test_knn_shortlist_finds_the_exact_neighbours_on_a_long_history() -> None:
+    """Past EXACT_UP_TO labels neighbours are shortlisted by a matrix product, then
+    ranked exactly: the same neighbours (ties to the earlier label) as the full sort."""
+    rng = np.random.default_rng(4)
+    n, d = 3000, len(FEATURE_NAMES)
+    X = rng.normal(size=(n, d))
+    X[:, FEATURE_NAMES.index("frac_nondegenerate")] = rng.uniform(0.1, 1.0, size=n)
+    X[1500:1520] = X[100]  # exact ties: the earliest label must win them
+    y = rng.normal(size=n)
+    knn = KNNStage.fit(X, y)
+    assert n > knn.EXACT_UP_TO
+    Q = np.vstack([rng.normal(size=(40, d)), X[100:101], X[7:8] + 1e-9])
+    Zq, Zs = knn._scaler(Q), knn._Z
+    full = np.argsort(((Zq[:, None, :] - Zs[None, :, :]) ** 2).sum(axis=2), axis=1, kind="stable")
+    assert np.array_equal(knn._neighbours(Q), full[:, : knn.k])
+    assert knn._neighbours(X[100:101])[0].tolist() == [100, 1500, 1501]
+    # An older pickle without the row norms still predicts the same.
+    state = dict(knn.__dict__)
+    del state["_sq"]
+    old = KNNStage.__new__(KNNStage)
+    old.__setstate__(state)
+    assert np.array_equal(old.predict_matrix(Q), knn.predict_matrix(Q))
