@@ -82,6 +82,23 @@ def test_full_real_evaluation_plan_meets_the_issue_size() -> None:
     assert FULL.key() != SMOKE.key()
 
 
+def test_eval_cache_key_ignores_what_measures_nothing() -> None:
+    """More loop runs or another analysis reuse every cached unit; a measured setting does not."""
+    import dataclasses
+
+    from lab.eval_run import FULL as TINY
+
+    same = dataclasses.replace(TINY, loop_runs=TINY.loop_runs + 7, bootstrap=50, top_fraction=0.2)
+    assert same.key("p") == TINY.key("p")
+    for changed in (
+        dataclasses.replace(TINY, seeds=TINY.seeds + 1),
+        dataclasses.replace(TINY, loop_steps=TINY.loop_steps + 1),
+        dataclasses.replace(TINY, loop_candidates=TINY.loop_candidates + 1),
+    ):
+        assert changed.key("p") != TINY.key("p")
+    assert TINY.key("p") != TINY.key("q")  # another policy's weights
+
+
 def test_real_eval_summary_groups_lift_by_tier() -> None:
     from lab.real_eval import FULL, summarize
 
