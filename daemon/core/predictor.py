@@ -461,10 +461,12 @@ class EnsembleStage:
     """The mean of a ridge, a kNN and a LightGBM fitted on the same rows.
 
     With tens of labels each kind's ranking of unseen cohorts is noisy, and
-    their errors differ (a linear trend, local neighbours, monotone trees):
-    averaging them ranks held-out slices at least as well as the best single
-    kind more often than any one kind does (docs/RESULTS.md). Uncertainty:
-    the members' spread. ``learn`` is a no-op: the stage is refit.
+    their errors differ (a linear trend, local neighbours, monotone trees),
+    so their mean varies less than any one of them; on the evaluation's
+    battery it ranked held-out cells and subjects better than each kind
+    alone (docs/RESULTS.md). The refit serves it only when it wins the same
+    out-of-fold choice as the others. Uncertainty: the members' spread.
+    ``learn`` is a no-op: the stage is refit.
     """
 
     stage = "ensemble"
@@ -685,10 +687,10 @@ def choose_kind(
     of its own when its members are scored too.
     """
     X, y = X[-SELECTION_WINDOW:], y[-SELECTION_WINDOW:]
+    # Members first, so the ensemble's score can reuse their predictions.
+    needed = [*EnsembleStage.MEMBERS, *kinds] if "ensemble" in kinds else list(kinds)
     oof: dict[str, np.ndarray | None] = {}
-    for k in (*EnsembleStage.MEMBERS, *kinds) if "ensemble" in kinds else kinds:
-        if k in oof:
-            continue
+    for k in dict.fromkeys(needed):
         if k == "ensemble":
             parts = [p for m in EnsembleStage.MEMBERS if (p := oof[m]) is not None]
             full = len(parts) == len(EnsembleStage.MEMBERS)
