@@ -47,6 +47,9 @@ def grpo_train(
     prompts_per_step = min(len(rows), params.max_prompts_per_step)
     cuda = torch.cuda.is_available()
     use_cache = getattr(model.config, "use_cache", None)
+    hooks_before = _forward_hook_ids(model)
+    marked_before = {id(m) for m in model.modules() if _CAPTURE_MARK in m.__dict__}
+    checkpointing_before = bool(getattr(model, "is_gradient_checkpointing", False))
     with tempfile.TemporaryDirectory(prefix="tapd-grpo-") as work:
         config = GRPOConfig(
             output_dir=work,
@@ -93,7 +96,7 @@ def grpo_train(
                 # Fold the adapters into ``model``'s own Linear layers (in place)
                 # and drop them: the caller keeps one plain model object.
                 trainer.model.merge_and_unload()  # type: ignore[operator,union-attr]
-            _unwrap(model, use_cache)
+            _unwrap(model, use_cache, hooks_before, marked_before, checkpointing_before)
         history = trainer.state.log_history
     steps = [h for h in history if "reward" in h]
     rewards = tuple(float(h["reward"]) for h in steps)
@@ -147,14 +150,64 @@ def _positions_from_mask(
     return args, kwargs
 
 
-def _unwrap(model: PreTrainedModel, use_cache: bool | None) -> None:
+# transformers installs its output-capturing hooks on a model's first forward
+# pass and marks the model so; where that pass was the training run's, the hooks
+# are dropped with the rest, and the mark with them, so the next pass that needs
+# them installs them again.
+_CAPTURE_MARK = "_output_capturing_hooks_installed"
+# The per-module dicts a forward hook lives in, keyed by the hook's handle id.
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+)
+
+
+def _forward_hook_ids(model: torch.nn.Module) -> dict[int, set[int]]:
+    """The forward (pre-)hook handle ids on each module, by the module's id."""
+    return {
+        id(m): {k for name in _HOOK_DICTS for k in getattr(m, name, {})} for m in model.modules()
+    }
+
+
+def _unwrap(
+    model: PreTrainedModel,
+    use_cache: bool | None,
+    hooks_before: dict[int, set[int]],
+    marked_before: set[int],
+    checkpointing_before: bool,
+) -> None:
     """Undo what the training run left on the model object.
 
     Accelerate replaces ``model.forward`` with a mixed-precision autocast
     wrapper and TRL turns the KV cache off; both outlive the trainer and
     would change every later probe measurement (by ~0.1 nats under bf16).
+
+    TRL also switches gradient checkpointing off and on around every
+    generation, and each switch-on registers one more forward hook on the
+    input embeddings (``enable_input_require_grads``) that nothing removes:
+    ~1,600 hooks per closed-loop run of the evaluation, every one of them
+    called on every later forward pass, so a long-lived trainer got slower
+    with each dispatch (a worker's 25th run cost 5x its first). Every forward
+    hook the run added is dropped here, and checkpointing is set back to what
+    it was.
     """
     model.__dict__.pop("forward", None)
     model.__dict__.pop("_original_forward", None)
     if use_cache is not None:
         model.config.use_cache = use_cache
+    for m in model.modules():
+        keep = hooks_before.get(id(m), set())
+        for name in _HOOK_DICTS:
+            hooks = getattr(m, name, None)
+            if hooks:
+                for k in [k for k in hooks if k not in keep]:
+                    del hooks[k]
+        if id(m) not in marked_before:
+            m.__dict__.pop(_CAPTURE_MARK, None)
+    if getattr(model, "is_gradient_checkpointing", False) and not checkpointing_before:
+        # The current name where this transformers has it: no FutureWarning per dispatch.
+        off = getattr(model, "activation_checkpointing_disable", None)
+        (off or model.gradient_checkpointing_disable)()

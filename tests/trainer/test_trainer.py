@@ -250,6 +250,71 @@ def test_training_is_deterministic_for_a_seed(
     assert a.nll_after != a.nll_before  # it did train
 
 
+def test_training_leaves_no_hooks_or_checkpointing_on_the_model(
+    policy_pair: tuple[PreTrainedModel, PreTrainedTokenizerBase], probe: Probe, tmp_path: Path
+) -> None:
+    """TRL adds a forward hook per generation that nothing removes; a long-lived
+    trainer would call thousands of them on every forward pass."""
+    model, _ = policy_pair
+
+    def hooks() -> list[tuple[str, str, int]]:
+        return [
+            (name, kind, len(getattr(m, kind)))
+            for name, m in model.named_modules()
+            for kind in ("_forward_hooks", "_forward_pre_hooks")
+            if getattr(m, kind)
+        ]
+
+    with torch.no_grad():  # transformers' own capturing hooks, installed once
+        model(input_ids=torch.tensor([[1, 2, 3]]), output_attentions=True)
+    mine = model.get_input_embeddings().register_forward_hook(lambda *_: None)
+    before = hooks()
+    assert before  # the caller's own hook is there, and must stay
+    t = trainer(policy_pair, probe, tmp_path, mode="continual")
+    t.on_dispatch(make_dispatch("frontier", 1, "add"), 0.0)
+    t.on_dispatch(make_dispatch("frontier", 2, "mul"), 1.0)
+    t.close()
+    assert hooks() == before
+    assert not model.is_gradient_checkpointing
+    mine.remove()
+
+
+def test_a_fresh_model_trains_and_is_left_as_it_was_found(tiny_policy: Path) -> None:
+    """Hooks that transformers installs on a model's first pass (once, marking the
+    model) go with the rest where the training run's pass installed them, and
+    the next pass installs them again."""
+    from daemon.trainer.trl import TRLBackend, _forward_hook_ids, _unwrap
+
+    model, tok = policy.load_policy(tiny_policy, "cpu")
+    untouched, _ = policy.load_policy(tiny_policy, "cpu")
+
+    def hooks(m: torch.nn.Module) -> int:
+        return sum(len(x._forward_hooks) + len(x._forward_pre_hooks) for x in m.modules())
+
+    def after_a_pass(m: torch.nn.Module) -> int:
+        with torch.no_grad():
+            m(input_ids=torch.tensor([[1, 2, 3]]), output_attentions=True)
+        return hooks(m)
+
+    assert hooks(model) == 0
+    out = TRLBackend().train(
+        model,
+        tok,
+        [{"prompt": "12+7="}, {"prompt": "3+4="}],
+        lambda completions, **_: [float(len(c) % 2) for c in completions],
+        GRPOParams(steps=2, num_generations=4, max_completion_length=4, optimizer="sgd"),
+    )
+    assert out.steps == 2
+    assert hooks(model) == 0 and not model.is_gradient_checkpointing
+    # This TRL's training passes do not ask for captured outputs; a pass that
+    # does, between the snapshot and the unwrap, stands in for one that would.
+    before = _forward_hook_ids(model)
+    assert after_a_pass(model) > 0
+    _unwrap(model, None, before, set(), False)
+    assert hooks(model) == 0
+    assert after_a_pass(model) == after_a_pass(untouched) > 0
+
+
 def test_continual_keeps_checkpoints_and_resumes_from_the_ledger(
     tiny_policy: Path, probe: Probe, tmp_path: Path
 ) -> None:
