@@ -49,7 +49,7 @@ def grpo_train(
     use_cache = getattr(model.config, "use_cache", None)
     hooks_before = _forward_hook_ids(model)
     marked_before = {id(m) for m in model.modules() if _CAPTURE_MARK in m.__dict__}
-    checkpointing_before = bool(getattr(model, "is_gradient_checkpointing", False))
+    checkpointing_before = _checkpointing(model)
     with tempfile.TemporaryDirectory(prefix="tapd-grpo-") as work:
         config = GRPOConfig(
             output_dir=work,
@@ -207,7 +207,13 @@ def _unwrap(
                     del hooks[k]
         if id(m) not in marked_before:
             m.__dict__.pop(_CAPTURE_MARK, None)
-    if getattr(model, "is_gradient_checkpointing", False) and not checkpointing_before:
-        # The current name where this transformers has it: no FutureWarning per dispatch.
+    if _checkpointing(model) and not checkpointing_before:
         off = getattr(model, "activation_checkpointing_disable", None)
         (off or model.gradient_checkpointing_disable)()
+
+
+def _checkpointing(model: PreTrainedModel) -> bool:
+    # The current names where this transformers has them: transformers 5.2x
+    # warns (FutureWarning) on every use of the gradient_* aliases.
+    on = getattr(model, "is_activation_checkpointing", None)
+    return bool(model.is_gradient_checkpointing if on is None else on)

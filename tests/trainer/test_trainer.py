@@ -255,6 +255,8 @@ def test_training_leaves_no_hooks_or_checkpointing_on_the_model(
 ) -> None:
     """TRL adds a forward hook per generation that nothing removes; a long-lived
     trainer would call thousands of them on every forward pass."""
+    from daemon.trainer.trl import _checkpointing
+
     model, _ = policy_pair
 
     def hooks() -> list[tuple[str, str, int]]:
@@ -275,7 +277,7 @@ def test_training_leaves_no_hooks_or_checkpointing_on_the_model(
     t.on_dispatch(make_dispatch("frontier", 2, "mul"), 1.0)
     t.close()
     assert hooks() == before
-    assert not model.is_gradient_checkpointing
+    assert not _checkpointing(model)
     mine.remove()
 
 
@@ -283,7 +285,7 @@ def test_a_fresh_model_trains_and_is_left_as_it_was_found(tiny_policy: Path) -> 
     """Hooks that transformers installs on a model's first pass (once, marking the
     model) go with the rest where the training run's pass installed them, and
     the next pass installs them again."""
-    from daemon.trainer.trl import TRLBackend, _forward_hook_ids, _unwrap
+    from daemon.trainer.trl import TRLBackend, _checkpointing, _forward_hook_ids, _unwrap
 
     model, tok = policy.load_policy(tiny_policy, "cpu")
     untouched, _ = policy.load_policy(tiny_policy, "cpu")
@@ -305,7 +307,7 @@ def test_a_fresh_model_trains_and_is_left_as_it_was_found(tiny_policy: Path) -> 
         GRPOParams(steps=2, num_generations=4, max_completion_length=4, optimizer="sgd"),
     )
     assert out.steps == 2
-    assert hooks(model) == 0 and not model.is_gradient_checkpointing
+    assert hooks(model) == 0 and not _checkpointing(model)
     # This TRL's training passes do not ask for captured outputs; a pass that
     # does, between the snapshot and the unwrap, stands in for one that would.
     before = _forward_hook_ids(model)
