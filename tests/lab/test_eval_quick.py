@@ -27,6 +27,7 @@ HEADLINE_KEYS = (
     "loop_advantage_vs_adv_std",
     "broken_verifier_cohorts_trained",
     "broken_verifier_cohorts_passing_gate",
+    "eval_cpu_minutes",
 )
 
 
@@ -64,6 +65,8 @@ def test_quick_eval_reports_every_key_and_resumes(tmp_path: Path) -> None:
     for key in HEADLINE_KEYS:
         assert isinstance(s[key], float), key
     assert s["loop_paired_runs"] == 2.0
+    # The cost is every unit's CPU, the loop's runs a part of it.
+    assert 0 < s["loop_cpu_s"] < s["cpu_s"] == pytest.approx(60 * s["eval_cpu_minutes"])
     assert math.isfinite(s["loco_spearman"]) and math.isfinite(s["label_reliability"])
     # The gate: no broken verifier passes, none is dispatched, no honest one is flagged.
     assert s["broken_verifier_cohorts_passing_gate"] == 0.0
