@@ -272,7 +272,9 @@ def test_training_leaves_no_hooks_or_checkpointing_on_the_model(
     mine = model.get_input_embeddings().register_forward_hook(lambda *_: None)
     before = hooks()
     assert before  # the caller's own hook is there, and must stay
-    t = trainer(policy_pair, probe, tmp_path, mode="continual")
+    # Probe-and-revert: the weights go back (the module's other tests share
+    # them), the hooks must too.
+    t = trainer(policy_pair, probe, tmp_path)
     t.on_dispatch(make_dispatch("frontier", 1, "add"), 0.0)
     t.on_dispatch(make_dispatch("frontier", 2, "mul"), 1.0)
     t.close()
