@@ -349,6 +349,15 @@ class ServiceSettings(_Frozen):
     # position when a replica takes the partition over, to rebuild the
     # duplicate filter (bounded by cohorting.dedup_window too).
     handoff_dedup_records: int = Field(default=20_000, ge=0)
+    # How often a traces partition's state record is written when all that
+    # changed is traces added to open cohorts: a new owner rebuilding from an
+    # older record re-reads those traces and builds the same cohorts, so the
+    # record (all open cohorts of the partition, O(open cohorts) bytes) need
+    # not go out per batch. A batch that closes, evicts, scores or
+    # dead-letters anything in the partition writes it at once, as do a
+    # hand-back and shutdown. 0: every batch. The traces offset is committed
+    # with each record, so the committed offset lags by up to this much too.
+    state_record_interval_s: float = Field(default=1.0, ge=0.0, le=300.0)
     # How long start-up waits to have read the lift and policy topics to their
     # end (a new replica learns every label before it scores a trace).
     catch_up_timeout_s: float = Field(default=300.0, gt=0.0)

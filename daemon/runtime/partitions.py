@@ -74,11 +74,19 @@ class Token:
 
 @dataclass
 class Part:
-    """One partition's cohorts, where reading resumes, and the last state record."""
+    """One partition's cohorts, where reading resumes, and the last state record.
+
+    ``changed``: something happened to the partition's cohorts since its last
+    state record that re-reading its traces from that record's position would
+    not redo the same way (a cohort closed, evicted, rejected, scored; a trace
+    dead-lettered). Until then, a newer record only moves the position and
+    adds members to open cohorts, which a new owner rebuilds by re-reading.
+    """
 
     builder: CohortBuilder
     position: int | None = None
     token: Token | None = None
+    changed: bool = True
 
 
 class PartitionedCohorts(CohortBuilder):
@@ -178,6 +186,8 @@ class PartitionedCohorts(CohortBuilder):
         return mine
 
     def _track(self, tp: TopicPartition, events: list[Event]) -> list[Event]:
+        if events:
+            self.parts[tp].changed = True
         for e in events:
             if isinstance(e, Closed):
                 self.closed[e.cohort.cohort_id] = tp
@@ -270,8 +280,10 @@ class PartitionedCohorts(CohortBuilder):
 
     def forget(self, cohort_id: str) -> None:
         """The cohort was scored: it no longer belongs to its partition's state."""
-        self.closed.pop(cohort_id, None)
+        tp = self.closed.pop(cohort_id, None)
         self.members.pop(cohort_id, None)
+        if tp is not None and tp in self.parts:
+            self.parts[tp].changed = True
 
     # -- state ----------------------------------------------------------------
 

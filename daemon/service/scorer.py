@@ -48,6 +48,7 @@ SIGTERM stops consuming, hands every partition back as above and exits within
 from __future__ import annotations
 
 import gc
+import math
 import os
 import signal
 import threading
@@ -226,6 +227,7 @@ class ScorerService:
         # they come back unchanged.
         self._suspended: dict[TopicPartition, Detached] = {}
         self._written: dict[TopicPartition, str] = {}  # content of the last state record
+        self._recorded_at: dict[TopicPartition, float] = {}  # monotonic time of it
         self._committed: dict[TopicPartition, int] = {}  # traces offsets: never below
         self._seq = 0
         self._seen_counts: dict[str, float] = {}
@@ -462,7 +464,7 @@ class ScorerService:
         if not mine or not self.loaded:
             return
         try:
-            self._persist_and_send([], [], Effects())
+            self._persist_and_send([], [], Effects(), handback=True)
         except Exception as e:
             # Kept in the outbox: sent later only if no one else has taken over.
             log.error(
@@ -583,7 +585,7 @@ class ScorerService:
         if self.loaded:
             # Whatever is open or queued goes out in the partitions' state
             # records: the next owner (maybe this replica again) scores it.
-            self._persist_and_send([], [], Effects())
+            self._persist_and_send([], [], Effects(), handback=True)
         for c in (self._traces, self._lift, self._dlq, self._policies):
             if c is not None:
                 c.close()
@@ -729,13 +731,24 @@ class ScorerService:
         traces: Sequence[Record],
         others: Sequence[Record],
         fx: Effects,
+        *,
+        handback: bool = False,
     ) -> int:
         """One transaction for the batch (snapshot, offsets, owed messages, labels,
-        changed partition state records), then send, flush, commit."""
+        changed partition state records), then send, flush, commit.
+
+        ``handback``: every partition whose state differs from its last record
+        gets a new one now (a revocation, a shutdown), however recent that was."""
         assert self._producer is not None
         observe(fx.events, self.metrics)
         messages = fx.messages(self.settings.topics)
         owners = self._owners(messages)
+        # A partition that owes a message (a decision, a dispatch, a dead letter)
+        # gets its state record in this batch: a re-read would send it again.
+        for key in {o for o in owners if o is not None}:
+            owed = self.cohorts.parts.get(part_of(key))
+            if owed is not None:
+                owed.changed = True
         # Cohorts scored (or rejected) in this batch no longer belong to their
         # partition's state.
         queued = {c.cohort_id for c in self.scorer.pending}
@@ -744,7 +757,7 @@ class ScorerService:
         # The id windows (decided traces, learned lifts) are journaled: the
         # store writes the rows this batch changed, not the windows whole.
         snap = self.scorer.snapshot(journaled=True)
-        states = self._states(snap)
+        states = self._states(snap, handback)
         for st in states:
             owners.append(part_key(st.tp))
             messages.append(
@@ -763,8 +776,11 @@ class ScorerService:
             snap, offsets, messages, fx.labels, owners, journals=self.scorer.journals()
         )
         self._done.update(offsets)
+        written_at = time.monotonic()
         for st in states:
             self._written[st.tp] = st.content()
+            self._recorded_at[st.tp] = written_at
+            self.cohorts.parts[st.tp].changed = False
         if self.predictor is not None:
             self.predictor.after_batch(label_seq)
         sent = self._send_outbox()
@@ -791,23 +807,32 @@ class ScorerService:
             out.append(owner)
         return out
 
-    def _states(self, snap: Mapping[str, Any]) -> list[StateRecord]:
+    def _states(self, snap: Mapping[str, Any], handback: bool = False) -> list[StateRecord]:
         """The state records of the partitions whose state changed since the last one
         written, each with a new token (an unchanged partition's record is on the log).
+
+        A partition whose traces only joined open cohorts since its last record
+        (``Part.changed`` unset) waits for ``service.state_record_interval_s``
+        unless ``handback``: the record lists every open cohort, and what it
+        would add is rebuilt by re-reading the traces after its position.
 
         ``snap`` is journaled (its open cohorts are left out): the records read
         them from the builders, each cohort encoded once until it changes."""
         out = []
         now = time.time()
+        due = time.monotonic() - self.settings.service.state_record_interval_s
         for tp, part in self.cohorts.parts.items():
             if part.position is None:
                 continue  # nothing read yet: nothing held
+            if not (handback or part.changed or self._recorded_at.get(tp, -math.inf) <= due):
+                continue
             token = Token(self.incarnation, self._seq + 1)
             st = record(
                 self.cohorts, snap, self.scorer.where, tp, part.position, token, self.replica, now
             )
             content = st.content()
             if content == self._written.get(tp):
+                part.changed = False
                 continue
             if st.missing:
                 log.error("partition_state_members_unknown", partition=tp.partition, n=st.missing)

@@ -120,6 +120,30 @@ def test_a_cohort_never_mixes_partitions_and_each_partition_keeps_its_position()
     assert all(p.builder.policy_version == "v1" for p in cohorts.parts.values())
 
 
+def test_a_partition_is_changed_by_what_a_re_read_would_not_redo() -> None:
+    """``Part.changed`` (a state record due now) is set by a close or a scored
+    cohort, not by traces that only join open cohorts. (A message the batch owes
+    for the partition, such as a dead letter at decode, is the scorer service's
+    to mark.)"""
+    scorer = _scorer(_settings())
+    log = Log()
+    cohorts = scorer.cohorts
+    assert isinstance(cohorts, PartitionedCohorts)
+    same_slice = _traces("add", "2d_carry", 4, 1)
+    feed(scorer, T0, log.append(T0, [encode(t) for t in same_slice[:2]]), 1.0)
+    part = cohorts.parts[T0]
+    assert part.changed  # a new partition: never recorded
+    part.changed = False
+    feed(scorer, T0, log.append(T0, [encode(same_slice[2])]), 1.0)
+    assert not part.changed and cohorts.n_open_traces == 3
+    # The fourth trace fills the cohort (max_groups=4): closed and scored.
+    decided = feed(scorer, T0, log.append(T0, [encode(same_slice[3])]), 1.0)
+    assert decided and part.changed
+    part.changed = False
+    cohorts.forget(decided[0])  # scored: no longer the partition's
+    assert part.changed
+
+
 def test_a_partition_moves_to_another_scorer_without_loss_or_second_decision() -> None:
     settings = _settings()
     a, b = _scorer(settings), _scorer(settings)

@@ -26,12 +26,14 @@ import httpx
 import pytest
 
 from daemon.config import Topics, TransportSettings
+from daemon.runtime.partitions import PartitionState
 from daemon.runtime.state import StateStore
 from lab import tasks
 from lab.localbroker import KCAT_ARGS
 from lab.reliability import trace_key
 from streams.factory import open_transport
 from streams.schemas import LIFT_SCHEMA, Attempt, Dispatch, LiftResult, decode, encode
+from streams.transport import TopicPartition
 
 REPO = Path(__file__).resolve().parents[2]
 K = 4
@@ -455,3 +457,69 @@ def test_backpressure_pauses_at_the_cap_and_resumes(
         scorer.wait_for(lambda: complete(log, valid), 90, "the stream to complete")
     assert scorer.metrics()["tapd_traces_consumed_total"] == len(raw)
     assert scorer.terminate() < 10
+
+
+@pytest.mark.parametrize("transport_settings", ["embedded"], indirect=True)
+def test_a_replaced_pod_rebuilds_from_an_older_state_record_and_loses_nothing(
+    scorer: Scorer, log: Log, tmp_path: Path
+) -> None:
+    """Batches that only add traces to open cohorts write no state record within
+    ``service.state_record_interval_s``. A pod killed then and replaced with an
+    empty disk is rebuilt from the older record: the traces after its position
+    are read again, and every trace still meets exactly one fate."""
+    raw = [r for r in make_traces(12) if b"broken" not in r and r.startswith(b"{")]
+    valid = {json.loads(r)["trace_id"] for r in raw}
+    first = raw[: len(raw) // 2]
+    log.produce(first)
+    # First life: no cohort can close (size or age), so no batch changes
+    # anything but open cohorts; only each partition's first batch is recorded.
+    scorer.env.update(
+        {
+            "TAPD_COHORTING__MAX_GROUPS": "64",
+            "TAPD_COHORTING__MAX_AGE_S": "3600",
+            "TAPD_SERVICE__STATE_RECORD_INTERVAL_S": "300",
+        }
+    )
+    scorer.start()
+    scorer.wait_for(
+        lambda: scorer.metrics().get("tapd_traces_consumed_total") == len(first), 60, "the traces"
+    )
+    records = [PartitionState.decode(v) for _, v in log.read(log.topics.changelog)]
+    tps = [TopicPartition(log.topics.traces, p) for p in range(2)]
+    ends = log.transport.end_offsets(tps)
+    latest = {(st.topic, st.partition): st for st in records}
+    stale = {
+        tp.partition: (latest[(tp.topic, tp.partition)].position, ends[tp])
+        for tp in tps
+        if latest[(tp.topic, tp.partition)].position < ends[tp]
+    }
+    batches = len(first) / 3  # max_poll_records
+    assert len(records) == 2 < batches, "an append-only batch wrote a state record"
+    assert stale, "every partition's record is at its end: nothing to re-read"
+    scorer.kill()  # no hand-back
+
+    # The replacement: an empty disk, cohorts that close by age.
+    scorer.env.update(
+        {
+            "TAPD_STATE_DIR": str(tmp_path / "state-new"),
+            "TAPD_COHORTING__MAX_AGE_S": "2",
+            "TAPD_SERVICE__STATE_RECORD_INTERVAL_S": "1",
+        }
+    )
+    log.produce(raw[len(raw) // 2 :])
+    with Responder(log):
+        scorer.start()
+        scorer.wait_for(lambda: complete(log, valid), 120, "every trace accounted for")
+        assert scorer.terminate() < 10
+
+    a = audit(log, valid)
+    assert {t: n for t, n in a["fates"].items() if n != 1} == {}, "a trace met two fates"
+    assert set(a["fates"]) == valid
+    events = [
+        json.loads(line)
+        for line in (tmp_path / "scorer-2.log").read_text().splitlines()
+        if line.startswith("{")
+    ]
+    rebuilt = {e["partition"]: e for e in events if e["event"] == "partition_rebuilt"}
+    for p, (position, _) in stale.items():
+        assert rebuilt[p]["position"] == position
