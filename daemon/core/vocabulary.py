@@ -41,6 +41,8 @@ DEAD_LETTER_STAGES = (*PIPELINE_STAGES, "internal")
 CLOSE_CAUSES = ("size", "age", "evicted", "flush")
 # Why an in-flight dispatch was freed without a lift.
 RELEASE_CAUSES = ("rejected", "expired")
+# Why a partition state record was written (daemon/service/scorer.py ``_states``).
+STATE_RECORD_CAUSES = ("changed", "interval", "handback")
 # A predictor refit's outcome.
 REFIT_OUTCOMES = ("promoted", "rejected", "failed")
 # What the trainer did with a dispatched cohort.

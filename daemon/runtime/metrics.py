@@ -46,6 +46,7 @@ from daemon.core.vocabulary import (
     RELEASE_CAUSES,
     REWARD_PHASES,
     SELECTIONS,
+    STATE_RECORD_CAUSES,
     THRESHOLD_SOURCES,
     TRAINER_OUTCOMES,
 )
@@ -204,6 +205,21 @@ class ScorerMetrics:
             ["how"],
             registry=r,
         )
+        self.state_records = Counter(
+            "tapd_partition_state_records",
+            "Partition state records written to the changelog, by cause (changed: the batch "
+            "closed, evicted, scored or dead-lettered something of the partition; interval: "
+            "only traces joined open cohorts, and service.state_record_interval_s passed; "
+            "handback: a revocation or shutdown).",
+            ["cause"],
+            registry=r,
+        )
+        self.state_record_bytes = Counter(
+            "tapd_partition_state_record_bytes",
+            "Bytes of the partition state records written to the changelog (each lists "
+            "every open cohort of its partition).",
+            registry=r,
+        )
         self.rollout_policy_version = Gauge(
             "tapd_rollout_policy_version",
             "Version number of the policy the rollout engine samples from.",
@@ -336,6 +352,7 @@ class ScorerMetrics:
         preinit(self.cohorts_scored, "recommendation", RECOMMENDATIONS)
         preinit(self.dispatches, "selection", SELECTIONS)
         preinit(self.dispatches_released, "cause", RELEASE_CAUSES)
+        preinit(self.state_records, "cause", STATE_RECORD_CAUSES)
         preinit(self.realized_lift, "selection", SELECTIONS)
         preinit(self.realized_lift_mean, "selection", SELECTIONS)
         preinit(self.predictor_stage, "stage", PREDICTOR_STAGES)

@@ -757,15 +757,13 @@ class ScorerService:
         # The id windows (decided traces, learned lifts) are journaled: the
         # store writes the rows this batch changed, not the windows whole.
         snap = self.scorer.snapshot(journaled=True)
-        states = self._states(snap, handback)
-        for st in states:
+        states, whys = self._states(snap, handback)
+        encoded = [st.encode() for st in states]
+        for st, value in zip(states, encoded, strict=True):
             owners.append(part_key(st.tp))
             messages.append(
                 OutMessage(
-                    self.settings.topics.changelog,
-                    part_key(st.tp).encode(),
-                    st.encode(),
-                    st.partition,
+                    self.settings.topics.changelog, part_key(st.tp).encode(), value, st.partition
                 )
             )
         offsets: dict[TopicPartition, int] = {}
@@ -781,6 +779,9 @@ class ScorerService:
             self._written[st.tp] = st.content()
             self._recorded_at[st.tp] = written_at
             self.cohorts.parts[st.tp].changed = False
+        for why, value in zip(whys, encoded, strict=True):
+            self.metrics.state_records.labels(cause=why).inc()
+            self.metrics.state_record_bytes.inc(len(value))
         if self.predictor is not None:
             self.predictor.after_batch(label_seq)
         sent = self._send_outbox()
@@ -807,7 +808,9 @@ class ScorerService:
             out.append(owner)
         return out
 
-    def _states(self, snap: Mapping[str, Any], handback: bool = False) -> list[StateRecord]:
+    def _states(
+        self, snap: Mapping[str, Any], handback: bool = False
+    ) -> tuple[list[StateRecord], list[str]]:
         """The state records of the partitions whose state changed since the last one
         written, each with a new token (an unchanged partition's record is on the log).
 
@@ -817,8 +820,10 @@ class ScorerService:
         would add is rebuilt by re-reading the traces after its position.
 
         ``snap`` is journaled (its open cohorts are left out): the records read
-        them from the builders, each cohort encoded once until it changes."""
-        out = []
+        them from the builders, each cohort encoded once until it changes. Each
+        record comes with its cause (``tapd_partition_state_records``)."""
+        out: list[StateRecord] = []
+        whys: list[str] = []
         now = time.time()
         due = time.monotonic() - self.settings.service.state_record_interval_s
         for tp, part in self.cohorts.parts.items():
@@ -840,7 +845,8 @@ class ScorerService:
             part.token = token
             snap["cohorts"]["parts"][part_key(tp)]["token"] = token.to_json()
             out.append(st)
-        return out
+            whys.append("changed" if part.changed else "handback" if handback else "interval")
+        return out, whys
 
     def _send_outbox(self) -> int:
         """Send what is owed: decisions, dispatches and dead letters first, flushed,

@@ -466,6 +466,7 @@ def test_metrics_are_pre_initialised_and_carry_build_and_process_info(admin: Adm
     assert 'tapd_dead_letters_total{stage="cohorting"} 0.0' in text
     assert 'tapd_dead_letters_total{stage="internal"} 0.0' in text
     assert 'tapd_dispatches_released_total{cause="expired"} 0.0' in text
+    assert 'tapd_partition_state_records_total{cause="interval"} 0.0' in text
     assert 'tapd_cohorts_scored_total{recommendation="fix_verifier"} 0.0' in text
     assert 'tapd_predictor_refits_total{outcome="promoted"} 0.0' in text
     assert 'tapd_threshold_override{name="shadow_mode"} 0.0' in text

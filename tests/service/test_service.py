@@ -496,6 +496,12 @@ def test_a_replaced_pod_rebuilds_from_an_older_state_record_and_loses_nothing(
     batches = len(first) / 3  # max_poll_records
     assert len(records) == 2 < batches, "an append-only batch wrote a state record"
     assert stale, "every partition's record is at its end: nothing to re-read"
+    m = scorer.metrics()
+    assert m['tapd_partition_state_records_total{cause="changed"}'] == 2  # each first one
+    assert m['tapd_partition_state_records_total{cause="interval"}'] == 0
+    assert m["tapd_partition_state_record_bytes_total"] == sum(
+        len(v) for _, v in log.read(log.topics.changelog)
+    )
     scorer.kill()  # no hand-back
 
     # The replacement: an empty disk, cohorts that close by age.
