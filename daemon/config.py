@@ -355,7 +355,8 @@ class ServiceSettings(_Frozen):
     # record (all open cohorts of the partition, O(open cohorts) bytes) need
     # not go out per batch. A batch that closes, evicts, scores or
     # dead-letters anything in the partition writes it at once, as do a
-    # hand-back and shutdown. 0: every batch. The traces offset is committed
+    # hand-back and shutdown; a quiet loop writes what is still unrecorded once
+    # the interval has passed. 0: every batch. The traces offset is committed
     # with each record, so the committed offset lags by up to this much too.
     state_record_interval_s: float = Field(default=1.0, ge=0.0, le=300.0)
     # How long start-up waits to have read the lift and policy topics to their

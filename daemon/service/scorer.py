@@ -228,6 +228,7 @@ class ScorerService:
         self._suspended: dict[TopicPartition, Detached] = {}
         self._written: dict[TopicPartition, str] = {}  # content of the last state record
         self._recorded_at: dict[TopicPartition, float] = {}  # monotonic time of it
+        self._unrecorded: set[TopicPartition] = set()  # read since their last record
         self._committed: dict[TopicPartition, int] = {}  # traces offsets: never below
         self._seq = 0
         self._seen_counts: dict[str, float] = {}
@@ -445,6 +446,7 @@ class ScorerService:
         self.scorer.restore(snap)
         for tp in tps:
             self._written.pop(tp, None)
+            self._unrecorded.discard(tp)
         self.metrics.partitions_owned.set(len(self.cohorts.parts))
         return out
 
@@ -637,6 +639,7 @@ class ScorerService:
             with self.cohorts.feeding(tp) as part:
                 fx += self.scorer.on_traces(records, now)
                 part.position = records[-1].offset + 1
+            self._unrecorded.add(tp)
         fx += self.scorer.on_tick(now)
         worked = self.scorer.has_work
         # Score for at most score_budget_s (at least one window): the next poll
@@ -647,10 +650,17 @@ class ScorerService:
         while self.scorer.has_work and time.monotonic() < deadline:
             fx += self.scorer.step(now, self.cohorts_per_poll)
         sent = 0
-        if traces or lifts or fx or worked:
+        if traces or lifts or fx or worked or self._record_due():
             sent = self._persist_and_send(traces, lifts, fx)
         self._publish_quality()
         return LoopStats(len(traces), len(lifts), sent)
+
+    def _record_due(self) -> bool:
+        """A partition read since its last state record is due one: when the stream
+        goes quiet, the record (and the commit) still catch up within
+        ``service.state_record_interval_s``."""
+        due = time.monotonic() - self.settings.service.state_record_interval_s
+        return any(self._recorded_at.get(tp, -math.inf) <= due for tp in self._unrecorded)
 
     def _learn(self, records: Sequence[Record], now: float) -> Effects:
         """Lifts and dead letters: every replica learns each lift; the one holding the
@@ -779,6 +789,7 @@ class ScorerService:
             self._written[st.tp] = st.content()
             self._recorded_at[st.tp] = written_at
             self.cohorts.parts[st.tp].changed = False
+            self._unrecorded.discard(st.tp)
         for why, value in zip(whys, encoded, strict=True):
             self.metrics.state_records.labels(cause=why).inc()
             self.metrics.state_record_bytes.inc(len(value))
@@ -838,6 +849,7 @@ class ScorerService:
             content = st.content()
             if content == self._written.get(tp):
                 part.changed = False
+                self._unrecorded.discard(tp)
                 continue
             if st.missing:
                 log.error("partition_state_members_unknown", partition=tp.partition, n=st.missing)

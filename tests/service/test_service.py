@@ -529,3 +529,36 @@ def test_a_replaced_pod_rebuilds_from_an_older_state_record_and_loses_nothing(
     rebuilt = {e["partition"]: e for e in events if e["event"] == "partition_rebuilt"}
     for p, (position, _) in stale.items():
         assert rebuilt[p]["position"] == position
+
+
+@pytest.mark.parametrize("transport_settings", ["embedded"], indirect=True)
+def test_a_quiet_stream_still_gets_its_state_record_within_the_interval(
+    scorer: Scorer, log: Log
+) -> None:
+    """Traces that only join open cohorts are recorded (and committed) within
+    ``service.state_record_interval_s`` even when no more traces arrive."""
+    raw = [r for r in make_traces(6) if b"broken" not in r and r.startswith(b"{")]
+    scorer.env.update(
+        {
+            "TAPD_COHORTING__MAX_GROUPS": "64",
+            "TAPD_COHORTING__MAX_AGE_S": "3600",
+            "TAPD_SERVICE__STATE_RECORD_INTERVAL_S": "1",
+        }
+    )
+    log.produce(raw)
+    scorer.start()
+    tps = [TopicPartition(log.topics.traces, p) for p in range(2)]
+    ends = log.transport.end_offsets(tps)
+
+    def recorded() -> dict[int, int]:
+        records = [PartitionState.decode(v) for _, v in log.read(log.topics.changelog)]
+        return {st.partition: st.position for st in records}
+
+    scorer.wait_for(
+        lambda: recorded() == {tp.partition: ends[tp] for tp in tps}, 20, "records at the end"
+    )
+    m = scorer.metrics()
+    assert m["tapd_traces_consumed_total"] == len(raw)
+    assert m["tapd_cohorts_open"] > 0  # nothing closed: only the interval wrote them
+    assert m['tapd_partition_state_records_total{cause="interval"}'] >= 1
+    assert scorer.terminate() < 10
