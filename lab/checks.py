@@ -27,6 +27,8 @@ def synthetic_features(rng: random.Random) -> dict[str, float]:
     nondeg = 1.0 - frac_all_correct - frac_all_wrong
     adv_std = nondeg * rng.uniform(0.3, 0.5)
     lp50 = rng.uniform(-2.0, 0.0)
+    # Drawn from no new random number: a stream's other features stay as they were.
+    answer_tokens = 1.0 + 3.0 * (1.0 - p)
     return {
         "adv_std": adv_std,
         "frac_nondegenerate": nondeg,
@@ -38,6 +40,7 @@ def synthetic_features(rng: random.Random) -> dict[str, float]:
         "pass_rate": p,
         "group_passrate_mean": p,
         "group_passrate_std": rng.uniform(0.0, 0.4),
+        "pass_var_per_token": nondeg * p * (1.0 - p) / answer_tokens,
         "target_similarity": rng.random(),
         "len_mean": rng.uniform(20.0, 400.0),
         "len_std": rng.uniform(0.0, 100.0),

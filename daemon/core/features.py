@@ -34,7 +34,7 @@ from streams.probes import cohort_target
 from streams.rejection import Rejection
 from streams.schemas import TokenStats, Trace
 
-FEATURE_SCHEMA = "tapd.features/1"
+FEATURE_SCHEMA = "tapd.features/2"
 
 # The 23 features of the TAP appendix (seed 001), then reward integrity and
 # coverage from xLift (seed 000).
@@ -49,6 +49,7 @@ LEARNABILITY = (
     "pass_rate",
     "group_passrate_mean",
     "group_passrate_std",
+    "pass_var_per_token",
 )
 RELEVANCE = ("target_similarity",)
 SHAPE = ("len_mean", "len_std", "n_groups")
@@ -190,7 +191,8 @@ def _learnability_values(
     x = np.zeros((5, rewards.size))
     x[0], x[1] = rewards, adv
     values = _attempt_values(x, group_pass, nondegenerate)
-    del values["len_mean"], values["len_std"]  # no token counts here
+    # No token counts here.
+    del values["len_mean"], values["len_std"], values["pass_var_per_token"]
     return values
 
 
@@ -212,6 +214,11 @@ def _attempt_values(
     means = x.mean(axis=1)
     spread = x[:3].std(axis=1)
     groups = group_pass.size
+    passed = np.count_nonzero(x[4])
+    # The label is a lift per answer token: the same within-group disagreement
+    # spread over longer answers moves each token's NLL less (docs/FEATURES.md).
+    pass_tokens = float(np.dot(x[2], x[4])) / passed if passed else 0.0
+    pass_var = float(np.dot(group_pass, 1.0 - group_pass)) / groups
     return {
         "adv_std": float(spread[1]),
         "frac_nondegenerate": nondegenerate,
@@ -223,6 +230,7 @@ def _attempt_values(
         "pass_rate": float(means[4]),
         "group_passrate_mean": float(group_pass.mean()),
         "group_passrate_std": float(group_pass.std()),
+        "pass_var_per_token": pass_var / max(1.0, pass_tokens) if passed else 0.0,
         "len_mean": float(means[2]),
         "len_std": float(spread[2]),
     }

@@ -59,7 +59,7 @@ from daemon.core.cohorting import (
     slice_key_of,
 )
 from daemon.core.decision import ScoredCohort
-from daemon.core.features import FEATURE_SCHEMA, prepare_many
+from daemon.core.features import FEATURE_SCHEMA, FeatureError, prepare_many
 from daemon.core.journal import HELD, Journal, Journaled, Window, held_key, section
 from daemon.core.tenants import tenant_counts, tenant_of_record
 from streams.deadletter import (
@@ -880,7 +880,18 @@ class Scorer:
         # letter, and is not remembered as learned.
         # The primary label: the lift on the cohort's target when the trainer
         # measured one (LiftResult.label), else on the whole probe.
-        self.predictor.learn(dict(lift.features), lift.label, selection)
+        try:
+            self.predictor.learn(dict(lift.features), lift.label, selection)
+        except FeatureError as e:
+            if lift.feature_schema == FEATURE_SCHEMA:
+                raise
+            # A lift from before a feature-schema change (a dispatch of the
+            # previous build): say so, not just which feature is missing.
+            raise FeatureError(
+                e.field,
+                f"{e.reason}: the lift's features are {lift.feature_schema!r}, "
+                f"this build learns {FEATURE_SCHEMA!r}",
+            ) from e
         self.learned[lift.cohort_id] = None
         while len(self.learned) > LEARNED_WINDOW:
             self.learned.popitem(last=False)

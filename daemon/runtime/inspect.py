@@ -377,6 +377,8 @@ class ScorerInspector:
                     "labels": m.get("n_labels"),
                     "label_seq": m.get("label_seq"),
                     "holdout_score": m.get("holdout_score"),
+                    # A build loads only its own schema's snapshots (docs/FEATURES.md).
+                    "feature_schema": m.get("feature_schema"),
                     "created_ts": m.get("created_ts"),
                     "latest": name == latest,
                 }

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from daemon.config import PredictorSettings
-from daemon.core.features import FEATURE_NAMES
+from daemon.core.features import FEATURE_NAMES, FEATURE_SCHEMA, FeatureError
 from daemon.core.pipeline import Label
 from daemon.core.predictor import Prediction, Predictor, RefitResult
 from daemon.runtime.logging import get_logger
@@ -92,18 +92,49 @@ class PredictorHost:
         """
         predictor = Predictor(settings, inline_refits=True)
         snap = store.load() if store is not None else None
+        set_aside = snap is not None and snap.manifest.feature_schema != FEATURE_SCHEMA
+        if snap is not None and set_aside:
+            # A model of another feature schema cannot score this build's
+            # vectors, nor can its labels be relearned (a feature they lack
+            # was never computed). The predictor starts again from the
+            # heuristic; the old snapshot stays in the store (a rollback to
+            # the old build pins it). Its version and label sequence carry on,
+            # so model versions stay unique and the store's order holds.
+            log.warning(
+                "predictor_snapshot_set_aside",
+                snapshot=snap.manifest.name,
+                feature_schema=snap.manifest.feature_schema,
+                this_build=FEATURE_SCHEMA,
+            )
+            predictor.version = snap.manifest.version + 1
+            predictor.label_seq = snap.manifest.label_seq
+            snap = None
         if snap is not None:
             predictor.restore(snap)
-        n = 0
+        n = skipped = 0
         for seq, label in labels:
             if seq <= predictor.label_seq:
                 continue
-            predictor.learn(label.features, label.realized_lift, label.selection)
+            try:
+                predictor.learn(label.features, label.realized_lift, label.selection)
+            except FeatureError:
+                # Every stored label was learned once, by the build that
+                # stored it: only one of another feature schema can fail here.
+                if label.feature_schema == FEATURE_SCHEMA:
+                    raise
+                skipped += 1
+            else:
+                n += 1
             predictor.label_seq = seq
-            n += 1
         host = cls(predictor, store, background=background)
-        if n:
+        if n or skipped or set_aside:
             host.checkpoint()
+        if skipped:
+            log.warning(
+                "predictor_labels_skipped",
+                labels=skipped,
+                reason=f"learned under another feature schema; this build learns {FEATURE_SCHEMA}",
+            )
         log.info(
             "predictor_restored",
             model_version=predictor.model_version,

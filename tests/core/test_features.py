@@ -124,6 +124,26 @@ def test_learnability_of_the_worked_example() -> None:
     assert f["len_mean"] == 3.0 and f["len_std"] == 0.0
 
 
+def test_pass_var_per_token_is_the_groups_pass_variance_per_passing_answer_token() -> None:
+    # The worked example's 3 groups: p(1 - p) is 5/8 * 3/8, 0 and 0; the 13
+    # passing attempts have 3 tokens each.
+    f = featurize(_worked_example(), verifier_probe=False)
+    assert f["pass_var_per_token"] == pytest.approx((5 / 8 * 3 / 8) / 3 / 3)
+    # The same disagreement with longer passing answers is less per token;
+    # only passing attempts' lengths count.
+    short = [_trace("s", [1.0, 0.0, 1.0, 0.0], n_tokens=2), _trace("k", [1.0] * 4, n_tokens=4)]
+    longer = [_trace("s", [1.0, 0.0, 1.0, 0.0], n_tokens=6), _trace("k", [1.0] * 4, n_tokens=6)]
+    a = featurize(short, verifier_probe=False)["pass_var_per_token"]
+    b = featurize(longer, verifier_probe=False)["pass_var_per_token"]
+    assert a == pytest.approx((0.25 + 0.0) / 2 / ((2 * 2 + 4 * 4) / 6))
+    assert b == pytest.approx((0.25 + 0.0) / 2 / 6) and b < a
+    # Answers under one token are counted as one; no passing attempt gives 0.
+    empty = [_trace("e", [1.0, 0.0], n_tokens=0)]
+    assert featurize(empty, verifier_probe=False)["pass_var_per_token"] == pytest.approx(0.25)
+    none = [_trace("n", [0.0, 0.0])]
+    assert featurize(none, verifier_probe=False)["pass_var_per_token"] == 0.0
+
+
 def test_adv_std_is_about_sqrt_of_frac_nondegenerate() -> None:
     # With per-group scaling a nondegenerate group of K contributes
     # sum a^2 = K - 1 (up to eps), a degenerate one 0: adv_std^2 is about

@@ -281,6 +281,64 @@ def test_restart_resumes_identically(tmp_path: Path) -> None:
     assert [q.predict(x) for x in _probe()] == expected
 
 
+def test_a_build_of_another_feature_schema_sets_the_old_model_aside_and_learns_on(
+    tmp_path: Path,
+) -> None:
+    """An upgrade that changes the feature schema neither crashes at start-up nor
+    serves the old model: the old snapshot and the labels it cannot relearn are
+    set aside (kept in the store), and the new labels are learned from the heuristic on."""
+    settings = PredictorSettings(river_after=8, lgbm_after=40, refit_every_labels=20)
+    host, state = _open(tmp_path, settings)
+    stream = synthetic_stream(5)
+    old_schema = "tapd.features/0"
+    for i in range(45):
+        x, y = next(stream)
+        host.predictor.learn(x, y)
+        # What the old build stored: a vector without the newest feature.
+        old = {k: v for k, v in x.items() if k != "pass_var_per_token"}
+        label = Label(f"c{i}", 0.0, old, old_schema, y, 0.0, "exploit", "v0")
+        host.after_batch(state.save(None, {}, [], [label]))
+    assert host.store is not None
+    host.checkpoint()
+    old_name = host.store.latest()
+    assert old_name is not None
+    # Rewrite the newest snapshot's manifest as the old build wrote it.
+    manifest = tmp_path / "models" / old_name / "manifest.json"
+    raw = json.loads(manifest.read_text())
+    old_version = raw["version"]
+    manifest.write_text(json.dumps({**raw, "feature_schema": old_schema}))
+    # Labels the old build stored after its last snapshot, and the new build's first.
+    for i in range(45, 48):
+        x, y = next(stream)
+        old = {k: v for k, v in x.items() if k != "pass_var_per_token"}
+        state.save(None, {}, [], [Label(f"c{i}", 0.0, old, old_schema, y, 0.0, "exploit", "v0")])
+    x, y = next(stream)
+    state.save(None, {}, [], [_label("c48", x, y)])
+    state.close()
+
+    again, state = _open(tmp_path, settings)
+    q = again.predictor
+    assert q.n_labels == 1 and q.stage == "heuristic"  # only the new label is learned
+    assert q.version == old_version + 1  # versions stay unique and ordered
+    assert q.label_seq == state.label_count() == 49
+    assert again.store is not None and old_name in again.store.versions()  # kept
+    assert again.store.latest() != old_name
+    q.predict(x)
+    state.close()
+    # The next start resumes the new model: nothing is set aside or replayed twice.
+    third, state = _open(tmp_path, settings)
+    assert (third.predictor.version, third.predictor.n_labels) == (old_version + 1, 1)
+    state.close()
+
+    # A label of this build's own schema that cannot be learned is not skipped.
+    bad = {k: v for k, v in x.items() if k != "pass_var_per_token"}
+    state = StateStore(tmp_path / "state.sqlite")
+    state.save(None, {}, [], [_label("c49", bad, y)])
+    state.close()
+    with pytest.raises(FeatureError, match="pass_var_per_token"):
+        _open(tmp_path, settings)
+
+
 def test_same_labels_same_model() -> None:
     settings = PredictorSettings(river_after=8, lgbm_after=40, refit_every_labels=20)
     a, b = (Predictor(settings) for _ in range(2))

@@ -13,7 +13,7 @@ import pytest
 from daemon.config import CohortingSettings, GRPOParams, TapdSettings, Thresholds
 from daemon.core.cohorting import CohortBuilder
 from daemon.core.decision import decide
-from daemon.core.features import featurize
+from daemon.core.features import FEATURE_SCHEMA, featurize
 from daemon.core.pipeline import Effects, Scorer
 from daemon.core.predictor import Predictor
 from daemon.core.tenants import TenantLabels
@@ -357,6 +357,22 @@ def test_a_lift_the_predictor_cannot_use_is_dead_lettered_not_fatal() -> None:
     fx = scorer.on_lift(_records([json.dumps(bad).encode()]), 3.0)
     (dl,) = fx.dead_letters
     assert (dl.stage, dl.field) == ("lift", "features.adv_std")
+    assert not fx.labels and not scorer.in_flight
+
+
+def test_a_lift_of_an_older_feature_schema_is_dead_lettered_saying_so() -> None:
+    """A lift in flight across an upgrade that added a feature cannot be learned:
+    its dead letter names the missing feature and both schemas."""
+    scorer = _scorer(_settings())
+    scorer.on_traces(_records(list(_traces("add", "2d_carry", 4, 1, 2))), 1.0)
+    (d,) = scorer.step(2.0, 10).dispatches
+    old = json.loads(_lift(d, 0.1))
+    del old["features"]["pass_var_per_token"]
+    old["feature_schema"] = "tapd.features/1"
+    fx = scorer.on_lift(_records([json.dumps(old).encode()]), 3.0)
+    (dl,) = fx.dead_letters
+    assert (dl.stage, dl.field) == ("lift", "features.pass_var_per_token")
+    assert "'tapd.features/1'" in dl.reason and repr(FEATURE_SCHEMA) in dl.reason
     assert not fx.labels and not scorer.in_flight
 
 
