@@ -81,6 +81,9 @@ class Drain:
     seconds: float
     cpu_seconds: float
     join_seconds: float
+    # The scorer's own account of the window's wall time, by stage
+    # (tapd_processing_seconds_sum): seconds spent in each.
+    stages: dict[str, float] | None = None
 
     @property
     def per_s(self) -> float:
@@ -242,6 +245,7 @@ def scorer_drain(
             time.sleep(SCRAPE_EVERY_S)
         t1 = time.monotonic()
         cpu1 = cpu_seconds(proc.pid)
+        m1 = scrape(port)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -250,7 +254,52 @@ def scorer_drain(
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    return Drain("tapd run (scorer)", int(n - c0), t1 - t0, cpu1 - cpu0, t0 - t_start)
+    return Drain(
+        "tapd run (scorer)",
+        int(n - c0),
+        t1 - t0,
+        cpu1 - cpu0,
+        t0 - t_start,
+        stage_seconds(m1, m),
+    )
+
+
+STAGE_SUM = 'tapd_processing_seconds_sum{stage="'
+
+
+def stage_seconds(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    """Seconds each stage took between two scrapes of the scorer's /metrics."""
+    out = {}
+    for name, value in after.items():
+        if name.startswith(STAGE_SUM):
+            stage = name[len(STAGE_SUM) :].split('"', 1)[0]
+            out[stage] = value - before.get(name, 0.0)
+    return out
+
+
+def print_stages(scorer: Drain, floor: Drain, raw: Drain, target: float) -> dict[str, float]:
+    """Where the scorer's wall time per trace goes, against what the target allows.
+
+    Stages are the scorer's own timers (``tapd_processing_seconds``); ``other``
+    is the window's wall time no stage covers (the loop, metrics, logging, the
+    state record's encoding). The floor's decode is its per-trace time beyond
+    the raw drain's; the budget is the wall time per trace at ``target`` x the
+    floor's rate.
+    """
+    assert scorer.stages is not None
+    us = {k: v / scorer.traces * 1e6 for k, v in scorer.stages.items() if v > 0}
+    us["other"] = max(scorer.seconds / scorer.traces * 1e6 - sum(us.values()), 0.0)
+    total = scorer.seconds / scorer.traces * 1e6
+    floor_decode = (floor.seconds / floor.traces - raw.seconds / raw.traces) * 1e6
+    budget = 1e6 / (target * floor.per_s)
+    print(f"  where the scorer's wall time per trace goes ({total:.1f} us/trace in all):")
+    for k, v in sorted(us.items(), key=lambda kv: -kv[1]):
+        print(f"    {k:<12}{v:>8.1f} us  {v / total:>6.1%}")
+    print(
+        f"    the floor's decode alone: {floor_decode:.1f} us/trace; "
+        f"{target}x the floor allows {budget:.1f} us/trace in all"
+    )
+    return us
 
 
 def run_topics() -> dict[str, str]:
@@ -386,6 +435,7 @@ def main() -> None:
             f"  scorer / floor {scorer.per_s / floor.per_s:.3f}  (target >= {TARGETS[kind]}: "
             f"{verdict})   scorer / raw {scorer.per_s / raw.per_s:.3f}"
         )
+        fig[f"scorer_stage_us_per_trace_{kind}"] = print_stages(scorer, floor, raw, TARGETS[kind])
         out.update(fig)
     if args.json is not None:
         data: dict[str, Any] = {}

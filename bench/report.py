@@ -25,8 +25,12 @@ INTRO = {
     "predict, decide, persist, commit), on the real local Kafka broker and on the embedded log, "
     "against three baselines drained from the same topic in the same run: raw consumption, raw "
     "+ `json.loads`, raw + the validated decode of the same schema (the floor). The target: the "
-    "scorer at >= 0.5x the floor on Kafka, >= 0.3x on the embedded log. The figures are also "
-    "in `docs/performance.json`.",
+    "scorer at >= 0.5x the floor on Kafka, >= 0.3x on the embedded log. Below each transport's "
+    "table, the scorer's own per-stage timers (`tapd_processing_seconds`, read from its "
+    "`/metrics` over the same window) split its wall time per trace, against the floor's decode "
+    "and the time per trace the target allows: `cohorting` includes each trace's prepared "
+    "features part, `dispatch` the sends of decisions and state records, `other` what no stage "
+    "covers. The figures are also in `docs/performance.json`.",
     "bench.bench_embedded": "Embedded transport (one SQLite file, Kafka semantics) against raw "
     "SQLite inserts and reads with the same durability (WAL, synchronous=FULL).",
     "bench.bench_memory": "Resident memory of the cohort builder with 10k open cohorts, and "

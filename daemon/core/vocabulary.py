@@ -32,6 +32,11 @@ PIPELINE_STAGES = (
     # A failure nobody foresaw (a bug): still a dead letter and a metric.
     "internal",
 )
+# The scorer loop's own steps around the pipeline (processing-time metric
+# only, never a dead letter): reading every input topic, the batch's
+# transaction (state, offsets, owed messages, labels), and the offset commits.
+# With the pipeline's stages and dispatch they account for a loop's wall time.
+SERVICE_STAGES = ("poll", "persist", "commit")
 # The predictor's stages, in the order the router hands over between them.
 PREDICTOR_STAGES = ("heuristic", "river", "lightgbm")
 # Stages a dead letter can name: the pipeline's, plus "internal" for a

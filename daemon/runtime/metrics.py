@@ -46,6 +46,7 @@ from daemon.core.vocabulary import (
     RELEASE_CAUSES,
     REWARD_PHASES,
     SELECTIONS,
+    SERVICE_STAGES,
     STATE_RECORD_CAUSES,
     THRESHOLD_SOURCES,
     TRAINER_OUTCOMES,
@@ -179,7 +180,8 @@ class ScorerMetrics:
         self.processing_seconds = Histogram(
             "tapd_processing_seconds",
             "Wall time per stage of the scoring pipeline: per poll batch for decode and "
-            "cohorting, per cohort for the later stages, per send for dispatch.",
+            "cohorting, per cohort for the later stages, per send for dispatch; and of the "
+            "scorer loop around it, per loop for poll, persist and commit.",
             ["stage"],
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -347,7 +349,7 @@ class ScorerMetrics:
 
     def _preinit(self, topics: Iterable[str], thresholds: Iterable[str]) -> None:
         preinit(self.dead_letters, "stage", DEAD_LETTER_STAGES)
-        preinit(self.processing_seconds, "stage", PIPELINE_STAGES)
+        preinit(self.processing_seconds, "stage", (*PIPELINE_STAGES, *SERVICE_STAGES))
         preinit(self.cohorts_closed, "cause", CLOSE_CAUSES)
         preinit(self.cohorts_scored, "recommendation", RECOMMENDATIONS)
         preinit(self.dispatches, "selection", SELECTIONS)

@@ -620,14 +620,19 @@ class ScorerService:
         self.metrics.consumption_paused.set(0 if accepting else 1)
         busy = self.scorer.has_work
         wait = 0.0 if busy else s.poll_timeout_s / 2
-        traces = self._owned(self._traces.poll(wait, s.max_poll_records))
-        self._apply_policies(self._policies.poll(0.0, s.max_poll_records))
-        lifts = self._fresh(self._lift.poll(0.0 if traces or busy else wait, s.max_poll_records))
-        lifts += self._fresh(self._dlq.poll(0.0 if traces or busy else 0.05, s.max_poll_records))
-        if lifts:
-            # A kept version is announced (and flushed) before the lift that
-            # names it: read it now, before a rollout asks for it.
-            self._apply_policies(self._policies.poll(0.05, s.max_poll_records))
+        with self.metrics.processing_seconds.labels(stage="poll").time():
+            traces = self._owned(self._traces.poll(wait, s.max_poll_records))
+            self._apply_policies(self._policies.poll(0.0, s.max_poll_records))
+            lifts = self._fresh(
+                self._lift.poll(0.0 if traces or busy else wait, s.max_poll_records)
+            )
+            lifts += self._fresh(
+                self._dlq.poll(0.0 if traces or busy else 0.05, s.max_poll_records)
+            )
+            if lifts:
+                # A kept version is announced (and flushed) before the lift that
+                # names it: read it now, before a rollout asks for it.
+                self._apply_policies(self._policies.poll(0.05, s.max_poll_records))
         now = time.time()
         fx = Effects()
         if lifts:
@@ -750,6 +755,7 @@ class ScorerService:
         ``handback``: every partition whose state differs from its last record
         gets a new one now (a revocation, a shutdown), however recent that was."""
         assert self._producer is not None
+        t0 = time.perf_counter()
         observe(fx.events, self.metrics)
         messages = fx.messages(self.settings.topics)
         owners = self._owners(messages)
@@ -795,9 +801,11 @@ class ScorerService:
             self.metrics.state_record_bytes.inc(len(value))
         if self.predictor is not None:
             self.predictor.after_batch(label_seq)
+        self.metrics.processing_seconds.labels(stage="persist").observe(time.perf_counter() - t0)
         sent = self._send_outbox()
-        self._commit_traces(states)
-        self._commit_side(offsets)
+        with self.metrics.processing_seconds.labels(stage="commit").time():
+            self._commit_traces(states)
+            self._commit_side(offsets)
         if self.on_batch is not None and fx:
             self.on_batch(fx)
         return sent

@@ -561,4 +561,12 @@ def test_a_quiet_stream_still_gets_its_state_record_within_the_interval(
     assert m["tapd_traces_consumed_total"] == len(raw)
     assert m["tapd_cohorts_open"] > 0  # nothing closed: only the interval wrote them
     assert m['tapd_partition_state_records_total{cause="interval"}'] >= 1
+    # The loop's own steps are timed beside the pipeline's (a slow broker
+    # shows as poll or commit, a slow disk as persist). The loop runs on while
+    # this scrapes, so a batch may be between its persist and its commit.
+    count = 'tapd_processing_seconds_count{{stage="{}"}}'.format
+    assert m[count("poll")] >= 1 and m[count("persist")] >= 1
+    assert m[count("persist")] - 1 <= m[count("commit")] <= m[count("persist")]
+    assert m[count("decode")] >= 1 and m[count("cohorting")] >= 1
+    assert m[count("features")] == 0  # nothing closed
     assert scorer.terminate() < 10
