@@ -1113,14 +1113,7 @@ def evaluate_loop(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     out: dict[str, Any] = {"runs": len(runs), "auc": auc}
 
     def pc(arm: str, other: str) -> dict[str, Any]:
-        c = ev.paired(auc, arm, other)
-        return {
-            "mean": {"value": c.mean.value, "lo": c.mean.lo, "hi": c.mean.hi},
-            "wins": c.wins,
-            "n": c.n,
-            "p_value": c.p_value,
-            "p_wilcoxon": c.p_wilcoxon,
-        }
+        return _paired_json(ev.paired(auc, arm, other))
 
     out["tapd_vs"] = {o: pc("tapd", o) for o in ("random", "adv_std", "none", "oracle")}
     out["oracle_vs_random"] = pc("oracle", "random")
