@@ -1592,17 +1592,22 @@ def render_markdown(s: Mapping[str, Any], command: str, img: str) -> str:
             )
         worse = [o for o in ("random", "adv_std") if fin["tapd"] < fin[o]]
         if worse:
+            again = lp["on_target_steps"]["tapd"]
+            why = (
+                f" Its later on-target steps ({again['again']}) lose "
+                f"{-again['again_gain']:.4f} nats each: its predictor, learning one realized "
+                "label per step, does not see the returns of training one target again fall."
+                if again["again"] and again["again_gain"] < 0
+                else ""
+            )
             lines += [
                 "",
                 f"**After the last step tapd's arm has lowered the target NLL less than the "
                 f"{' and '.join(worse)} arm{'s' if len(worse) > 1 else ''}** "
                 f"({fin['tapd']:+.4f} nats against "
                 + ", ".join(f"{o} {fin[o]:+.4f}" for o in worse)
-                + "). It wins the AUC on its first steps and then keeps training the target: "
-                "its later on-target steps gain "
-                f"{lp['on_target_steps']['tapd']['again_gain']:+.4f} nats each, and its "
-                "predictor, learning one realized label per step, does not see the returns "
-                "fall in time.",
+                + ")."
+                + why,
             ]
         lines += [
             "",
