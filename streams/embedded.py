@@ -239,7 +239,8 @@ class EmbeddedConsumer:
                 self._positions[tp] = int(rows[-1][0]) + 1
         return out
 
-    def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+    def commit(self, offsets: Mapping[TopicPartition, int], wait: bool = True) -> None:
+        # A local write, done at once either way (``wait`` asks for no round trip).
         if not offsets:
             return
         with _write(self._conn) as conn:

@@ -188,6 +188,13 @@ class _Listener(ConsumerRebalanceListener):
             self._owner.on_assigned([_tp(t) for t in assigned])
 
 
+def _commit_done(offsets: Mapping[Any, Any], result: Any) -> None:
+    """An asynchronous commit's outcome: a failure is logged (the caller keeps the
+    offsets elsewhere; the next commit carries newer ones)."""
+    if isinstance(result, Exception):
+        log.warning("kafka commit failed: %s (%d partitions)", type(result).__name__, len(offsets))
+
+
 class KafkaConsumer:
     def __init__(
         self,
@@ -234,14 +241,19 @@ class KafkaConsumer:
                 out.append(Record(ktp.topic, ktp.partition, r.offset, r.key, value, int(ts)))
         return out
 
-    def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
-        if offsets:
-            self._c.commit(
-                {
-                    _KTP(tp.topic, tp.partition): OffsetAndMetadata(int(o), "", -1)
-                    for tp, o in offsets.items()
-                }
-            )
+    def commit(self, offsets: Mapping[TopicPartition, int], wait: bool = True) -> None:
+        if not offsets:
+            return
+        kafka_offsets = {
+            _KTP(tp.topic, tp.partition): OffsetAndMetadata(int(o), "", -1)
+            for tp, o in offsets.items()
+        }
+        if wait:
+            self._c.commit(kafka_offsets)
+        else:
+            # Completed by the client's network thread; the callback runs in a
+            # later poll().
+            self._c.commit_async(kafka_offsets, callback=_commit_done)
 
     def committed(self, tp: TopicPartition) -> int | None:
         value = self._c.committed(_KTP(tp.topic, tp.partition))

@@ -79,7 +79,12 @@ class Producer(Protocol):
 class Consumer(Protocol):
     def poll(self, timeout_s: float, max_records: int) -> list[Record]: ...
 
-    def commit(self, offsets: Mapping[TopicPartition, int]) -> None: ...
+    def commit(self, offsets: Mapping[TopicPartition, int], wait: bool = True) -> None:
+        """Commit the group's next offsets. ``wait=False``: the commit may
+        complete after the call returns (no broker round trip waited for), and
+        a failure is logged, not raised; for callers that keep the offsets
+        elsewhere, to whom a lost commit only means re-reading a little."""
+        ...
 
     def committed(self, tp: TopicPartition) -> int | None: ...
 

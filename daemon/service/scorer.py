@@ -220,6 +220,9 @@ class ScorerService:
         self._policies: Consumer | None = None
         self._policy_tps: list[TopicPartition] = []
         self._policies_checked = -POLICY_RECHECK_S
+        # When the loop last polled the lift, dead-letter and policy topics
+        # (service.side_poll_interval_s).
+        self._side_polled_at = -math.inf
         # Offsets done of the lift, dead-letter and policy topics (traces
         # partitions keep theirs in their part of the cohort builder).
         self._done: dict[TopicPartition, int] = {}
@@ -230,6 +233,11 @@ class ScorerService:
         self._recorded_at: dict[TopicPartition, float] = {}  # monotonic time of it
         self._unrecorded: set[TopicPartition] = set()  # read since their last record
         self._committed: dict[TopicPartition, int] = {}  # traces offsets: never below
+        # The loop's last batch whose state records were sent but not yet known
+        # to be on the log (:meth:`_settle`): the outbox rows up to its sequence
+        # number, the state records whose traces offsets it commits, and its
+        # side-topic offsets.
+        self._unsettled: tuple[int, list[StateRecord], dict[TopicPartition, int]] | None = None
         self._seq = 0
         self._seen_counts: dict[str, float] = {}
         self.loaded = False
@@ -620,16 +628,19 @@ class ScorerService:
         self.metrics.consumption_paused.set(0 if accepting else 1)
         busy = self.scorer.has_work
         wait = 0.0 if busy else s.poll_timeout_s / 2
+        lifts: list[Record] = []
         with self.metrics.processing_seconds.labels(stage="poll").time():
             traces = self._owned(self._traces.poll(wait, s.max_poll_records))
-            self._apply_policies(self._policies.poll(0.0, s.max_poll_records))
-            lifts = self._fresh(
-                self._lift.poll(0.0 if traces or busy else wait, s.max_poll_records)
-            )
-            lifts += self._fresh(
-                self._dlq.poll(0.0 if traces or busy else 0.05, s.max_poll_records)
-            )
+            idle = not (traces or busy)
+            clock = time.monotonic()
+            if idle or clock - self._side_polled_at >= s.side_poll_interval_s:
+                self._side_polled_at = clock
+                self._apply_policies(self._policies.poll(0.0, s.max_poll_records))
+                lifts = self._fresh(self._lift.poll(wait if idle else 0.0, s.max_poll_records))
+                lifts += self._fresh(self._dlq.poll(0.05 if idle else 0.0, s.max_poll_records))
             if lifts:
+                # More may be waiting right behind them: the next loop polls again.
+                self._side_polled_at = -math.inf
                 # A kept version is announced (and flushed) before the lift that
                 # names it: read it now, before a rollout asks for it.
                 self._apply_policies(self._policies.poll(0.05, s.max_poll_records))
@@ -656,7 +667,10 @@ class ScorerService:
             fx += self.scorer.step(now, self.cohorts_per_poll)
         sent = 0
         if traces or lifts or fx or worked or self._record_due():
-            sent = self._persist_and_send(traces, lifts, fx)
+            sent = self._persist_and_send(traces, lifts, fx, overlap=True)
+        else:
+            # Nothing new to overlap with: the last batch settles now.
+            self._settle()
         self._publish_quality()
         return LoopStats(len(traces), len(lifts), sent)
 
@@ -748,13 +762,17 @@ class ScorerService:
         fx: Effects,
         *,
         handback: bool = False,
+        overlap: bool = False,
     ) -> int:
         """One transaction for the batch (snapshot, offsets, owed messages, labels,
         changed partition state records), then send, flush, commit.
 
         ``handback``: every partition whose state differs from its last record
-        gets a new one now (a revocation, a shutdown), however recent that was."""
+        gets a new one now (a revocation, a shutdown), however recent that was.
+        ``overlap`` (the loop): the state records' flush and the commits are left
+        to the next batch's call, or to :meth:`_settle` (see there)."""
         assert self._producer is not None
+        self._settle()
         t0 = time.perf_counter()
         observe(fx.events, self.metrics)
         messages = fx.messages(self.settings.topics)
@@ -802,10 +820,13 @@ class ScorerService:
         if self.predictor is not None:
             self.predictor.after_batch(label_seq)
         self.metrics.processing_seconds.labels(stage="persist").observe(time.perf_counter() - t0)
-        sent = self._send_outbox()
-        with self.metrics.processing_seconds.labels(stage="commit").time():
-            self._commit_traces(states)
-            self._commit_side(offsets)
+        sent, unflushed = self._send_outbox(flush_records=not overlap)
+        if unflushed is not None:
+            self._unsettled = (unflushed, states, offsets)
+        else:
+            with self.metrics.processing_seconds.labels(stage="commit").time():
+                self._commit_traces(states)
+                self._commit_side(offsets)
         if self.on_batch is not None and fx:
             self.on_batch(fx)
         return sent
@@ -868,26 +889,63 @@ class ScorerService:
             whys.append("changed" if part.changed else "handback" if handback else "interval")
         return out, whys
 
-    def _send_outbox(self) -> int:
+    def _send_outbox(self, flush_records: bool = True) -> tuple[int, int | None]:
         """Send what is owed: decisions, dispatches and dead letters first, flushed,
-        then the partition state records that count them as done, flushed."""
+        then the partition state records that count them as done, flushed.
+
+        Returns how many were sent, and, where ``flush_records`` is unset and
+        state records went out unflushed, the outbox sequence number that
+        :meth:`_settle` marks sent once they are flushed (else None)."""
         assert self._producer is not None
         owed = self.store.outbox()
         if not owed:
-            return 0
+            return 0, None
         owed = self._fence(owed)
         changelog = self.settings.topics.changelog
+        unflushed = False
         with self.metrics.processing_seconds.labels(stage="dispatch").time():
             for phase in (False, True):
                 batch = [o for o in owed if (o.message.topic == changelog) == phase]
                 for item in batch:
                     m = item.message
                     self._producer.send(m.topic, m.value, key=m.key, partition=m.partition)
-                if batch:
+                if batch and phase and not flush_records:
+                    unflushed = True
+                elif batch:
                     self._producer.flush(self.settings.service.grace_period_s)
-        if owed:
-            self.store.sent(owed[-1].seq)
-        return len(owed)
+        if not owed:
+            return 0, None
+        if unflushed:
+            return len(owed), owed[-1].seq
+        self.store.sent(owed[-1].seq)
+        return len(owed), None
+
+    def _settle(self) -> None:
+        """Finish the loop's last batch: flush its state records, mark its outbox
+        rows sent, commit its offsets.
+
+        Why later than its send: waiting for the broker to acknowledge a batch's
+        state records took as long as a round trip, twice per batch with the
+        decisions' own flush, with the loop idle; sent unflushed, they are
+        acknowledged while the loop reads and scores the next batch. Nothing
+        is assumed on the log before it is: the rows stay owed (a crash re-sends
+        them, as after a crash before a flush), the offsets stay uncommitted,
+        and the next batch's decisions are flushed only after these records
+        (the flush is the producer's whole), so a partition's records keep
+        their order. Called before every persist, after a loop that persisted
+        nothing, and before a hand-back or shutdown (their persist settles
+        first and does not overlap)."""
+        if self._unsettled is None:
+            return
+        assert self._producer is not None
+        seq, states, offsets = self._unsettled
+        with self.metrics.processing_seconds.labels(stage="dispatch").time():
+            self._producer.flush(self.settings.service.grace_period_s)
+        self._unsettled = None
+        self.store.sent(seq)
+        with self.metrics.processing_seconds.labels(stage="commit").time():
+            self._commit_traces(states, wait=False)
+            self._commit_side(offsets, wait=False)
 
     def _fence(self, owed: list[Outboxed]) -> list[Outboxed]:
         """Rows of a partition this replica does not hold now are sent only if no other
@@ -902,9 +960,11 @@ class ScorerService:
         log.warning("outbox_rows_superseded", partitions=sorted(stale))
         return [o for o in owed if o.owner not in stale]
 
-    def _commit_traces(self, states: Sequence[StateRecord]) -> None:
+    def _commit_traces(self, states: Sequence[StateRecord], wait: bool = True) -> None:
         """Commit each partition up to its oldest trace still held undecided, never
-        below what the group had committed (no rewind)."""
+        below what the group had committed (no rewind). ``wait=False`` (the loop):
+        no round trip waited for; the state records hold the positions, so a
+        commit lost on the way only means a new owner re-reads a little more."""
         if self._traces is None:
             return
         offsets = {}
@@ -915,7 +975,7 @@ class ScorerService:
         if not offsets:
             return
         try:
-            self._traces.commit(offsets)
+            self._traces.commit(offsets, wait=wait)
         except Exception as e:
             # The state records hold the positions; a failed commit only
             # means a new owner re-reads (and skips) a little more.
@@ -923,7 +983,7 @@ class ScorerService:
             return
         self._committed.update(offsets)
 
-    def _commit_side(self, offsets: Mapping[TopicPartition, int]) -> None:
+    def _commit_side(self, offsets: Mapping[TopicPartition, int], wait: bool = True) -> None:
         topics = self.settings.topics
         owners = (
             (self._lift, topics.lift),
@@ -933,7 +993,7 @@ class ScorerService:
             mine = {tp: o for tp, o in offsets.items() if tp.topic == topic}
             if consumer is not None and mine:
                 try:
-                    consumer.commit(mine)
+                    consumer.commit(mine, wait=wait)
                 except Exception as e:
                     # The state store holds these offsets; a failed broker
                     # commit only means a redelivery that _fresh() drops.

@@ -146,6 +146,31 @@ def test_commit_committed_lag_and_resume(transport: Transport, topic: str) -> No
     again.close()
 
 
+def test_a_commit_without_waiting_lands_and_a_new_member_resumes_after_it(
+    transport: Transport, topic: str
+) -> None:
+    producer = transport.producer()
+    for i in range(6):
+        producer.send(topic, f"m{i}".encode())
+    producer.flush()
+    consumer = transport.consumer([topic], "async-commit")
+    got = drain(consumer, 6)
+    offsets = next_offsets(got)
+    consumer.commit(offsets, wait=False)
+    # It lands without another commit: the client completes it on its own
+    # (Kafka: the network thread; its callback runs in a later poll).
+    deadline = time.monotonic() + 10
+    while any(consumer.committed(tp) != o for tp, o in offsets.items()):
+        assert time.monotonic() < deadline, "the commit never landed"
+        consumer.poll(0.05, 10)
+    consumer.close()
+    again = transport.consumer([topic], "async-commit")
+    producer.send(topic, b"after")
+    producer.flush()
+    assert [r.value for r in drain(again, 1)] == [b"after"]
+    again.close()
+
+
 def test_pause_and_resume(transport: Transport, topic: str) -> None:
     producer = transport.producer()
     producer.send(topic, b"before")
