@@ -30,7 +30,9 @@ INTRO = {
     "`/metrics` over the same window) split its wall time per trace, against the floor's decode "
     "and the time per trace the target allows: `cohorting` includes each trace's prepared "
     "features part, `dispatch` the sends of decisions and state records, `other` what no stage "
-    "covers. The figures are also in `docs/performance.json`.",
+    "covers. Three rounds of the four drains run back to back; each ratio is the median of the "
+    "rounds' ratios (each round's is printed), the tables and the split are the median round's. "
+    "The figures are also in `docs/performance.json`.",
     "bench.bench_embedded": "Embedded transport (one SQLite file, Kafka semantics) against raw "
     "SQLite inserts and reads with the same durability (WAL, synchronous=FULL).",
     "bench.bench_memory": "Resident memory of the cohort builder with 10k open cohorts, and "
