@@ -1,7 +1,7 @@
 """The scorer's costs that a throughput drain does not show, each against a baseline of the same run.
 
     .venv/bin/python -m bench.bench_service [--json docs/performance.json]
-        [--stream-traces 500000] [--slice-traces 20000] [--labels 100000]
+        [--stream-traces 500000] [--slice-traces 40000] [--labels 100000]
 
 * **Per-cohort latency** at G = 8, 64 and 256 prompts (K = 8 attempts of 32
   tokens each): ``featurize`` (with the verifier probe and target similarity
@@ -17,7 +17,7 @@
   number of traces by a ``tapd run`` process, over 1,000 and over 10,000
   slice keys, with cohorts that never fill (``max_groups`` above the traces
   per slice), so every trace joins an open cohort and nothing else differs.
-  CPU-ms per trace of the scorer process, 10k / 1k, each the median of three
+  CPU-ms per trace of the scorer process, 10k / 1k, each the median of five
   drains, the two kinds alternated. Target: within 20 %.
 * **Resident memory over a long stream**: one ``tapd run`` drains
   ``--stream-traces`` 8-attempt traces over 1,000 slices from the embedded
@@ -329,12 +329,17 @@ def _embedded(workdir: Path, name: str) -> tuple[Any, dict[str, str]]:
     return settings, env
 
 
-def slice_cost(workdir: Path, n: int, rng: random.Random, repeats: int = 3) -> dict[str, Any]:
+def slice_cost(workdir: Path, n: int, rng: random.Random, repeats: int = 5) -> dict[str, Any]:
     """CPU per trace over 1k and over 10k open slices: ``repeats`` drains of each,
     alternated (so that a slow spell of a shared host falls on both), the median kept.
 
     One drain of 20k traces lasts a few seconds: a single pair gave 1.07x on
-    one run and 1.31x on the next with the same code.
+    one run and 1.31x on the next with the same code, and medians of three
+    pairs 1.03x and 1.27x. Part of that is the drain's length: the 10k-slice
+    drain writes a state record of every open cohort per partition each
+    ``service.state_record_interval_s``, and whether a 2.5 s drain holds two
+    of those intervals or three was a third of that record cost. Drains of
+    40k traces, five pairs.
     """
     if n // 1_000 >= 256:
         raise ValueError("--slice-traces: at most 255,999 (cohorts of 1,000 slices must not fill)")
@@ -388,7 +393,7 @@ def rss_stream(workdir: Path, n: int, rng: random.Random) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stream-traces", type=int, default=500_000)
-    ap.add_argument("--slice-traces", type=int, default=20_000)
+    ap.add_argument("--slice-traces", type=int, default=40_000)
     ap.add_argument("--labels", type=int, default=100_000)
     ap.add_argument("--json", type=Path, default=None, help="merge the figures into this file")
     args = ap.parse_args()

@@ -43,7 +43,7 @@ INTRO = {
     "also prompts each of its own template, which target_similarity's per-template memo cannot "
     "help), the traces prepared when cohorted as the scorer's are (that per-trace share is "
     "printed beside it, with the CPU time the host stole meanwhile); "
-    "CPU per trace with 10k against 1k open slices (medians of three alternated drains); RSS of `tapd run` over a long 8-attempt "
+    "CPU per trace with 10k against 1k open slices (medians of five alternated drains of 40k traces); RSS of `tapd run` over a long 8-attempt "
     "stream; scoring p99 while LightGBM refits on 100k labels; start-up RSS with rollouts off. "
     "Targets: p99 <= 5 ms at G = 64, 10k/1k within 20 %, second-half RSS growth <= 5 %, refit "
     "p99 increase <= 20 %, start-up <= 200 MiB. The figures are also in `docs/performance.json`.",
