@@ -12,48 +12,30 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from bench.common import production_trace
-from daemon.config import TapdSettings
-from daemon.runtime.metrics import ScorerMetrics
-from daemon.runtime.thresholds import ThresholdsHolder
-from daemon.service.scorer import PolicyRollout, ScorerService, build_scorer
+from daemon.service.scorer import ScorerService
 from lab.reliability import trace_key
 from streams.embedded import EmbeddedTransport
 from streams.schemas import encode
-from streams.transport import Consumer, Record, TopicPartition
+from streams.transport import Consumer, Producer, Record, TopicPartition
 
 INTERVAL_S = 0.3
 
 
-def _service(tmp_path: Path) -> tuple[ScorerService, EmbeddedTransport]:
-    settings = TapdSettings(state_dir=tmp_path)
-    settings = settings.model_copy(
-        update={
-            "transport": settings.transport.model_copy(
-                update={"kind": "embedded", "embedded_path": tmp_path / "log.sqlite"}
-            ),
-            "thresholds": settings.thresholds.replace(shadow_mode=True),
-            "service": settings.service.model_copy(
-                update={"side_poll_interval_s": INTERVAL_S, "max_poll_records": 20}
-            ),
-        }
-    )
-    transport = EmbeddedTransport(tmp_path / "log.sqlite")
-    holder = ThresholdsHolder(settings.thresholds)
-    rollout = PolicyRollout(settings)
-    service = ScorerService(
-        settings,
-        transport,
-        build_scorer(settings, lambda: holder.current, rollout),
-        ScorerMetrics(),
-        holder,
-        rollout=rollout,
-        background_refits=False,
-    )
-    return service, transport
+def _service(in_process: Callable[..., Any]) -> tuple[ScorerService, EmbeddedTransport]:
+    # The in_process fixture (tests/service/conftest.py).
+    got = in_process(side_poll_interval_s=INTERVAL_S, max_poll_records=20)
+    return got.service, got.transport
+
+
+def _produce(producer: Producer, topic: str, ids: range) -> None:
+    for i in ids:
+        raw = encode(production_trace(i, slice_id=i % 11, attempts=8, ts=time.time()))
+        producer.send(topic, raw, key=trace_key(raw))
+    producer.flush()
 
 
 def _counted(consumer: Consumer, polls: list[float]) -> None:
@@ -67,15 +49,12 @@ def _counted(consumer: Consumer, polls: list[float]) -> None:
 
 
 def test_side_topics_are_polled_at_most_every_interval_while_traces_flow(
-    tmp_path: Path,
+    in_process: Callable[..., Any],
 ) -> None:
-    service, transport = _service(tmp_path)
+    service, transport = _service(in_process)
     topics = service.settings.topics
     producer = transport.producer()
-    for i in range(2_000):
-        raw = encode(production_trace(i, slice_id=i % 7, attempts=8, ts=time.time()))
-        producer.send(topics.traces, raw, key=trace_key(raw))
-    producer.flush()
+    _produce(producer, topics.traces, range(2_000))
     service.start()
     try:
         assert service._lift is not None and service._dlq is not None
@@ -103,9 +82,7 @@ def test_side_topics_are_polled_at_most_every_interval_while_traces_flow(
             service.iterate()
         assert len(lift_polls) == before + 3
         # A lift that arrives while traces flow is learned within the interval.
-        for i in range(2_000, 2_400):
-            raw = encode(production_trace(i, slice_id=i % 7, attempts=8, ts=time.time()))
-            producer.send(topics.traces, raw, key=trace_key(raw))
+        _produce(producer, topics.traces, range(2_000, 2_400))
         # Not a valid lift (it is dead-lettered): only when it is read is under test.
         producer.send(topics.lift, b'{"schema":"tapd.lift/1"}', key=b"c-unknown")
         producer.flush()
@@ -121,14 +98,13 @@ def test_side_topics_are_polled_at_most_every_interval_while_traces_flow(
         service.shutdown()
 
 
-def test_the_outbox_order_holds_while_the_loop_does_not_wait_for_records(tmp_path: Path) -> None:
-    service, transport = _service(tmp_path)
+def test_the_outbox_order_holds_while_the_loop_does_not_wait_for_records(
+    in_process: Callable[..., Any],
+) -> None:
+    service, transport = _service(in_process)
     topics = service.settings.topics
     producer = transport.producer()
-    for i in range(3_000):
-        raw = encode(production_trace(i, slice_id=i % 11, attempts=8, ts=time.time()))
-        producer.send(topics.traces, raw, key=trace_key(raw))
-    producer.flush()
+    _produce(producer, topics.traces, range(3_000))
     service.start()
     events: list[tuple[str, str]] = []
     try:

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from daemon.config import TapdSettings
 from daemon.policy.store import PolicyVersion
-from daemon.runtime.metrics import ScorerMetrics
-from daemon.runtime.thresholds import ThresholdsHolder
 from daemon.service import scorer as scorer_mod
-from daemon.service.scorer import PolicyRollout, ScorerService, build_scorer
+from daemon.service.scorer import PolicyRollout
 from streams.embedded import EmbeddedTransport
 
 
@@ -27,33 +26,11 @@ def _announce(transport: EmbeddedTransport, topic: str, n: int) -> None:
     producer.close()
 
 
-def _service(tmp_path: Path) -> tuple[ScorerService, PolicyRollout, EmbeddedTransport]:
-    settings = TapdSettings(state_dir=tmp_path)
-    settings = settings.model_copy(
-        update={
-            "transport": settings.transport.model_copy(
-                update={"kind": "embedded", "embedded_path": tmp_path / "log.sqlite"}
-            ),
-            "thresholds": settings.thresholds.replace(shadow_mode=True),
-        }
-    )
-    transport = EmbeddedTransport(tmp_path / "log.sqlite")
-    holder = ThresholdsHolder(settings.thresholds)
-    rollout = PolicyRollout(settings)
-    service = ScorerService(
-        settings,
-        transport,
-        build_scorer(settings, lambda: holder.current, rollout),
-        ScorerMetrics(),
-        holder,
-        rollout=rollout,
-        background_refits=False,
-    )
-    return service, rollout, transport
-
-
-def test_a_rollout_reads_versions_the_consumer_has_not_delivered(tmp_path: Path) -> None:
-    service, rollout, transport = _service(tmp_path)
+def test_a_rollout_reads_versions_the_consumer_has_not_delivered(
+    in_process: Callable[..., Any],
+) -> None:
+    got = in_process()  # tests/service/conftest.py
+    service, rollout, transport = got.service, got.rollout, got.transport
     topic = service.settings.topics.policies
     _announce(transport, topic, 1)
     service.start()
