@@ -151,6 +151,10 @@ def test_the_outbox_order_holds_while_the_loop_does_not_wait_for_records(
         if kind == "loop":
             loop_sends = []
         elif kind == "send":
+            # A batch's decisions are all sent before its state records.
+            assert not (topic == topics.decisions and topics.changelog in loop_sends), (
+                "a decision sent after its batch's state records"
+            )
             loop_sends.append(topic)
         elif kind == "flush":
             assert topics.changelog not in loop_sends, "the loop waited for its state records"
