@@ -1160,6 +1160,7 @@ def evaluate_loop(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
         for arm, other in (("tapd", "random"), ("tapd", "adv_std"), ("adv_std", "random"))
     }
     out["on_target_steps"] = {a: _on_target_steps(runs, a) for a in LOOP_ARMS if a != "none"}
+    out["tapd_by_step"] = _tapd_by_step(runs)
     out["per_step"] = {
         a: [
             float(
@@ -1172,6 +1173,35 @@ def evaluate_loop(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
         for a in LOOP_ARMS
     }
     return out
+
+
+def _tapd_by_step(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, dict[str, float]]]:
+    """Per step, tapd's picks on the run's target and off it: count, mean predicted
+    lift and mean realized label (the lift its trainer measured on the target).
+
+    What the predictor expected next to what it got, step by step: whether the
+    labels it learns in the loop change what it expects of the next pick.
+    """
+    steps = len(runs[0]["arms"]["tapd"]["picks"]) if runs else 0
+    got: list[dict[str, list[tuple[float, float]]]] = [{"on": [], "off": []} for _ in range(steps)]
+    for r in runs:
+        a = r["arms"]["tapd"]
+        trained = iter(zip(a["predicted"], a["realized"], strict=True))
+        for j, pick in enumerate(a["picks"]):
+            if pick == "none":
+                continue
+            got[j]["on" if pick.split("/")[0] == r["target"] else "off"].append(next(trained))
+    return [
+        {
+            side: {
+                "n": float(len(v)),
+                "predicted": float(np.mean([p for p, _ in v])) if v else math.nan,
+                "realized": float(np.mean([y for _, y in v])) if v else math.nan,
+            }
+            for side, v in step.items()
+        }
+        for step in got
+    ]
 
 
 def _paired_json(c: Any) -> dict[str, Any]:
@@ -1522,6 +1552,8 @@ def render_markdown(s: Mapping[str, Any], command: str, img: str) -> str:
     if lp is None:
         lines.append("Not run.")
     else:
+        from daemon.config import PredictorSettings
+
         lines += [
             f"{lp['runs']} paired runs; run r targets subject r mod {len(cfg['subjects'])}; "
             f"{cfg['loop_steps']} cumulative continual GRPO steps per run; each step every arm "
@@ -1612,7 +1644,26 @@ def render_markdown(s: Mapping[str, Any], command: str, img: str) -> str:
         lines += [
             "",
             f"tapd's online predictions vs realized labels in the loop: Spearman "
-            f"{lp['tapd_online_spearman']:.2f}.",
+            f"{lp['tapd_online_spearman']:.2f}. Step by step, its picks on the target and off "
+            "it (mean predicted lift, mean realized label; nats):",
+            "",
+            "| step | on-target picks | predicted | realized | off-target picks | predicted "
+            "| realized |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for j, st in enumerate(lp["tapd_by_step"]):
+            on, off = st["on"], st["off"]
+            lines.append(
+                f"| {j + 1} | {on['n']:.0f} | {on['predicted']:+.4f} | {on['realized']:+.4f} | "
+                f"{off['n']:.0f} | {off['predicted']:+.4f} | {off['realized']:+.4f} |"
+            )
+        lines += [
+            "",
+            "Its expectations barely move: the served model is a batch refit (every "
+            f"{PredictorSettings().refit_every_labels} labels, or on drift) fitted on the "
+            "warm-start labels (the battery's other subjects, each against the other targets), "
+            f"and a run adds at most {cfg['loop_steps']} to them, so what it expects of the next "
+            "pick does not follow what the previous picks on the same target realized.",
             "",
             f"![closed loop]({img}/loop.png)",
         ]
