@@ -1652,18 +1652,19 @@ def render_markdown(s: Mapping[str, Any], command: str, img: str) -> str:
             "|---|---|---|---|---|---|---|",
         ]
         for j, st in enumerate(lp["tapd_by_step"]):
-            on, off = st["on"], st["off"]
-            lines.append(
-                f"| {j + 1} | {on['n']:.0f} | {on['predicted']:+.4f} | {on['realized']:+.4f} | "
-                f"{off['n']:.0f} | {off['predicted']:+.4f} | {off['realized']:+.4f} |"
-            )
+            sides = [
+                f"{x['n']:.0f} | {x['predicted']:+.4f} | {x['realized']:+.4f}"
+                if x["n"]
+                else "0 | | "
+                for x in (st["on"], st["off"])
+            ]
+            lines.append(f"| {j + 1} | {sides[0]} | {sides[1]} |")
         lines += [
             "",
-            "Its expectations barely move: the served model is a batch refit (every "
+            "The served model is a batch refit (every "
             f"{PredictorSettings().refit_every_labels} labels, or on drift) fitted on the "
-            "warm-start labels (the battery's other subjects, each against the other targets), "
-            f"and a run adds at most {cfg['loop_steps']} to them, so what it expects of the next "
-            "pick does not follow what the previous picks on the same target realized.",
+            "warm-start labels (the battery's other subjects, each against the other targets); "
+            f"a run adds at most {cfg['loop_steps']} labels to them.",
             "",
             f"![closed loop]({img}/loop.png)",
         ]
