@@ -201,11 +201,13 @@ def scorer_drain(
     *,
     extra_env: dict[str, str] | None = None,
     sample: Callable[[float, int], None] | None = None,
+    cwd: Path = ROOT,
 ) -> Drain:
     """One ``tapd run`` process drains the topic; the window is read from its metrics.
 
     ``extra_env`` adds settings; ``sample(consumed, pid)`` is called at every
-    scrape of the drain window (the memory benchmark reads RSS there).
+    scrape of the drain window (the memory benchmark reads RSS there); ``cwd``:
+    the directory whose ``daemon`` package runs (first on the module path).
     """
     # Named after its own output topics: scorers of one traces topic (the
     # rounds) are each a group of their own, reading it from the beginning.
@@ -226,7 +228,7 @@ def scorer_drain(
     with (workdir / f"{run}.log").open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "daemon.cli", "run"],
-            cwd=ROOT,
+            cwd=cwd,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -33,6 +33,11 @@ INTRO = {
     "covers. Three rounds of the four drains run back to back; each ratio is the median of the "
     "rounds' ratios (each round's is printed), the tables and the split are the median round's. "
     "The figures are also in `docs/performance.json`.",
+    "bench.bench_compiled": "What compiling the scorer's Python buys, short of rewriting it: the "
+    "modules of its per-trace path (features, similarity, cohorting, events, partitions, dead "
+    "letters) compiled from their unchanged source by mypyc, and the same embedded-log drain as "
+    "above run by an interpreted and a compiled `tapd run`, alternating, against the floor of "
+    "each round. Nothing compiled ships; the figures are also in `docs/performance.json`.",
     "bench.bench_embedded": "Embedded transport (one SQLite file, Kafka semantics) against raw "
     "SQLite inserts and reads with the same durability (WAL, synchronous=FULL).",
     "bench.bench_memory": "Resident memory of the cohort builder with 10k open cohorts, and "
@@ -89,6 +94,7 @@ def main() -> None:
             "bench.bench_scorer",
             ["--traces", str(args.scorer_traces), "--json", "docs/performance.json"],
         ),
+        ("bench.bench_compiled", ["--json", "docs/performance.json"]),
         ("bench.bench_service", ["--json", "docs/performance.json"]),
         ("bench.bench_embedded", ["--records", str(args.embedded_records)]),
         ("bench.bench_memory", ["--traces", str(args.memory_traces)]),
