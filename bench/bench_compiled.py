@@ -47,8 +47,7 @@ from bench.bench_scorer import (
     scorer_drain,
     transport_baseline,
 )
-from bench.common import production_trace
-from streams.schemas import encode
+from bench.common import keyed_traces
 
 # The per-trace path, each module compiled from its unchanged source. Not
 # compiled: the pipeline (a `continue` inside try/finally, which mypyc does not
@@ -99,8 +98,6 @@ def compiled_tree(into: Path) -> Path:
 
 
 def main() -> None:
-    from daemon.config import CohortingSettings
-    from daemon.core.cohorting import slice_key_of, validate_slice_key
     from streams.settings import TransportSettings
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -114,15 +111,7 @@ def main() -> None:
         import mypyc  # noqa: F401
     except ImportError:
         sys.exit("mypyc is not installed (it comes with mypy: `make setup-test`)")
-    fields = validate_slice_key(CohortingSettings().slice_key)
-    now = time.time()
-    batch = [
-        production_trace(i, slice_id=i % args.slices, attempts=8, ts=now)
-        for i in range(args.traces)
-    ]
-    traces = [encode(t) for t in batch]
-    keys = [slice_key_of(t, fields).encode() for t in batch]
-    del batch
+    traces, keys = keyed_traces(args.traces, args.slices)
     work = Path(tempfile.mkdtemp(prefix="tapd-bench-compiled-"))
     try:
         t0 = time.perf_counter()

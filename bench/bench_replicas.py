@@ -42,9 +42,8 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.common import cpu_ms_per, per_s, production_trace
+from bench.common import cpu_ms_per, keyed_traces, per_s
 from bench.cpulimit import CpuLimit, unavailable
-from streams.schemas import encode
 
 ROOT = Path(__file__).resolve().parent.parent
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -265,8 +264,6 @@ def _print_pair(title: str, one: Phase, two: Phase) -> None:
 
 
 def main() -> None:
-    from daemon.config import CohortingSettings
-    from daemon.core.cohorting import slice_key_of, validate_slice_key
     from lab.localbroker import LocalBroker
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -283,14 +280,7 @@ def main() -> None:
     )
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
-    fields = validate_slice_key(CohortingSettings().slice_key)
-    now = time.time()
-    batch = [
-        production_trace(i, slice_id=i % args.slices, attempts=8, ts=now)
-        for i in range(args.traces)
-    ]
-    traces = [encode(t) for t in batch]
-    keys = [slice_key_of(t, fields).encode() for t in batch]
+    traces, keys = keyed_traces(args.traces, args.slices)
     why_not = unavailable() if args.cpus_per_replica > 0 else "--cpus-per-replica 0"
     limited: tuple[Phase, Phase] | None = None
     workdir = Path(tempfile.mkdtemp(prefix="tapd-bench-replicas-"))

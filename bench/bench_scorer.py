@@ -66,8 +66,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.bench_replicas import cpu_seconds, free_port, scrape
-from bench.common import cpu_ms_per, per_s, production_trace
-from streams.schemas import Trace, decode, encode
+from bench.common import cpu_ms_per, keyed_traces, per_s
+from streams.schemas import Trace, decode
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {"kafka": 0.5, "embedded": 0.3}
@@ -427,9 +427,6 @@ def figures(kind: str, rounds: list[list[Drain]]) -> dict[str, Any]:
 
 
 def main() -> None:
-    from daemon.config import CohortingSettings
-    from daemon.core.cohorting import slice_key_of, validate_slice_key
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--traces", type=int, default=50_000)
     ap.add_argument("--slices", type=int, default=48, help="distinct capability slices")
@@ -437,15 +434,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the four drains")
     ap.add_argument("--json", type=Path, default=None, help="merge the figures into this file")
     args = ap.parse_args()
-    fields = validate_slice_key(CohortingSettings().slice_key)
-    now = time.time()
-    batch = [
-        production_trace(i, slice_id=i % args.slices, attempts=8, ts=now)
-        for i in range(args.traces)
-    ]
-    traces = [encode(t) for t in batch]
-    keys = [slice_key_of(t, fields).encode() for t in batch]
-    del batch
+    traces, keys = keyed_traces(args.traces, args.slices)
     workdir = Path(tempfile.mkdtemp(prefix="tapd-bench-scorer-"))
     try:
         (workdir / "kafka").mkdir()

@@ -113,3 +113,16 @@ def steal_share(start: tuple[int, int], end: tuple[int, int]) -> float:
     """The share of CPU time stolen by the host between two :func:`cpu_times` readings."""
     total = end[0] - start[0]
     return (end[1] - start[1]) / total if total > 0 else 0.0
+
+
+def keyed_traces(n: int, slices: int) -> tuple[list[bytes], list[bytes]]:
+    """``n`` encoded 8-attempt production traces over ``slices`` slices, each with
+    the key ``tapd produce`` sends it with (its slice key)."""
+    from daemon.config import CohortingSettings
+    from daemon.core.cohorting import slice_key_of, validate_slice_key
+    from streams.schemas import encode
+
+    fields = validate_slice_key(CohortingSettings().slice_key)
+    now = time.time()
+    batch = [production_trace(i, slice_id=i % slices, attempts=8, ts=now) for i in range(n)]
+    return [encode(t) for t in batch], [slice_key_of(t, fields).encode() for t in batch]
