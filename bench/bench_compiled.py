@@ -42,8 +42,7 @@ from bench.bench_scorer import (
     ROOT,
     Drain,
     _scorer_topics,
-    fill,
-    run_topics,
+    embedded_log,
     scorer_drain,
     transport_baseline,
 )
@@ -98,8 +97,6 @@ def compiled_tree(into: Path) -> Path:
 
 
 def main() -> None:
-    from streams.settings import TransportSettings
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--traces", type=int, default=30_000)
     ap.add_argument("--slices", type=int, default=48)
@@ -117,35 +114,23 @@ def main() -> None:
         t0 = time.perf_counter()
         tree = compiled_tree(work / "compiled")
         build_s = time.perf_counter() - t0
-        path = work / "log.sqlite"
-        settings = TransportSettings(
-            kind="embedded", embedded_path=path, embedded_partitions=args.partitions
-        )
-        topic = run_topics()["TRACES"]
-        fill(settings, topic, traces, keys)
-        env = {
-            "TAPD_TRANSPORT__KIND": "embedded",
-            "TAPD_TRANSPORT__EMBEDDED_PATH": str(path),
-            "TAPD_TRANSPORT__EMBEDDED_PARTITIONS": str(args.partitions),
-        }
+        settings, env, topic = embedded_log(traces, keys, args.partitions, work)
         floor_work = dict(BASELINES)["raw + decode (floor)"]
         rounds: list[tuple[Drain, Drain, Drain]] = []
         for r in range(args.rounds):
             floor = transport_baseline(settings, topic, len(traces), "floor", floor_work)
-            drains = []
+            drains: dict[str, Drain] = {}
             # Which tree drains first alternates, so that neither always
             # meets the page cache or the machine's other load first.
             order = [("interpreted", ROOT), ("compiled", tree)]
             for name, cwd in order if r % 2 == 0 else order[::-1]:
                 d = work / f"r{r}-{name}"
                 d.mkdir()
-                got = scorer_drain(
+                drains[name] = scorer_drain(
                     env, _scorer_topics(topic), len(traces), args.partitions, d, cwd=cwd
                 )
-                got.name = name
-                drains.append(got)
-            interp, comp = sorted(drains, key=lambda x: x.name != "interpreted")
-            rounds.append((floor, interp, comp))
+                drains[name].name = name
+            rounds.append((floor, drains["interpreted"], drains["compiled"]))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     load = os.getloadavg()

@@ -372,9 +372,11 @@ def bench_kafka(
     return out
 
 
-def bench_embedded(
-    traces: list[bytes], keys: list[bytes], partitions: int, workdir: Path, rounds: int
-) -> list[list[Drain]]:
+def embedded_log(
+    traces: list[bytes], keys: list[bytes], partitions: int, workdir: Path
+) -> tuple[Any, dict[str, str], str]:
+    """A new embedded log in ``workdir`` with a traces topic filled: its transport
+    settings, the environment that points a ``tapd run`` at it, and the topic."""
     from streams.settings import TransportSettings
 
     path = workdir / "log.sqlite"
@@ -388,6 +390,13 @@ def bench_embedded(
         "TAPD_TRANSPORT__EMBEDDED_PATH": str(path),
         "TAPD_TRANSPORT__EMBEDDED_PARTITIONS": str(partitions),
     }
+    return settings, env, traces_topic
+
+
+def bench_embedded(
+    traces: list[bytes], keys: list[bytes], partitions: int, workdir: Path, rounds: int
+) -> list[list[Drain]]:
+    settings, env, traces_topic = embedded_log(traces, keys, partitions, workdir)
     out = []
     for r in range(rounds):
         drains = [
