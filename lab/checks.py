@@ -42,6 +42,8 @@ def synthetic_features(rng: random.Random) -> dict[str, float]:
         "group_passrate_std": rng.uniform(0.0, 0.4),
         "pass_var_per_token": nondeg * p * (1.0 - p) / answer_tokens,
         "target_similarity": rng.random(),
+        # Not measured (traces carrying their own attempts, no policy at hand).
+        "update_alignment": 0.0,
         "len_mean": rng.uniform(20.0, 400.0),
         "len_std": rng.uniform(0.0, 100.0),
         "n_groups": float(n_groups),

@@ -124,7 +124,7 @@ MEASURED_BY = (
     "daemon.trainer.trl",
     "daemon.verify.registry",
 )
-FEATURED_BY = ("daemon.core.features", "daemon.core.similarity")
+FEATURED_BY = ("daemon.core.features", "daemon.core.similarity", "daemon.policy.alignment")
 DECIDED_BY = ("daemon.core.predictor", "daemon.core.decision")
 # The closed loop's own protocol, which lives in this module and so is not in
 # the code hashes: bumped when what a loop run does changes. 2: the warm-start
@@ -231,6 +231,7 @@ class Runtime:
     probe_by_target: dict[str, tuple[str, ...]]
     thresholds: Any
     policy_key: str
+    alignment: Any  # daemon.policy.alignment.UpdateAlignment on ``model``
 
     @classmethod
     def load(cls, cfg: EvalConfig) -> Runtime:
@@ -238,9 +239,10 @@ class Runtime:
 
         from daemon.config import Thresholds
         from daemon.policy import store as policy
+        from daemon.policy.alignment import UpdateAlignment
         from daemon.policy.hf import HFRolloutEngine
         from daemon.policy.store import snapshot
-        from daemon.trainer.probe import Probe
+        from daemon.trainer.probe import DEFAULT_FOOTHOLD_PROBABILITY, Probe
         from daemon.verify.registry import get_verifier
         from lab import tasks
         from lab.tiny_policy import build_info, build_tiny_policy
@@ -257,8 +259,18 @@ class Runtime:
         )
         engine = HFRolloutEngine(model, tok, format_prompt=lambda p: policy.format_prompt(tok, p))
         by_target: dict[str, list[str]] = {}
+        items_by_target: dict[str, list[Any]] = {}
         for it in items:
             by_target.setdefault(it.target, []).append(it.prompt)
+            items_by_target.setdefault(it.target, []).append(it)
+        # The trainer's default foothold: the items the labels are measured on.
+        alignment = UpdateAlignment(
+            model,
+            tok,
+            lambda p: policy.format_prompt(tok, p),
+            items_by_target,
+            DEFAULT_FOOTHOLD_PROBABILITY,
+        )
         return cls(
             model=model,
             tok=tok,
@@ -270,7 +282,12 @@ class Runtime:
             probe_by_target={k: tuple(v) for k, v in by_target.items()},
             thresholds=Thresholds(),
             policy_key=str(build_info(path)["weights_sha256"])[:12],
+            alignment=alignment,
         )
+
+    def weights_key(self) -> float:
+        """A fingerprint of the current weights (they change in place as the loop trains)."""
+        return float(sum(float(p.detach().double().sum()) for p in self.model.parameters()))
 
     def reset(self) -> None:
         from daemon.policy.store import restore
@@ -332,12 +349,17 @@ class Candidate:
     variant: str
     families: tuple[str, ...]
     traces: tuple[Any, ...]  # streams.schemas.Trace, K attempts each
-    features: dict[str, float]  # target_similarity against the cohort's own target
+    features: dict[str, float]  # the relevance features against the cohort's own target
     similarity: dict[str, float]  # target_similarity against each target
+    alignment: dict[str, float]  # update_alignment against each target
 
     def features_for(self, target: str) -> dict[str, float]:
         """The features as a scorer whose target is ``target`` computes them."""
-        return {**self.features, "target_similarity": self.similarity[target]}
+        return {
+            **self.features,
+            "target_similarity": self.similarity[target],
+            "update_alignment": self.alignment[target],
+        }
 
 
 def make_cohort(
@@ -359,11 +381,16 @@ def make_cohort(
     if filled.rejected:
         r = filled.rejected[0]
         raise ValueError(f"{r.field}: cohort {cohort_id} trace rejected: {r.reason}")
-    feats = featurize(filled.traces, probe_prompts=rt.probe_by_target)
+    alignment = rt.alignment(filled.traces, sorted(rt.probe_by_target), rt.weights_key())
+    feats = featurize(
+        filled.traces, probe_prompts=rt.probe_by_target, update_alignment=alignment[subject]
+    )
     prompts = [t.prompt for t in batch]
     sims = {t: target_similarity(prompts, ps) for t, ps in rt.probe_by_target.items()}
     fams = tuple(dict.fromkeys(f"{t.subject}/{t.difficulty}" for t in batch))
-    return Candidate(cohort_id, subject, variant, fams, tuple(filled.traces), feats, sims)
+    return Candidate(
+        cohort_id, subject, variant, fams, tuple(filled.traces), feats, sims, alignment
+    )
 
 
 def dispatch_of(c: Candidate, predicted: float = 0.0, target: str | None = None) -> Any:
@@ -481,6 +508,7 @@ def measure_battery(
                         "families": list(cand.families),
                         "features": cand.features,
                         "similarity": cand.similarity,
+                        "alignment": cand.alignment,
                         **clock.seconds(),
                     },
                 )
@@ -527,6 +555,7 @@ def table_of(rows: Sequence[Mapping[str, Any]], target: str | None = None) -> li
             else {
                 **r["features"],
                 "target_similarity": r["similarity"][t],
+                "update_alignment": r["alignment"][t],
             }
         )
         seeds = r["seeds"]
@@ -891,7 +920,13 @@ def warm_labels(
             got = [s["by_target"].get(t) for s in r["seeds"]]
             if any(g is None for g in got):
                 continue
-            xs.append({**r["features"], "target_similarity": r["similarity"][t]})
+            xs.append(
+                {
+                    **r["features"],
+                    "target_similarity": r["similarity"][t],
+                    "update_alignment": r["alignment"][t],
+                }
+            )
             ys.append(float(np.mean([g["nll_lift"] for g in got])))
     return xs, ys
 

@@ -93,11 +93,12 @@ def run(
 
     from daemon.config import GRPOParams
     from daemon.core.features import featurize
+    from daemon.policy.alignment import UpdateAlignment
     from daemon.policy.hf import HFRolloutEngine
     from daemon.policy.rollout import fill_attempts
     from daemon.policy.store import format_prompt, load_policy, restore, snapshot
     from daemon.trainer.cohort import CohortTrainer
-    from daemon.trainer.probe import Probe
+    from daemon.trainer.probe import DEFAULT_FOOTHOLD_PROBABILITY, Probe
     from daemon.verify.registry import get_verifier
     from lab import rg_tasks
     from lab.eval_run import Candidate, ResultCache, dispatch_of
@@ -116,6 +117,9 @@ def run(
         [rg_tasks.get_slice(t) for t in targets], cfg.probe_per_target
     )
     by_target = {t: [it for it in probe_items if it.target == t] for t in targets}
+    alignment = UpdateAlignment(
+        model, tok, lambda p: format_prompt(tok, p), by_target, DEFAULT_FOOTHOLD_PROBABILITY
+    )
     rows: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     for n, (cid, cell, seed) in enumerate(all_specs, 1):
@@ -131,9 +135,11 @@ def run(
             ]
             filled = fill_attempts(traces, engine, cfg.k, seed=seed,
                                    max_new_tokens=cfg.max_completion_length)  # fmt: skip
-            feats = featurize(filled.traces, probe_prompts=[it.prompt for it in by_target[target]])
+            aligned = alignment(filled.traces, [target], "v0")[target]
+            feats = featurize(filled.traces, probe_prompts=[it.prompt for it in by_target[target]],
+                              update_alignment=aligned)  # fmt: skip
             cand = Candidate(cid, tasks[0].subject, cell, (cell,), tuple(filled.traces), feats,
-                             {target: feats["target_similarity"]})  # fmt: skip
+                             {target: feats["target_similarity"]}, {target: aligned})  # fmt: skip
             row = cache.put(("cohort", cid), {"cohort_id": cid, "cell": cell, "target": target,
                                               "features": feats,
                                               "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
@@ -147,9 +153,11 @@ def run(
                               for i, t in enumerate(tasks)]  # fmt: skip
                     filled = fill_attempts(traces, engine, cfg.k, seed=seed,
                                            max_new_tokens=cfg.max_completion_length)  # fmt: skip
-                    feats = dict(row["features"])
+                    # A row cached before update_alignment (schema 2) has none: 0, not measured.
+                    feats = {"update_alignment": 0.0, **row["features"]}
                     cand = Candidate(cid, tasks[0].subject, cell, (cell,), tuple(filled.traces),
-                                     feats, {target: feats["target_similarity"]})  # fmt: skip
+                                     feats, {target: feats["target_similarity"]},
+                                     {target: feats["update_alignment"]})  # fmt: skip
                 restore(model, base)
                 d = work / "ledgers" / f"{cid}-s{s}"
                 shutil.rmtree(d, ignore_errors=True)  # an interrupted unit starts over

@@ -34,7 +34,7 @@ from streams.probes import cohort_target
 from streams.rejection import Rejection
 from streams.schemas import TokenStats, Trace
 
-FEATURE_SCHEMA = "tapd.features/2"
+FEATURE_SCHEMA = "tapd.features/3"
 
 # The 23 features of the TAP appendix (seed 001), then reward integrity and
 # coverage from xLift (seed 000).
@@ -51,7 +51,7 @@ LEARNABILITY = (
     "group_passrate_std",
     "pass_var_per_token",
 )
-RELEVANCE = ("target_similarity",)
+RELEVANCE = ("target_similarity", "update_alignment")
 SHAPE = ("len_mean", "len_std", "n_groups")
 FAMILIARITY = (
     "mean_logprob",
@@ -1163,11 +1163,14 @@ def featurize(
     *,
     probe_prompts: ProbePrompts | None = None,
     verifier_probe: bool = True,
+    update_alignment: float | None = None,
 ) -> dict[str, float]:
     """All ``FEATURE_NAMES``, in order, as finite floats; formulas in docs/FEATURES.md.
 
     Every trace is one prompt group and needs at least one attempt (the
     rollout engine tops groups up to K before this is called).
+    ``update_alignment`` needs the policy's weights, so the caller measures it
+    (``daemon.policy.alignment``); ``None`` (not measured) gives 0.
     """
     traces = cohort_or_traces.traces if isinstance(cohort_or_traces, Cohort) else cohort_or_traces
     if not traces:
@@ -1185,6 +1188,7 @@ def featurize(
         "target_similarity": _target_similarity(
             templates, target_prompts(_subject(traces), probe_prompts)
         ),
+        "update_alignment": 0.0 if update_alignment is None else update_alignment,
         "n_groups": float(len(traces)),
         **_familiarity(prepared),
         "reward_trust": reward_trust(traces) if verifier_probe else 1.0,

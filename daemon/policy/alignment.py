@@ -1,0 +1,192 @@
+"""Update alignment: does a cohort's GRPO update point where its target's probe wants to go?
+
+The label the predictor learns is a cohort's lift on its target: the drop in
+the target probe's answer NLL (items with a foothold) after GRPO trains on the
+cohort. To first order, one gradient step of size ``eta`` on the cohort's GRPO
+loss ``L_c`` changes the probe's NLL by ``-eta * <grad L_c, grad NLL_t>``; the
+cosine of the two gradients says whether the update points the way the
+target's items need, whatever its size (the other features measure the size:
+``adv_std``, ``pass_var_per_token``). This is the first-order influence
+estimate data-selection work uses (e.g. LESS, Xia et al. 2024), computed for a
+cohort at the current weights.
+
+Why it exists: cohorts of the same capability slice and difficulty differ in
+lift by more than GRPO's seeds do, and no trace-only feature sees why (which
+errors the policy makes on *these* prompts, and whether fixing them is what
+the target's items need). Measured in docs/RESULTS.md.
+
+It needs the policy's weights, so it is computed where the rollout engine
+holds them (an in-process Hugging Face model) and passed to
+:func:`daemon.core.features.featurize`; where no weights are at hand (a vLLM
+server, traces that carry their own attempts with rollouts off) the feature
+is 0, "not measured", as a familiarity feature is without log-probs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from streams.probes import ProbeItem
+from streams.schemas import Trace
+
+# TRL's group-scaled advantage (docs/FEATURES.md, "GRPO advantage").
+_ADV_EPS = 1e-4
+
+
+def _advantages(rewards: Sequence[float]) -> list[float]:
+    n = len(rewards)
+    if n < 2:
+        return [0.0] * n
+    mean = sum(rewards) / n
+    sd = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (n - 1))
+    return [(r - mean) / (sd + _ADV_EPS) for r in rewards]
+
+
+class UpdateAlignment:
+    """Per target, the cosine between a cohort's GRPO gradient and the probe's NLL gradient.
+
+    ``format_prompt`` is the framing the rollout engine and the trainer use.
+    The probe's gradients depend on the weights only, so they are kept per
+    ``weights_key`` (the policy version): a new key recomputes them.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        format_prompt: Callable[[str], str],
+        probe: Mapping[str, Sequence[ProbeItem]],
+        foothold_probability: float,
+        *,
+        batch_size: int = 64,
+    ) -> None:
+        if not 0.0 < foothold_probability < 1.0:
+            raise ValueError(f"foothold_probability: must be in (0, 1), got {foothold_probability}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.format_prompt = format_prompt
+        self.probe = {t: list(items) for t, items in probe.items() if items}
+        self.max_item_nll = -math.log(foothold_probability)
+        self.batch_size = batch_size
+        self._key: Hashable = None
+        self._probe_grads: dict[str, torch.Tensor | None] = {}
+
+    def _params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _answer_logprobs(
+        self, prompts: Sequence[str], answers: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed answer(+eos) log-prob and answer token count of each row, with grad."""
+        tok = self.tokenizer
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        seqs: list[list[int]] = []
+        starts: list[int] = []
+        for p, a in zip(prompts, answers, strict=True):
+            pi = list(tok(self.format_prompt(p))["input_ids"])
+            seqs.append(pi + list(tok(a, add_special_tokens=False)["input_ids"]) + eos)
+            starts.append(len(pi))
+        device = next(self.model.parameters()).device
+        width = max(len(s) for s in seqs)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(seqs), width), dtype=torch.long)
+        answer = torch.zeros((len(seqs), width), dtype=torch.bool)
+        for r, (s, a0) in enumerate(zip(seqs, starts, strict=True)):
+            ids[r, : len(s)] = torch.tensor(s)
+            attn[r, : len(s)] = 1
+            answer[r, a0 : len(s)] = True
+        ids, attn, answer = ids.to(device), attn.to(device), answer.to(device)
+        logits = self.model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+        lp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        # Position t predicts token t+1: the answer mask shifted left.
+        mask = answer[:, 1:]
+        return (lp * mask).sum(dim=1), mask.sum(dim=1)
+
+    def _gradient(self, loss_of: Callable[[], torch.Tensor]) -> torch.Tensor:
+        params = self._params()
+        grads = torch.autograd.grad(loss_of(), params, allow_unused=True)
+        return torch.cat(
+            [
+                (g if g is not None else torch.zeros_like(p)).reshape(-1).double()
+                for g, p in zip(grads, params, strict=True)
+            ]
+        )
+
+    def _probe_gradient(self, target: str) -> torch.Tensor | None:
+        """The gradient of the target's foothold items' token NLL (None: no foothold)."""
+        items = self.probe[target]
+        with torch.no_grad():
+            item_nll: list[float] = []
+            for i in range(0, len(items), self.batch_size):
+                part = items[i : i + self.batch_size]
+                s, _ = self._answer_logprobs(
+                    [it.prompt for it in part], [it.reference for it in part]
+                )
+                item_nll += [float(-x) for x in s]
+        # The label's items: those the policy produces with at least the
+        # foothold probability (daemon.trainer.probe.has_foothold).
+        held = [it for it, nll in zip(items, item_nll, strict=True) if nll <= self.max_item_nll]
+        if not held:
+            return None
+
+        def loss() -> torch.Tensor:
+            s, n = self._answer_logprobs([it.prompt for it in held], [it.reference for it in held])
+            return -s.sum() / n.sum().clamp(min=1)
+
+        return self._gradient(loss)
+
+    def __call__(
+        self, traces: Sequence[Trace], targets: Sequence[str], weights_key: Hashable
+    ) -> dict[str, float]:
+        """The cohort's alignment with each of ``targets`` that has probe items.
+
+        0 where the cohort has no learning signal (every group's rewards equal:
+        GRPO's gradient is zero) or the target has no item with a foothold.
+        """
+        if weights_key != self._key:
+            self._key, self._probe_grads = weights_key, {}
+        wanted = [t for t in dict.fromkeys(targets) if t in self.probe]
+        prompts: list[str] = []
+        answers: list[str] = []
+        weights: list[float] = []
+        for trace in traces:
+            adv = _advantages([a.reward for a in trace.attempts])
+            for a, w in zip(trace.attempts, adv, strict=True):
+                if w != 0.0:
+                    prompts.append(trace.prompt)
+                    answers.append(a.completion)
+                    weights.append(w)
+        if not prompts or not wanted:
+            return dict.fromkeys(wanted, 0.0)
+        was_training = self.model.training
+        self.model.eval()  # no dropout: the same cohort gives the same value
+        try:
+            for t in wanted:
+                if t not in self._probe_grads:
+                    self._probe_grads[t] = self._probe_gradient(t)
+
+            def loss() -> torch.Tensor:
+                s, n = self._answer_logprobs(prompts, answers)
+                w = torch.tensor(weights, dtype=s.dtype, device=s.device)
+                # TRL's GRPO loss: advantage-weighted log-likelihood, token-normalised.
+                return -(w * s).sum() / n.sum().clamp(min=1)
+
+            g = self._gradient(loss)
+        finally:
+            self.model.train(was_training)
+        out: dict[str, float] = {}
+        g_norm = float(g.norm())
+        for t in wanted:
+            pg = self._probe_grads[t]
+            if pg is None or g_norm == 0.0 or float(pg.norm()) == 0.0:
+                out[t] = 0.0
+                continue
+            # The cohort's loss gradient against the probe's NLL gradient: a
+            # descent step on the loss lowers the probe NLL when they agree.
+            out[t] = float(g @ pg) / (g_norm * float(pg.norm()))
+        return out
