@@ -158,6 +158,11 @@ class PolicySettings(_Frozen):
     probe_path: Path | None = None
     device: str = "auto"
     rollout_engine: Literal["hf", "vllm"] = "hf"
+    # The update_alignment feature (daemon.policy.alignment): one backward
+    # pass of the policy per cohort, where the scorer holds the weights (the
+    # hf engine) and a probe file names the targets. Off, or without either,
+    # the feature is 0 ("not measured").
+    update_alignment: bool = True
     # Where the trainer stores kept policy versions (checkpoints v1, v2, ...).
     # The scorer never derives paths: it loads the URI (and checks the
     # checksum) that the policies topic announces, so the store must be

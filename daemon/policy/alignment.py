@@ -15,6 +15,15 @@ lift by more than GRPO's seeds do, and no trace-only feature sees why (which
 errors the policy makes on *these* prompts, and whether fixing them is what
 the target's items need). Measured in docs/RESULTS.md.
 
+Scale: the gradients are taken over the policy's last parameters (in
+``model.parameters()`` order: the final blocks, norm and, when untied, the
+output head) up to ``max_params`` of them, and kept as float32 vectors: one
+per target with a foothold (the probe's side, kept per weights version) and
+one per cohort. The lab's tiny policy fits whole; SmolLM2-135M is measured on
+its last ~20M parameters (about 80 MB per target). The layers nearest the
+output are where a few GRPO steps move a model most, and the budget bounds
+memory and the backward pass for any model size.
+
 It needs the policy's weights, so it is computed where the rollout engine
 holds them (an in-process Hugging Face model) and passed to
 :func:`daemon.core.features.featurize`; where no weights are at hand (a vLLM
@@ -35,6 +44,8 @@ from streams.schemas import Trace
 
 # TRL's group-scaled advantage (docs/FEATURES.md, "GRPO advantage").
 _ADV_EPS = 1e-4
+# Parameters the gradients are taken over, counted from the output end.
+MAX_PARAMS = 20_000_000
 
 
 def _advantages(rewards: Sequence[float]) -> list[float]:
@@ -63,20 +74,32 @@ class UpdateAlignment:
         foothold_probability: float,
         *,
         batch_size: int = 64,
+        max_params: int = MAX_PARAMS,
     ) -> None:
         if not 0.0 < foothold_probability < 1.0:
             raise ValueError(f"foothold_probability: must be in (0, 1), got {foothold_probability}")
+        if max_params < 1:
+            raise ValueError(f"max_params: must be >= 1, got {max_params}")
         self.model = model
         self.tokenizer = tokenizer
         self.format_prompt = format_prompt
         self.probe = {t: list(items) for t, items in probe.items() if items}
         self.max_item_nll = -math.log(foothold_probability)
         self.batch_size = batch_size
+        self.max_params = max_params
         self._key: Hashable = None
         self._probe_grads: dict[str, torch.Tensor | None] = {}
 
     def _params(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+        """The trailing trainable parameters within the budget (at least one tensor)."""
+        chosen: list[torch.nn.Parameter] = []
+        total = 0
+        for p in reversed([p for p in self.model.parameters() if p.requires_grad]):
+            if chosen and total + p.numel() > self.max_params:
+                break
+            chosen.append(p)
+            total += p.numel()
+        return chosen[::-1]
 
     def _answer_logprobs(
         self, prompts: Sequence[str], answers: Sequence[str]
@@ -112,7 +135,7 @@ class UpdateAlignment:
         grads = torch.autograd.grad(loss_of(), params, allow_unused=True)
         return torch.cat(
             [
-                (g if g is not None else torch.zeros_like(p)).reshape(-1).double()
+                (g if g is not None else torch.zeros_like(p)).reshape(-1).float()
                 for g, p in zip(grads, params, strict=True)
             ]
         )
@@ -180,13 +203,15 @@ class UpdateAlignment:
         finally:
             self.model.train(was_training)
         out: dict[str, float] = {}
-        g_norm = float(g.norm())
+        g64 = g.double()
+        g_norm = float(g64.norm())
         for t in wanted:
             pg = self._probe_grads[t]
-            if pg is None or g_norm == 0.0 or float(pg.norm()) == 0.0:
+            pg_norm = float(pg.double().norm()) if pg is not None else 0.0
+            if pg is None or g_norm == 0.0 or pg_norm == 0.0:
                 out[t] = 0.0
                 continue
             # The cohort's loss gradient against the probe's NLL gradient: a
             # descent step on the loss lowers the probe NLL when they agree.
-            out[t] = float(g @ pg) / (g_norm * float(pg.norm()))
+            out[t] = float(g64 @ pg.double()) / (g_norm * pg_norm)
         return out

@@ -1084,6 +1084,7 @@ class PolicyRollout:
         self._wanted = "v0"
         self._engine: Any = None
         self._missing: str | None = None
+        self._aligner: Any = None  # daemon.policy.alignment.UpdateAlignment, on first use
         # Set by the service: reads the policies topic to its end before a sample.
         self.refresh: Callable[[], None] | None = None
 
@@ -1117,6 +1118,45 @@ class PolicyRollout:
             prompts=len(prompts),
         )
         return engine.sample(prompts, k, **kw)
+
+    def update_alignment(
+        self, traces: Sequence[Any], probe: Mapping[str, Sequence[Any]]
+    ) -> float | None:
+        """The cohort's update_alignment with its target at the loaded weights.
+
+        None (the feature reads 0, "not measured") where the engine holds no
+        weights in this process (vLLM), the cohort has no target in the probe,
+        or the measurement fails: a failure of the policy is not the traces'
+        fault, so it is logged and the cohort is still scored.
+        """
+        from collections import Counter
+
+        from daemon.policy.alignment import UpdateAlignment
+        from streams.probes import cohort_target
+
+        # The cohort's subject as featurize takes it: the most common, ties by name.
+        counts = Counter(t.subject for t in traces)
+        subject = max(counts, key=lambda k: (counts[k], k))
+        target = cohort_target(subject, None, probe)
+        if target is None:
+            return None
+        try:
+            engine = self.engine  # loads the policy and the version to sample from
+            model, tok = getattr(engine, "model", None), getattr(engine, "tokenizer", None)
+            if model is None or tok is None:
+                return None
+            if self._aligner is None:
+                self._aligner = UpdateAlignment(
+                    model,
+                    tok,
+                    engine.format_prompt,
+                    probe,
+                    self.settings.trainer.foothold_probability,
+                )
+            return float(self._aligner(traces, [target], self.version)[target])
+        except Exception as e:  # any failure of the model: not measured
+            log.error("update_alignment_failed", target=target, reason=repr(e))
+            return None
 
     def sync(self, version: str) -> None:
         """Sample from ``version`` from now on (applied at the next sample)."""
@@ -1176,15 +1216,20 @@ def build_scorer(
     predictor = Predictor(settings.predictor)
     engine = rollout or PolicyRollout(settings)
     probe_path = settings.policy.probe_path
+    probe = targets(read_probe_file(probe_path)) if probe_path is not None else None
     # Per target: a cohort's target_similarity is measured against its own
     # target's probe items (the ones its lift is measured on).
     probe_prompts = (
-        {
-            t: tuple(it.prompt for it in items)
-            for t, items in targets(read_probe_file(probe_path)).items()
-        }
-        if probe_path is not None
+        {t: tuple(it.prompt for it in items) for t, items in probe.items()}
+        if probe is not None
         else None
+    )
+    # Only where the scorer holds the weights: the hf engine on a configured model.
+    align = (
+        probe is not None
+        and settings.policy.update_alignment
+        and settings.policy.rollout_engine == "hf"
+        and settings.policy.model_path is not None
     )
     grpo = settings.grpo
 
@@ -1201,7 +1246,8 @@ def build_scorer(
         )
 
     def feats(traces: Sequence[Any]) -> Mapping[str, float]:
-        return featurize(traces, probe_prompts=probe_prompts)
+        aligned = engine.update_alignment(traces, probe) if align and probe is not None else None
+        return featurize(traces, probe_prompts=probe_prompts, update_alignment=aligned)
 
     return Scorer(
         settings,
