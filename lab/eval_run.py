@@ -759,7 +759,9 @@ def evaluate_battery(cfg: EvalConfig, rows: Sequence[Mapping[str, Any]]) -> dict
             cell: float(np.mean([v for c, v in zip(table, y, strict=True) if c.cell == cell]))
             for cell in {c.cell for c in table}
         }
-        sec["cell_mean_spearman"] = ev.spearman(np.array([cell_mean[c.cell] for c in table]), y)
+        cell_score = np.array([cell_mean[c.cell] for c in table])
+        sec["cell_mean_spearman"] = ev.spearman(cell_score, y)
+        sec["cell_mean_gain_nats"] = ev.selection_gain(cell_score, y, cfg.top_fraction).absolute
         sec["savings"] = {
             "tapd": ev.savings_curve(out["loco_predictions"] if name == "honest" else y, y)
             if name == "honest"
@@ -1335,6 +1337,7 @@ def headline(
         "loso_spearman": loso["tapd"]["spearman"]["value"],
         "loco_spearman_best_baseline": max(baselines_loco.values()),
         "loco_spearman_cell_mean_ceiling": h["cell_mean_spearman"],
+        "top10_gain_nats_cell_mean_ceiling": h.get("cell_mean_gain_nats", math.nan),
         "top10_gain_nats": loco["tapd"]["gain_nats"]["value"],
         "top10_gain_nats_best_baseline": max(signal_gain.values()),
         "top10_gain_nats_oracle": h["oracle"]["gain_nats"],
@@ -1414,6 +1417,12 @@ def why_missed(s: Mapping[str, Any]) -> list[str]:
             f"{h['loco_spearman_cell_mean_ceiling']:.2f}: beyond that it must also rank the "
             "cohorts of one cell, whose labels differ by more than the seeds do (the label "
             "reliability above)."
+            + (
+                f" Inside a cell tapd's ranking reaches a mean Spearman of "
+                f"{b['within_cell']['tapd']['within']:.2f} (Within a cell)."
+                if b.get("within_cell")
+                else ""
+            )
         )
     if not met["top10_gain_nats"]:
         o, bl = h["top10_gain_nats_oracle"], h["top10_gain_nats_best_baseline"]
@@ -1427,6 +1436,13 @@ def why_missed(s: Mapping[str, Any]) -> list[str]:
             "the table show how wide that is. The oracle itself gets "
             f"{o / bl if bl > 0 else math.nan:.2f}x the best single signal, so 1.5x that signal "
             f"needs {1.5 * bl / o * 100 if o > 0 else math.nan:.0f} % of the oracle's gain."
+            + (
+                " A model that knew each held-out cell's own mean label exactly, and nothing "
+                f"within a cell, would gain {h['top10_gain_nats_cell_mean_ceiling']:+.4f} "
+                f"({h['top10_gain_nats_cell_mean_ceiling'] / bl if bl > 0 else math.nan:.2f}x)."
+                if math.isfinite(h.get("top10_gain_nats_cell_mean_ceiling", math.nan))
+                else ""
+            )
         )
     if not met["loop_p_value_vs_random"] and lp is not None:
         out.append(
