@@ -46,6 +46,11 @@ from streams.schemas import Trace
 _ADV_EPS = 1e-4
 # Parameters the gradients are taken over, counted from the output end.
 MAX_PARAMS = 20_000_000
+# Tokens of one row that are read: the prompt's last, the answer's first.
+# Traces may carry attempts of up to 8k tokens each (streams.schemas): the
+# memory of a backward pass must not be theirs to choose.
+MAX_PROMPT_TOKENS = 1024
+MAX_ANSWER_TOKENS = 256
 
 
 def _advantages(rewards: Sequence[float]) -> list[float]:
@@ -87,6 +92,11 @@ class UpdateAlignment:
         self.max_item_nll = -math.log(foothold_probability)
         self.batch_size = batch_size
         self.max_params = max_params
+        cfg = getattr(model, "config", None)
+        # The model's context: a row longer than it cannot be read at all.
+        self.max_positions: int | None = getattr(cfg, "n_positions", None) or getattr(
+            cfg, "max_position_embeddings", None
+        )
         self._key: Hashable = None
         self._probe_grads: dict[str, torch.Tensor | None] = {}
 
@@ -101,18 +111,39 @@ class UpdateAlignment:
             total += p.numel()
         return chosen[::-1]
 
-    def _answer_logprobs(
+    def _rows(
         self, prompts: Sequence[str], answers: Sequence[str]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed answer(+eos) log-prob and answer token count of each row, with grad."""
+    ) -> tuple[list[list[int]], list[int]]:
+        """Token ids of prompt + answer (+ eos) per row, and where each answer starts.
+
+        A prompt keeps its last MAX_PROMPT_TOKENS tokens, an answer its first
+        MAX_ANSWER_TOKENS (the end-of-sequence token is then not appended: the
+        answer did not end there); a row still longer than the model's context
+        gives up answer tokens first, then the prompt's earliest, keeping at
+        least one answer token.
+        """
         tok = self.tokenizer
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
         seqs: list[list[int]] = []
         starts: list[int] = []
         for p, a in zip(prompts, answers, strict=True):
-            pi = list(tok(self.format_prompt(p))["input_ids"])
-            seqs.append(pi + list(tok(a, add_special_tokens=False)["input_ids"]) + eos)
+            pi = list(tok(self.format_prompt(p))["input_ids"])[-MAX_PROMPT_TOKENS:]
+            ai = list(tok(a, add_special_tokens=False)["input_ids"])
+            ai = ai[:MAX_ANSWER_TOKENS] if len(ai) >= MAX_ANSWER_TOKENS else ai + eos
+            limit = self.max_positions
+            if limit is not None and len(pi) + len(ai) > limit:
+                ai = ai[: max(1, limit - len(pi))]
+                pi = pi[len(pi) + len(ai) - limit :] if len(pi) + len(ai) > limit else pi
+            seqs.append(pi + ai)
             starts.append(len(pi))
+        return seqs, starts
+
+    def _answer_logprobs(
+        self, prompts: Sequence[str], answers: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed answer(+eos) log-prob and answer token count of each row, with grad."""
+        tok = self.tokenizer
+        seqs, starts = self._rows(prompts, answers)
         device = next(self.model.parameters()).device
         width = max(len(s) for s in seqs)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -130,15 +161,31 @@ class UpdateAlignment:
         mask = answer[:, 1:]
         return (lp * mask).sum(dim=1), mask.sum(dim=1)
 
-    def _gradient(self, loss_of: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def _gradient(
+        self, prompts: Sequence[str], answers: Sequence[str], weights: Sequence[float]
+    ) -> torch.Tensor:
+        """The gradient of ``-sum_i w_i log p(answer_i) / (answer tokens)``, float32.
+
+        Taken ``batch_size`` rows at a time and summed, so memory is bounded
+        by one batch whatever the cohort's size.
+        """
         params = self._params()
-        grads = torch.autograd.grad(loss_of(), params, allow_unused=True)
-        return torch.cat(
-            [
-                (g if g is not None else torch.zeros_like(p)).reshape(-1).float()
-                for g, p in zip(grads, params, strict=True)
-            ]
-        )
+        seqs, starts = self._rows(prompts, answers)
+        # Position t predicts token t+1: a row's answer has len - start targets.
+        n_tokens = max(1, sum(len(s) - a0 for s, a0 in zip(seqs, starts, strict=True)))
+        total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32)
+        for i in range(0, len(prompts), self.batch_size):
+            j = i + self.batch_size
+            s, _ = self._answer_logprobs(prompts[i:j], answers[i:j])
+            w = torch.tensor(weights[i:j], dtype=s.dtype, device=s.device)
+            grads = torch.autograd.grad(-(w * s).sum() / n_tokens, params, allow_unused=True)
+            total += torch.cat(
+                [
+                    (g if g is not None else torch.zeros_like(p)).reshape(-1).float().cpu()
+                    for g, p in zip(grads, params, strict=True)
+                ]
+            )
+        return total
 
     def _probe_gradient(self, target: str) -> torch.Tensor | None:
         """The gradient of the target's foothold items' token NLL (None: no foothold)."""
@@ -156,12 +203,10 @@ class UpdateAlignment:
         held = [it for it, nll in zip(items, item_nll, strict=True) if nll <= self.max_item_nll]
         if not held:
             return None
-
-        def loss() -> torch.Tensor:
-            s, n = self._answer_logprobs([it.prompt for it in held], [it.reference for it in held])
-            return -s.sum() / n.sum().clamp(min=1)
-
-        return self._gradient(loss)
+        # The mean token NLL of their reference answers.
+        return self._gradient(
+            [it.prompt for it in held], [it.reference for it in held], [1.0] * len(held)
+        )
 
     def __call__(
         self, traces: Sequence[Trace], targets: Sequence[str], weights_key: Hashable
@@ -192,14 +237,8 @@ class UpdateAlignment:
             for t in wanted:
                 if t not in self._probe_grads:
                     self._probe_grads[t] = self._probe_gradient(t)
-
-            def loss() -> torch.Tensor:
-                s, n = self._answer_logprobs(prompts, answers)
-                w = torch.tensor(weights, dtype=s.dtype, device=s.device)
-                # TRL's GRPO loss: advantage-weighted log-likelihood, token-normalised.
-                return -(w * s).sum() / n.sum().clamp(min=1)
-
-            g = self._gradient(loss)
+            # TRL's GRPO loss: advantage-weighted log-likelihood, token-normalised.
+            g = self._gradient(prompts, answers, weights)
         finally:
             self.model.train(was_training)
         out: dict[str, float] = {}

@@ -216,3 +216,45 @@ def test_the_parameter_budget_takes_the_trailing_parameters(policy) -> None:
     assert -1.0 <= small(traces, ["digits"], "v0")["digits"] <= 1.0
     with pytest.raises(ValueError, match="max_params"):
         UpdateAlignment(model, tok, lambda p: p, _probe(), 0.5, max_params=0)
+
+
+def test_batches_sum_to_the_whole_and_hostile_lengths_are_bounded(policy) -> None:
+    model, tok = policy
+    traces = _cohort(model, tok, "mul", seed=4)
+    whole = _aligner(model, tok)(traces, ["mul", "add"], "v0")
+    small = UpdateAlignment(
+        model,
+        tok,
+        lambda p: format_prompt(tok, p),
+        _probe(),
+        DEFAULT_FOOTHOLD_PROBABILITY,
+        batch_size=3,
+    )(traces, ["mul", "add"], "v0")
+    assert small == pytest.approx(whole, abs=1e-5)
+    # Attempts an attacker made as long as the schema allows: each row is
+    # read to a bounded length, so the value comes back, finite.
+    from daemon.policy import alignment as mod
+
+    long = "9" * 30_000
+    hostile = [
+        t.model_copy(
+            update={
+                "attempts": [
+                    a.model_copy(update={"completion": long + a.completion}) for a in t.attempts
+                ]
+            }
+        )
+        for t in traces
+    ]
+    aligner = _aligner(model, tok)
+    row = ([hostile[0].prompt], [hostile[0].attempts[0].completion])
+    seqs, starts = aligner._rows(*row)
+    # This model reads 32 positions: the row fits them, the answer keeps the rest.
+    assert aligner.max_positions == 32 and len(seqs[0]) == 32
+    assert len(seqs[0]) - starts[0] == 32 - len(tok(hostile[0].prompt)["input_ids"])
+    aligner.max_positions = None  # a model of a longer context reads the answer's first tokens
+    seqs, starts = aligner._rows(*row)
+    assert len(seqs[0]) - starts[0] == mod.MAX_ANSWER_TOKENS
+    aligner.max_positions = 32
+    got = aligner(hostile, ["mul"], "v0")["mul"]
+    assert math.isfinite(got) and -1.0 <= got <= 1.0
