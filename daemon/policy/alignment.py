@@ -39,11 +39,10 @@ from typing import Any
 
 import torch
 
+from daemon.core.features import group_advantages
 from streams.probes import ProbeItem
 from streams.schemas import Trace
 
-# TRL's group-scaled advantage (docs/FEATURES.md, "GRPO advantage").
-_ADV_EPS = 1e-4
 # Parameters the gradients are taken over, counted from the output end.
 MAX_PARAMS = 20_000_000
 # Tokens of one row that are read: the prompt's last, the answer's first.
@@ -51,15 +50,6 @@ MAX_PARAMS = 20_000_000
 # memory of a backward pass must not be theirs to choose.
 MAX_PROMPT_TOKENS = 1024
 MAX_ANSWER_TOKENS = 256
-
-
-def _advantages(rewards: Sequence[float]) -> list[float]:
-    n = len(rewards)
-    if n < 2:
-        return [0.0] * n
-    mean = sum(rewards) / n
-    sd = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (n - 1))
-    return [(r - mean) / (sd + _ADV_EPS) for r in rewards]
 
 
 class UpdateAlignment:
@@ -142,8 +132,13 @@ class UpdateAlignment:
         self, prompts: Sequence[str], answers: Sequence[str]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed answer(+eos) log-prob and answer token count of each row, with grad."""
+        return self._logprobs(*self._rows(prompts, answers))
+
+    def _logprobs(
+        self, seqs: Sequence[list[int]], starts: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_answer_logprobs` of rows already tokenized by :meth:`_rows`."""
         tok = self.tokenizer
-        seqs, starts = self._rows(prompts, answers)
         device = next(self.model.parameters()).device
         width = max(len(s) for s in seqs)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -174,9 +169,9 @@ class UpdateAlignment:
         # Position t predicts token t+1: a row's answer has len - start targets.
         n_tokens = max(1, sum(len(s) - a0 for s, a0 in zip(seqs, starts, strict=True)))
         total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32)
-        for i in range(0, len(prompts), self.batch_size):
+        for i in range(0, len(seqs), self.batch_size):
             j = i + self.batch_size
-            s, _ = self._answer_logprobs(prompts[i:j], answers[i:j])
+            s, _ = self._logprobs(seqs[i:j], starts[i:j])
             w = torch.tensor(weights[i:j], dtype=s.dtype, device=s.device)
             grads = torch.autograd.grad(-(w * s).sum() / n_tokens, params, allow_unused=True)
             total += torch.cat(
@@ -223,7 +218,7 @@ class UpdateAlignment:
         answers: list[str] = []
         weights: list[float] = []
         for trace in traces:
-            adv = _advantages([a.reward for a in trace.attempts])
+            adv = group_advantages([a.reward for a in trace.attempts]).tolist()
             for a, w in zip(trace.attempts, adv, strict=True):
                 if w != 0.0:
                     prompts.append(trace.prompt)

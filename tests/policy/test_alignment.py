@@ -195,7 +195,7 @@ def test_the_scorer_measures_it_on_its_own_policy_and_survives_a_broken_one(
     def broken(*_a: Any, **_k: Any) -> Any:
         raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr(rollout._aligner, "_answer_logprobs", broken)
+    monkeypatch.setattr(rollout._aligner, "_logprobs", broken)
     assert rollout.update_alignment(filled, probe) is None
 
 
