@@ -163,6 +163,16 @@ class PolicySettings(_Frozen):
     # hf engine) and a probe file names the targets. Off, or without either,
     # the feature is 0 ("not measured").
     update_alignment: bool = True
+    # Its gradient is estimated from this many fresh attempts per prompt,
+    # sampled from the loaded policy (0: from the cohort's own K attempts, no
+    # sampling): daemon.policy.alignment.DEFAULT_ATTEMPTS, kept equal by a test.
+    update_alignment_attempts: int = Field(
+        default=128,
+        ge=0,
+        le=1024,
+        description="fresh attempts per prompt the update_alignment gradient is estimated "
+        "from (0: the cohort's own attempts)",
+    )
     # Where the trainer stores kept policy versions (checkpoints v1, v2, ...).
     # The scorer never derives paths: it loads the URI (and checks the
     # checksum) that the policies topic announces, so the store must be

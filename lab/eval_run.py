@@ -363,10 +363,23 @@ class Candidate:
 
 
 def make_cohort(
-    rt: Runtime, cfg: EvalConfig, cohort_id: str, subject: str, variant: str, seed: int
+    rt: Runtime,
+    cfg: EvalConfig,
+    cohort_id: str,
+    subject: str,
+    variant: str,
+    seed: int,
+    *,
+    align: bool = True,
 ) -> Candidate:
-    """A control cohort, its K attempts from the current weights, and its features."""
+    """A control cohort, its K attempts from the current weights, and its features.
+
+    ``update_alignment`` is measured as the scorer measures it, from
+    ``DEFAULT_ATTEMPTS`` fresh attempts per prompt; ``align=False`` (a loop
+    arm that never reads it) leaves it 0 and spares the sampling.
+    """
     from daemon.core.features import featurize, target_similarity
+    from daemon.policy.alignment import DEFAULT_ATTEMPTS, fresh_groups
     from daemon.policy.rollout import fill_attempts
     from lab import tasks
 
@@ -381,7 +394,18 @@ def make_cohort(
     if filled.rejected:
         r = filled.rejected[0]
         raise ValueError(f"{r.field}: cohort {cohort_id} trace rejected: {r.reason}")
-    alignment = rt.alignment(filled.traces, sorted(rt.probe_by_target), rt.weights_key())
+    wanted = sorted(rt.probe_by_target)
+    if align:
+        fresh = fresh_groups(
+            filled.traces,
+            rt.engine,
+            DEFAULT_ATTEMPTS,
+            seed + 1,
+            max_new_tokens=cfg.max_completion_length,
+        )
+        alignment = rt.alignment(fresh, wanted, rt.weights_key())
+    else:
+        alignment = dict.fromkeys(wanted, 0.0)
     feats = featurize(
         filled.traces, probe_prompts=rt.probe_by_target, update_alignment=alignment[subject]
     )
@@ -1109,7 +1133,7 @@ def _loop_arm(
     try:
         for step in range(cfg.loop_steps):
             cands = [
-                make_cohort(rt, cfg, cid, s, v, seed)
+                make_cohort(rt, cfg, cid, s, v, seed, align=arm == "tapd")
                 for cid, s, v, seed in loop_candidates(cfg, run, step, target)
             ]
             feats = [c.features_for(target) for c in cands]

@@ -34,14 +34,16 @@ is 0, "not measured", as a familiarity feature is without log-probs.
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from daemon.core.features import group_advantages
+from daemon.policy.rollout import RolloutEngine, fill_attempts
 from streams.probes import ProbeItem
-from streams.schemas import Trace
+from streams.schemas import MAX_ATTEMPTS, Trace
 
 # Parameters the gradients are taken over, counted from the output end.
 MAX_PARAMS = 20_000_000
@@ -50,6 +52,52 @@ MAX_PARAMS = 20_000_000
 # memory of a backward pass must not be theirs to choose.
 MAX_PROMPT_TOKENS = 1024
 MAX_ANSWER_TOKENS = 256
+# Fresh attempts per prompt the cohort's gradient is estimated from
+# (``policy.update_alignment_attempts``; 0: the cohort's own K attempts).
+# GRPO's update is an expectation over the policy's answers; a cosine taken
+# from K = 8 of them is mostly sampling noise inside a capability slice, and
+# it sharpens as the sample grows (docs/FEATURES.md).
+DEFAULT_ATTEMPTS = 128
+
+
+def fresh_groups(
+    traces: Sequence[Trace],
+    engine: RolloutEngine,
+    attempts: int,
+    seed: int | None = None,
+    *,
+    max_new_tokens: int = 16,
+    temperature: float = 1.0,
+) -> list[Trace]:
+    """Each trace's prompt with ``attempts`` fresh attempts from ``engine``, to align.
+
+    Drawn in rounds of at most ``MAX_ATTEMPTS`` (the most a trace carries);
+    each round is a group of its own, as each of the trainer's steps draws
+    its own. ``seed`` None derives one from the trace ids, so a cohort gets
+    the same value wherever it is scored (a replaced pod, a replica). A trace
+    its verifier now refuses is left out: it was scored once, and the value
+    is an estimate over the rest.
+    """
+    if attempts < 1:
+        raise ValueError(f"attempts: must be >= 1, got {attempts}")
+    if seed is None:
+        seed = zlib.crc32("\x00".join(t.trace_id for t in traces).encode())
+    ids = [t.trace_id for t in traces]
+    out: list[Trace] = []
+    for r, start in enumerate(range(0, attempts, MAX_ATTEMPTS)):
+        k = min(MAX_ATTEMPTS, attempts - start)
+        # A round's seed apart from every other round's (fill_attempts adds k).
+        got = fill_attempts(
+            traces,
+            engine,
+            k,
+            seed + 7919 * r,
+            reprobe_ids=ids,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+        )
+        out += got.traces
+    return out
 
 
 class UpdateAlignment:

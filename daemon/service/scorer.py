@@ -1124,6 +1124,11 @@ class PolicyRollout:
     ) -> float | None:
         """The cohort's update_alignment with its target at the loaded weights.
 
+        Its gradient comes from ``policy.update_alignment_attempts`` fresh
+        attempts per prompt sampled from those weights (seeded by the trace
+        ids: every replica gets the same value), or from the cohort's own
+        attempts when that is 0.
+
         None (the feature reads 0, "not measured") where the engine holds no
         weights in this process (vLLM), the cohort has no target in the probe,
         or the measurement fails: a failure of the policy is not the traces'
@@ -1131,7 +1136,7 @@ class PolicyRollout:
         """
         from collections import Counter
 
-        from daemon.policy.alignment import UpdateAlignment
+        from daemon.policy.alignment import UpdateAlignment, fresh_groups
         from streams.probes import cohort_target
 
         # The cohort's subject as featurize takes it: the most common, ties by name.
@@ -1152,6 +1157,16 @@ class PolicyRollout:
                     engine.format_prompt,
                     probe,
                     self.settings.trainer.foothold_probability,
+                )
+            n = self.settings.policy.update_alignment_attempts
+            if n > 0:
+                grpo = self.settings.grpo
+                traces = fresh_groups(
+                    traces,
+                    self,
+                    n,
+                    max_new_tokens=grpo.max_completion_length,
+                    temperature=grpo.temperature,
                 )
             return float(self._aligner(traces, [target], self.version)[target])
         except Exception as e:  # any failure of the model: not measured

@@ -11,7 +11,7 @@ import torch
 
 from daemon.config import TapdSettings
 from daemon.core.features import FeatureError, featurize
-from daemon.policy.alignment import UpdateAlignment
+from daemon.policy.alignment import DEFAULT_ATTEMPTS, UpdateAlignment, fresh_groups
 from daemon.policy.hf import HFRolloutEngine
 from daemon.policy.rollout import fill_attempts
 from daemon.policy.store import format_prompt, load_policy, snapshot
@@ -181,12 +181,29 @@ def test_the_scorer_measures_it_on_its_own_policy_and_survives_a_broken_one(
     filled = list(fill_attempts(traces, rollout, 8, seed=1, max_new_tokens=8).traces)
     value = rollout.update_alignment(filled, probe)
     assert value is not None and -1.0 <= value <= 1.0
-    # Its own computation, on the engine's weights, gives the same value.
+    # Its own computation, on the engine's weights and the same fresh
+    # attempts (seeded by the trace ids), gives the same value.
     engine = rollout.engine
-    direct = UpdateAlignment(
+    direct_aligner = UpdateAlignment(
         engine.model, engine.tokenizer, engine.format_prompt, probe, DEFAULT_FOOTHOLD_PROBABILITY
-    )(filled, [subject], "v0")[subject]
+    )
+    assert settings.policy.update_alignment_attempts == DEFAULT_ATTEMPTS
+    fresh = fresh_groups(
+        filled,
+        engine,
+        DEFAULT_ATTEMPTS,
+        max_new_tokens=settings.grpo.max_completion_length,
+        temperature=settings.grpo.temperature,
+    )
+    direct = direct_aligner(fresh, [subject], "v0")[subject]
     assert value == pytest.approx(direct, abs=1e-12)
+    # With the setting at 0 it is measured on the cohort's own attempts.
+    own_settings = settings.model_copy(
+        update={"policy": settings.policy.model_copy(update={"update_alignment_attempts": 0})}
+    )
+    own = PolicyRollout(own_settings).update_alignment(filled, probe)
+    assert own == pytest.approx(direct_aligner(filled, [subject], "v1")[subject], abs=1e-12)
+    assert own != pytest.approx(value, abs=1e-6)
     # A cohort with no target in the probe is not measured.
     other = [t.model_copy(update={"subject": "no-such-subject"}) for t in filled]
     assert rollout.update_alignment(other, probe) is None
@@ -258,3 +275,40 @@ def test_batches_sum_to_the_whole_and_hostile_lengths_are_bounded(policy) -> Non
     aligner.max_positions = 32
     got = aligner(hostile, ["mul"], "v0")["mul"]
     assert math.isfinite(got) and -1.0 <= got <= 1.0
+
+
+def test_fresh_groups_draw_rounds_of_at_most_max_attempts_seeded_by_the_trace_ids(
+    policy,
+) -> None:
+    from streams.schemas import MAX_ATTEMPTS
+
+    model, tok = policy
+    engine = HFRolloutEngine(model, tok, format_prompt=lambda p: format_prompt(tok, p))
+    traces = _cohort(model, tok, "add", 3)[:3]
+    n = 2 * MAX_ATTEMPTS + 5
+    got = fresh_groups(traces, engine, n, max_new_tokens=8)
+    # Every prompt gets n attempts, as groups of 64, 64 and 5: fresh ones
+    # only (topping up would have kept the 8 carried in the last round).
+    assert [len(t.attempts) for t in got] == [MAX_ATTEMPTS] * 3 + [MAX_ATTEMPTS] * 3 + [5] * 3
+    assert [t.trace_id for t in got] == [t.trace_id for t in traces] * 3
+    # Scored by the trace's own verifier.
+    from daemon.verify.registry import get_verifier
+
+    for t in got:
+        verify = get_verifier(t.verifier, t.verifier_args)
+        assert [a.reward for a in t.attempts] == [
+            float(verify(a.completion, t.reference)) for a in t.attempts
+        ]
+
+    def draws(ts: list[Trace], seed: int | None = None) -> list[list[str]]:
+        return [[a.completion for a in t.attempts] for t in fresh_groups(ts, engine, 16, seed)]
+
+    # The same cohort draws the same attempts (any replica, any pod); rounds
+    # and other cohorts draw others.
+    assert draws(traces) == draws(traces)
+    assert draws(traces) != draws(traces, seed=12345)
+    renamed = [t.model_copy(update={"trace_id": t.trace_id + "-x"}) for t in traces]
+    assert draws(renamed) != draws(traces)
+    assert [a.completion for a in got[0].attempts] != [a.completion for a in got[3].attempts]
+    with pytest.raises(ValueError, match="attempts"):
+        fresh_groups(traces, engine, 0)
