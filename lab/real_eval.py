@@ -135,6 +135,9 @@ def run(
             ]
             filled = fill_attempts(traces, engine, cfg.k, seed=seed,
                                    max_new_tokens=cfg.max_completion_length)  # fmt: skip
+            # On the cohort's own K attempts (policy.update_alignment_attempts
+            # = 0): sampling 128 more per prompt from SmolLM2 on CPU would cost
+            # more than the cohort's GRPO runs. docs/REAL_MODEL.md says so.
             aligned = alignment(filled.traces, [target], "v0")[target]
             feats = featurize(filled.traces, probe_prompts=[it.prompt for it in by_target[target]],
                               update_alignment=aligned)  # fmt: skip
