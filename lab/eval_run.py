@@ -1507,6 +1507,8 @@ def _e(d: Mapping[str, float], digits: int = 2, signed: bool = False) -> str:
 
 
 def render_markdown(s: Mapping[str, Any], command: str, img: str) -> str:
+    from daemon.policy.alignment import DEFAULT_ATTEMPTS
+
     cfg, b, lp, h = s["config"], s["battery"], s["loop"], s["headline"]
     hon, full = b["honest"], b["all"]
     met = targets_met(h)
@@ -1668,7 +1670,9 @@ def render_markdown(s: Mapping[str, Any], command: str, img: str) -> str:
             "score and the label inside the cell (tapd: its leave-one-cell-out prediction; the "
             "others: the feature as it is), and the same Spearman over all honest cohorts. "
             "Ranking inside a cell is what a model needs beyond the cell-mean ceiling. "
-            "`update_alignment` (docs/FEATURES.md) was added after this battery was measured: "
+            "`update_alignment` (docs/FEATURES.md) was added after this battery was measured, "
+            f"and its sample ({DEFAULT_ATTEMPTS} fresh attempts per prompt rather than the "
+            f"cohort's own {cfg['k']}) was chosen after comparing both on these labels: "
             "its figures here are not a pre-registered test.",
             "",
             "| score | within a cell | all honest cohorts |",
