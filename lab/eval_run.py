@@ -1453,13 +1453,14 @@ def why_missed(s: Mapping[str, Any]) -> list[str]:
         share = h["top10_gain_nats"] / o if o > 0 else math.nan
         out.append(
             f"* **Top-10 % gain missed.** tapd {h['top10_gain_nats']:+.4f} nats = "
-            f"{share * 100:.0f} % of the seed cross-fit oracle's {o:+.4f} and "
-            f"{h['top10_gain_nats'] / bl if bl > 0 else math.nan:.2f}x the best single signal's "
+            f"{share * 100:.1f} % of the seed cross-fit oracle's {o:+.4f} and "
+            # Three decimals: a ratio just under the target must not print as it.
+            f"{h['top10_gain_nats'] / bl if bl > 0 else math.nan:.3f}x the best single signal's "
             f"{bl:+.4f}. With {b['n_honest']} honest cohorts the top 10 % is "
             f"{ev.top_k(b['n_honest'], s['config']['top_fraction'])} cohorts, and the CIs in "
             "the table show how wide that is. The oracle itself gets "
             f"{o / bl if bl > 0 else math.nan:.2f}x the best single signal, so 1.5x that signal "
-            f"needs {1.5 * bl / o * 100 if o > 0 else math.nan:.0f} % of the oracle's gain."
+            f"needs {1.5 * bl / o * 100 if o > 0 else math.nan:.1f} % of the oracle's gain."
             + (
                 " A model that knew each held-out cell's own mean label exactly, and nothing "
                 f"within a cell, would gain {h['top10_gain_nats_cell_mean_ceiling']:+.4f} "
