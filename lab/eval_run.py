@@ -1868,7 +1868,7 @@ def readme_table(s: Mapping[str, Any], command: str) -> str:
         rows.append(
             f"| closed loop, target-NLL AUC vs random ({lp['runs']} paired runs) | "
             f"{_e(c['mean'], 4, True)} nats, p = {c['p_value']:.3f}; vs adv_std + gate "
-            f"{h['loop_advantage_vs_adv_std']:+.4f} (p = {h['loop_p_value_vs_adv_std']:.2f}); "
+            f"{h['loop_advantage_vs_adv_std']:+.4f} (p = {h['loop_p_value_vs_adv_std']:.3f}); "
             f"after the last step vs adv_std {h['loop_final_advantage_vs_adv_std']:+.4f} | "
             f"p < 0.05, beat adv_std | {yes('loop_p_value_vs_random')}"
             + (
