@@ -379,7 +379,7 @@ def make_cohort(
     arm that never reads it) leaves it 0 and spares the sampling.
     """
     from daemon.core.features import featurize, target_similarity
-    from daemon.policy.alignment import DEFAULT_ATTEMPTS, fresh_groups
+    from daemon.policy.alignment import DEFAULT_ATTEMPTS
     from daemon.policy.rollout import fill_attempts
     from lab import tasks
 
@@ -396,14 +396,15 @@ def make_cohort(
         raise ValueError(f"{r.field}: cohort {cohort_id} trace rejected: {r.reason}")
     wanted = sorted(rt.probe_by_target)
     if align:
-        fresh = fresh_groups(
+        alignment = rt.alignment.measure(
             filled.traces,
+            wanted,
+            rt.weights_key(),
             rt.engine,
             DEFAULT_ATTEMPTS,
             seed + 1,
             max_new_tokens=cfg.max_completion_length,
         )
-        alignment = rt.alignment(fresh, wanted, rt.weights_key())
     else:
         alignment = dict.fromkeys(wanted, 0.0)
     feats = featurize(

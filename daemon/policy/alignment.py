@@ -251,6 +251,38 @@ class UpdateAlignment:
             [it.prompt for it in held], [it.reference for it in held], [1.0] * len(held)
         )
 
+    def measure(
+        self,
+        traces: Sequence[Trace],
+        targets: Sequence[str],
+        weights_key: Hashable,
+        engine: RolloutEngine,
+        attempts: int,
+        seed: int | None = None,
+        *,
+        max_new_tokens: int = 16,
+        temperature: float = 1.0,
+    ) -> dict[str, float]:
+        """As the scorer measures it: on ``attempts`` fresh attempts per prompt
+        (:func:`fresh_groups`), or on the cohort's own when ``attempts`` is 0.
+
+        A cohort whose own attempts carry no learning signal gets 0 and
+        nothing is sampled: the predictor serves 0 for it whatever this says
+        (``daemon.core.predictor.has_learning_signal``), and such cohorts (all
+        known, no foothold) are common traffic, whose sampling would be most
+        of the feature's cost.
+        """
+        if attempts > 0 and any(len({a.reward for a in t.attempts}) > 1 for t in traces):
+            traces = fresh_groups(
+                traces,
+                engine,
+                attempts,
+                seed,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+            )
+        return self(traces, targets, weights_key)
+
     def __call__(
         self, traces: Sequence[Trace], targets: Sequence[str], weights_key: Hashable
     ) -> dict[str, float]:

@@ -1127,7 +1127,7 @@ class PolicyRollout:
         Its gradient comes from ``policy.update_alignment_attempts`` fresh
         attempts per prompt sampled from those weights (seeded by the trace
         ids: every replica gets the same value), or from the cohort's own
-        attempts when that is 0.
+        attempts when that is 0 (:meth:`UpdateAlignment.measure`).
 
         None (the feature reads 0, "not measured") where the engine holds no
         weights in this process (vLLM), the cohort has no target in the probe,
@@ -1136,7 +1136,7 @@ class PolicyRollout:
         """
         from collections import Counter
 
-        from daemon.policy.alignment import UpdateAlignment, fresh_groups
+        from daemon.policy.alignment import UpdateAlignment
         from streams.probes import cohort_target
 
         # The cohort's subject as featurize takes it: the most common, ties by name.
@@ -1158,17 +1158,17 @@ class PolicyRollout:
                     probe,
                     self.settings.trainer.foothold_probability,
                 )
-            n = self.settings.policy.update_alignment_attempts
-            if n > 0:
-                grpo = self.settings.grpo
-                traces = fresh_groups(
-                    traces,
-                    self,
-                    n,
-                    max_new_tokens=grpo.max_completion_length,
-                    temperature=grpo.temperature,
-                )
-            return float(self._aligner(traces, [target], self.version)[target])
+            grpo = self.settings.grpo
+            got = self._aligner.measure(
+                traces,
+                [target],
+                self.version,
+                self,
+                self.settings.policy.update_alignment_attempts,
+                max_new_tokens=grpo.max_completion_length,
+                temperature=grpo.temperature,
+            )
+            return float(got[target])
         except Exception as e:  # any failure of the model: not measured
             log.error("update_alignment_failed", target=target, reason=repr(e))
             return None
