@@ -312,3 +312,32 @@ def test_fresh_groups_draw_rounds_of_at_most_max_attempts_seeded_by_the_trace_id
     assert [a.completion for a in got[0].attempts] != [a.completion for a in got[3].attempts]
     with pytest.raises(ValueError, match="attempts"):
         fresh_groups(traces, engine, 0)
+
+
+def test_measure_samples_only_for_a_cohort_with_a_learning_signal(policy) -> None:
+    model, tok = policy
+    aligner = _aligner(model, tok)
+    real = HFRolloutEngine(model, tok, format_prompt=lambda p: format_prompt(tok, p))
+
+    class Counting:
+        calls = 0
+
+        def sample(self, *a: Any, **k: Any) -> Any:
+            Counting.calls += 1
+            return real.sample(*a, **k)
+
+    engine = Counting()
+    # All attempts right: GRPO has nothing to learn, the predictor serves 0.
+    known = [_solved("1+2=", "3", key=i, k=8) for i in range(4)]
+    assert aligner.measure(known, ["add"], "v0", engine, DEFAULT_ATTEMPTS) == {"add": 0.0}
+    assert Counting.calls == 0
+    # With a signal it measures on fresh attempts: fresh_groups' value, sampled.
+    cohort = _cohort(model, tok, "add", 5)
+    got = aligner.measure(cohort, ["add"], "v0", engine, 16, 7, max_new_tokens=8)
+    assert Counting.calls > 0
+    fresh = fresh_groups(cohort, real, 16, 7, max_new_tokens=8)
+    assert got == aligner(fresh, ["add"], "v0")
+    # attempts=0: the cohort's own attempts, nothing sampled.
+    calls = Counting.calls
+    assert aligner.measure(cohort, ["add"], "v0", engine, 0) == aligner(cohort, ["add"], "v0")
+    assert Counting.calls == calls
