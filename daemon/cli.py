@@ -1221,6 +1221,57 @@ class _RedriveLedger:
 
 # --- thresholds ---------------------------------------------------------------------------
 
+probe_app = typer.Typer(help="The probe file (policy.probe_path): held-out items per target.")
+app.add_typer(probe_app, name="probe")
+
+
+@probe_app.command("answers")
+def probe_answers(
+    ctx: typer.Context,
+    source: Annotated[Path, typer.Argument(help="The probe file to read.", dir_okay=False)],
+    out: Annotated[Path, typer.Argument(help="Where to write it with answers.", dir_okay=False)],
+    attempts: Annotated[int, typer.Option(min=1, max=1024, help="Attempts per item.")] = 16,
+    seed: int = 0,
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=4096)] = 64,
+) -> None:
+    """Give each item the configured policy's own words for its right answer.
+
+    For a chat model, whose answers are sentences: the lift is measured on
+    each item's answer, and a bare reference is one it almost never writes
+    (docs/FEATURES.md, "The probe"). Items it never answers right are kept as
+    they were. Prints how many items were answered.
+    """
+    from daemon.policy.answers import own_answers
+    from daemon.policy.rollout import make_rollout_engine
+    from daemon.verify.settings import configure
+    from streams.probes import ProbeFileError, read_probe_file, write_probe_file
+
+    settings = settings_from_ctx(ctx)
+    if settings.policy.model_path is None:
+        _fail(ctx, "policy.model_path: not set; the answers come from the policy", 2)
+    try:
+        items = read_probe_file(source)
+    except (ProbeFileError, OSError) as e:
+        _fail(ctx, str(e), 2)
+    configure(settings.verify)  # caps on verifier_args, the code sandbox
+    engine = make_rollout_engine(settings.policy)
+    try:
+        got, report = own_answers(
+            items,
+            engine,
+            attempts,
+            seed,
+            max_new_tokens=max_new_tokens,
+            temperature=settings.grpo.temperature,
+        )
+    except ValueError as e:
+        _fail(ctx, str(e), 2)
+    write_probe_file(out, got)
+    _echo_json(
+        {"items": report.items, "answered": report.answered, "attempts": attempts, "out": str(out)}
+    )
+
+
 thresholds_app = typer.Typer(help="Read or change the running scorer's thresholds.")
 app.add_typer(thresholds_app, name="thresholds")
 

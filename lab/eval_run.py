@@ -123,8 +123,16 @@ MEASURED_BY = (
     "daemon.trainer.cohort",
     "daemon.trainer.trl",
     "daemon.verify.registry",
+    "daemon.policy.teacher",
+    "streams.probes",
 )
-FEATURED_BY = ("daemon.core.features", "daemon.core.similarity", "daemon.policy.alignment")
+FEATURED_BY = (
+    "daemon.core.features",
+    "daemon.core.similarity",
+    "daemon.policy.alignment",
+    "daemon.policy.teacher",
+    "streams.probes",
+)
 DECIDED_BY = ("daemon.core.predictor", "daemon.core.decision")
 # The closed loop's own protocol, which lives in this module and so is not in
 # the code hashes: bumped when what a loop run does changes. 2: the warm-start

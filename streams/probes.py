@@ -8,6 +8,16 @@ line::
     {"target": "add/2d_carry", "prompt": "47+38=", "reference": "85",
      "verifier": "numeric", "verifier_args": {}}
 
+The lift is the drop in the teacher-forced NLL of each item's answer. That
+answer is ``reference`` unless the item gives ``answer``: the same answer as
+the policy writes it. A chat model answers "4 + 1 equals 5.", not "5", and
+gives a bare reference so little probability (6-24 nats per item for
+SmolLM2-135M-Instruct on reasoning-gym) that no item would count as one the
+policy has a foothold on, so the target's lift and ``update_alignment``
+would measure nothing. ``tapd probe answers`` fills ``answer`` from the
+policy's own verified answers (:func:`daemon.policy.answers.own_answers`).
+The verifier always judges against ``reference``.
+
 Both roles read the same file: the trainer measures lift on it, the scorer
 measures each cohort's ``target_similarity`` against its prompts. A bad line
 is refused with its line number, field and reason (nothing half-loaded).
@@ -38,6 +48,13 @@ class ProbeItem(BaseModel):
     reference: str = Field(max_length=MAX_TEXT_CHARS)
     verifier: str = Field(min_length=1, max_length=MAX_ID_CHARS)
     verifier_args: Mapping[str, Any] = Field(default_factory=dict)
+    # The answer in the policy's own words, whose NLL is measured (module docstring).
+    answer: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_CHARS)
+
+    @property
+    def nll_text(self) -> str:
+        """The text whose teacher-forced NLL the probe measures: ``answer``, else ``reference``."""
+        return self.answer if self.answer is not None else self.reference
 
 
 def read_probe_file(path: Path | str) -> list[ProbeItem]:
@@ -67,7 +84,8 @@ def write_probe_file(path: Path | str, items: Iterable[ProbeItem]) -> Path:
     tmp = path.with_suffix(path.suffix + ".tmp")
     with tmp.open("w") as fh:
         for it in items:
-            fh.write(it.model_dump_json() + "\n")
+            # No "answer": null: a file without answers reads as it always did.
+            fh.write(it.model_dump_json(exclude={"answer"} if it.answer is None else None) + "\n")
     tmp.replace(path)
     return path
 

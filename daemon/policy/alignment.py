@@ -42,6 +42,7 @@ import torch
 
 from daemon.core.features import group_advantages
 from daemon.policy.rollout import RolloutEngine, fill_attempts
+from daemon.policy.teacher import pad_rows
 from streams.probes import ProbeItem
 from streams.schemas import MAX_ATTEMPTS, Trace
 
@@ -186,18 +187,10 @@ class UpdateAlignment:
         self, seqs: Sequence[list[int]], starts: Sequence[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`_answer_logprobs` of rows already tokenized by :meth:`_rows`."""
-        tok = self.tokenizer
         device = next(self.model.parameters()).device
-        width = max(len(s) for s in seqs)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        attn = torch.zeros((len(seqs), width), dtype=torch.long)
-        answer = torch.zeros((len(seqs), width), dtype=torch.bool)
-        for r, (s, a0) in enumerate(zip(seqs, starts, strict=True)):
-            ids[r, : len(s)] = torch.tensor(s)
-            attn[r, : len(s)] = 1
-            answer[r, a0 : len(s)] = True
-        ids, attn, answer = ids.to(device), attn.to(device), answer.to(device)
+        ids, attn, answer = (
+            x.to(device) for x in pad_rows(seqs, starts, self.tokenizer.pad_token_id)
+        )
         logits = self.model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
         lp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         # Position t predicts token t+1: the answer mask shifted left.
@@ -231,14 +224,18 @@ class UpdateAlignment:
         return total
 
     def _probe_gradient(self, target: str) -> torch.Tensor | None:
-        """The gradient of the target's foothold items' token NLL (None: no foothold)."""
+        """The gradient of the target's foothold items' token NLL (None: no foothold).
+
+        The items and answers are the label's (``daemon.trainer.probe``): an
+        item's ``answer`` when it gives one, else its reference.
+        """
         items = self.probe[target]
         with torch.no_grad():
             item_nll: list[float] = []
             for i in range(0, len(items), self.batch_size):
                 part = items[i : i + self.batch_size]
                 s, _ = self._answer_logprobs(
-                    [it.prompt for it in part], [it.reference for it in part]
+                    [it.prompt for it in part], [it.nll_text for it in part]
                 )
                 item_nll += [float(-x) for x in s]
         # The label's items: those the policy produces with at least the
@@ -246,9 +243,9 @@ class UpdateAlignment:
         held = [it for it, nll in zip(items, item_nll, strict=True) if nll <= self.max_item_nll]
         if not held:
             return None
-        # The mean token NLL of their reference answers.
+        # The mean token NLL of their answers (the probe's: ``ProbeItem.nll_text``).
         return self._gradient(
-            [it.prompt for it in held], [it.reference for it in held], [1.0] * len(held)
+            [it.prompt for it in held], [it.nll_text for it in held], [1.0] * len(held)
         )
 
     def measure(

@@ -1,9 +1,11 @@
 """Lift measurement on a held-out probe.
 
 The seeds' target is NLL-lift: the drop in mean token NLL of the probe's
-reference answers, teacher-forced and conditioned on the prompt, counting the
-answer tokens only (plus the end-of-sequence token, because an answer is only
-right if the policy also stops). It is smooth where small-probe accuracy is
+answers (each item's reference, or its ``answer`` in the policy's own words
+where the probe file gives one: ``streams.probes``), teacher-forced and
+conditioned on the prompt, counting the answer tokens only (plus the
+end-of-sequence token, because an answer is only right if the policy also
+stops). It is smooth where small-probe accuracy is
 jumpy. Accuracy is greedy (deterministic) and judged by each item's own
 verifier. Both follow :class:`streams.schemas.LiftResult`:
 ``nll_lift = nll_before - nll_after`` and ``acc_lift = acc_after - acc_before``,
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from daemon.policy.teacher import pad_rows
 from daemon.trainer import plasticity
 from streams.probes import ProbeItem
 
@@ -130,18 +133,12 @@ class Probe:
             it = self.items[i]
             # The prompt is encoded as GRPO encodes it (with its special tokens).
             p = tok(self.format_prompt(tok, it.prompt))["input_ids"]
-            a = tok(it.reference, add_special_tokens=False)["input_ids"] + eos
+            # The answer whose NLL is the lift: the item's own words for it when
+            # given (a chat model's), else the reference (streams.probes).
+            a = tok(it.nll_text, add_special_tokens=False)["input_ids"] + eos
             seqs.append(list(p) + list(a))
             answer_starts.append(len(p))
-        width = max(len(s) for s in seqs)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        attn = torch.zeros((len(seqs), width), dtype=torch.long)
-        target = torch.zeros((len(seqs), width), dtype=torch.bool)
-        for r, (s, a0) in enumerate(zip(seqs, answer_starts, strict=True)):
-            ids[r, : len(s)] = torch.tensor(s)
-            attn[r, : len(s)] = 1
-            target[r, a0 : len(s)] = True
+        ids, attn, target = pad_rows(seqs, answer_starts, tok.pad_token_id)
         return ids.to(device), attn.to(device), target.to(device)
 
     def _teacher_forced(
