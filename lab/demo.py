@@ -335,6 +335,9 @@ def run_demo(
         probe = rg_tasks.write_probe(
             out / "probe.jsonl", [rg_tasks.get_slice(t) for t in rg_tasks.TIERS], 4, seed=0
         )
+        # In SmolLM2's own words, as `tapd probe answers` writes them: a chat
+        # model's lift is measured on the answers it gives (streams.probes).
+        rg_tasks.answer_probe(probe, policy)
     else:
         policy = build_tiny_policy()  # once, cached: both processes load the same build
         probe = write_probe(out / "probe.jsonl", DEMO_PROBE_SIZE, seed=0)

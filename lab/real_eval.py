@@ -47,6 +47,10 @@ class RealEvalConfig:
     lora_rank: int = 8
     max_completion_length: int = 32
     probe_per_target: int = 8
+    # Attempts per probe item for its answer in SmolLM2's own words (tapd
+    # probe answers): a bare reference is not what a chat model writes, and
+    # no item would count for the target's lift (docs/REAL_MODEL.md). 0: bare.
+    probe_answers: int = 16
 
     def key(self) -> str:
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -94,6 +98,7 @@ def run(
     from daemon.config import GRPOParams
     from daemon.core.features import featurize
     from daemon.policy.alignment import UpdateAlignment
+    from daemon.policy.answers import own_answers
     from daemon.policy.hf import HFRolloutEngine
     from daemon.policy.rollout import fill_attempts
     from daemon.policy.store import format_prompt, load_policy, restore, snapshot
@@ -116,6 +121,8 @@ def run(
     probe_items = rg_tasks.probe_items(
         [rg_tasks.get_slice(t) for t in targets], cfg.probe_per_target
     )
+    if cfg.probe_answers:
+        probe_items = own_answers(probe_items, engine, cfg.probe_answers, seed=0)[0]
     by_target = {t: [it for it in probe_items if it.target == t] for t in targets}
     alignment = UpdateAlignment(
         model, tok, lambda p: format_prompt(tok, p), by_target, DEFAULT_FOOTHOLD_PROBABILITY

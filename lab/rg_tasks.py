@@ -150,6 +150,21 @@ def write_probe(path: Path, slices: Sequence[RGSlice], per_slice: int, seed: int
     return write_probe_file(path, probe_items(slices, per_slice, seed))
 
 
+def answer_probe(path: Path, policy: Path, attempts: int = 16, seed: int = 0) -> Path:
+    """The probe file at ``path`` with each item's answer in ``policy``'s own words.
+
+    What ``tapd probe answers`` does, for a lab run that has no settings file.
+    """
+    from daemon.policy.answers import own_answers
+    from daemon.policy.hf import HFRolloutEngine
+    from daemon.policy.store import load_policy
+    from streams.probes import read_probe_file
+
+    model, tok = load_policy(policy)
+    items, _ = own_answers(read_probe_file(path), HFRolloutEngine(model, tok), attempts, seed)
+    return write_probe_file(path, items)
+
+
 @dataclass(frozen=True)
 class PassRate:
     target: str
