@@ -1,7 +1,7 @@
 """What ``update_alignment`` costs the scorer, and how noisy it is, per sample size.
 
     .venv/bin/python -m bench.bench_alignment [--model smollm2|tiny] [--attempts 0,8,32,128]
-        [--target SLICE] [--cohorts 6] [--prompts 8] [--tokens 12] [--probe-answers 16]
+        [--target SLICE] [--cohorts 6] [--prompts 8] [--tokens N] [--probe-answers 16]
         [--json FILE]
 
 ``policy.update_alignment_attempts`` sets how many fresh answers per prompt
@@ -77,7 +77,7 @@ def _tiny(prompts: int, target: str | None) -> Setup:
     return Setup(rt.engine, rt.alignment, probe, cohort, rt.reset, "tiny")
 
 
-def _smollm2(prompts: int, target: str | None, answers: int) -> Setup:
+def _smollm2(prompts: int, target: str | None, answers: int, tokens: int) -> Setup:
     from daemon.policy.alignment import UpdateAlignment
     from daemon.policy.answers import own_answers
     from daemon.policy.hf import HFRolloutEngine
@@ -96,10 +96,13 @@ def _smollm2(prompts: int, target: str | None, answers: int) -> Setup:
     # By default the slice on which SmolLM2's attempts disagree most (lab.rg_tasks.TIERS).
     sl = rg_tasks.get_slice(target or rg_tasks.tier_slices("frontier")[0].target)
     bare = rg_tasks.probe_items([sl], 8)
-    items = own_answers(bare, engine, answers, seed=0)[0] if answers else bare
+    # Answers the policy gives within the completion length (tapd probe answers).
+    items = (
+        own_answers(bare, engine, answers, seed=0, max_new_tokens=tokens)[0] if answers else bare
+    )
 
     def footholds(its: list[Any]) -> int:
-        got = Probe(its, get_verifier, format_prompt, max_new_tokens=8).measure(model, tok)
+        got = Probe(its, get_verifier, format_prompt, max_new_tokens=tokens).measure(model, tok)
         return sum(has_foothold(x, DEFAULT_FOOTHOLD_PROBABILITY) for x in got.item_nll)
 
     # What the target's probe offers the label and the feature: the items the
@@ -251,7 +254,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     help="the cohorts' target: a reasoning-gym slice (smollm2) or a subject (tiny)")  # fmt: skip
     ap.add_argument("--cohorts", type=int, default=6)
     ap.add_argument("--prompts", type=int, default=grpo.max_prompts_per_step)
-    ap.add_argument("--tokens", type=int, default=grpo.max_completion_length)
+    ap.add_argument("--tokens", type=int, default=None,
+                    help="completion length: the trainer's default (tiny), the real "
+                    "evaluation's (smollm2: a chat model's answers are sentences)")  # fmt: skip
     ap.add_argument("--probe-answers", type=int, default=16,
                     help="smollm2: attempts per probe item for its own answer (tapd probe "
                     "answers); 0 keeps the bare references")  # fmt: skip
@@ -265,15 +270,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import torch
 
     if a.model == "tiny":
+        tokens = a.tokens or grpo.max_completion_length
         setup = _tiny(a.prompts, a.target)
     else:
-        setup = _smollm2(a.prompts, a.target, a.probe_answers)
+        from lab.real_eval import RealEvalConfig
+
+        tokens = a.tokens or RealEvalConfig().max_completion_length
+        setup = _smollm2(a.prompts, a.target, a.probe_answers, tokens)
     if setup.probe_info:
         i = setup.probe_info
         print(f"probe: {i['items']} items of the target, {i['answered']} given the policy's own "
               f"answer; a foothold on {i['foothold']} (on {i['foothold_bare_references']} with "
               "bare references)")  # fmt: skip
-    out = run(setup, attempts, a.cohorts, k=grpo.num_generations, tokens=a.tokens,
+    out = run(setup, attempts, a.cohorts, k=grpo.num_generations, tokens=tokens,
               temperature=grpo.temperature)  # fmt: skip
     out["torch_threads"] = torch.get_num_threads()
     out["probe"] = setup.probe_info

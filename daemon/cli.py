@@ -1232,7 +1232,10 @@ def probe_answers(
     out: Annotated[Path, typer.Argument(help="Where to write it with answers.", dir_okay=False)],
     attempts: Annotated[int, typer.Option(min=1, max=1024, help="Attempts per item.")] = 16,
     seed: int = 0,
-    max_new_tokens: Annotated[int, typer.Option(min=1, max=4096)] = 64,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option(min=1, max=4096, help="Default: the trainer's grpo.max_completion_length."),
+    ] = None,
 ) -> None:
     """Give each item the configured policy's own words for its right answer.
 
@@ -1261,7 +1264,8 @@ def probe_answers(
             engine,
             attempts,
             seed,
-            max_new_tokens=max_new_tokens,
+            # An answer the policy gives within what the trainer lets it write.
+            max_new_tokens=max_new_tokens or settings.grpo.max_completion_length,
             temperature=settings.grpo.temperature,
         )
     except ValueError as e:

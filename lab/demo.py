@@ -335,13 +335,14 @@ def run_demo(
         probe = rg_tasks.write_probe(
             out / "probe.jsonl", [rg_tasks.get_slice(t) for t in rg_tasks.TIERS], 4, seed=0
         )
-        # In SmolLM2's own words, as `tapd probe answers` writes them: a chat
-        # model's lift is measured on the answers it gives (streams.probes).
-        rg_tasks.answer_probe(probe, policy)
     else:
         policy = build_tiny_policy()  # once, cached: both processes load the same build
         probe = write_probe(out / "probe.jsonl", DEMO_PROBE_SIZE, seed=0)
     settings = demo_settings(out, seed, groups, policy, probe, model)
+    if model == "smollm2":
+        # In SmolLM2's own words, as `tapd probe answers` writes them: a chat
+        # model's lift is measured on the answers it gives (streams.probes).
+        rg_tasks.answer_probe(probe, policy, max_new_tokens=settings.grpo.max_completion_length)
     trainer = start_trainer(settings, out / "trainer.log")
     try:
         rollout = PolicyRollout(settings)

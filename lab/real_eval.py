@@ -122,7 +122,8 @@ def run(
         [rg_tasks.get_slice(t) for t in targets], cfg.probe_per_target
     )
     if cfg.probe_answers:
-        probe_items = own_answers(probe_items, engine, cfg.probe_answers, seed=0)[0]
+        probe_items = own_answers(probe_items, engine, cfg.probe_answers, seed=0,
+                                  max_new_tokens=cfg.max_completion_length)[0]  # fmt: skip
     by_target = {t: [it for it in probe_items if it.target == t] for t in targets}
     alignment = UpdateAlignment(
         model, tok, lambda p: format_prompt(tok, p), by_target, DEFAULT_FOOTHOLD_PROBABILITY

@@ -150,7 +150,9 @@ def write_probe(path: Path, slices: Sequence[RGSlice], per_slice: int, seed: int
     return write_probe_file(path, probe_items(slices, per_slice, seed))
 
 
-def answer_probe(path: Path, policy: Path, attempts: int = 16, seed: int = 0) -> Path:
+def answer_probe(
+    path: Path, policy: Path, attempts: int = 16, seed: int = 0, max_new_tokens: int = 64
+) -> Path:
     """The probe file at ``path`` with each item's answer in ``policy``'s own words.
 
     What ``tapd probe answers`` does, for a lab run that has no settings file.
@@ -161,7 +163,10 @@ def answer_probe(path: Path, policy: Path, attempts: int = 16, seed: int = 0) ->
     from streams.probes import read_probe_file
 
     model, tok = load_policy(policy)
-    items, _ = own_answers(read_probe_file(path), HFRolloutEngine(model, tok), attempts, seed)
+    engine = HFRolloutEngine(model, tok)
+    items, _ = own_answers(
+        read_probe_file(path), engine, attempts, seed, max_new_tokens=max_new_tokens
+    )
     return write_probe_file(path, items)
 
 

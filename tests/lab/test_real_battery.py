@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 pytest.importorskip("reasoning_gym", reason="the real battery needs reasoning-gym")
@@ -131,3 +133,25 @@ def test_unknown_model_is_refused_by_name() -> None:
         res = CliRunner().invoke(app, cmd)
         assert res.exit_code == 2, (cmd, res.output)
         assert "--model: unknown 'gpt5'" in res.output
+
+
+def test_a_real_models_probe_is_answered_in_the_policys_own_words(
+    tmp_path: Path, tiny_policy: Path
+) -> None:
+    # The demo's step for SmolLM2 (rg_tasks.answer_probe), here on the tiny
+    # policy and its own probe (reasoning-gym prompts exceed its context): the
+    # file is rewritten in place, item for item, each answer one its verifier
+    # accepts; the reference is untouched.
+    from lab import tasks
+    from streams.probes import read_probe_file
+
+    path = tasks.write_probe(tmp_path / "probe.jsonl", 24, seed=0)
+    before = read_probe_file(path)
+    rg_tasks.answer_probe(path, tiny_policy, attempts=4, max_new_tokens=8)
+    after = read_probe_file(path)
+    assert len(after) == len(before)
+    assert any(a.answer is not None for a in after)
+    for b, a in zip(before, after, strict=True):
+        assert a.model_dump(exclude={"answer"}) == b.model_dump(exclude={"answer"})
+        if a.answer is not None:
+            assert get_verifier(a.verifier, a.verifier_args)(a.answer, a.reference) >= 0.5
