@@ -1241,8 +1241,9 @@ def probe_answers(
 
     For a chat model, whose answers are sentences: the lift is measured on
     each item's answer, and a bare reference is one it almost never writes
-    (docs/FEATURES.md, "The probe"). Items it never answers right are kept as
-    they were. Prints how many items were answered.
+    (docs/REAL_MODEL.md, "The probe in the model's own words"). Items it
+    never answers right are kept as they were. Prints how many items were
+    answered.
     """
     from daemon.policy.answers import own_answers
     from daemon.policy.rollout import make_rollout_engine
