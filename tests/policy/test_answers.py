@@ -94,21 +94,17 @@ def _att(text: str, logprob: float, n_tokens: int = 2) -> SampledAttempt:
 
 
 def test_wrong_unfinished_and_empty_attempts_are_never_chosen() -> None:
+    # The verifier takes a sentence's last number, as for a chat model.
+    last = {"extract": "last"}
     items = [
         ProbeItem(
             target="t",
-            prompt="2+2=",
-            reference="4",
+            prompt=f"{n}+{n}=",
+            reference=f"{2 * n}",
             verifier="numeric",
-            verifier_args={"extract": "last"},
-        ),
-        ProbeItem(
-            target="t",
-            prompt="3+3=",
-            reference="6",
-            verifier="numeric",
-            verifier_args={"extract": "last"},
-        ),
+            verifier_args=last,
+        )
+        for n in (2, 3)
     ]
     engine = ScriptedEngine(
         [
