@@ -1258,7 +1258,10 @@ def probe_answers(
     except (ProbeFileError, OSError) as e:
         _fail(ctx, str(e), 2)
     configure(settings.verify)  # caps on verifier_args, the code sandbox
-    engine = make_rollout_engine(settings.policy)
+    try:
+        engine = make_rollout_engine(settings.policy)
+    except (OSError, ValueError) as e:  # a missing or unreadable model directory
+        _fail(ctx, f"policy.model_path: cannot load the policy ({e})", 2)
     try:
         got, report = own_answers(
             items,

@@ -17,11 +17,13 @@ import torch
 from typer.testing import CliRunner
 
 from daemon.cli import app
+from daemon.policy import answers
 from daemon.policy.alignment import UpdateAlignment
 from daemon.policy.answers import own_answers
 from daemon.policy.hf import HFRolloutEngine
 from daemon.policy.rollout import SampledAttempt
 from daemon.policy.store import format_prompt, load_policy
+from daemon.trainer import probe
 from daemon.trainer.probe import DEFAULT_FOOTHOLD_PROBABILITY, Probe
 from daemon.verify.registry import get_verifier
 from lab import tasks
@@ -219,7 +221,14 @@ def test_tapd_probe_answers_writes_the_policys_answers(
     no_model: dict[str, str | None] = {**env, "TAPD_POLICY__MODEL_PATH": None}
     r = CliRunner().invoke(app, args, env=no_model)
     assert r.exit_code == 2 and "policy.model_path" in r.output
+    r = CliRunner().invoke(app, args, env={**env, "TAPD_POLICY__MODEL_PATH": str(tmp_path / "no")})
+    assert r.exit_code == 2 and "policy.model_path" in r.output
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")
     r = CliRunner().invoke(app, ["probe", "answers", str(bad), str(out)], env=env)
     assert r.exit_code == 2 and "line 1" in r.output
+
+
+def test_a_right_answer_is_what_the_probes_accuracy_counts_as_right() -> None:
+    # Two layers keep the rule (the policy cannot import the trainer): one value.
+    assert answers.CORRECT_AT == probe.CORRECT_AT
