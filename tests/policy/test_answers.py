@@ -78,15 +78,8 @@ class ScriptedEngine:
     def __init__(self, groups: Sequence[Sequence[SampledAttempt]]) -> None:
         self.groups = [list(g) for g in groups]
 
-    def sample(
-        self,
-        prompts: Sequence[str],
-        k: int,
-        *,
-        max_new_tokens: int = 16,
-        temperature: float = 1.0,
-        seed: int | None = None,
-    ) -> list[list[SampledAttempt]]:
+    def sample(self, prompts: Sequence[str], k: int, **_: Any) -> list[list[SampledAttempt]]:
+        # The sampling settings change nothing here: the attempts are given.
         assert len(prompts) == len(self.groups)
         return [g[:k] for g in self.groups]
 
