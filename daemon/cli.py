@@ -1280,6 +1280,38 @@ def probe_answers(
     )
 
 
+@probe_app.command("targets")
+def probe_targets(
+    ctx: typer.Context,
+    source: Annotated[
+        Path | None,
+        typer.Argument(help="The probe file (default: policy.probe_path).", dir_okay=False),
+    ] = None,
+) -> None:
+    """The probe's targets: items, and how many give an answer in the policy's own words.
+
+    A cohort's target is the one its dispatch names, else its traces'
+    ``subject``: a subject that names none of these has no target lift
+    (``tapd_trainer_lift_without_target_total``, docs/RUNBOOK.md). Prints a
+    line for the file, then one per target (JSONL).
+    """
+    from streams.probes import ProbeFileError, read_probe_file, targets
+
+    settings = settings_from_ctx(ctx)
+    path = source or settings.policy.probe_path
+    if path is None:
+        typer.echo(json.dumps({"probe_path": None, "targets": 0}))
+        return
+    try:
+        by_target = targets(read_probe_file(path))
+    except (ProbeFileError, OSError) as e:
+        _fail(ctx, str(e), 2)
+    typer.echo(json.dumps({"probe_path": str(path), "targets": len(by_target)}))
+    for name, items in sorted(by_target.items()):
+        answered = sum(it.answer is not None for it in items)
+        typer.echo(json.dumps({"target": name, "items": len(items), "answered": answered}))
+
+
 thresholds_app = typer.Typer(help="Read or change the running scorer's thresholds.")
 app.add_typer(thresholds_app, name="thresholds")
 

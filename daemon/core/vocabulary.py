@@ -54,6 +54,10 @@ REFIT_OUTCOMES = ("promoted", "rejected", "failed")
 TRAINER_OUTCOMES = ("trained", "duplicate", "rolled_back", "failed")
 # Training reward measured before and after a cohort's GRPO steps.
 REWARD_PHASES = ("before", "after")
+# Why a trained cohort's lift has no target part (its label falls back to the
+# whole probe): the probe names no target for its subject, or the policy has
+# a foothold on none of its target's items.
+NO_TARGET_REASONS = ("no_target", "no_foothold")
 # An admin API request's outcome.
 ADMIN_OUTCOMES = ("ok", "noop", "unauthorized", "forbidden", "invalid", "too_large")
 # Where a threshold change came from.

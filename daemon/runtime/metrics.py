@@ -39,6 +39,7 @@ from daemon.core.vocabulary import (
     ADMIN_OUTCOMES,
     CLOSE_CAUSES,
     DEAD_LETTER_STAGES,
+    NO_TARGET_REASONS,
     PIPELINE_STAGES,
     PREDICTOR_STAGES,
     RECOMMENDATIONS,
@@ -440,6 +441,17 @@ class TrainerMetrics:
             ["part"],
             registry=r,
         )
+        # A label without a target part is the pooled lift the target probe
+        # replaced: a probe whose targets match no trace subject, or a chat
+        # model's probe without answers in its own words, makes every label so.
+        self.lift_without_target = Counter(
+            "tapd_trainer_lift_without_target_total",
+            "Cohorts trained whose lift has no target part (the label falls back to the whole "
+            "probe), by reason: no_target (the probe names no target for the cohort's subject), "
+            "no_foothold (the policy has a foothold on none of the target's items).",
+            ["reason"],
+            registry=r,
+        )
         self.train_reward = Gauge(
             "tapd_trainer_train_reward",
             "Mean training reward of the last cohort, before and after its GRPO steps.",
@@ -498,3 +510,4 @@ class TrainerMetrics:
         )
         preinit(self.cohorts, "outcome", TRAINER_OUTCOMES)
         preinit(self.train_reward, "phase", REWARD_PHASES)
+        preinit(self.lift_without_target, "reason", NO_TARGET_REASONS)

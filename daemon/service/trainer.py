@@ -236,6 +236,10 @@ class TrainerService:
                 m.part_accuracy_lift.labels(part=part).set(pl.acc_lift)
                 fields[f"{part}_nll_lift"] = round(pl.nll_lift, 5)
                 fields[f"{part}_acc_lift"] = round(pl.acc_lift, 4)
+        if r.target_lift is None:
+            reason = "no_target" if r.target is None else "no_foothold"
+            m.lift_without_target.labels(reason=reason).inc()
+            log.warning("lift_without_target", cohort_id=r.cohort_id, reason=reason, **fields)
         m.train_reward.labels(phase="before").set(r.train_reward_before)
         m.train_reward.labels(phase="after").set(r.train_reward_after)
         # Probe figures of the policy now in use (the pre-update one after a

@@ -221,6 +221,21 @@ def test_tapd_probe_answers_writes_the_policys_answers(
     r = CliRunner().invoke(app, ["probe", "answers", str(bad), str(out)], env=env)
     assert r.exit_code == 2 and "line 1" in r.output
 
+    # `tapd probe targets`: the configured probe by default, one JSON line a target.
+    r = CliRunner().invoke(app, ["probe", "targets"], env=env, catch_exceptions=False)
+    head, *rows = [json.loads(x) for x in r.stdout.splitlines()]
+    assert r.exit_code == 0 and head == {"probe_path": str(source), "targets": len(rows)}
+    assert {x["target"] for x in rows} == {it.target for it in before}
+    assert sum(x["items"] for x in rows) == len(before) and all(x["answered"] == 0 for x in rows)
+    r = CliRunner().invoke(app, ["probe", "targets", str(out)], env=env, catch_exceptions=False)
+    assert (
+        sum(json.loads(x).get("answered", 0) for x in r.stdout.splitlines()) == report["answered"]
+    )
+    r = CliRunner().invoke(app, ["probe", "targets", str(bad)], env=env)
+    assert r.exit_code == 2 and "line 1" in r.output
+    r = CliRunner().invoke(app, ["probe", "targets"], env={**env, "TAPD_POLICY__PROBE_PATH": None})
+    assert r.exit_code == 0 and json.loads(r.stdout) == {"probe_path": None, "targets": 0}
+
 
 def test_a_right_answer_is_what_the_probes_accuracy_counts_as_right() -> None:
     # Two layers keep the rule (the policy cannot import the trainer): one value.

@@ -54,6 +54,7 @@ def settings_for(tmp_path: Path, transport: TransportSettings, tiny_policy: Path
 def compare_dispatch(dispatch_dict: dict[str, Any]) -> dict[str, Any]:
     d = dict(dispatch_dict)
     d["cohort_id"] = "coh-compare-3d"
+    d["subject"] = "compare"  # a target of the test probe: its lift has a target part
     d["items"] = [
         {"trace_id": f"t{i}", "prompt": p, "reference": r, "verifier": "exact"}
         for i, (p, r) in enumerate(
@@ -101,9 +102,13 @@ def test_trainer_consumes_trains_once_and_publishes(
     unknown = compare_dispatch(dispatch_dict)
     unknown["cohort_id"] = "coh-unknown-verifier"
     unknown["items"][1]["verifier"] = "no_such_verifier"
+    # A subject the probe names no target for: trained, its label the whole probe's.
+    untargeted = {**compare_dispatch(dispatch_dict), "cohort_id": "coh-no-target"}
+    untargeted["subject"] = "no_such_subject"
     producer = transport.producer()
     # One partition key for all, so that the redelivery comes after the first copy.
-    for value in (good, b"\x00garbage", good, json.dumps(unknown).encode()):
+    for value in (good, b"\x00garbage", good, json.dumps(unknown).encode(),
+                  json.dumps(untargeted).encode()):  # fmt: skip
         producer.send(settings.topics.dispatch, value, key=b"k")
     producer.flush()
     producer.close()
@@ -114,12 +119,16 @@ def test_trainer_consumes_trains_once_and_publishes(
     )
     handled = 0
     deadline = time.monotonic() + 90
-    while handled < 4 and time.monotonic() < deadline:
+    while handled < 5 and time.monotonic() < deadline:
         handled += service.step()
     service.close()
-    assert handled == 4
+    assert handled == 5
 
-    lifts = [decode(r.value, LiftResult) for r in read_all(transport, settings.topics.lift, 2)]
+    lifts = [decode(r.value, LiftResult) for r in read_all(transport, settings.topics.lift, 3)]
+    assert [x.cohort_id for x in lifts].count("coh-no-target") == 1
+    [untargeted_lift] = [x for x in lifts if x.cohort_id == "coh-no-target"]
+    assert untargeted_lift.target is None and untargeted_lift.target_lift is None
+    lifts = [x for x in lifts if x.cohort_id != "coh-no-target"]
     assert len(lifts) == 2
     assert lifts[0] == lifts[1]  # the redelivery republished, it did not retrain
     lift = lifts[0]
@@ -136,7 +145,10 @@ def test_trainer_consumes_trains_once_and_publishes(
     assert b"\x00garbage" in [original(x) for x in letters]
 
     text = generate_latest(metrics.registry).decode()
-    assert 'tapd_trainer_cohorts_total{outcome="trained"} 1.0' in text
+    assert 'tapd_trainer_cohorts_total{outcome="trained"} 2.0' in text
+    # The compare cohort has its target in the probe; the other names none.
+    assert 'tapd_trainer_lift_without_target_total{reason="no_target"} 1.0' in text
+    assert 'tapd_trainer_part_nll_lift_nats_count{part="target"} 1.0' in text
     assert 'tapd_trainer_cohorts_total{outcome="duplicate"} 1.0' in text
     assert "tapd_trainer_dead_letters_total 2.0" in text
     # Everything handled was committed: a new consumer of the group starts after it.
