@@ -7,6 +7,7 @@ heavy modules (torch, matplotlib, scipy) only when it runs.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -274,9 +275,17 @@ def _eval_smollm2(
         out=out / "real" if out == Path("docs") else out,
         log=lambda m: typer.echo(m, err=True),
     )
+    rk = summary["ranking"]
+    ranked = (
+        f"label_reliability={rk['reliability']['reliability']:.3f} served={rk['served_kind']} "
+        f"loco_spearman={rk['scores']['tapd_loco'].get('spearman', {}).get('value', math.nan):.3f}"
+        if rk["ranked"]
+        else f"not ranked: {rk['reason']}"
+    )
     typer.echo(
         f"cohorts={summary['cohorts']} runs={summary['runs']} "
-        f"lift_by_tier={summary['mean_nll_lift_by_tier']} "
+        f"without_label={summary['cohorts_without_label']} "
+        f"label_by_tier={summary['mean_label_by_tier']} {ranked} "
         f"seconds_per_grpo_run={summary['seconds_per_grpo_run']:.0f}"
     )
 

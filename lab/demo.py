@@ -134,6 +134,9 @@ def demo_settings(
             **base.policy.model_dump(mode="json"),
             "model_path": str(policy) if policy else None,
             "probe_path": str(probe) if probe else None,
+            # On a CPU, 128 fresh attempts per prompt from SmolLM2 cost ~30x
+            # the rest of scoring a cohort (docs/REAL_MODEL.md): the cohort's own.
+            **({"update_alignment_attempts": 0} if model == "smollm2" else {}),
         },
         grpo=grpo,
         transport={"kind": "embedded", "embedded_path": str(state / "log.sqlite")},
@@ -213,6 +216,14 @@ def _mean(xs: Sequence[float]) -> float:
     return statistics.fmean(xs) if xs else math.nan
 
 
+def _label(lift: dict[str, Any]) -> float:
+    """What the predictor learns from a lift message (``LiftResult.label``): the
+    lift on the cohort's target, else on the whole probe."""
+    from streams.schemas import LiftResult
+
+    return LiftResult.model_validate(lift).label
+
+
 def summarize(settings: TapdSettings, traces: int) -> dict[str, Any]:
     topics = settings.topics
     decisions = {d["cohort_id"]: d for d in read_topic(settings, topics.decisions)}
@@ -220,11 +231,11 @@ def summarize(settings: TapdSettings, traces: int) -> dict[str, Any]:
     dlq = read_topic(settings, topics.dlq)
     from daemon.core.ranking import pairwise_accuracy, spearman
 
-    pairs = [(x["predicted_lift"], x["nll_lift"]) for x in lifts.values()]
+    pairs = [(x["predicted_lift"], _label(x)) for x in lifts.values()]
     by_sel: dict[str, list[float]] = {}
     for cid, x in lifts.items():
         sel = decisions.get(cid, {}).get("selection") or x["selection"]
-        by_sel.setdefault(sel, []).append(x["nll_lift"])
+        by_sel.setdefault(sel, []).append(_label(x))
     exploit = _mean(by_sel.get("exploit", []))
     explore = _mean(by_sel.get("explore_random", []) + by_sel.get("explore_uncertain", []))
     return {
@@ -264,12 +275,12 @@ def plot(settings: TapdSettings, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(5, 4))
     for sel, color in colors.items():
         xs = [x["predicted_lift"] for x in lifts if x["selection"] == sel]
-        ys = [x["nll_lift"] for x in lifts if x["selection"] == sel]
+        ys = [_label(x) for x in lifts if x["selection"] == sel]
         if xs:
             ax.scatter(xs, ys, label=sel, color=color, s=18)
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xlabel("predicted NLL-lift (nats)")
-    ax.set_ylabel("realized NLL-lift (nats)")
+    ax.set_ylabel("realized label: NLL-lift on its target (nats)")
     ax.set_title("predicted vs realized lift")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -420,7 +431,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"lift results {s['lift_results']}",
         f"recommendations   {s['recommendations']}",
         f"predictor         spearman {f(s['spearman'])}  pairwise {f(s['pairwise_accuracy'])}",
-        f"mean lift         selected {f(s['mean_lift_selected'])}  exploration "
+        f"mean label        selected {f(s['mean_lift_selected'])}  exploration "
         f"{f(s['mean_lift_exploration'])}  gain {f(s['selection_gain'])} nats",
         f"plots             {', '.join(s['plots'])}",
         f"took              {s['seconds']} s",

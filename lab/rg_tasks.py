@@ -108,7 +108,10 @@ def make_tasks(sl: RGSlice, n: int, seed: int, split: str = "train") -> list[Tas
                 Task(
                     prompt=q,
                     reference=str(e["answer"]),
-                    subject=sl.family,
+                    # The slice is the capability a cohort and its probe
+                    # target share: the product resolves a cohort's target
+                    # from its subject (streams.probes.cohort_target).
+                    subject=sl.target,
                     tags={"task_type": sl.family, "operation": sl.difficulty},
                     verifier=VERIFIER,
                     verifier_args=args,

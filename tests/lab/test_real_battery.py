@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,9 @@ def test_every_slice_is_judged_by_its_own_scorer(sl: rg_tasks.RGSlice) -> None:
     tasks = rg_tasks.make_tasks(sl, 6, seed=0)
     assert len(tasks) == 6
     for t in tasks:
-        assert (t.subject, t.difficulty) == (sl.family, sl.difficulty)
+        # The subject is the slice (the probe's target name); the family is a tag.
+        assert (t.subject, t.difficulty) == (sl.target, sl.difficulty)
+        assert t.tags["task_type"] == sl.family
         assert not in_probe_partition(t.prompt)  # training side of the partition
         v = get_verifier(t.verifier, t.verifier_args)
         assert v(t.reference, t.reference) == 1.0  # the reference itself passes
@@ -48,7 +51,33 @@ def test_control_cohorts_carry_the_broken_verifiers() -> None:
     t = weak[0]
     assert get_verifier(t.verifier, t.verifier_args)(f"0 1 {t.reference} 99", t.reference) == 1.0
     hard = rg_tasks.control_cohort("hard", 4, seed=1)
-    assert {f"{t.subject}/{t.difficulty}" for t in hard} <= set(rg_tasks.TIERS)
+    assert {t.subject for t in hard} <= set(rg_tasks.TIERS)
+
+
+@pytest.mark.parametrize("cell", [*rg_tasks.TIERS, "scrambled", "weak_verifier", "mixed"])
+def test_the_product_finds_each_real_cohorts_target_from_its_traces(cell: str) -> None:
+    """The scorer and the trainer resolve a cohort's target from its subject.
+
+    A real cohort's traces must name the slice the probe's items are kept
+    under, or the trainer reports no target lift and the scorer no
+    ``target_similarity`` or ``update_alignment`` for it.
+    """
+    from lab.tasks import to_trace
+    from streams.probes import cohort_target
+
+    known = {it.target for it in rg_tasks.probe_items(
+        [rg_tasks.get_slice(t) for t in rg_tasks.TIERS], 2, seed=0)}  # fmt: skip
+    tasks = (
+        rg_tasks.make_tasks(rg_tasks.get_slice(cell), 4, seed=3)
+        if cell in rg_tasks.TIERS
+        else rg_tasks.control_cohort(cell, 4, seed=3)
+    )
+    for t in tasks:
+        trace = to_trace(t, policy_version="v0", key="k")
+        assert cohort_target(trace.subject, None, known) == trace.subject
+        assert trace.subject.endswith(f"/{t.difficulty}")
+    if cell in rg_tasks.TIERS:
+        assert {t.subject for t in tasks} == {cell}
 
 
 def test_demo_passes_every_grpo_knob_to_the_trainer(tmp_path: object) -> None:
@@ -59,6 +88,10 @@ def test_demo_passes_every_grpo_knob_to_the_trainer(tmp_path: object) -> None:
 
     s = demo_settings(Path(str(tmp_path)), 0, 4, Path("p"), Path("q"), model="smollm2")
     assert s.grpo.lora_rank == 8
+    # The scorer measures update_alignment on the cohort's own attempts on a CPU.
+    assert s.policy.update_alignment_attempts == 0
+    tiny = demo_settings(Path(str(tmp_path)), 0, 4, Path("p"), Path("q"))
+    assert tiny.policy.update_alignment_attempts == load_settings().policy.update_alignment_attempts
     env = _settings_env(s)
     import os
 
@@ -123,6 +156,97 @@ def test_real_eval_summary_groups_lift_by_tier() -> None:
     assert s["spearman_signal_vs_lift"]["adv_std"] == pytest.approx(0.4)
 
 
+def _real_rows(seed: int = 0, noise: float = 0.002) -> list[dict[str, object]]:
+    """Cached-row shaped battery: 4 slices x 3 cohorts x 2 seeds and a scrambled control.
+
+    The label rises with ``update_alignment`` inside and across cells, and
+    the seeds agree up to small noise; one cohort's slice has no foothold.
+    """
+    import random
+
+    from daemon.core.features import FEATURE_NAMES
+
+    rnd = random.Random(seed)
+    slices = ["products/1x1", "basic_arithmetic/add_1d", "chain_sum/2t_1d", "gcd/small"]
+    rows: list[dict[str, object]] = []
+    for c in range(3):
+        for j, sl in enumerate(slices):
+            ua = 0.1 * j + 0.05 * c + rnd.uniform(-0.01, 0.01)
+            feats = {**dict.fromkeys(FEATURE_NAMES, 0.0), "update_alignment": ua,
+                     "frac_nondegenerate": 0.5, "adv_std": 0.6, "pass_rate": 0.3,
+                     "group_passrate_mean": 0.3, "group_passrate_std": 0.1}  # fmt: skip
+            seeds = []
+            for _ in range(2):
+                y = 0.2 * ua + rnd.gauss(0.0, noise)
+                part = {"items": 4, "tokens": 40, "nll_before": 1.0, "nll_after": 1.0 - y,
+                        "nll_lift": y, "acc_before": 0.5, "acc_after": 0.5, "acc_lift": 0.0}  # fmt: skip
+                seeds.append({"label": y, "target_lift": part, "nll_lift": y, "seconds": 30.0})
+            rows.append({"cohort_id": f"real-{j}-{c}", "cell": sl, "target": sl, "features": feats,
+                         "seconds": 5.0, "seeds": seeds})  # fmt: skip
+    none = {"label": None, "target_lift": None, "nll_lift": 0.01, "seconds": 30.0}
+    rows.append({"cohort_id": "real-nofoot", "cell": "basic_arithmetic/addsub_2d",
+                 "target": "basic_arithmetic/addsub_2d", "features": rows[0]["features"],
+                 "seconds": 5.0, "seeds": [none, none]})  # fmt: skip
+    scr = {**rows[0], "cohort_id": "real-scrambled-0", "cell": "scrambled"}
+    rows.append(scr)
+    return rows
+
+
+def test_real_eval_ranks_the_product_label_with_the_tiny_evaluations_code() -> None:
+    from lab.real_eval import FULL, label_table, render, summarize
+
+    rows = _real_rows()
+    table, unlabeled = label_table(rows)  # type: ignore[arg-type]
+    assert unlabeled == 1 and len(table) == 13
+    scrambled = [c for c in table if c.cohort_id == "real-scrambled-0"]
+    assert scrambled[0].broken and scrambled[0].cell == "products|scrambled"
+    s = summarize(FULL, rows)  # type: ignore[arg-type]
+    rk = s["ranking"]
+    assert rk["ranked"] and rk["honest_cohorts"] == 12 and rk["cells"] == 4
+    # Seeds agree up to small noise: the label is reliable.
+    assert rk["reliability"]["reliability"] > 0.9
+    # The feature that sets the label ranks it; a constant signal does not.
+    assert rk["scores"]["update_alignment"]["spearman"]["value"] > 0.9
+    assert rk["scores"]["adv_std"]["spearman"]["value"] == 0.0 or math.isnan(
+        rk["scores"]["adv_std"]["spearman"]["value"]
+    )
+    for name in ("tapd_loco", "tapd_loso", "ridge_plain_loco", "knn_plain_loso"):
+        assert "spearman" in rk["scores"][name] or "error" in rk["scores"][name]
+    assert rk["perfect_gain_nats"] >= rk["oracle_gain_nats"] - 1e-12
+    assert s["cohorts_without_label"] == 1
+    assert s["footing"]["products/1x1"]["foothold"] == 4
+    assert s["footing"]["basic_arithmetic/addsub_2d"]["foothold"] == 0
+    doc = render(s)
+    assert "**" + f"{rk['reliability']['reliability']:.3f}" + "**" in doc
+    assert "feature: `update_alignment`" in doc and "no label: 1 here" in doc
+
+
+def test_real_eval_says_when_its_seeds_do_not_agree() -> None:
+    from lab.real_eval import FULL, render, summarize
+
+    agree = summarize(FULL, _real_rows())  # type: ignore[arg-type]
+    noisy = summarize(FULL, _real_rows(noise=1.0))  # type: ignore[arg-type]
+    assert noisy["ranking"]["reliability"]["reliability"] < 0.5
+    assert "The seeds do not agree" in render(noisy)
+    assert "The seeds do not agree" not in render(agree)
+
+
+def test_real_eval_says_why_it_does_not_rank_too_few_labels() -> None:
+    from lab.real_eval import FULL, render, summarize
+
+    rows = _real_rows()[:2]
+    s = summarize(FULL, rows)  # type: ignore[arg-type]
+    assert not s["ranking"]["ranked"] and "2 honest cohorts" in s["ranking"]["reason"]
+    assert "Not computed: 2 honest cohorts" in render(s)
+    assert "reliability" not in s["ranking"]  # fewer than 3: not even that
+    # Four cohorts: too few to rank, enough to say whether the seeds agree.
+    s = summarize(FULL, _real_rows()[:4], {"products/1x1": {"items": 8, "answered": 7}})  # type: ignore[arg-type]
+    assert not s["ranking"]["ranked"] and s["ranking"]["reliability"]["reliability"] > 0.9
+    doc = render(s)
+    assert "Label reliability over those 4 cohorts" in doc
+    assert "| products/1x1 | 8 | 7 | 4 |" in doc
+
+
 def test_unknown_model_is_refused_by_name() -> None:
     from typer.testing import CliRunner
 
@@ -155,3 +279,22 @@ def test_a_real_models_probe_is_answered_in_the_policys_own_words(
         assert a.model_dump(exclude={"answer"}) == b.model_dump(exclude={"answer"})
         if a.answer is not None:
             assert get_verifier(a.verifier, a.verifier_args)(a.answer, a.reference) >= 0.5
+
+
+def test_the_real_eval_resets_weights_and_trainability_between_runs() -> None:
+    """A merged LoRA run leaves base parameters frozen; the next cohort's
+    update_alignment needs them trainable, and the base weights back."""
+    import torch
+
+    from daemon.policy.store import snapshot
+    from lab.real_eval import _reset
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    base = snapshot(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+            p.requires_grad_(False)
+    _reset(model, base)
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
