@@ -272,6 +272,13 @@ def _part(part: Any) -> dict[str, Any] | None:
     return None if part is None else part.model_dump()
 
 
+def _tier(row: dict[str, Any]) -> str:
+    """A battery row's tier: its control's name, else its slice's (lab.rg_tasks.TIERS)."""
+    from lab.rg_tasks import TIERS
+
+    return row["cell"] if row["cell"] in CONTROLS else TIERS.get(row["cell"], "?")
+
+
 def _target(cell: str, seed: int) -> str:
     return cohort_tasks(cell, 1, seed)[0].subject
 
@@ -300,24 +307,20 @@ def summarize(
     probe: dict[str, dict[str, int]] | None = None,
 ) -> dict[str, Any]:
     from daemon.core.ranking import spearman
-    from lab.rg_tasks import TIERS
-
-    def tier(r: dict[str, Any]) -> str:
-        return r["cell"] if r["cell"] in CONTROLS else TIERS.get(r["cell"], "?")
 
     lift = [statistics.fmean(s["nll_lift"] for s in r["seeds"]) for r in rows]
     by_tier: dict[str, list[float]] = {}
     for r, x in zip(rows, lift, strict=True):
-        by_tier.setdefault(tier(r), []).append(x)
+        by_tier.setdefault(_tier(r), []).append(x)
     signals = {}
     for name in ("adv_std", "frac_nondegenerate", "pass_rate"):
         xs = [float(r["features"].get(name, math.nan)) for r in rows]
         signals[name] = spearman(xs, lift) if len(rows) >= 3 else math.nan
     table, unlabeled = label_table(rows)
+    tier_of = {r.get("cohort_id"): _tier(r) for r in rows}
     labels_by_tier: dict[str, list[float]] = {}
-    labeled = {c.cohort_id for c in table}
-    for r, c in zip([r for r in rows if r.get("cohort_id") in labeled], table, strict=True):
-        labels_by_tier.setdefault(tier(r), []).append(c.lift)
+    for c in table:
+        labels_by_tier.setdefault(tier_of[c.cohort_id], []).append(c.lift)
     unit_s = [s["seconds"] for r in rows for s in r["seeds"]]
     return {
         "config": dataclasses.asdict(cfg),
@@ -326,6 +329,7 @@ def summarize(
         "runs": len(unit_s),
         "mean_nll_lift_by_tier": {k: statistics.fmean(v) for k, v in by_tier.items()},
         "mean_label_by_tier": {k: statistics.fmean(v) for k, v in labels_by_tier.items()},
+        "cohorts_with_label_by_tier": {k: len(v) for k, v in labels_by_tier.items()},
         "cohorts_without_label": unlabeled,
         "footing": footing(rows, probe),
         "spearman_signal_vs_lift": signals,
@@ -479,15 +483,8 @@ def render(summary: dict[str, Any]) -> str:
         "| tier | cohorts with a label | label, nats | NLL-lift on all the slice's items, nats |",
         "|---|---|---|---|",
     ]
-    tiers = summary["mean_nll_lift_by_tier"]
-    counts: dict[str, int] = {}
-    from lab.rg_tasks import TIERS
-
-    labeled = {c.cohort_id for c in label_table(summary["rows"])[0]}
-    for r in summary["rows"]:
-        t = r["cell"] if r["cell"] in CONTROLS else TIERS.get(r["cell"], "?")
-        counts[t] = counts.get(t, 0) + (r.get("cohort_id") in labeled)
-    for t, whole in tiers.items():
+    counts = summary["cohorts_with_label_by_tier"]
+    for t, whole in summary["mean_nll_lift_by_tier"].items():
         label = summary["mean_label_by_tier"].get(t)
         shown = f"{label:+.4f}" if label is not None else "none"
         lines.append(f"| {t} | {counts.get(t, 0)} | {shown} | {whole:+.4f} |")
