@@ -1230,7 +1230,13 @@ def probe_answers(
     ctx: typer.Context,
     source: Annotated[Path, typer.Argument(help="The probe file to read.", dir_okay=False)],
     out: Annotated[Path, typer.Argument(help="Where to write it with answers.", dir_okay=False)],
-    attempts: Annotated[int, typer.Option(min=1, max=1024, help="Attempts per item.")] = 16,
+    attempts: Annotated[
+        int, typer.Option(min=1, max=1024, help="Attempts per item at grpo.temperature.")
+    ] = 16,
+    low_temperature_attempts: Annotated[
+        int,
+        typer.Option(min=0, max=1024, help="More attempts per item at temperature 0.3 (0: none)."),
+    ] = 8,
     seed: int = 0,
     max_new_tokens: Annotated[
         int | None,
@@ -1271,12 +1277,19 @@ def probe_answers(
             # An answer the policy gives within what the trainer lets it write.
             max_new_tokens=max_new_tokens or settings.grpo.max_completion_length,
             temperature=settings.grpo.temperature,
+            low_temperature_attempts=low_temperature_attempts,
         )
     except ValueError as e:
         _fail(ctx, str(e), 2)
     write_probe_file(out, got)
     _echo_json(
-        {"items": report.items, "answered": report.answered, "attempts": attempts, "out": str(out)}
+        {
+            "items": report.items,
+            "answered": report.answered,
+            "attempts": attempts,
+            "low_temperature_attempts": low_temperature_attempts,
+            "out": str(out),
+        }
     )
 
 

@@ -77,6 +77,9 @@ class RealEvalConfig:
     # probe answers): a bare reference is not what a chat model writes, and
     # no item would count for the target's lift (docs/REAL_MODEL.md). 0: bare.
     probe_answers: int = 16
+    # And more at a low temperature, near its likeliest phrasing (the foothold
+    # asks for the whole answer's probability; docs/REAL_MODEL.md).
+    probe_low_temperature_answers: int = 8
 
     def key(self) -> str:
         from lab.eval_run import code_hash
@@ -158,8 +161,11 @@ def run(
         # The answers every cached label was measured against (one draw per cache).
         probe_items = read_probe_file(answered)
     elif cfg.probe_answers:
-        probe_items = own_answers(probe_items, engine, cfg.probe_answers, seed=0,
-                                  max_new_tokens=cfg.max_completion_length)[0]  # fmt: skip
+        probe_items = own_answers(
+            probe_items, engine, cfg.probe_answers, seed=0,
+            max_new_tokens=cfg.max_completion_length,
+            low_temperature_attempts=cfg.probe_low_temperature_answers,
+        )[0]  # fmt: skip
         work.mkdir(parents=True, exist_ok=True)
         write_probe_file(answered, probe_items)
     by_target = {t: [it for it in probe_items if it.target == t] for t in targets}
@@ -493,7 +499,8 @@ def render(summary: dict[str, Any]) -> str:
         "## Where SmolLM2 has a foothold",
         "",
         "Per slice: its probe items, those SmolLM2 answered right in its own words "
-        f"(`tapd probe answers`, {cfg['probe_answers']} attempts), and those it would write "
+        f"(`tapd probe answers`, {cfg['probe_answers']} attempts at temperature 1 and "
+        f"{cfg.get('probe_low_temperature_answers', 0)} at 0.3), and those it would write "
         "with probability 1/64 or more before training (the items the label is measured on; "
         "the probability of the whole answer).",
         "",

@@ -3,7 +3,8 @@
 A slice is a (family, difficulty) pair: a reasoning-gym generator with a
 difficulty setting (:data:`CANDIDATES`). Its verifier is the family's own
 scorer through tapd's product verifier ``reasoning_gym``
-(:mod:`daemon.verify.reasoning_gym`); numeric families use the lenient
+(:mod:`daemon.verify.reasoning_gym`), full credit only
+(``partial_credit: false``); numeric families use the lenient
 ``last_number`` extraction, because SmolLM2 answers in prose ("3 + 5 = 8").
 
 Held-out target probes reuse the arithmetic battery's partition
@@ -103,7 +104,13 @@ def make_tasks(sl: RGSlice, n: int, seed: int, split: str = "train") -> list[Tas
             q = str(e["question"])
             if split != "any" and in_probe_partition(q) != (split == "probe"):
                 continue
-            args: dict[str, Any] = {"task": sl.family, "extract": sl.extract}
+            # Reward only the exact answer: reasoning-gym's partial credit pays
+            # a padded number ("109" for "10"), which the reward-trust gate refuses.
+            args: dict[str, Any] = {
+                "task": sl.family,
+                "extract": sl.extract,
+                "partial_credit": False,
+            }
             tasks.append(
                 Task(
                     prompt=q,
@@ -227,15 +234,17 @@ def measure(
 # pass rates (temperature 1, chat template, 8 prompts x 8 samples, 32 tokens;
 # docs/REAL_MODEL.md, docs/real/smollm2_pass_rates_*.json). No slice is
 # known at temperature 1 (the best is 0.28): the "frontier" slices are its
-# best (0.19-0.28, most prompts' samples disagree), "thin" ones have a
-# foothold on some prompts (0.09-0.11), "hard" ones almost none (0.02).
+# best (0.17-0.28, most prompts' samples disagree), "thin" ones have a
+# foothold on some prompts (0.08-0.09), "hard" ones almost none (0.02).
+# The figures are those with full credit only and a standalone number
+# (pass_rates_3); the first choice, under partial credit, was the same.
 TIERS: dict[str, str] = {
     "products/1x1": "frontier",  # 0.281, 8/8 prompts disagree
-    "basic_arithmetic/add_1d": "frontier",  # 0.203, 6/8
-    "chain_sum/2t_1d": "frontier",  # 0.188, 7/8
-    "gcd/small": "thin",  # 0.109, 5/8
-    "letter_counting/short": "thin",  # 0.091, 4/8
-    "basic_arithmetic/addsub_2d": "hard",  # 0.023, 2/8
+    "basic_arithmetic/add_1d": "frontier",  # 0.172, 6/8
+    "chain_sum/2t_1d": "frontier",  # 0.172, 7/8
+    "gcd/small": "thin",  # 0.078, 3/8
+    "letter_counting/short": "thin",  # 0.094, 4/8
+    "basic_arithmetic/addsub_2d": "hard",  # 0.016, 1/8
 }
 
 

@@ -13,10 +13,22 @@ item's ``metadata`` (``word_sorting``, ...) gets it through
 * ``whole`` (default): the stripped completion, as reasoning-gym scores it.
 * ``answer_tag``: the last ``<answer>...</answer>`` (reasoning-gym's own
   prompt convention); no tag is no answer.
-* ``last_number``: the last number in the completion: lenient, for chat
-  models that answer numeric families in prose ("5 + 3 = 8"). Leniency is
-  gameable (a list of numbers ends on the right one by chance), so it is an
-  explicit choice per slice, and ``reward_trust`` probes it like any other.
+* ``last_number``: the last number in the completion that stands alone
+  (not glued to letters or digits: "zq10qz" holds no number, "5th" neither):
+  lenient, for chat models that answer numeric families in prose
+  ("5 + 3 = 8"). Leniency is still gameable (a list of numbers ends on the
+  right one by chance), so it is an explicit choice per slice, and
+  ``reward_trust`` probes it like any other.
+
+``partial_credit`` (default true: the family's scorer as designed) keeps the
+scorer's fractional rewards. reasoning-gym's default ``score_answer`` gives
+``len(reference) / len(answer)`` to any answer that *contains* the reference,
+so "109" earns 0.67 for "10": a policy can raise its reward by padding a
+number. ``reward_trust`` counts it (the padded number is one of its bad
+answers), but as one bad answer of about seven, so it alone does not bring
+a cohort under the default 0.80 floor. ``partial_credit: false`` rewards 1
+only where the scorer gives full credit, else 0: the setting to train
+numeric families on.
 
 The package is optional (``pip install 'tapd[reasoning-gym]'``); without it
 building this verifier fails with that instruction, as a ``VerifierError``
@@ -41,7 +53,9 @@ from daemon.verify.registry import (
 )
 
 EXTRACTORS = ("whole", "answer_tag", "last_number")
-_NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?|[-+]?\.\d+")
+# A number standing alone: no letter, digit, underscore or point glued to
+# either end, so junk around the reference ("zq10qz") is not read as it.
+_NUMBER = re.compile(r"(?<![\w.])[-+]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?!\w)")
 _TAG = re.compile(r"<answer>\s?(.*?)\s?</answer>", re.DOTALL)
 
 
@@ -84,7 +98,7 @@ def extract(completion: str, how: str) -> str | None:
 
 @register("reasoning_gym")
 def _reasoning_gym(args: Args) -> Verifier:
-    _allow("reasoning_gym", args, {"task", "extract", "metadata"})
+    _allow("reasoning_gym", args, {"task", "extract", "metadata", "partial_credit"})
     task = args.get("task")
     if not isinstance(task, str) or not task:
         raise VerifierArgsError(
@@ -99,6 +113,11 @@ def _reasoning_gym(args: Args) -> Verifier:
     metadata = args.get("metadata", {})
     if not isinstance(metadata, Mapping):
         raise VerifierArgsError("verifier_args.metadata", "reasoning_gym: must be a mapping")
+    partial = args.get("partial_credit", True)
+    if not isinstance(partial, bool):
+        raise VerifierArgsError(
+            "verifier_args.partial_credit", f"reasoning_gym: must be true or false, got {partial!r}"
+        )
     score = _scorer(task)
 
     def verify(completion: str, reference: str) -> float:
@@ -110,6 +129,10 @@ def _reasoning_gym(args: Args) -> Verifier:
             reward = float(score(answer, entry))
         except Exception:  # a family's scorer choking on a malformed answer: wrong, not a crash
             return 0.0
-        return min(max(reward, 0.0), 1.0) if math.isfinite(reward) else 0.0
+        if not math.isfinite(reward):
+            return 0.0
+        if not partial:
+            return 1.0 if reward >= 1.0 else 0.0
+        return min(max(reward, 0.0), 1.0)
 
     return verify

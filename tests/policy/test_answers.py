@@ -52,12 +52,22 @@ def test_each_answer_is_the_policys_most_probable_right_finished_attempt(
     items = _items()
     got, report = own_answers(items, engine, 8, seed=3, max_new_tokens=8)
     assert report.items == len(items) == len(got) and report.attempts == 8
+    assert report.low_temperature_attempts == answers.LOW_TEMPERATURE_ATTEMPTS == 8
     answered = [g for g in got if g.answer is not None]
     assert report.answered == len(answered)
     # The tiny policy knows its easy families and not its hard ones.
     assert 0 < len(answered) < len(items)
     # The same draws, to check each choice against.
-    draws = engine.sample([it.prompt for it in items], 8, max_new_tokens=8, seed=3)
+    prompts = [it.prompt for it in items]
+    # Both draws: 8 at the sampling temperature and the low-temperature 8 (the default).
+    draws = [
+        a + b
+        for a, b in zip(
+            engine.sample(prompts, 8, max_new_tokens=8, seed=3),
+            engine.sample(prompts, 8, max_new_tokens=8, temperature=0.3, seed=3),
+            strict=True,
+        )
+    ]
     for it, g, group in zip(items, got, draws, strict=True):
         assert g.model_dump(exclude={"answer"}) == it.model_dump(exclude={"answer"})
         verify = get_verifier(it.verifier, dict(it.verifier_args))
@@ -73,15 +83,26 @@ def test_each_answer_is_the_policys_most_probable_right_finished_attempt(
 
 
 class ScriptedEngine:
-    """A stand-in for sampling with chosen attempts and log-probs (the rule, not the model)."""
+    """A stand-in for sampling with chosen attempts and log-probs (the rule, not the model).
 
-    def __init__(self, groups: Sequence[Sequence[SampledAttempt]]) -> None:
+    ``low``: what a draw below temperature 1 gives (default: the same attempts).
+    """
+
+    def __init__(
+        self,
+        groups: Sequence[Sequence[SampledAttempt]],
+        low: Sequence[Sequence[SampledAttempt]] | None = None,
+    ) -> None:
         self.groups = [list(g) for g in groups]
+        self.low = self.groups if low is None else [list(g) for g in low]
+        self.temperatures: list[float] = []
 
-    def sample(self, prompts: Sequence[str], k: int, **_: Any) -> list[list[SampledAttempt]]:
-        # The sampling settings change nothing here: the attempts are given.
+    def sample(
+        self, prompts: Sequence[str], k: int, *, temperature: float = 1.0, **_: Any
+    ) -> list[list[SampledAttempt]]:
         assert len(prompts) == len(self.groups)
-        return [g[:k] for g in self.groups]
+        self.temperatures.append(temperature)
+        return [g[:k] for g in (self.groups if temperature == 1.0 else self.low)]
 
 
 def _att(text: str, logprob: float, n_tokens: int = 2) -> SampledAttempt:
@@ -117,6 +138,25 @@ def test_wrong_unfinished_and_empty_attempts_are_never_chosen() -> None:
     assert got[0].answer == "the answer is 4"
     assert got[1] == items[1]  # nothing right: the policy has no foothold there
     assert report.answered == 1
+
+
+def test_the_low_temperature_draw_finds_the_likeliest_phrasing() -> None:
+    """The temperature-1 draw finds only an unlikely right sentence; the
+    low-temperature draw finds the likely one, and it wins on the policy's own
+    probability. With no low-temperature attempts the unlikely one stays."""
+    last = {"extract": "last"}
+    items = [ProbeItem(target="t", prompt="2+2=", reference="4", verifier="numeric",
+                       verifier_args=last)]  # fmt: skip
+    wide = [[_att("5", -0.5), _att("well, maybe it is 4", -9.0)]]
+    sharp = [[_att("2 + 2 = 4", -1.5), _att("5", -0.5)]]
+    engine = ScriptedEngine(wide, low=sharp)
+    got, report = own_answers(items, engine, 2, max_new_tokens=8)
+    assert engine.temperatures == [1.0, answers.LOW_TEMPERATURE]
+    assert got[0].answer == "2 + 2 = 4" and report.low_temperature_attempts == 8
+    alone, report = own_answers(items, engine, 2, max_new_tokens=8, low_temperature_attempts=0)
+    assert alone[0].answer == "well, maybe it is 4" and report.low_temperature_attempts == 0
+    with pytest.raises(ValueError, match="low_temperature_attempts"):
+        own_answers(items, engine, 2, low_temperature_attempts=-1)
 
 
 def test_bad_arguments_and_a_broken_verifier_are_refused_by_name(
@@ -208,6 +248,7 @@ def test_tapd_probe_answers_writes_the_policys_answers(
     before, after = read_probe_file(source), read_probe_file(out)
     assert report["items"] == len(before) == len(after)
     assert report["answered"] == sum(it.answer is not None for it in after) > 0
+    assert (report["attempts"], report["low_temperature_attempts"]) == (4, 8)
     for b, a in zip(before, after, strict=True):
         assert a.model_dump(exclude={"answer"}) == b.model_dump(exclude={"answer"})
     # Without a policy there is nothing to answer with; a bad file is named.
