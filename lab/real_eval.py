@@ -307,6 +307,37 @@ def footing(
     return out
 
 
+def gate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The product's reward-trust gate on the battery's cohorts, from their cached features.
+
+    Broken: the controls (a scrambled reward, a ``contains`` verifier);
+    honest: every slice's own cohorts. What passes is what the decision
+    policy would not refuse with ``fix_verifier`` at the default floor.
+    """
+    from daemon.config import Thresholds
+    from daemon.core.decision import recommend
+    from daemon.core.predictor import Prediction
+
+    t = Thresholds()
+    pred = Prediction(1.0, 1.0, "eval", "v0")  # the gate comes before any prediction counts
+
+    def refused(r: dict[str, Any]) -> bool:
+        return recommend(r["features"], pred, t)[0] == "fix_verifier"
+
+    broken = [r for r in rows if r["cell"] in CONTROLS]
+    honest = [r for r in rows if r["cell"] not in CONTROLS]
+    trust = {id(r): float(r["features"]["reward_trust"]) for r in rows}
+    return {
+        "floor": t.reward_trust_floor,
+        "n_broken": len(broken),
+        "broken_passing_gate": sum(not refused(r) for r in broken),
+        "max_broken_trust": max((trust[id(r)] for r in broken), default=math.nan),
+        "n_honest": len(honest),
+        "honest_refused": sum(refused(r) for r in honest),
+        "min_honest_trust": min((trust[id(r)] for r in honest), default=math.nan),
+    }
+
+
 def summarize(
     cfg: RealEvalConfig,
     rows: list[dict[str, Any]],
@@ -338,6 +369,7 @@ def summarize(
         "cohorts_with_label_by_tier": {k: len(v) for k, v in labels_by_tier.items()},
         "cohorts_without_label": unlabeled,
         "footing": footing(rows, probe),
+        "gate": gate(rows),
         "spearman_signal_vs_lift": signals,
         "ranking": analyze(table),
         "seconds_per_grpo_run": statistics.fmean(unit_s) if unit_s else math.nan,
@@ -512,6 +544,23 @@ def render(summary: dict[str, Any]) -> str:
             f"| {t} | {f.get('items', '?')} | {f.get('answered', '?')} | {f.get('foothold', 0)} |"
         )
     lines.append("")
+    g = summary.get("gate")
+    if g:
+        lines += [
+            "## The reward-trust gate on this battery",
+            "",
+            "What the product's decision policy does with each cohort's `reward_trust` at the "
+            f"default floor {g['floor']:.2f} (the cohorts above are trained without it):",
+            "",
+            "| cohorts | n | refused (`fix_verifier`) | passing | reward_trust |",
+            "|---|---|---|---|---|",
+            f"| broken verifier (scrambled, `contains`) | {g['n_broken']} | "
+            f"{g['n_broken'] - g['broken_passing_gate']} | **{g['broken_passing_gate']}** | "
+            f"highest {g['max_broken_trust']:.3f} |",
+            f"| honest (each slice's own verifier) | {g['n_honest']} | **{g['honest_refused']}** | "
+            f"{g['n_honest'] - g['honest_refused']} | lowest {g['min_honest_trust']:.3f} |",
+            "",
+        ]
     if not rk["ranked"]:
         lines += ["## Ranking", "", f"Not computed: {rk['reason']}.", ""]
         rel = rk.get("reliability")

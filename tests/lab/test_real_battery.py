@@ -135,10 +135,13 @@ def test_eval_cache_key_ignores_what_measures_nothing() -> None:
 
 
 def test_real_eval_summary_groups_lift_by_tier() -> None:
+    from daemon.core.features import FEATURE_NAMES
     from lab.real_eval import FULL, summarize
 
     def row(cell: str, lift: float, adv: float) -> dict[str, object]:
-        return {"cell": cell, "features": {"adv_std": adv}, "seconds": 1.0,
+        # Every feature, as a cached row has (the gate's decision reads them all).
+        feats = {**dict.fromkeys(FEATURE_NAMES, 0.0), "adv_std": adv, "reward_trust": 1.0}
+        return {"cell": cell, "features": feats, "seconds": 1.0,
                 "seeds": [{"nll_lift": lift, "seconds": 10.0}, {"nll_lift": lift, "seconds": 20.0}]}  # fmt: skip
 
     rows = [
@@ -219,6 +222,27 @@ def test_real_eval_ranks_the_product_label_with_the_tiny_evaluations_code() -> N
     doc = render(s)
     assert "**" + f"{rk['reliability']['reliability']:.3f}" + "**" in doc
     assert "feature: `update_alignment`" in doc and "no label: 1 here" in doc
+
+
+def test_real_eval_reports_what_the_gate_refuses() -> None:
+    """The decision policy's gate on cached features: a broken verifier that
+    passes and an honest cohort refused are both counted and shown."""
+    from lab.real_eval import FULL, gate, render, summarize
+
+    rows = _real_rows()
+    trust = {"real-scrambled-0": 0.3, "real-0-0": 0.5}  # one false alarm
+    for r in rows:
+        r["features"] = {**r["features"], "reward_trust": trust.get(r["cohort_id"], 1.0)}  # type: ignore[dict-item]
+    weak = {**rows[-1], "cohort_id": "real-weak_verifier-0", "cell": "weak_verifier"}
+    weak["features"] = {**weak["features"], "reward_trust": 0.85}  # type: ignore[dict-item]
+    rows.append(weak)
+    g = gate(rows)  # type: ignore[arg-type]
+    assert g["floor"] == 0.8 and g["n_broken"] == 2 and g["n_honest"] == len(rows) - 2
+    assert g["broken_passing_gate"] == 1 and g["max_broken_trust"] == 0.85
+    assert g["honest_refused"] == 1 and g["min_honest_trust"] == 0.5
+    doc = render(summarize(FULL, rows))  # type: ignore[arg-type]
+    assert "## The reward-trust gate on this battery" in doc
+    assert "| 2 | 1 | **1** | highest 0.850 |" in doc
 
 
 def test_real_eval_says_when_its_seeds_do_not_agree() -> None:
