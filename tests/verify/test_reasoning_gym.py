@@ -74,6 +74,22 @@ def test_the_gate_trusts_the_exact_scorer_more_than_partial_credit() -> None:
     assert reward_trust(graded) < 0.9
 
 
+def test_reward_trust_figures_in_the_feature_doc() -> None:
+    """docs/FEATURES.md's worked example (reference 42, 8 bad answers): partial
+    credit pays the padded 429 only; full credit pays none."""
+    from daemon.core.features import reward_trust
+    from lab.tasks import Task, to_trace
+    from streams.schemas import Trace
+
+    def trace(partial: bool) -> Trace:
+        args = {"task": "basic_arithmetic", "extract": "last_number", "partial_credit": partial}
+        task = Task("What is 40 + 2?", "42", "arith", {}, "reasoning_gym", args, "add")
+        return to_trace(task, policy_version="v0", key=0)
+
+    assert reward_trust([trace(True)]) == pytest.approx(1 - 1 / 8)
+    assert reward_trust([trace(False)]) == 1.0
+
+
 def test_metadata_reaches_families_that_need_it() -> None:
     import reasoning_gym
 
