@@ -324,17 +324,19 @@ def gate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     def refused(r: dict[str, Any]) -> bool:
         return recommend(r["features"], pred, t)[0] == "fix_verifier"
 
+    def trust(r: dict[str, Any]) -> float:
+        return float(r["features"]["reward_trust"])
+
     broken = [r for r in rows if r["cell"] in CONTROLS]
     honest = [r for r in rows if r["cell"] not in CONTROLS]
-    trust = {id(r): float(r["features"]["reward_trust"]) for r in rows}
     return {
         "floor": t.reward_trust_floor,
         "n_broken": len(broken),
         "broken_passing_gate": sum(not refused(r) for r in broken),
-        "max_broken_trust": max((trust[id(r)] for r in broken), default=math.nan),
+        "max_broken_trust": max(map(trust, broken), default=math.nan),
         "n_honest": len(honest),
         "honest_refused": sum(refused(r) for r in honest),
-        "min_honest_trust": min((trust[id(r)] for r in honest), default=math.nan),
+        "min_honest_trust": min(map(trust, honest), default=math.nan),
     }
 
 
@@ -496,6 +498,8 @@ def render(summary: dict[str, Any]) -> str:
     """docs/real/REAL_EVAL.md from the summary: every figure is the run's own."""
     import datetime
 
+    from daemon.policy.answers import LOW_TEMPERATURE
+
     cfg = summary["config"]
     rk = summary["ranking"]
     lines = [
@@ -532,7 +536,8 @@ def render(summary: dict[str, Any]) -> str:
         "",
         "Per slice: its probe items, those SmolLM2 answered right in its own words "
         f"(`tapd probe answers`, {cfg['probe_answers']} attempts at temperature 1 and "
-        f"{cfg.get('probe_low_temperature_answers', 0)} at 0.3), and those it would write "
+        f"{cfg.get('probe_low_temperature_answers', 0)} at {LOW_TEMPERATURE}), and those it "
+        "would write "
         "with probability 1/64 or more before training (the items the label is measured on; "
         "the probability of the whole answer).",
         "",
